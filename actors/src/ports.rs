@@ -1,0 +1,238 @@
+//! The three small interfaces the sync engine is written against: the terminal's local store,
+//! the cloud API, and the clock.
+//!
+//! The daemon implements them with SQLite and HTTP; tests and simulations implement them with
+//! in-memory or fault-injecting versions. Keeping them narrow is what lets the same actors run
+//! in production and under a seeded fault schedule.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use possync_protocol::{
+    DeltaPage, ErrorCode, KeyRange, ManifestEntry, ReconcilePlan, ReconcileRequest,
+    ReconcileResponse, SaleEvent, SalesEventsResponse, SnapshotPage,
+};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Primary key of a `sync_journal` row (its SQLite rowid).
+pub type JournalId = i64;
+
+/// A failure of the local store. The engine never retries these blindly: the supervisor
+/// restarts the actor, which reloads its state from the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("local database: {0}")]
+    Database(String),
+    #[error("local data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Local storage failures surface as `POS_SYNC_STORAGE_FAILED`.
+    pub const CODE: ErrorCode = ErrorCode::PosSyncStorageFailed;
+}
+
+/// The catalog sync position the store keeps in `sync_state`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogPosition {
+    /// Version the local catalog is complete up to; `None` until the first snapshot finished.
+    pub catalog_version: Option<i64>,
+    /// Snapshot in progress: the cursor of the next page to fetch (`None` = first page).
+    pub snapshot_cursor: Option<String>,
+    /// Whether a snapshot is in progress (started, not yet finished).
+    pub snapshot_in_progress: bool,
+    /// Version the in-progress snapshot was taken at.
+    pub snapshot_version: Option<i64>,
+    /// Entities stored so far / announced by the snapshot, for progress display.
+    pub snapshot_received: i64,
+    pub snapshot_total: i64,
+    /// When the catalog last advanced (snapshot finished or delta applied).
+    pub last_synced_at: Option<DateTime<Utc>>,
+}
+
+/// One sale waiting in the outbox, claimed for delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub journal_id: JournalId,
+    pub event: SaleEvent,
+    /// Delivery attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What became of one claimed outbox item, to be recorded in `sync_journal`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// `accepted` or `duplicate`: the cloud holds it. Row → `synced`.
+    Synced {
+        journal_id: JournalId,
+        cloud_event_id: Option<String>,
+        duplicate: bool,
+    },
+    /// `conflict`, `rejected`, or attempts exhausted. Row → `needs_attention`.
+    NeedsAttention {
+        journal_id: JournalId,
+        code: String,
+        message: String,
+    },
+    /// Transient failure. Row → `failed`, due again at `not_before`.
+    RetryLater {
+        journal_id: JournalId,
+        not_before: DateTime<Utc>,
+        code: String,
+        message: String,
+    },
+}
+
+/// Counts of `sync_journal` rows by state, and the age of the oldest undelivered sale.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub failed: i64,
+    pub synced: i64,
+    pub needs_attention: i64,
+    /// `occurred_at`/enqueue time of the oldest row not yet synced nor needing attention.
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+}
+
+/// The terminal's local database as the engine sees it. Methods are blocking (SQLite);
+/// actors call them from `spawn_blocking`. Every method that writes does so in one
+/// transaction: after a crash, either all of it happened or none of it did.
+pub trait LocalStore: Send + Sync + 'static {
+    /// Reads the catalog sync position.
+    fn catalog_position(&self) -> Result<CatalogPosition, StoreError>;
+
+    /// Stores one snapshot page: upserts its entities (version-guarded), records
+    /// `page.next_cursor` as the resume point, and when it is `None`, marks the snapshot done
+    /// with `catalog_version = page.snapshot_version`. `started_fresh` means this page is the
+    /// first one of a new snapshot (no cursor was sent): the store then remembers the snapshot
+    /// version and total, and on completion removes local entities the snapshot did not list.
+    fn apply_snapshot_page(
+        &self,
+        page: &SnapshotPage,
+        started_fresh: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Applies a delta page: upserts newer versions, deletes tombstoned keys (never older over
+    /// newer), then sets `catalog_version = page.next_since`.
+    fn apply_delta_page(&self, page: &DeltaPage) -> Result<(), StoreError>;
+
+    /// Forgets any delta position and snapshot cursor so the next sync takes a fresh snapshot
+    /// (after a 410 `resnapshot_required`). Local entities stay usable meanwhile.
+    fn require_resnapshot(&self) -> Result<(), StoreError>;
+
+    /// Up to `limit` manifest entries with key bytewise greater than `after`, in key order.
+    fn manifest_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ManifestEntry>, StoreError>;
+
+    /// Applies one reconcile range's plan in one transaction: upserts and deletes, catalog
+    /// tables only.
+    fn apply_reconcile_plan(
+        &self,
+        range: &KeyRange,
+        plan: &ReconcilePlan,
+    ) -> Result<(), StoreError>;
+
+    /// Moves every `in_flight` row back to `pending` (crash recovery at start-up: the cloud's
+    /// idempotency ledger makes resending safe). Returns how many rows moved.
+    fn release_in_flight(&self) -> Result<usize, StoreError>;
+
+    /// Claims up to `limit` rows that are `pending`, or `failed` and due at `now`, oldest
+    /// `local_event_id` first: marks them `in_flight` and returns them.
+    fn claim_batch(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Records outcomes for claimed rows (one transaction), incrementing their attempt count.
+    fn record_outcomes(&self, outcomes: &[DeliveryOutcome]) -> Result<(), StoreError>;
+
+    /// Earliest `next_attempt_at` among `failed` rows, so the outbox knows when to wake.
+    fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Counts rows by state.
+    fn outbox_counts(&self) -> Result<OutboxCounts, StoreError>;
+}
+
+/// A failed call to the cloud, classified for the retry decision.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum CloudError {
+    /// No answer: connection refused, reset, timed out, or the response was cut.
+    #[error("cloud unreachable: {0}")]
+    Unreachable(String),
+    /// The cloud answered with an error envelope (or a non-2xx without one: `code` is `None`).
+    #[error("cloud answered {status}: {message}")]
+    Rejected {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+        retry_after: Option<Duration>,
+        /// `details.reason`, e.g. `resnapshot_required`.
+        reason: Option<String>,
+    },
+    /// A 2xx whose body did not parse.
+    #[error("cloud answer did not parse: {0}")]
+    BadResponse(String),
+}
+
+impl CloudError {
+    /// Whether the same request may succeed later unchanged.
+    pub fn can_retry(&self) -> bool {
+        match self {
+            CloudError::Unreachable(_) | CloudError::BadResponse(_) => true,
+            CloudError::Rejected { status, code, .. } => match code {
+                Some(c) => c.can_retry(*status),
+                None => *status >= 500 || *status == 429 || *status == 408,
+            },
+        }
+    }
+
+    /// The cloud no longer holds history back to our cursor: take a fresh snapshot.
+    pub fn resnapshot_required(&self) -> bool {
+        matches!(self, CloudError::Rejected { status: 410, .. })
+            || matches!(self, CloudError::Rejected { reason: Some(r), .. } if r == "resnapshot_required")
+    }
+
+    /// The `Retry-After` the cloud asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CloudError::Rejected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A stable code (or `NETWORK`) for logs and the journal's `last_error_code`.
+    pub fn code_str(&self) -> String {
+        match self {
+            CloudError::Unreachable(_) => "NETWORK".to_string(),
+            CloudError::BadResponse(_) => "BAD_RESPONSE".to_string(),
+            CloudError::Rejected { code: Some(c), .. } => c.as_str().to_string(),
+            CloudError::Rejected { status, .. } => format!("HTTP_{status}"),
+        }
+    }
+}
+
+/// The cloud sync API as the engine uses it (`/v1/pos/*`, authenticated as this terminal).
+#[async_trait]
+pub trait CloudApi: Send + Sync + 'static {
+    async fn snapshot(&self, cursor: Option<&str>, limit: u32) -> Result<SnapshotPage, CloudError>;
+    async fn delta(&self, since: i64, limit: u32) -> Result<DeltaPage, CloudError>;
+    async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError>;
+    async fn post_events(&self, events: &[SaleEvent]) -> Result<SalesEventsResponse, CloudError>;
+}
+
+/// Wall-clock time, injectable so simulations and tests control it.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}

@@ -1,0 +1,164 @@
+//! The nine stable error codes of the sync API and the JSON envelope that carries them.
+//!
+//! A code is a promise to clients: its spelling never changes, and neither does whether a
+//! client should retry. Each side maps its own errors onto these codes in exactly one place.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Stable, client-visible error code. The string form is the wire form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// Token missing, unknown or revoked (401), or the body names another terminal or branch (403).
+    PosSyncUnauthorized,
+    /// The caller's leaky bucket is empty; retry after the `Retry-After` header.
+    PosSyncRateLimited,
+    /// Bad snapshot cursor (400) or a server failure while paging the snapshot (500).
+    PosCatalogSnapshotFailed,
+    /// Bad `since` (400), `since` older than retained history (410), or server failure (500).
+    PosCatalogDeltaFailed,
+    /// Malformed reconcile manifest (400) or server failure (500).
+    PosCatalogReconcileFailed,
+    /// The reconcile manifest holds more entries or bytes than the server accepts.
+    PosCatalogManifestTooLarge,
+    /// A request body or one event failed its schema, size or arithmetic checks.
+    PosSyncEventInvalid,
+    /// The idempotency key was already ingested (per-event status, never an HTTP error).
+    PosSyncEventDuplicate,
+    /// The database could not commit; nothing of the request was stored.
+    PosSyncStorageFailed,
+}
+
+impl ErrorCode {
+    /// Every code, in the order of the contract's table.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::PosSyncUnauthorized,
+        ErrorCode::PosSyncRateLimited,
+        ErrorCode::PosCatalogSnapshotFailed,
+        ErrorCode::PosCatalogDeltaFailed,
+        ErrorCode::PosCatalogReconcileFailed,
+        ErrorCode::PosCatalogManifestTooLarge,
+        ErrorCode::PosSyncEventInvalid,
+        ErrorCode::PosSyncEventDuplicate,
+        ErrorCode::PosSyncStorageFailed,
+    ];
+
+    /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::PosSyncUnauthorized => "POS_SYNC_UNAUTHORIZED",
+            ErrorCode::PosSyncRateLimited => "POS_SYNC_RATE_LIMITED",
+            ErrorCode::PosCatalogSnapshotFailed => "POS_CATALOG_SNAPSHOT_FAILED",
+            ErrorCode::PosCatalogDeltaFailed => "POS_CATALOG_DELTA_FAILED",
+            ErrorCode::PosCatalogReconcileFailed => "POS_CATALOG_RECONCILE_FAILED",
+            ErrorCode::PosCatalogManifestTooLarge => "POS_CATALOG_MANIFEST_TOO_LARGE",
+            ErrorCode::PosSyncEventInvalid => "POS_SYNC_EVENT_INVALID",
+            ErrorCode::PosSyncEventDuplicate => "POS_SYNC_EVENT_DUPLICATE",
+            ErrorCode::PosSyncStorageFailed => "POS_SYNC_STORAGE_FAILED",
+        }
+    }
+
+    /// Parses the wire spelling back into a code.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Whether a client may retry the same request unchanged, given the HTTP status it got.
+    ///
+    /// Client mistakes (4xx other than 429) never become right by retrying; server-side
+    /// failures (5xx) and rate limiting do.
+    pub fn can_retry(self, http_status: u16) -> bool {
+        match self {
+            ErrorCode::PosSyncRateLimited | ErrorCode::PosSyncStorageFailed => true,
+            ErrorCode::PosCatalogSnapshotFailed
+            | ErrorCode::PosCatalogDeltaFailed
+            | ErrorCode::PosCatalogReconcileFailed => http_status >= 500,
+            ErrorCode::PosSyncUnauthorized
+            | ErrorCode::PosCatalogManifestTooLarge
+            | ErrorCode::PosSyncEventInvalid
+            | ErrorCode::PosSyncEventDuplicate => false,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of every non-2xx response: `{"error": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// What went wrong, for a machine (`code`, `retryable`, `details`) and a person (`message`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+impl ErrorEnvelope {
+    /// Builds an envelope whose `retryable` flag follows [`ErrorCode::can_retry`].
+    pub fn new(code: ErrorCode, http_status: u16, message: impl Into<String>) -> Self {
+        ErrorEnvelope {
+            error: ErrorBody {
+                code,
+                message: message.into(),
+                retryable: code.can_retry(http_status),
+                details: serde_json::Value::Object(serde_json::Map::new()),
+            },
+        }
+    }
+
+    /// Attaches machine-readable details (e.g. `{"max_entries": 2000}`).
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.error.details = details;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_spelling_round_trips_through_serde_and_parse() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).expect("deserialize");
+            assert_eq!(back, code);
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("POS_SOMETHING_ELSE"), None);
+    }
+
+    #[test]
+    fn retryable_follows_the_contract_table() {
+        assert!(ErrorCode::PosSyncRateLimited.can_retry(429));
+        assert!(ErrorCode::PosSyncStorageFailed.can_retry(503));
+        assert!(ErrorCode::PosCatalogDeltaFailed.can_retry(500));
+        assert!(!ErrorCode::PosCatalogDeltaFailed.can_retry(410));
+        assert!(!ErrorCode::PosCatalogSnapshotFailed.can_retry(400));
+        assert!(!ErrorCode::PosSyncUnauthorized.can_retry(401));
+        assert!(!ErrorCode::PosCatalogManifestTooLarge.can_retry(413));
+        assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
+    }
+
+    #[test]
+    fn envelope_has_the_contract_shape() {
+        let env = ErrorEnvelope::new(ErrorCode::PosCatalogManifestTooLarge, 413, "too many")
+            .with_details(serde_json::json!({"max_entries": 2000}));
+        let v = serde_json::to_value(&env).expect("serialize");
+        assert_eq!(v["error"]["code"], "POS_CATALOG_MANIFEST_TOO_LARGE");
+        assert_eq!(v["error"]["retryable"], false);
+        assert_eq!(v["error"]["details"]["max_entries"], 2000);
+    }
+}

@@ -1,0 +1,20 @@
+//! # possync-protocol
+//!
+//! Everything the cloud and the terminal must agree on, in one place so they cannot drift:
+//! the JSON wire types of the sync API, the nine stable error codes with their HTTP statuses
+//! and retry rules, the canonical entity hash, and the validation of a sale.
+//!
+//! This crate does no I/O.
+
+pub mod catalog;
+pub mod error;
+pub mod sales;
+
+pub use catalog::*;
+pub use error::{ErrorBody, ErrorCode, ErrorEnvelope};
+pub use sales::*;
+
+/// Path prefix of every terminal-facing route.
+pub const POS_API_PREFIX: &str = "/v1/pos";
+/// Header every response carries so a log line on either side can be matched to the other.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";

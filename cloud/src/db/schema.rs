@@ -1,0 +1,1 @@
+//! The Diesel schema shared by both backends.

@@ -2,5 +2,13 @@
 //!
 //! The POS daemon: local SQLite store, the sync engine's production ports, the loopback
 //! status endpoint and the `terminal` command line.
+//!
+//! - [`store`]: the rusqlite store (sync tables, outbox, legacy migration).
+//! - [`cloud_client`]: the HTTP implementation of the engine's `CloudApi`.
+//! - [`operator`]: what the status endpoint and CLI need from the till and the engine.
+//! - [`status`]: the loopback status endpoint and its HTML page.
 
+pub mod cloud_client;
+pub mod operator;
+pub mod status;
 pub mod store;

@@ -1,0 +1,316 @@
+//! The production [`CloudApi`]: the cloud's `/v1/pos/*` routes over HTTPS with `reqwest`.
+//!
+//! Its one job beyond moving bytes is to *classify* every failure the way the engine's retry
+//! decision needs it: no answer at all is [`CloudError::Unreachable`] (retry later, the sale is
+//! safe in the outbox), an error envelope is [`CloudError::Rejected`] with its stable code,
+//! `Retry-After` and `details.reason`, and a 2xx that does not parse is
+//! [`CloudError::BadResponse`]. Every request carries a fresh UUID v7 `x-request-id` so a log
+//! line on the terminal can be matched with the cloud's.
+
+use async_trait::async_trait;
+use possync_actors::{CloudApi, CloudError};
+use possync_protocol::{
+    DeltaPage, ErrorCode, ErrorEnvelope, ReconcileRequest, ReconcileResponse, SaleEvent,
+    SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus, POS_API_PREFIX,
+    REQUEST_ID_HEADER,
+};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Header naming which delivery attempt of a batch this is (1-based), so the cloud's logs can
+/// tell a first delivery from a retry without a lookup.
+pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
+
+/// How long to wait for a TCP/TLS connection before calling the cloud unreachable. Short: a
+/// till that is offline must find out quickly and keep selling.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a whole request may take (a 1000-entity snapshot page on a slow link included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on the in-memory delivery counter, so a long-running daemon cannot grow it forever.
+const ATTEMPT_MEMORY: usize = 10_000;
+
+/// Where a cloud is and how this terminal authenticates to it.
+#[derive(Debug, Clone)]
+pub struct CloudTarget {
+    /// Base URL, e.g. `https://cloud.example.com` (no trailing `/v1`).
+    pub base_url: String,
+    /// The terminal's bearer token.
+    pub token: String,
+}
+
+/// `reqwest`-backed client of the cloud sync API.
+///
+/// Cloning is cheap and shares the connection pool.
+#[derive(Debug, Clone)]
+pub struct HttpCloud {
+    client: reqwest::Client,
+    base_url: String,
+    token: String,
+    /// Deliveries seen per lead idempotency key in this process: the `x-sync-attempt` value.
+    attempts: std::sync::Arc<Mutex<HashMap<(Uuid, i64), u32>>>,
+}
+
+impl HttpCloud {
+    /// Builds a client with connect/request timeouts, gzip responses and rustls.
+    pub fn new(target: CloudTarget) -> Result<HttpCloud, CloudError> {
+        Self::with_timeouts(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+    }
+
+    /// As [`HttpCloud::new`] with explicit timeouts (tests use short ones).
+    pub fn with_timeouts(
+        target: CloudTarget,
+        connect: Duration,
+        request: Duration,
+    ) -> Result<HttpCloud, CloudError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect)
+            .timeout(request)
+            .gzip(true)
+            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
+        Ok(HttpCloud {
+            client,
+            base_url: target.base_url.trim_end_matches('/').to_string(),
+            token: target.token,
+            attempts: Default::default(),
+        })
+    }
+
+    /// The base URL requests go to.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `GET /v1/pos/sync/status`: used by `terminal enroll` to prove the token works and names
+    /// the terminal and branch the operator typed.
+    pub async fn sync_status(&self) -> Result<SyncStatus, CloudError> {
+        self.call::<(), SyncStatus>(Method::GET, "/sync/status", &[], None, None)
+            .await
+    }
+
+    /// Counts this delivery of the batch led by `events[0]` and returns its 1-based number.
+    fn next_attempt(&self, events: &[SaleEvent]) -> Option<u32> {
+        let lead = events.first()?;
+        let key = (lead.pos_id, lead.local_event_id);
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= ATTEMPT_MEMORY && !map.contains_key(&key) {
+            map.clear();
+        }
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Some(*n)
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        sync_attempt: Option<u32>,
+    ) -> Result<T, CloudError> {
+        let url = format!("{}{}{}", self.base_url, POS_API_PREFIX, route);
+        let request_id = Uuid::now_v7().to_string();
+        let mut req = self
+            .client
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token)
+            .header(REQUEST_ID_HEADER, &request_id);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(attempt) = sync_attempt {
+            req = req.header(SYNC_ATTEMPT_HEADER, attempt.to_string());
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| {
+            tracing::debug!(requestId = %request_id, route, error = %e, "cloud unreachable");
+            CloudError::Unreachable(describe(&e))
+        })?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        // A body cut off mid-way is a network failure, not a bad answer: retry it.
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| CloudError::Unreachable(format!("reading response: {}", describe(&e))))?;
+        tracing::debug!(
+            requestId = %request_id,
+            route,
+            status = status.as_u16(),
+            bytes = bytes.len(),
+            "cloud answered"
+        );
+        if status.is_success() {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| CloudError::BadResponse(format!("{method} {route}: {e}")))
+        } else {
+            Err(rejection(status, &headers, &bytes))
+        }
+    }
+}
+
+/// A short, single-line cause for a transport error (`reqwest` chains hold the useful part).
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Turns a non-2xx answer into [`CloudError::Rejected`], reading the SPEC error envelope when
+/// there is one.
+fn rejection(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> CloudError {
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(env) => CloudError::Rejected {
+            status: status.as_u16(),
+            code: Some(env.error.code),
+            message: env.error.message,
+            retry_after,
+            reason: env
+                .error
+                .details
+                .get("reason")
+                .and_then(|r| r.as_str())
+                .map(str::to_string),
+        },
+        Err(_) => {
+            // No envelope (a proxy's error page, or an unknown code): keep a short excerpt.
+            let text = String::from_utf8_lossy(body);
+            let excerpt: String = text.chars().take(200).collect();
+            let code = parse_code_loosely(&text);
+            CloudError::Rejected {
+                status: status.as_u16(),
+                code,
+                message: if excerpt.trim().is_empty() {
+                    status.to_string()
+                } else {
+                    excerpt
+                },
+                retry_after,
+                reason: None,
+            }
+        }
+    }
+}
+
+/// Finds a stable code in an envelope whose other fields did not parse.
+fn parse_code_loosely(text: &str) -> Option<ErrorCode> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    ErrorCode::parse(v.get("error")?.get("code")?.as_str()?)
+}
+
+#[async_trait]
+impl CloudApi for HttpCloud {
+    async fn snapshot(&self, cursor: Option<&str>, limit: u32) -> Result<SnapshotPage, CloudError> {
+        let mut q = vec![("limit", limit.to_string())];
+        if let Some(c) = cursor {
+            q.push(("cursor", c.to_string()));
+        }
+        self.call::<(), _>(Method::GET, "/catalog/snapshot", &q, None, None)
+            .await
+    }
+
+    async fn delta(&self, since: i64, limit: u32) -> Result<DeltaPage, CloudError> {
+        let q = [("since", since.to_string()), ("limit", limit.to_string())];
+        self.call::<(), _>(Method::GET, "/catalog/delta", &q, None, None)
+            .await
+    }
+
+    async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError> {
+        self.call(Method::POST, "/catalog/reconcile", &[], Some(req), None)
+            .await
+    }
+
+    async fn post_events(&self, events: &[SaleEvent]) -> Result<SalesEventsResponse, CloudError> {
+        let attempt = self.next_attempt(events);
+        let body = SalesEventsRequest {
+            events: events.to_vec(),
+        };
+        self.call(Method::POST, "/sales/events", &[], Some(&body), attempt)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn envelope_becomes_rejected_with_code_retry_after_and_reason() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let body = br#"{"error":{"code":"POS_CATALOG_DELTA_FAILED","message":"too old","retryable":false,"details":{"reason":"resnapshot_required"}}}"#;
+        let e = rejection(StatusCode::GONE, &h, body);
+        assert_eq!(
+            e,
+            CloudError::Rejected {
+                status: 410,
+                code: Some(ErrorCode::PosCatalogDeltaFailed),
+                message: "too old".into(),
+                retry_after: Some(Duration::from_secs(7)),
+                reason: Some("resnapshot_required".into()),
+            }
+        );
+        assert!(e.resnapshot_required());
+        assert!(!e.can_retry());
+    }
+
+    #[test]
+    fn non_envelope_error_keeps_status_and_an_excerpt() {
+        let e = rejection(
+            StatusCode::BAD_GATEWAY,
+            &HeaderMap::new(),
+            b"<html>bad gateway</html>",
+        );
+        match e {
+            CloudError::Rejected {
+                status,
+                code,
+                message,
+                ..
+            } => {
+                assert_eq!(status, 502);
+                assert_eq!(code, None);
+                assert!(message.contains("bad gateway"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_malformed_retry_after_is_ignored_not_fatal() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        let body = br#"{"error":{"code":"POS_SYNC_RATE_LIMITED","message":"slow down","retryable":true,"details":{}}}"#;
+        let e = rejection(StatusCode::TOO_MANY_REQUESTS, &h, body);
+        assert_eq!(e.retry_after(), None);
+        assert!(e.can_retry());
+        assert_eq!(e.code_str(), "POS_SYNC_RATE_LIMITED");
+    }
+}

@@ -1,0 +1,518 @@
+//! The loopback status endpoint (SPEC §5): JSON status, the operator's HTML page, offline
+//! catalog lookup, atomic sale enqueue, outbox listing and retry, reconcile, and metrics.
+//!
+//! It binds loopback addresses only: it can enqueue sales and repair the catalog, and it has
+//! no authentication of its own, so it must never be reachable from the shop's network.
+
+mod page;
+pub mod report;
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use chrono::{DateTime, Utc};
+use possync_protocol::{ErrorCode, ErrorEnvelope, EventType, SalePayload};
+use prometheus::{Encoder, Gauge, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use serde::Deserialize;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use thiserror::Error;
+
+use crate::operator::{
+    JournalState, LookupQuery, ReconcileChoice, RetrySelection, SyncControl, SyncControlError,
+    Till, TillError,
+};
+pub use report::{build_report, StatusReport};
+
+/// Default bind address of the status endpoint.
+pub const DEFAULT_STATUS_BIND: &str = "127.0.0.1:7070";
+/// Most journal rows one `GET /outbox` returns.
+const OUTBOX_LIST_MAX: usize = 1000;
+/// Largest `POST /sales` body accepted (one sale of 500 lines fits comfortably).
+const SALE_BODY_LIMIT: usize = possync_protocol::MAX_BODY_BYTES;
+
+/// Why the status endpoint could not start.
+#[derive(Debug, Error)]
+pub enum StatusBindError {
+    #[error("status endpoint must bind a loopback address, not {0}")]
+    NotLoopback(String),
+    #[error("bad status bind address {0:?}")]
+    BadAddress(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A failed request, answered with the SPEC error envelope.
+#[derive(Debug, Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Till(#[from] TillError),
+    /// The request body or query could not be understood.
+    #[error("{message}")]
+    BadRequest { code: ErrorCode, message: String },
+    /// The engine could not run the command (e.g. the cloud is unreachable).
+    #[error(transparent)]
+    Engine(#[from] SyncControlError),
+    /// The blocking pool refused the job (shutting down).
+    #[error("local database worker unavailable")]
+    Worker,
+}
+
+impl StatusError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StatusError::Till(e) => e.code(),
+            StatusError::BadRequest { code, .. } => *code,
+            StatusError::Engine(e) => e.code.unwrap_or(ErrorCode::PosCatalogReconcileFailed),
+            StatusError::Worker => ErrorCode::PosSyncStorageFailed,
+        }
+    }
+}
+
+impl ResponseError for StatusError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            StatusError::Till(TillError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            StatusError::Till(TillError::NotFound(_)) => StatusCode::NOT_FOUND,
+            StatusError::Till(TillError::NotEnrolled) => StatusCode::CONFLICT,
+            StatusError::Till(TillError::Storage(_)) | StatusError::Worker => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            StatusError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            StatusError::Engine(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        HttpResponse::build(status).json(ErrorEnvelope::new(
+            self.code(),
+            status.as_u16(),
+            self.to_string(),
+        ))
+    }
+}
+
+fn bad_request(code: ErrorCode, message: impl Into<String>) -> StatusError {
+    StatusError::BadRequest {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Gauges computed from the database at scrape time, beside the engine's own metrics.
+#[derive(Clone)]
+struct StoreGauges {
+    outbox_rows: IntGaugeVec,
+    catalog_entities: IntGauge,
+    catalog_version: IntGauge,
+    oldest_pending_age: Gauge,
+}
+
+impl StoreGauges {
+    fn register(registry: &Registry) -> Result<StoreGauges, prometheus::Error> {
+        let outbox_rows = IntGaugeVec::new(
+            Opts::new("terminal_outbox_rows", "sync_journal rows by state"),
+            &["state"],
+        )?;
+        let catalog_entities =
+            IntGauge::new("terminal_catalog_entities", "catalog entities held locally")?;
+        let catalog_version = IntGauge::new(
+            "terminal_catalog_version",
+            "catalog version the local copy is complete up to (-1 before the first snapshot)",
+        )?;
+        let oldest_pending_age = Gauge::new(
+            "terminal_oldest_pending_age_seconds",
+            "age of the oldest sale not yet delivered (0 when none)",
+        )?;
+        registry.register(Box::new(outbox_rows.clone()))?;
+        registry.register(Box::new(catalog_entities.clone()))?;
+        registry.register(Box::new(catalog_version.clone()))?;
+        registry.register(Box::new(oldest_pending_age.clone()))?;
+        Ok(StoreGauges {
+            outbox_rows,
+            catalog_entities,
+            catalog_version,
+            oldest_pending_age,
+        })
+    }
+}
+
+/// Shared state of the handlers.
+struct Shared {
+    till: Arc<dyn Till>,
+    engine: Arc<dyn SyncControl>,
+    registry: Registry,
+    gauges: StoreGauges,
+}
+
+type State = web::Data<Shared>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TillError> + Send + 'static,
+) -> Result<T, StatusError> {
+    web::block(f)
+        .await
+        .map_err(|_| StatusError::Worker)?
+        .map_err(StatusError::from)
+}
+
+async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("cache-control", "no-store"))
+        .body(page::STATUS_PAGE)
+}
+
+async fn status(state: State) -> Result<HttpResponse, StatusError> {
+    let view = state.engine.view();
+    let till = state.till.clone();
+    let report = blocking(move || build_report(till.as_ref(), Some(&view), Utc::now())).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("cache-control", "no-store"))
+        .json(report))
+}
+
+/// `POST /sales` body: the sale plus its type and (optional) time.
+#[derive(Debug, Deserialize)]
+pub struct SaleRequest {
+    /// `sale`, `refund` or `void`; a sale when absent.
+    #[serde(rename = "type", default = "default_event_type")]
+    pub event_type: EventType,
+    /// When the sale happened; now when absent.
+    #[serde(default)]
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub payload: SalePayload,
+}
+
+fn default_event_type() -> EventType {
+    EventType::Sale
+}
+
+impl SaleRequest {
+    /// Parses either a `POST /sales` body or a bare SALE payload (as `terminal sale add` takes).
+    pub fn parse_lenient(bytes: &[u8]) -> Result<SaleRequest, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))?;
+        if value.get("payload").is_some() {
+            serde_json::from_value(value).map_err(|e| format!("sale request: {e}"))
+        } else {
+            let payload: SalePayload =
+                serde_json::from_value(value).map_err(|e| format!("sale payload: {e}"))?;
+            Ok(SaleRequest {
+                event_type: EventType::Sale,
+                occurred_at: None,
+                payload,
+            })
+        }
+    }
+}
+
+async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
+    let req: SaleRequest = serde_json::from_slice(&body)
+        .map_err(|e| StatusError::Till(TillError::Invalid(format!("sale request: {e}"))))?;
+    let till = state.till.clone();
+    let occurred_at = req.occurred_at.unwrap_or_else(Utc::now);
+    let receipt =
+        blocking(move || till.enqueue_sale(req.event_type, occurred_at, &req.payload)).await?;
+    tracing::info!(
+        eventId = receipt.local_event_id,
+        posId = %receipt.pos_id,
+        "sale enqueued"
+    );
+    let engine = state.engine.clone();
+    actix_web::rt::spawn(async move { engine.flush_outbox_now().await });
+    Ok(HttpResponse::Created().json(receipt))
+}
+
+#[derive(Debug, Deserialize)]
+struct LookupParams {
+    barcode: Option<String>,
+    sku: Option<String>,
+    q: Option<String>,
+}
+
+async fn lookup(
+    state: State,
+    params: web::Query<LookupParams>,
+) -> Result<HttpResponse, StatusError> {
+    let p = params.into_inner();
+    let query = match (p.barcode, p.sku, p.q) {
+        (Some(b), None, None) => LookupQuery::Barcode(b),
+        (None, Some(s), None) => LookupQuery::Sku(s),
+        (None, None, Some(q)) => LookupQuery::Text(q),
+        _ => {
+            return Err(bad_request(
+                ErrorCode::PosSyncEventInvalid,
+                "give exactly one of barcode=, sku= or q=",
+            ))
+        }
+    };
+    let till = state.till.clone();
+    let entities = blocking(move || till.lookup(&query)).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "count": entities.len(),
+        "entities": entities,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct OutboxParams {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn outbox(
+    state: State,
+    params: web::Query<OutboxParams>,
+) -> Result<HttpResponse, StatusError> {
+    let p = params.into_inner();
+    let filter = match p.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(JournalState::parse(s).ok_or_else(|| {
+            bad_request(
+                ErrorCode::PosSyncEventInvalid,
+                format!(
+                    "unknown status {s:?} (pending, in_flight, failed, synced, needs_attention)"
+                ),
+            )
+        })?),
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, OUTBOX_LIST_MAX);
+    let till = state.till.clone();
+    let rows = blocking(move || till.journal(filter, limit)).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"count": rows.len(), "rows": rows})))
+}
+
+/// `POST /outbox/retry` body: `{"journal_id": N}` or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+struct RetryBody {
+    journal_id: Option<i64>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn outbox_retry(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
+    let req: RetryBody = serde_json::from_slice(&body).map_err(|e| {
+        bad_request(
+            ErrorCode::PosSyncEventInvalid,
+            format!("expected {{\"journal_id\": N}} or {{\"all\": true}}: {e}"),
+        )
+    })?;
+    let selection = match (req.journal_id, req.all) {
+        (Some(id), false) => RetrySelection::One(id),
+        (None, true) => RetrySelection::AllNeedingAttention,
+        _ => {
+            return Err(bad_request(
+                ErrorCode::PosSyncEventInvalid,
+                "give either journal_id or all=true",
+            ))
+        }
+    };
+    let till = state.till.clone();
+    let released = blocking(move || till.retry(selection)).await?;
+    tracing::info!(released, "operator retry");
+    if released > 0 {
+        let engine = state.engine.clone();
+        actix_web::rt::spawn(async move { engine.flush_outbox_now().await });
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"released": released})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReconcileBody {
+    mode: ReconcileChoice,
+}
+
+async fn reconcile(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
+    let req: ReconcileBody = serde_json::from_slice(&body).map_err(|e| {
+        bad_request(
+            ErrorCode::PosCatalogReconcileFailed,
+            format!("expected {{\"mode\": \"verify\" | \"apply\"}}: {e}"),
+        )
+    })?;
+    let report = state.engine.reconcile(req.mode).await?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+async fn metrics(state: State) -> Result<HttpResponse, StatusError> {
+    let till = state.till.clone();
+    let (summary, counts) =
+        blocking(move || Ok((till.catalog_summary()?, till.outbox_counts()?))).await?;
+    let g = &state.gauges;
+    for (label, n) in [
+        ("pending", counts.pending),
+        ("in_flight", counts.in_flight),
+        ("failed", counts.failed),
+        ("synced", counts.synced),
+        ("needs_attention", counts.needs_attention),
+    ] {
+        g.outbox_rows.with_label_values(&[label]).set(n);
+    }
+    g.catalog_entities.set(summary.entities);
+    g.catalog_version.set(summary.version.unwrap_or(-1));
+    let age = counts
+        .oldest_pending_at
+        .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    g.oldest_pending_age.set(age);
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&state.registry.gather(), &mut buf)
+        .map_err(|e| StatusError::Till(TillError::Storage(format!("encoding metrics: {e}"))))?;
+    Ok(HttpResponse::Ok()
+        .content_type(TextEncoder::new().format_type())
+        .body(buf))
+}
+
+/// Resolves `bind` and refuses anything that is not a loopback address.
+pub fn loopback_addr(bind: &str) -> Result<SocketAddr, StatusBindError> {
+    let addrs: Vec<SocketAddr> = bind
+        .to_socket_addrs()
+        .map_err(|_| StatusBindError::BadAddress(bind.to_string()))?
+        .collect();
+    let first = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| StatusBindError::BadAddress(bind.to_string()))?;
+    if addrs.iter().all(|a| a.ip().is_loopback()) {
+        Ok(first)
+    } else {
+        Err(StatusBindError::NotLoopback(bind.to_string()))
+    }
+}
+
+/// A running status endpoint.
+pub struct StatusServer {
+    addr: SocketAddr,
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl StatusServer {
+    /// Binds `bind` (loopback only; port 0 picks a free port) and starts serving on the
+    /// current tokio runtime.
+    pub fn start(
+        bind: &str,
+        till: Arc<dyn Till>,
+        engine: Arc<dyn SyncControl>,
+        registry: Registry,
+    ) -> Result<StatusServer, StatusBindError> {
+        let addr = loopback_addr(bind)?;
+        let gauges = StoreGauges::register(&registry)?;
+        let listener = TcpListener::bind(addr).map_err(|source| StatusBindError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StatusBindError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let shared = web::Data::new(Shared {
+            till,
+            engine,
+            registry,
+            gauges,
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(shared.clone())
+                .app_data(web::PayloadConfig::new(SALE_BODY_LIMIT))
+                .route("/", web::get().to(page))
+                .route("/status", web::get().to(status))
+                .route("/sales", web::post().to(post_sale))
+                .route("/catalog/lookup", web::get().to(lookup))
+                .route("/outbox", web::get().to(outbox))
+                .route("/outbox/retry", web::post().to(outbox_retry))
+                .route("/reconcile", web::post().to(reconcile))
+                .route("/metrics", web::get().to(metrics))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)
+        .map_err(|source| StatusBindError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?
+        .run();
+        let handle = server.handle();
+        let task = tokio::spawn(server);
+        Ok(StatusServer {
+            addr: local,
+            handle,
+            task,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR` of the endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and joins the server.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "status endpoint stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "status endpoint task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_binds_are_accepted() {
+        assert!(loopback_addr("127.0.0.1:0").is_ok());
+        assert!(loopback_addr("[::1]:7070").is_ok());
+        assert!(matches!(
+            loopback_addr("0.0.0.0:7070"),
+            Err(StatusBindError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            loopback_addr("192.168.1.10:7070"),
+            Err(StatusBindError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            loopback_addr("not an address"),
+            Err(StatusBindError::BadAddress(_))
+        ));
+    }
+
+    #[test]
+    fn sale_request_accepts_a_body_or_a_bare_payload() {
+        let payload = serde_json::json!({
+            "receipt_no": "R1", "currency": "EUR",
+            "lines": [{"product_id": "p1", "qty": 1, "unit_price_minor": 100, "total_minor": 100}],
+            "totals": {"subtotal_minor": 100, "tax_minor": 0, "total_minor": 100},
+            "payments": [{"method": "cash", "amount_minor": 100}]
+        });
+        let bare = SaleRequest::parse_lenient(payload.to_string().as_bytes()).expect("bare");
+        assert_eq!(bare.event_type, EventType::Sale);
+        assert!(bare.occurred_at.is_none());
+        let body = serde_json::json!({"type": "refund", "occurred_at": "2026-01-02T03:04:05Z", "payload": payload});
+        let full = SaleRequest::parse_lenient(body.to_string().as_bytes()).expect("body");
+        assert_eq!(full.event_type, EventType::Refund);
+        assert_eq!(
+            full.occurred_at.map(|t| t.to_rfc3339()),
+            Some("2026-01-02T03:04:05+00:00".to_string())
+        );
+        assert!(SaleRequest::parse_lenient(b"{not json").is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! The `/status` document: one snapshot of everything an operator checks at a glance, built
+//! from the till's database and (when the daemon runs) the engine's live state.
+//!
+//! The CLI's `terminal status` prints the same document, built without an engine when no daemon
+//! is running, so the two can never disagree about what a field means.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::operator::{ActorView, EngineView, JournalState, Till, TillError};
+
+/// Most needs-attention rows listed on the status page (the count is always exact).
+pub const NEEDS_ATTENTION_LISTED: usize = 100;
+
+/// The whole status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub generated_at: DateTime<Utc>,
+    /// Whether this came from a running daemon (live engine state) or from the database alone.
+    pub daemon_running: bool,
+    pub pos_id: Uuid,
+    pub terminal_id: Option<Uuid>,
+    pub branch_id: Option<String>,
+    /// Whether the cloud answered lately; `None` when no daemon runs (unknown).
+    pub online: Option<bool>,
+    pub last_contact_at: Option<DateTime<Utc>>,
+    pub actors: Vec<ActorView>,
+    pub catalog: CatalogReport,
+    pub outbox: OutboxReport,
+    /// Recent errors an operator may act on: actors' last failures and needs-attention causes.
+    pub last_errors: Vec<String>,
+    /// Journal rows waiting for an operator (first [`NEEDS_ATTENTION_LISTED`]).
+    pub needs_attention: Vec<serde_json::Value>,
+    /// The engine's own status document, when a daemon runs.
+    pub engine: Option<serde_json::Value>,
+}
+
+/// The local catalog copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogReport {
+    /// Catalog version the copy is complete up to; `None` before the first snapshot finished.
+    pub version: Option<i64>,
+    pub entities: i64,
+    pub last_synced_at: Option<DateTime<Utc>>,
+    /// Seconds since the catalog last advanced.
+    pub age_seconds: Option<i64>,
+    pub snapshot: SnapshotReport,
+}
+
+/// Progress of the snapshot in progress, if any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub in_progress: bool,
+    pub version: Option<i64>,
+    pub received: i64,
+    pub total: i64,
+    /// 0–100, `None` when no total is known yet.
+    pub percent: Option<f64>,
+}
+
+/// The sales outbox (`sync_journal`) by state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxReport {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub failed: i64,
+    pub synced: i64,
+    pub needs_attention: i64,
+    /// Everything not yet in the cloud and not waiting for an operator.
+    pub queued: i64,
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// Age of the oldest undelivered sale: a queue must never stall silently.
+    pub oldest_pending_age_seconds: Option<i64>,
+}
+
+/// Builds the document. `engine` is `None` when no daemon runs.
+pub fn build_report(
+    till: &dyn Till,
+    engine: Option<&EngineView>,
+    now: DateTime<Utc>,
+) -> Result<StatusReport, TillError> {
+    let identity = till.identity()?;
+    let summary = till.catalog_summary()?;
+    let position = till.catalog_position()?;
+    let counts = till.outbox_counts()?;
+    let needs_attention =
+        till.journal(Some(JournalState::NeedsAttention), NEEDS_ATTENTION_LISTED)?;
+
+    let last_synced_at = summary.last_synced_at.or(position.last_synced_at);
+    let percent = (position.snapshot_in_progress && position.snapshot_total > 0).then(|| {
+        let p = position.snapshot_received as f64 * 100.0 / position.snapshot_total as f64;
+        (p.clamp(0.0, 100.0) * 10.0).round() / 10.0
+    });
+
+    let mut last_errors: Vec<String> = Vec::new();
+    if let Some(view) = engine {
+        for a in &view.actors {
+            if let Some(e) = &a.last_error {
+                last_errors.push(format!("{}: {}", a.name, e));
+            }
+        }
+    }
+    for row in needs_attention.iter().take(10) {
+        let id = row.get("local_event_id").cloned().unwrap_or_default();
+        let code = row
+            .get("last_error_code")
+            .and_then(|c| c.as_str())
+            .unwrap_or("?");
+        let msg = row
+            .get("last_error_message")
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
+        last_errors.push(format!("sale {id}: {code} {msg}").trim_end().to_string());
+    }
+
+    Ok(StatusReport {
+        generated_at: now,
+        daemon_running: engine.is_some(),
+        pos_id: identity.pos_id,
+        terminal_id: identity.terminal_id,
+        branch_id: identity.branch_id,
+        online: engine.map(|e| e.online),
+        last_contact_at: engine.and_then(|e| e.last_contact_at),
+        actors: engine.map(|e| e.actors.clone()).unwrap_or_default(),
+        catalog: CatalogReport {
+            version: summary.version.or(position.catalog_version),
+            entities: summary.entities,
+            last_synced_at,
+            age_seconds: last_synced_at.map(|t| (now - t).num_seconds().max(0)),
+            snapshot: SnapshotReport {
+                in_progress: position.snapshot_in_progress,
+                version: position.snapshot_version,
+                received: position.snapshot_received,
+                total: position.snapshot_total,
+                percent,
+            },
+        },
+        outbox: OutboxReport {
+            pending: counts.pending,
+            in_flight: counts.in_flight,
+            failed: counts.failed,
+            synced: counts.synced,
+            needs_attention: counts.needs_attention,
+            queued: counts.pending + counts.in_flight + counts.failed,
+            oldest_pending_at: counts.oldest_pending_at,
+            oldest_pending_age_seconds: counts
+                .oldest_pending_at
+                .map(|t| (now - t).num_seconds().max(0)),
+        },
+        last_errors,
+        needs_attention,
+        engine: engine.map(|e| e.detail.clone()),
+    })
+}

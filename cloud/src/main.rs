@@ -1,1 +1,26 @@
-fn main() {}
+//! `cloud`: the possync cloud binary. All logic lives in the library; this only parses the
+//! command line, runs it, and turns a failure into one line on stderr and a non-zero exit.
+
+use clap::Parser;
+use possync_cloud::cli::{self, Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(args) => {
+            possync_cloud::telemetry::init("info");
+            match cli::serve_config(&cli, args) {
+                Ok(config) => actix_web::rt::System::new().block_on(cli::run_serve(config)),
+                Err(e) => Err(e),
+            }
+        }
+        _ => {
+            possync_cloud::telemetry::init("warn");
+            cli::run_admin_command(&cli)
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,204 @@
+//! Operator routes: health, readiness and metrics (no auth, no data), and the admin API under
+//! `/v1/admin/*` (admin token only): catalog writes and consume-only status views.
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::body::{is_json, read_limited};
+use crate::db::catalog::{self, CatalogError, EntityWrite};
+use crate::db::{ledger, terminals, StoreError};
+use crate::error::ApiError;
+
+/// `GET /healthz`: the process is up and serving.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the database answers; otherwise 503 so a load balancer stops routing here.
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let db = state.db.clone();
+    web::block(move || db.ping())
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .body(state.metrics.render())
+}
+
+/// One entity in `POST /v1/admin/catalog/upsert`.
+#[derive(Debug, Deserialize)]
+pub struct EntityInput {
+    /// Entity type, e.g. `product`.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// `null`/absent for a global entity, else its branch.
+    #[serde(default)]
+    pub branch_id: Option<String>,
+    /// The document.
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct UpsertBody {
+    entities: Vec<EntityInput>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteKey {
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteBody {
+    entities: Vec<DeleteKey>,
+}
+
+/// Most entities in one admin write, to bound one transaction.
+const MAX_ADMIN_ENTITIES: usize = 5000;
+
+async fn json_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<T, ApiError> {
+    if !is_json(req) {
+        return Err(ApiError::InvalidBody(
+            "content-type must be application/json".into(),
+        ));
+    }
+    let limit = state.limits.max_body_bytes * 8;
+    let body = read_limited(
+        req,
+        payload,
+        limit,
+        || ApiError::BodyTooLarge(format!("admin bodies are limited to {limit} bytes")),
+        |e| ApiError::InvalidBody(format!("could not read body: {e}")),
+    )
+    .await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))
+}
+
+fn admin_catalog_error(e: CatalogError) -> ApiError {
+    match e {
+        CatalogError::Store(StoreError::InvalidInput(m)) => ApiError::InvalidBody(m),
+        CatalogError::Store(e) => ApiError::StorageFailed(e.to_string()),
+        other => ApiError::InvalidBody(other.to_string()),
+    }
+}
+
+/// `POST /v1/admin/catalog/upsert` `{"entities": [{"type","id","branch_id","data"}]}` → the
+/// stored entities with their new versions.
+pub async fn catalog_upsert(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body: UpsertBody = json_body(&state, &req, payload).await?;
+    if body.entities.len() > MAX_ADMIN_ENTITIES {
+        return Err(ApiError::BodyTooLarge(format!(
+            "at most {MAX_ADMIN_ENTITIES} entities per request"
+        )));
+    }
+    let writes: Vec<EntityWrite> = body
+        .entities
+        .into_iter()
+        .map(|e| EntityWrite {
+            entity_type: e.entity_type,
+            id: e.id,
+            branch_id: e.branch_id,
+            data: e.data,
+        })
+        .collect();
+    let db = state.db.clone();
+    let stored = web::block(move || {
+        let mut conn = db.conn()?;
+        catalog::upsert_entities(&mut conn, &writes)
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(admin_catalog_error)?;
+    tracing::info!(entities = stored.len(), "admin catalog upsert");
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "entities": stored })))
+}
+
+/// `POST /v1/admin/catalog/delete` `{"entities": [{"type","id"}]}` → the tombstones written.
+pub async fn catalog_delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body: DeleteBody = json_body(&state, &req, payload).await?;
+    if body.entities.len() > MAX_ADMIN_ENTITIES {
+        return Err(ApiError::BodyTooLarge(format!(
+            "at most {MAX_ADMIN_ENTITIES} entities per request"
+        )));
+    }
+    let keys: Vec<(String, String)> = body
+        .entities
+        .into_iter()
+        .map(|k| (k.entity_type, k.id))
+        .collect();
+    let db = state.db.clone();
+    let deleted = web::block(move || {
+        let mut conn = db.conn()?;
+        catalog::delete_entities(&mut conn, &keys)
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(admin_catalog_error)?;
+    tracing::info!(entities = deleted.len(), "admin catalog delete");
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "entities": deleted })))
+}
+
+/// `GET /v1/admin/terminals`: enrolled terminals (no token material).
+pub async fn terminals(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let db = state.db.clone();
+    let list = web::block(move || {
+        let mut conn = db.conn()?;
+        terminals::list_terminals(&mut conn)
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "terminals": list })))
+}
+
+#[derive(Debug, Deserialize)]
+struct SummaryQuery {
+    branch: Option<String>,
+}
+
+/// `GET /v1/admin/sales/summary[?branch=B]`: number of stored sales events (consume-only).
+pub async fn sales_summary(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let q = web::Query::<SummaryQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::InvalidBody(format!("bad query string: {e}")))?
+        .into_inner();
+    let db = state.db.clone();
+    let branch = q.branch.clone();
+    let count = web::block(move || {
+        let mut conn = db.conn()?;
+        ledger::count_sales(&mut conn, branch.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(
+        HttpResponse::Ok()
+            .json(serde_json::json!({ "branch_id": q.branch, "sales_events": count })),
+    )
+}

@@ -1,0 +1,203 @@
+//! The actix-web application: shared state, the middleware every request passes through
+//! (request id, latency and error metrics, compression) and the route table.
+//!
+//! [`build`] is used both by `cloud serve` and by in-process tests, so both run exactly the
+//! same stack.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{from_fn, Compress, Next};
+use actix_web::{web, App, HttpMessage};
+use uuid::Uuid;
+
+use crate::admin_routes;
+use crate::auth;
+use crate::catalog_routes;
+use crate::config::{Limits, RateLimits};
+use crate::db::Database;
+use crate::error::ApiError;
+use crate::ingest::{IngestRegistry, IngestSettings};
+use crate::metrics::Metrics;
+use crate::rate_limit::Buckets;
+use crate::sales_routes;
+
+/// Everything handlers share. Built once per server and cloned (cheaply) into each worker.
+pub struct AppState {
+    /// The connection pool.
+    pub db: Database,
+    /// This instance's metrics.
+    pub metrics: Metrics,
+    /// Branch ingestion actors.
+    pub ingest: IngestRegistry,
+    /// Buckets per client address (before authentication).
+    pub address_buckets: Buckets<IpAddr>,
+    /// Buckets per terminal.
+    pub terminal_buckets: Buckets<Uuid>,
+    /// sha256 of the admin token: compared in constant time, never kept in clear beyond start.
+    pub admin_token_sha256: [u8; 32],
+    /// Request size limits.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// Assembles the state from its parts.
+    pub fn new(
+        db: Database,
+        metrics: Metrics,
+        admin_token: &str,
+        limits: Limits,
+        rate_limits: RateLimits,
+        ingest: IngestSettings,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
+            ingest: IngestRegistry::new(db.clone(), metrics.clone(), ingest),
+            db,
+            metrics,
+            address_buckets: Buckets::new(
+                rate_limits.address,
+                rate_limits.max_buckets,
+                rate_limits.bucket_idle,
+            ),
+            terminal_buckets: Buckets::new(
+                rate_limits.terminal,
+                rate_limits.max_buckets,
+                rate_limits.bucket_idle,
+            ),
+            admin_token_sha256: auth::token_digest(admin_token),
+            limits,
+        })
+    }
+}
+
+/// The request's id, available to handlers through the request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Echo a client's request id only if it is short and harmless in logs and headers.
+fn acceptable_request_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Outermost middleware: assigns the request id, times the request, counts errors by code and
+/// makes sure even middleware errors leave as a proper response carrying `x-request-id`.
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get(possync_protocol::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| acceptable_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
+    let http_req = req.request().clone();
+    let mut res = match next.call(req).await {
+        Ok(res) => res.map_into_boxed_body(),
+        Err(e) => ServiceResponse::from_err(e, http_req),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        res.headers_mut().insert(
+            HeaderName::from_static(possync_protocol::REQUEST_ID_HEADER),
+            v,
+        );
+    }
+    if let Some(m) = metrics {
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_string());
+        let status = res.status().as_u16().to_string();
+        m.http_request_duration_seconds
+            .with_label_values(&[route.as_str(), status.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(api) = res
+            .response()
+            .error()
+            .and_then(|e| e.as_error::<ApiError>())
+        {
+            m.errors_total
+                .with_label_values(&[api.code().as_str()])
+                .inc();
+        }
+    }
+    Ok(res)
+}
+
+/// Builds the application with every route and middleware.
+pub fn build(
+    state: Arc<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let data = web::Data::from(state);
+    App::new()
+        .app_data(data)
+        .wrap(Compress::default())
+        .wrap(from_fn(observe))
+        .route("/healthz", web::get().to(admin_routes::healthz))
+        .route("/readyz", web::get().to(admin_routes::readyz))
+        .route("/metrics", web::get().to(admin_routes::metrics))
+        .service(
+            web::scope("/v1/pos")
+                .wrap(from_fn(auth::terminal_guard))
+                .route("/catalog/snapshot", web::get().to(catalog_routes::snapshot))
+                .route("/catalog/delta", web::get().to(catalog_routes::delta))
+                .route(
+                    "/catalog/reconcile",
+                    web::post().to(catalog_routes::reconcile),
+                )
+                .route("/sales/events", web::post().to(sales_routes::post_events))
+                .route("/sync/status", web::get().to(sales_routes::sync_status)),
+        )
+        .service(
+            web::scope("/v1/admin")
+                .wrap(from_fn(auth::admin_guard))
+                .route(
+                    "/catalog/upsert",
+                    web::post().to(admin_routes::catalog_upsert),
+                )
+                .route(
+                    "/catalog/delete",
+                    web::post().to(admin_routes::catalog_delete),
+                )
+                .route("/terminals", web::get().to(admin_routes::terminals))
+                .route("/sales/summary", web::get().to(admin_routes::sales_summary)),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_from_clients_are_sanitised() {
+        assert!(acceptable_request_id(
+            "0190f6b2-7c1e-7000-8000-000000000000"
+        ));
+        assert!(acceptable_request_id("abc.DEF_1"));
+        assert!(!acceptable_request_id(""));
+        assert!(!acceptable_request_id("a b"));
+        assert!(!acceptable_request_id("x\r\nSet-Cookie: y"));
+        assert!(!acceptable_request_id(&"a".repeat(129)));
+    }
+}

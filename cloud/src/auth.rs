@@ -1,0 +1,173 @@
+//! Who is calling: per-address rate limiting before authentication, bearer-token
+//! authentication of terminals (and of the admin), then per-terminal rate limiting.
+//!
+//! Terminal tokens are looked up in the database on every request (no cache), so a revoked
+//! token is refused from the very next request. Terminal and admin tokens live in different
+//! places and neither opens the other's routes.
+
+use std::future::{ready, Ready};
+use std::net::{IpAddr, Ipv4Addr};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::Next;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use sha2::{Digest, Sha256};
+
+use crate::app::AppState;
+use crate::db::terminals::{self, TerminalIdentity};
+use crate::error::ApiError;
+use crate::rate_limit::Admission;
+
+/// Longest bearer token we bother looking up; anything longer cannot be one we issued.
+const MAX_TOKEN_LEN: usize = 512;
+
+/// sha256 of a token, so admin tokens are compared digest-to-digest in constant time.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The bearer token of a request, if it carries a well-formed one.
+fn bearer(req: &ServiceRequest) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    Some(token.to_string())
+}
+
+/// The client's address as the socket sees it. Proxies' forwarding headers are not trusted:
+/// any client could forge them to dodge its bucket.
+fn client_ip(req: &ServiceRequest) -> IpAddr {
+    req.peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+fn state(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
+    req.app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| ApiError::StorageFailed("application state missing".into()))
+}
+
+fn check_address(state: &AppState, req: &ServiceRequest) -> Result<(), ApiError> {
+    match state.address_buckets.check(&client_ip(req)) {
+        Admission::Admitted => Ok(()),
+        Admission::Refused { retry_after_secs } => {
+            state
+                .metrics
+                .rate_limited_total
+                .with_label_values(&["address"])
+                .inc();
+            Err(ApiError::RateLimited { retry_after_secs })
+        }
+    }
+}
+
+/// Middleware of `/v1/pos/*`: address bucket, token lookup, terminal bucket. On success the
+/// [`TerminalIdentity`] is stored in the request for the [`Terminal`] extractor.
+pub async fn terminal_guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = state(&req)?;
+    check_address(&state, &req)?;
+    let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
+    let db = state.db.clone();
+    let identity = web::block(move || {
+        let mut conn = db.conn()?;
+        terminals::authenticate(&mut conn, &token)
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .ok_or(ApiError::Unauthenticated)?;
+    if let Admission::Refused { retry_after_secs } =
+        state.terminal_buckets.check(&identity.terminal_id)
+    {
+        state
+            .metrics
+            .rate_limited_total
+            .with_label_values(&["terminal"])
+            .inc();
+        tracing::info!(terminalId = %identity.terminal_id, branchId = %identity.branch_id, errorCode = "POS_SYNC_RATE_LIMITED", "terminal rate limited");
+        return Err(ApiError::RateLimited { retry_after_secs }.into());
+    }
+    req.extensions_mut().insert(identity);
+    next.call(req).await
+}
+
+/// Middleware of `/v1/admin/*`: address bucket, then the admin token. Terminal tokens are
+/// never admin tokens (they are random and stored elsewhere), so they get 401 here.
+pub async fn admin_guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = state(&req)?;
+    check_address(&state, &req)?;
+    let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
+    if !constant_time_eq(&token_digest(&token), &state.admin_token_sha256) {
+        return Err(ApiError::Unauthenticated.into());
+    }
+    next.call(req).await
+}
+
+/// The authenticated terminal of a `/v1/pos/*` request.
+#[derive(Debug, Clone)]
+pub struct Terminal(pub TerminalIdentity);
+
+impl FromRequest for Terminal {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<TerminalIdentity>()
+                .cloned()
+                .map(Terminal)
+                .ok_or(ApiError::Unauthenticated),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        let with = |v: &str| {
+            bearer(
+                &TestRequest::default()
+                    .insert_header((header::AUTHORIZATION, v))
+                    .to_srv_request(),
+            )
+        };
+        assert_eq!(with("Bearer abc"), Some("abc".to_string()));
+        assert_eq!(with("bearer abc"), Some("abc".to_string()));
+        assert_eq!(with("Basic abc"), None);
+        assert_eq!(with("Bearer "), None);
+        assert_eq!(with("Bearer"), None);
+        assert_eq!(with(&format!("Bearer {}", "x".repeat(600))), None);
+        assert_eq!(bearer(&TestRequest::default().to_srv_request()), None);
+    }
+
+    #[test]
+    fn admin_digest_comparison() {
+        let a = token_digest("secret");
+        assert!(constant_time_eq(&a, &token_digest("secret")));
+        assert!(!constant_time_eq(&a, &token_digest("secreT")));
+    }
+}

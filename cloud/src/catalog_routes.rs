@@ -1,0 +1,249 @@
+//! `GET /v1/pos/catalog/snapshot`, `GET /v1/pos/catalog/delta`, `POST /v1/pos/catalog/reconcile`:
+//! the terminal's read side of catalog truth, always scoped to the token's branch.
+//!
+//! Page `limit`: absent → [`DEFAULT_PAGE_LIMIT`]; above [`MAX_PAGE_LIMIT`] → clamped to it (a
+//! client asking for more simply gets full pages); 0, negative or not a number → 400.
+
+use std::collections::HashMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use possync_protocol::{ReconcileMode, ReconcileRequest, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
+
+use crate::app::AppState;
+use crate::auth::Terminal;
+use crate::body::{is_json, read_limited};
+use crate::db::catalog::{self, CatalogError};
+use crate::db::StoreError;
+use crate::error::ApiError;
+
+/// Which route a catalog failure happened on, to pick its stable code.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Snapshot,
+    Delta,
+    Reconcile,
+}
+
+impl Route {
+    fn bad_request(self, msg: String) -> ApiError {
+        match self {
+            Route::Snapshot => ApiError::SnapshotBadRequest(msg),
+            Route::Delta => ApiError::DeltaBadRequest(msg),
+            Route::Reconcile => ApiError::ReconcileMalformed(msg),
+        }
+    }
+
+    fn server_failure(self, msg: String) -> ApiError {
+        match self {
+            Route::Snapshot => ApiError::SnapshotFailed(msg),
+            Route::Delta => ApiError::DeltaFailed(msg),
+            Route::Reconcile => ApiError::ReconcileFailed(msg),
+        }
+    }
+
+    /// The single mapping of storage-side catalog errors onto this route's codes.
+    fn map(self, e: CatalogError, max_body_bytes: usize) -> ApiError {
+        match e {
+            CatalogError::BadCursor(m)
+            | CatalogError::BadSince(m)
+            | CatalogError::BadManifest(m)
+            | CatalogError::InvalidEntity(m) => self.bad_request(m),
+            CatalogError::ResnapshotRequired { horizon } => {
+                ApiError::ResnapshotRequired { horizon }
+            }
+            CatalogError::ManifestTooLarge { max_entries } => ApiError::ManifestTooLarge {
+                max_entries,
+                max_bytes: max_body_bytes,
+            },
+            CatalogError::Store(StoreError::InvalidInput(m)) => self.bad_request(m),
+            CatalogError::Store(e) => self.server_failure(e.to_string()),
+        }
+    }
+}
+
+fn query_map(req: &HttpRequest, route: Route) -> Result<HashMap<String, String>, ApiError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| route.bad_request(format!("bad query string: {e}")))
+}
+
+/// Parses `limit` per the rule in the module doc.
+fn page_limit(q: &HashMap<String, String>, route: Route) -> Result<u32, ApiError> {
+    match q.get("limit") {
+        None => Ok(DEFAULT_PAGE_LIMIT),
+        Some(s) => match s.parse::<u64>() {
+            Ok(0) | Err(_) => Err(route.bad_request(format!(
+                "limit must be an integer between 1 and {MAX_PAGE_LIMIT}"
+            ))),
+            Ok(n) => Ok(n.min(u64::from(MAX_PAGE_LIMIT)) as u32),
+        },
+    }
+}
+
+/// `GET /v1/pos/catalog/snapshot?cursor&limit`.
+pub async fn snapshot(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route::Snapshot;
+    let q = query_map(&req, route)?;
+    let limit = page_limit(&q, route)?;
+    let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
+    let branch = terminal.0.branch_id.clone();
+    let db = state.db.clone();
+    let page = web::block(move || {
+        let mut conn = db.conn()?;
+        catalog::snapshot_page(&mut conn, &branch, cursor.as_deref(), limit)
+    })
+    .await
+    .map_err(|e| route.server_failure(e.to_string()))?
+    .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+    state.metrics.snapshot_pages.inc();
+    tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
+        snapshotVersion = page.snapshot_version, entities = page.entities.len(), "snapshot page");
+    Ok(HttpResponse::Ok().json(page))
+}
+
+/// `GET /v1/pos/catalog/delta?since&limit`. A missing `since` means 0 (everything retained).
+pub async fn delta(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route::Delta;
+    let q = query_map(&req, route)?;
+    let limit = page_limit(&q, route)?;
+    let since = match q.get("since") {
+        None => 0,
+        Some(s) => match s.parse::<i64>() {
+            Ok(v) if v >= 0 => v,
+            _ => {
+                return Err(route
+                    .bad_request("since must be a non-negative integer catalog version".into()))
+            }
+        },
+    };
+    let branch = terminal.0.branch_id.clone();
+    let db = state.db.clone();
+    let page = web::block(move || {
+        let mut conn = db.conn()?;
+        catalog::delta_page(&mut conn, &branch, since, limit)
+    })
+    .await
+    .map_err(|e| route.server_failure(e.to_string()))?
+    .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+    state.metrics.delta_sync_runs.inc();
+    tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
+        since, changes = page.changes.len(), catalogVersion = page.catalog_version, "delta page");
+    Ok(HttpResponse::Ok().json(page))
+}
+
+/// `POST /v1/pos/catalog/reconcile`: verify or plan one key range of this branch.
+pub async fn reconcile(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route::Reconcile;
+    let max_entries = state.limits.manifest_max_entries;
+    let max_bytes = state.limits.max_body_bytes;
+    if !is_json(&req) {
+        return Err(route.bad_request("content-type must be application/json".into()));
+    }
+    let body = read_limited(
+        &req,
+        payload,
+        max_bytes,
+        || ApiError::ManifestTooLarge {
+            max_entries,
+            max_bytes,
+        },
+        |e| route.bad_request(format!("could not read body: {e}")),
+    )
+    .await?;
+    let manifest: ReconcileRequest = serde_json::from_slice(&body)
+        .map_err(|e| route.bad_request(format!("manifest is not valid: {e}")))?;
+    if manifest.entries.len() > max_entries {
+        return Err(ApiError::ManifestTooLarge {
+            max_entries,
+            max_bytes,
+        });
+    }
+    let mode = manifest.mode;
+    let branch = terminal.0.branch_id.clone();
+    let db = state.db.clone();
+    let answer = web::block(move || {
+        let mut conn = db.conn()?;
+        catalog::reconcile(&mut conn, &branch, &manifest, max_entries)
+    })
+    .await
+    .map_err(|e| route.server_failure(e.to_string()))?
+    .map_err(|e| route.map(e, max_bytes))?;
+    let mode_label = match mode {
+        ReconcileMode::Verify => "verify",
+        ReconcileMode::Plan => "plan",
+    };
+    state
+        .metrics
+        .reconcile_runs
+        .with_label_values(&[mode_label])
+        .inc();
+    tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
+        mode = mode_label, checked = answer.summary.checked, upserts = answer.summary.upserts,
+        deletes = answer.summary.deletes, "reconcile");
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn page_limit_defaults_clamps_and_refuses() {
+        assert_eq!(
+            page_limit(&q(&[]), Route::Delta).ok(),
+            Some(DEFAULT_PAGE_LIMIT)
+        );
+        assert_eq!(
+            page_limit(&q(&[("limit", "10")]), Route::Delta).ok(),
+            Some(10)
+        );
+        assert_eq!(
+            page_limit(&q(&[("limit", "999999999999")]), Route::Delta).ok(),
+            Some(MAX_PAGE_LIMIT)
+        );
+        for bad in ["0", "-1", "ten", ""] {
+            assert!(matches!(
+                page_limit(&q(&[("limit", bad)]), Route::Snapshot),
+                Err(ApiError::SnapshotBadRequest(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn catalog_errors_map_to_the_route_codes() {
+        let e = Route::Delta.map(CatalogError::ResnapshotRequired { horizon: 5 }, 1);
+        assert!(matches!(e, ApiError::ResnapshotRequired { horizon: 5 }));
+        let e = Route::Snapshot.map(CatalogError::BadCursor("x".into()), 1);
+        assert!(matches!(e, ApiError::SnapshotBadRequest(_)));
+        let e = Route::Reconcile.map(
+            CatalogError::Store(StoreError::Unavailable("down".into())),
+            1,
+        );
+        assert!(matches!(e, ApiError::ReconcileFailed(_)));
+        let e = Route::Reconcile.map(CatalogError::ManifestTooLarge { max_entries: 3 }, 1);
+        assert!(matches!(
+            e,
+            ApiError::ManifestTooLarge { max_entries: 3, .. }
+        ));
+    }
+}

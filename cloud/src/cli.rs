@@ -1,0 +1,556 @@
+//! The `cloud` command line (SPEC §4). Every command that fails returns a [`CliError`] whose
+//! one-line text names the stable code or the cause; `main` prints it and exits non-zero.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::config::{default_database_url, ServeConfig};
+use crate::db::catalog::{self, EntityWrite};
+use crate::db::{terminals, Database, StoreError};
+use crate::rate_limit::RateLimit;
+use crate::server::{self, ServeError};
+
+/// `cloud`: the possync cloud service and its administration commands.
+#[derive(Debug, Parser)]
+#[command(name = "cloud", version, about)]
+pub struct Cli {
+    /// Database URL: `postgres://…` or `sqlite://PATH`. Default: `sqlite://<data-dir>/cloud.db`.
+    #[arg(long, global = true, env = "POSSYNC_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Directory for the embedded database and the generated admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "POSSYNC_CLOUD_DATA",
+        default_value = "./data/cloud"
+    )]
+    pub data_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (migrations run first).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Enroll, revoke or list terminals.
+    #[command(subcommand)]
+    Terminal(TerminalCommand),
+    /// Write catalog entities.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Print the admin token (generated and stored under the data dir on first use, unless
+    /// `POSSYNC_ADMIN_TOKEN` is set).
+    AdminToken,
+}
+
+/// Options of `cloud serve`; defaults are in `docs/cloud-operations.md` and `docs/rate-limits.md`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to bind (port 0: any free port, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub bind: String,
+    /// HTTP worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Database connections in the pool.
+    #[arg(long, default_value_t = 8, env = "POSSYNC_DB_POOL_SIZE")]
+    pub pool_size: u32,
+    /// Sustained requests per second per terminal.
+    #[arg(long, default_value_t = 20, env = "POSSYNC_RATE_PER_SECOND")]
+    pub rate_per_second: u32,
+    /// Burst per terminal.
+    #[arg(long, default_value_t = 40, env = "POSSYNC_RATE_BURST")]
+    pub rate_burst: u32,
+    /// Sustained requests per second per client address (before auth).
+    #[arg(long, default_value_t = 20, env = "POSSYNC_ADDRESS_RATE_PER_SECOND")]
+    pub address_rate_per_second: u32,
+    /// Burst per client address.
+    #[arg(long, default_value_t = 40, env = "POSSYNC_ADDRESS_RATE_BURST")]
+    pub address_rate_burst: u32,
+    /// Most entries in one reconcile manifest.
+    #[arg(long, default_value_t = 2000)]
+    pub manifest_max_entries: usize,
+    /// Days tombstones are kept (older delta cursors get 410 resnapshot_required).
+    #[arg(long, default_value_t = 30)]
+    pub tombstone_retention_days: i64,
+    /// Most events waiting in one branch actor before 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub branch_queue_limit: usize,
+    /// Seconds an idle branch actor lives.
+    #[arg(long, default_value_t = 300)]
+    pub branch_idle_secs: u64,
+}
+
+/// `cloud terminal …`.
+#[derive(Debug, Subcommand)]
+pub enum TerminalCommand {
+    /// Enroll a terminal; prints `{"terminal_id","branch_id","token"}` (the token is shown once).
+    Add {
+        /// Its branch.
+        #[arg(long)]
+        branch: String,
+        /// A label for operators.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a terminal's token; its next request gets 401.
+    Revoke {
+        /// The terminal id.
+        id: Uuid,
+    },
+    /// List terminals as JSON lines.
+    List,
+}
+
+/// `cloud catalog …`.
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Import entities from JSON lines (`{"type","id","branch_id","data"}`) or CSV with header
+    /// `type,id,branch_id,data` (data is a JSON document, empty branch_id means global).
+    Import {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Create or replace one entity.
+    Upsert {
+        /// Entity type.
+        #[arg(long = "type")]
+        entity_type: String,
+        /// Entity id.
+        #[arg(long)]
+        id: String,
+        /// Branch for a branch-scoped entity; omit for global.
+        #[arg(long)]
+        branch: Option<String>,
+        /// The JSON document.
+        #[arg(long)]
+        data: String,
+    },
+    /// Delete (tombstone) one entity.
+    Delete {
+        /// Entity type.
+        #[arg(long = "type")]
+        entity_type: String,
+        /// Entity id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// A failed command, printed as one line.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// Database trouble.
+    #[error("POS_SYNC_STORAGE_FAILED: {0}")]
+    Store(#[from] StoreError),
+    /// Catalog input refused by the store.
+    #[error("{0}")]
+    Catalog(#[from] catalog::CatalogError),
+    /// Serving failed.
+    #[error("{0}")]
+    Serve(#[from] ServeError),
+    /// Bad input file or argument.
+    #[error("{0}")]
+    Input(String),
+    /// Local file trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl Cli {
+    fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| default_database_url(&self.data_dir))
+    }
+}
+
+/// Name of the admin token file inside the data dir.
+const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token: `POSSYNC_ADMIN_TOKEN` if set, else the one stored in the data dir, else a
+/// new random one that is stored (mode 0600) for next time.
+pub fn admin_token(data_dir: &Path) -> Result<String, CliError> {
+    if let Ok(t) = std::env::var("POSSYNC_ADMIN_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let io = |source| CliError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(|source| CliError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let token = format!("adm_{}", hex::encode(rand::random::<[u8; 32]>()));
+    write_private(&path, &token).map_err(io)?;
+    Ok(token)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    std::fs::write(path, content)
+}
+
+fn open(cli: &Cli) -> Result<Database, CliError> {
+    let db = Database::connect(&cli.database_url(), 2)?;
+    db.run_migrations()?;
+    Ok(db)
+}
+
+/// Runs a non-serving command (blocking; call outside the async runtime).
+pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Serve(_) => Err(CliError::Input("serve runs through run_serve".to_string())),
+        Command::Migrate => {
+            let db = Database::connect(&cli.database_url(), 1)?;
+            let applied = db.run_migrations()?;
+            println!(
+                "{}",
+                serde_json::json!({"applied": applied, "database": redact(&cli.database_url())})
+            );
+            Ok(())
+        }
+        Command::AdminToken => {
+            println!("{}", admin_token(&cli.data_dir)?);
+            Ok(())
+        }
+        Command::Terminal(t) => {
+            let db = open(cli)?;
+            let mut conn = db.conn()?;
+            match t {
+                TerminalCommand::Add { branch, name } => {
+                    if !possync_protocol::valid_branch_id(branch) {
+                        return Err(CliError::Input(format!(
+                            "invalid branch id {branch:?}: must be 1-64 of [a-z0-9_-]"
+                        )));
+                    }
+                    let issued = terminals::add_terminal(&mut conn, branch, name.as_deref())?;
+                    println!("{}", json_line(&issued)?);
+                }
+                TerminalCommand::Revoke { id } => {
+                    if terminals::revoke_terminal(&mut conn, *id)? {
+                        println!(
+                            "{}",
+                            serde_json::json!({"terminal_id": id, "revoked": true})
+                        );
+                    } else {
+                        return Err(CliError::Input(format!(
+                            "terminal {id} is unknown or already revoked"
+                        )));
+                    }
+                }
+                TerminalCommand::List => {
+                    for t in terminals::list_terminals(&mut conn)? {
+                        println!("{}", json_line(&t)?);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Catalog(c) => {
+            let db = open(cli)?;
+            let mut conn = db.conn()?;
+            match c {
+                CatalogCommand::Import { file } => {
+                    let text = std::fs::read_to_string(file).map_err(|source| CliError::Io {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    let writes = parse_import(&text)?;
+                    let mut stored = 0usize;
+                    for chunk in writes.chunks(1000) {
+                        stored += catalog::upsert_entities(&mut conn, chunk)?.len();
+                    }
+                    println!("{}", serde_json::json!({"imported": stored}));
+                }
+                CatalogCommand::Upsert {
+                    entity_type,
+                    id,
+                    branch,
+                    data,
+                } => {
+                    let data: serde_json::Value = serde_json::from_str(data)
+                        .map_err(|e| CliError::Input(format!("--data is not JSON: {e}")))?;
+                    let stored = catalog::upsert_entities(
+                        &mut conn,
+                        &[EntityWrite {
+                            entity_type: entity_type.clone(),
+                            id: id.clone(),
+                            branch_id: branch.clone(),
+                            data,
+                        }],
+                    )?;
+                    for e in stored {
+                        println!("{}", json_line(&e)?);
+                    }
+                }
+                CatalogCommand::Delete { entity_type, id } => {
+                    let deleted =
+                        catalog::delete_entities(&mut conn, &[(entity_type.clone(), id.clone())])?;
+                    if deleted.is_empty() {
+                        return Err(CliError::Input(format!(
+                            "no live entity {entity_type}/{id}"
+                        )));
+                    }
+                    for e in deleted {
+                        println!("{}", json_line(&e)?);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn json_line<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
+    serde_json::to_string(v).map_err(|e| CliError::Input(e.to_string()))
+}
+
+/// Hides a password in a database URL before printing it.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Parses an import file: CSV if its first line is the header `type,id,branch_id,data`,
+/// otherwise JSON lines. Blank lines are skipped; errors name the line.
+pub fn parse_import(text: &str) -> Result<Vec<EntityWrite>, CliError> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let first = match lines.next() {
+        None => return Ok(Vec::new()),
+        Some(f) => f,
+    };
+    let header: Vec<String> = first
+        .1
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    if header == ["type", "id", "branch_id", "data"] {
+        lines.map(|(n, l)| parse_csv_line(n + 1, l)).collect()
+    } else {
+        std::iter::once(first)
+            .chain(lines)
+            .map(|(n, l)| parse_json_line(n + 1, l))
+            .collect()
+    }
+}
+
+fn parse_json_line(line_no: usize, line: &str) -> Result<EntityWrite, CliError> {
+    let input: crate::admin_routes::EntityInput =
+        serde_json::from_str(line).map_err(|e| CliError::Input(format!("line {line_no}: {e}")))?;
+    Ok(EntityWrite {
+        entity_type: input.entity_type,
+        id: input.id,
+        branch_id: input.branch_id.filter(|b| !b.is_empty()),
+        data: input.data,
+    })
+}
+
+/// One CSV record: three plain fields, then the data field (the rest of the line, optionally
+/// quoted with `""` escapes, as spreadsheets write JSON).
+fn parse_csv_line(line_no: usize, line: &str) -> Result<EntityWrite, CliError> {
+    let bad = |m: &str| CliError::Input(format!("line {line_no}: {m}"));
+    let mut parts = line.splitn(4, ',');
+    let entity_type = parts.next().unwrap_or_default().trim().to_string();
+    let id = parts
+        .next()
+        .ok_or_else(|| bad("missing id"))?
+        .trim()
+        .to_string();
+    let branch = parts
+        .next()
+        .ok_or_else(|| bad("missing branch_id"))?
+        .trim()
+        .to_string();
+    let raw = parts.next().ok_or_else(|| bad("missing data"))?.trim();
+    let data_text = if raw.len() >= 2 && raw.starts_with('"') && raw.ends_with('"') {
+        raw[1..raw.len() - 1].replace("\"\"", "\"")
+    } else {
+        raw.to_string()
+    };
+    let data: serde_json::Value =
+        serde_json::from_str(&data_text).map_err(|e| bad(&format!("data is not JSON: {e}")))?;
+    Ok(EntityWrite {
+        entity_type,
+        id,
+        branch_id: if branch.is_empty() {
+            None
+        } else {
+            Some(branch)
+        },
+        data,
+    })
+}
+
+/// Builds the serve configuration from the command line.
+pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError> {
+    let mut config = ServeConfig::new(
+        cli.database_url(),
+        cli.data_dir.clone(),
+        admin_token(&cli.data_dir)?,
+    );
+    if args.tombstone_retention_days < 0 {
+        return Err(CliError::Input(
+            "--tombstone-retention-days must be >= 0".into(),
+        ));
+    }
+    config.bind = args.bind.clone();
+    config.workers = args.workers;
+    config.pool_size = args.pool_size.max(1);
+    config.rate_limits.terminal = RateLimit {
+        per_second: args.rate_per_second,
+        burst: args.rate_burst,
+    };
+    config.rate_limits.address = RateLimit {
+        per_second: args.address_rate_per_second,
+        burst: args.address_rate_burst,
+    };
+    config.limits.manifest_max_entries = args.manifest_max_entries.max(1);
+    config.tombstone_retention = chrono::Duration::days(args.tombstone_retention_days);
+    config.ingest.queue_limit = args.branch_queue_limit.max(1);
+    config.ingest.idle_timeout = Duration::from_secs(args.branch_idle_secs.max(1));
+    Ok(config)
+}
+
+/// `cloud serve`: runs until SIGINT/SIGTERM.
+pub async fn run_serve(config: ServeConfig) -> Result<(), CliError> {
+    if config.database_url.starts_with("sqlite://") {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| CliError::Io {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    }
+    server::run(config).await.map_err(CliError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_reads_json_lines() {
+        let text = r#"{"type":"product","id":"p1","data":{"name":"Tea"}}
+
+{"type":"price","id":"p1","branch_id":"b1","data":{"amount_minor":250}}"#;
+        let w = parse_import(text).expect("parses");
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].branch_id, None);
+        assert_eq!(w[1].branch_id.as_deref(), Some("b1"));
+        assert_eq!(w[1].data["amount_minor"], 250);
+    }
+
+    #[test]
+    fn import_reads_csv_with_quoted_json() {
+        let text = "type,id,branch_id,data\nproduct,p1,,{\"name\":\"Tea\"}\nprice,p1,b1,\"{\"\"amount_minor\"\":250, \"\"x\"\":1}\"\n";
+        let w = parse_import(text).expect("parses");
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].data["name"], "Tea");
+        assert_eq!(w[1].branch_id.as_deref(), Some("b1"));
+        assert_eq!(w[1].data["x"], 1);
+    }
+
+    #[test]
+    fn import_names_the_bad_line() {
+        let err = parse_import("{\"type\":\"product\",\"id\":\"p\",\"data\":{}}\nnot json")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("line 2:"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("sqlite:///x/cloud.db"), "sqlite:///x/cloud.db");
+    }
+
+    #[test]
+    fn cli_parses_the_spec_command_lines() {
+        let cli = Cli::try_parse_from([
+            "cloud",
+            "terminal",
+            "add",
+            "--branch",
+            "b1",
+            "--data-dir",
+            "/tmp/x",
+        ]);
+        assert!(cli.is_ok());
+        let cli = Cli::try_parse_from([
+            "cloud",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--database-url",
+            "sqlite:///tmp/c.db",
+        ]);
+        assert!(matches!(
+            cli.map(|c| c.command),
+            Ok(Command::Serve(ServeArgs { ref bind, .. })) if bind == "127.0.0.1:0"
+        ));
+    }
+
+    #[test]
+    fn admin_token_is_generated_once_and_reused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(
+            std::env::var("POSSYNC_ADMIN_TOKEN").is_err(),
+            "unset POSSYNC_ADMIN_TOKEN to run this test"
+        );
+        let a = admin_token(dir.path()).expect("generated");
+        let b = admin_token(dir.path()).expect("read back");
+        assert!(a.starts_with("adm_") && a.len() > 60, "{a}");
+        assert_eq!(a, b);
+    }
+}

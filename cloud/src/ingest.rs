@@ -1,0 +1,339 @@
+//! Per-branch ingestion actors with group commit.
+//!
+//! Each branch gets one [`BranchIngestor`] actor, so one branch's sales are stored in a single,
+//! serial stream (no lock fights between that branch's terminals) while branches proceed in
+//! parallel. While the actor's transaction is running, newly arriving batches queue in its
+//! state; when the transaction ends, everything queued goes into the next single
+//! [`ledger::ingest_batch`] transaction (group commit), and every waiting request gets its own
+//! slice of the outcomes. The transaction runs on the blocking pool, never on an async worker.
+//!
+//! The queue is bounded; a full queue answers `POS_SYNC_STORAGE_FAILED` (503, retryable) at
+//! once instead of letting latency grow without bound. Idle actors stop themselves, and the
+//! [`IngestRegistry`] starts a fresh one whenever an address turns out dead (stopped or
+//! crashed), which is the supervision strategy: an actor holds no state that outlives its
+//! queue, so restarting it is always safe.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use crate::db::ledger::{self, IngestOutcome, IngestRequest};
+use crate::db::Database;
+use crate::metrics::Metrics;
+
+/// Tuning of the branch actors.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestSettings {
+    /// Most events that may wait in one branch actor (queued plus committing).
+    pub queue_limit: usize,
+    /// An actor with nothing to do for this long stops.
+    pub idle_timeout: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            queue_limit: 10_000,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why a batch was not ingested. In every case nothing of the batch was stored.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum IngestError {
+    /// The branch's queue is full; the terminal should back off and retry.
+    #[error("branch ingest queue is full ({limit} events)")]
+    QueueFull {
+        /// The configured queue limit.
+        limit: usize,
+    },
+    /// The group's transaction failed; it was rolled back.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The actor went away before answering (shutdown or crash).
+    #[error("ingestion interrupted")]
+    Interrupted,
+}
+
+/// A batch of validated events of one branch, answered in the same order.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<IngestOutcome>, IngestError>")]
+pub struct Ingest(pub Vec<IngestRequest>);
+
+struct Waiting {
+    batch: Vec<IngestRequest>,
+    reply: oneshot::Sender<Result<Vec<IngestOutcome>, IngestError>>,
+}
+
+/// The actor that serialises one branch's ingestion.
+pub struct BranchIngestor {
+    branch_id: String,
+    db: Database,
+    metrics: Metrics,
+    settings: IngestSettings,
+    queue: Vec<Waiting>,
+    /// Events queued plus events in the running commit.
+    waiting_events: usize,
+    committing: bool,
+    last_active: Instant,
+}
+
+impl BranchIngestor {
+    /// A new, idle actor for `branch_id`.
+    pub fn new(
+        branch_id: String,
+        db: Database,
+        metrics: Metrics,
+        settings: IngestSettings,
+    ) -> Self {
+        BranchIngestor {
+            branch_id,
+            db,
+            metrics,
+            settings,
+            queue: Vec::new(),
+            waiting_events: 0,
+            committing: false,
+            last_active: Instant::now(),
+        }
+    }
+
+    /// Starts the next group commit if one is due: nothing running and something queued.
+    fn commit_next(&mut self, ctx: &mut Context<Self>) {
+        if self.committing || self.queue.is_empty() {
+            return;
+        }
+        self.committing = true;
+        let group = std::mem::take(&mut self.queue);
+        let mut sizes = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        let mut flat = Vec::new();
+        for w in group {
+            sizes.push(w.batch.len());
+            replies.push(w.reply);
+            flat.extend(w.batch);
+        }
+        let total = flat.len();
+        self.metrics.ingest_batch_size.observe(total as f64);
+        tracing::debug!(branchId = %self.branch_id, events = total, requests = sizes.len(), "group commit");
+        let db = self.db.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let mut conn = db.conn()?;
+            ledger::ingest_batch(&mut conn, &flat)
+        });
+        ctx.spawn(work.into_actor(self).map(move |joined, act, ctx| {
+            let result = match joined {
+                Ok(Ok(outcomes)) if outcomes.len() == total => Ok(outcomes),
+                Ok(Ok(outcomes)) => Err(IngestError::Storage(format!(
+                    "storage returned {} outcomes for {total} events",
+                    outcomes.len()
+                ))),
+                Ok(Err(e)) => Err(IngestError::Storage(e.to_string())),
+                Err(e) => Err(IngestError::Storage(format!("ingest task failed: {e}"))),
+            };
+            if let Err(e) = &result {
+                tracing::error!(branchId = %act.branch_id, events = total, errorCode = "POS_SYNC_STORAGE_FAILED", cause = %e, "group commit failed");
+            }
+            distribute(result, &sizes, replies);
+            act.waiting_events = act.waiting_events.saturating_sub(total);
+            act.metrics.queued_events.sub(total as i64);
+            act.committing = false;
+            act.last_active = Instant::now();
+            act.commit_next(ctx);
+        }));
+    }
+}
+
+/// Hands each waiting request its own slice of the group's outcomes (or the group's error).
+fn distribute(
+    result: Result<Vec<IngestOutcome>, IngestError>,
+    sizes: &[usize],
+    replies: Vec<oneshot::Sender<Result<Vec<IngestOutcome>, IngestError>>>,
+) {
+    match result {
+        Ok(outcomes) => {
+            let mut rest = outcomes.into_iter();
+            for (size, reply) in sizes.iter().zip(replies) {
+                let mine: Vec<IngestOutcome> = rest.by_ref().take(*size).collect();
+                // The requester may have gone (client hung up); its events are stored anyway.
+                let _ = reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+impl Actor for BranchIngestor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.metrics.branch_actors.inc();
+        ctx.set_mailbox_capacity(1024);
+        let tick = (self.settings.idle_timeout / 4).max(Duration::from_millis(10));
+        ctx.run_interval(tick, |act, ctx| {
+            if !act.committing
+                && act.queue.is_empty()
+                && act.last_active.elapsed() >= act.settings.idle_timeout
+            {
+                tracing::debug!(branchId = %act.branch_id, "branch actor idle, stopping");
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        // Never drop queued work: an actor with pending batches keeps running.
+        if self.committing || !self.queue.is_empty() {
+            Running::Continue
+        } else {
+            Running::Stop
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.metrics.branch_actors.dec();
+    }
+}
+
+impl Handler<Ingest> for BranchIngestor {
+    type Result = ResponseFuture<Result<Vec<IngestOutcome>, IngestError>>;
+
+    fn handle(&mut self, msg: Ingest, ctx: &mut Self::Context) -> Self::Result {
+        let n = msg.0.len();
+        self.last_active = Instant::now();
+        if n == 0 {
+            return Box::pin(async { Ok(Vec::new()) });
+        }
+        if self.waiting_events + n > self.settings.queue_limit {
+            let limit = self.settings.queue_limit;
+            return Box::pin(async move { Err(IngestError::QueueFull { limit }) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.queue.push(Waiting {
+            batch: msg.0,
+            reply: tx,
+        });
+        self.waiting_events += n;
+        self.metrics.queued_events.add(n as i64);
+        self.commit_next(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(IngestError::Interrupted)) })
+    }
+}
+
+/// Maps branch ids to their live actor, starting one on first use and replacing dead ones.
+pub struct IngestRegistry {
+    db: Database,
+    metrics: Metrics,
+    settings: IngestSettings,
+    actors: Mutex<HashMap<String, Addr<BranchIngestor>>>,
+}
+
+impl IngestRegistry {
+    /// An empty registry; actors start on demand.
+    pub fn new(db: Database, metrics: Metrics, settings: IngestSettings) -> Self {
+        IngestRegistry {
+            db,
+            metrics,
+            settings,
+            actors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn addr(&self, branch_id: &str, replace_dead: bool) -> Addr<BranchIngestor> {
+        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(addr) = actors.get(branch_id) {
+            if addr.connected() && !replace_dead {
+                return addr.clone();
+            }
+        }
+        // Drop addresses of actors that stopped, so the map does not grow with old branches.
+        actors.retain(|_, a| a.connected());
+        let addr = BranchIngestor::new(
+            branch_id.to_string(),
+            self.db.clone(),
+            self.metrics.clone(),
+            self.settings,
+        )
+        .start();
+        actors.insert(branch_id.to_string(), addr.clone());
+        addr
+    }
+
+    /// Ingests `batch` (all of `branch_id`) through that branch's actor and waits for its
+    /// group commit. A dead actor (idle-stopped or crashed) is replaced once and the batch
+    /// re-sent; that is safe because a batch an actor never received was never stored.
+    pub async fn ingest(
+        &self,
+        branch_id: &str,
+        batch: Vec<IngestRequest>,
+    ) -> Result<Vec<IngestOutcome>, IngestError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let addr = self.addr(branch_id, false);
+        match addr.send(Ingest(batch.clone())).await {
+            Ok(r) => r,
+            Err(MailboxError::Closed) => {
+                tracing::warn!(branchId = %branch_id, "branch actor was gone; starting a new one");
+                let addr = self.addr(branch_id, true);
+                addr.send(Ingest(batch))
+                    .await
+                    .unwrap_or(Err(IngestError::Interrupted))
+            }
+            Err(MailboxError::Timeout) => Err(IngestError::Interrupted),
+        }
+    }
+
+    /// Number of branch actors currently registered and alive.
+    pub fn live_actors(&self) -> usize {
+        let actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        actors.values().filter(|a| a.connected()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn distribute_gives_each_request_its_own_slice_in_order() {
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let outcomes: Vec<IngestOutcome> = ids
+            .iter()
+            .map(|id| IngestOutcome::Accepted {
+                cloud_event_id: *id,
+            })
+            .collect();
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        let (tx3, mut rx3) = oneshot::channel();
+        distribute(Ok(outcomes.clone()), &[2, 0, 3], vec![tx1, tx2, tx3]);
+        assert_eq!(rx1.try_recv().ok(), Some(Ok(outcomes[0..2].to_vec())));
+        assert_eq!(rx2.try_recv().ok(), Some(Ok(vec![])));
+        assert_eq!(rx3.try_recv().ok(), Some(Ok(outcomes[2..5].to_vec())));
+    }
+
+    #[test]
+    fn distribute_fails_every_request_of_a_failed_group() {
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        distribute(
+            Err(IngestError::Storage("down".into())),
+            &[1, 1],
+            vec![tx1, tx2],
+        );
+        for r in [rx1.try_recv(), rx2.try_recv()] {
+            assert_eq!(r.ok(), Some(Err(IngestError::Storage("down".into()))));
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Leaky-bucket rate limits: one bucket per client address (checked before authentication, so
+//! floods of bad tokens are limited too) and one per terminal (checked after it).
+//!
+//! Buckets live in a bounded map: idle buckets are evicted, and when the map is full the least
+//! recently used bucket goes, so an attacker cycling addresses cannot grow memory without
+//! bound. An evicted bucket comes back full, which only ever errs on the side of admitting.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use leaky_bucket::RateLimiter;
+
+/// The knobs of one kind of bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests admitted at once from a full bucket.
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    /// SPEC §3 defaults: 20 requests/s, burst 40.
+    fn default() -> Self {
+        RateLimit {
+            per_second: 20,
+            burst: 40,
+        }
+    }
+}
+
+impl RateLimit {
+    /// One token every `1/per_second` seconds; a zero rate is treated as one per second so a
+    /// bad flag cannot make a bucket that never refills.
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / f64::from(self.per_second.max(1)))
+    }
+
+    fn bucket(&self) -> RateLimiter {
+        let burst = self.burst.max(1) as usize;
+        RateLimiter::builder()
+            .max(burst)
+            .initial(burst)
+            .refill(1)
+            .interval(self.interval())
+            .build()
+    }
+
+    /// Whole seconds (≥ 1) after which one token will be back.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.interval().as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
+struct Slot {
+    bucket: RateLimiter,
+    last_used: Instant,
+}
+
+/// A bounded set of buckets keyed by `K` (an address or a terminal id).
+pub struct Buckets<K> {
+    limit: RateLimit,
+    capacity: usize,
+    idle_after: Duration,
+    slots: Mutex<HashMap<K, Slot>>,
+}
+
+/// Whether a request may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A token was taken.
+    Admitted,
+    /// The bucket is empty; retry after this many whole seconds.
+    Refused {
+        /// `Retry-After` value.
+        retry_after_secs: u64,
+    },
+}
+
+impl<K: Eq + Hash + Clone> Buckets<K> {
+    /// `capacity` bounds the number of keys tracked; buckets unused for `idle_after` are
+    /// dropped first when room is needed.
+    pub fn new(limit: RateLimit, capacity: usize, idle_after: Duration) -> Self {
+        Buckets {
+            limit,
+            capacity: capacity.max(1),
+            idle_after,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token from `key`'s bucket.
+    pub fn check(&self, key: &K) -> Admission {
+        let now = Instant::now();
+        // A poisoned lock only means another thread panicked mid-update; the map is still
+        // usable, and refusing all traffic would be worse.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if !slots.contains_key(key) && slots.len() >= self.capacity {
+            self.evict(&mut slots, now);
+        }
+        let slot = slots.entry(key.clone()).or_insert_with(|| Slot {
+            bucket: self.limit.bucket(),
+            last_used: now,
+        });
+        slot.last_used = now;
+        if slot.bucket.try_acquire(1) {
+            Admission::Admitted
+        } else {
+            Admission::Refused {
+                retry_after_secs: self.limit.retry_after_secs(),
+            }
+        }
+    }
+
+    fn evict(&self, slots: &mut HashMap<K, Slot>, now: Instant) {
+        slots.retain(|_, s| now.duration_since(s.last_used) < self.idle_after);
+        if slots.len() >= self.capacity {
+            if let Some(oldest) = slots
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone())
+            {
+                slots.remove(&oldest);
+            }
+        }
+    }
+
+    /// Drops buckets idle for longer than `idle_after` (called periodically).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, s| now.duration_since(s.last_used) < self.idle_after);
+    }
+
+    /// Number of buckets tracked now.
+    pub fn len(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no bucket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_is_admitted_then_refused_with_retry_after() {
+        let b = Buckets::new(
+            RateLimit {
+                per_second: 1,
+                burst: 3,
+            },
+            10,
+            Duration::from_secs(60),
+        );
+        for _ in 0..3 {
+            assert_eq!(b.check(&"a"), Admission::Admitted);
+        }
+        assert_eq!(
+            b.check(&"a"),
+            Admission::Refused {
+                retry_after_secs: 1
+            }
+        );
+        // Another key has its own bucket.
+        assert_eq!(b.check(&"b"), Admission::Admitted);
+    }
+
+    #[test]
+    fn map_stays_bounded_by_capacity() {
+        let b = Buckets::new(RateLimit::default(), 4, Duration::from_secs(60));
+        for i in 0..100 {
+            b.check(&i);
+        }
+        assert!(b.len() <= 4, "{}", b.len());
+    }
+
+    #[test]
+    fn idle_buckets_are_swept() {
+        let b = Buckets::new(RateLimit::default(), 4, Duration::ZERO);
+        b.check(&1);
+        b.sweep();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_at_least_one() {
+        assert_eq!(RateLimit::default().retry_after_secs(), 1);
+        assert_eq!(
+            RateLimit {
+                per_second: 0,
+                burst: 1
+            }
+            .retry_after_secs(),
+            1
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! `POST /v1/pos/sales/events` and `GET /v1/pos/sync/status`: exactly-once sales ingestion.
+//!
+//! The body is first read as `{"events": [any JSON]}` so that one malformed event is rejected
+//! on its own while the others still count. Before anything is stored, every raw event is
+//! checked to name the token's terminal and branch: one stranger fails the whole request with
+//! 403 and nothing stored. Valid events then go, as one batch, through the branch's ingestion
+//! actor (group commit).
+
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use possync_protocol::{
+    validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SalesEventsResponse,
+};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::app::{AppState, RequestId};
+use crate::auth::Terminal;
+use crate::body::{is_json, read_limited};
+use crate::db::ledger::{self, IngestOutcome, IngestRequest};
+use crate::db::terminals::TerminalIdentity;
+use crate::error::ApiError;
+use crate::ingest::IngestError;
+
+/// Header a terminal may send with the attempt number of this delivery, for logs.
+pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
+
+#[derive(Deserialize)]
+struct RawEvents {
+    events: Vec<serde_json::Value>,
+}
+
+/// Refuses the request if any raw event names another terminal or branch than the token's.
+/// An absent field is left to per-event validation; a present one that is not exactly this
+/// terminal's (or branch's) value is a stranger.
+fn check_ownership(events: &[serde_json::Value], who: &TerminalIdentity) -> Result<(), ApiError> {
+    for (i, raw) in events.iter().enumerate() {
+        if let Some(t) = raw.get("terminal_id") {
+            let same = t
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .is_some_and(|id| id == who.terminal_id);
+            if !same {
+                return Err(ApiError::Forbidden(format!(
+                    "events[{i}] names another terminal than the token's; nothing was stored"
+                )));
+            }
+        }
+        if let Some(b) = raw.get("branch_id") {
+            if b.as_str() != Some(who.branch_id.as_str()) {
+                return Err(ApiError::Forbidden(format!(
+                    "events[{i}] names another branch than the token's; nothing was stored"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rejected(local_event_id: Option<i64>, message: String) -> EventResult {
+    EventResult {
+        local_event_id,
+        status: EventStatus::Rejected,
+        code: Some(ErrorCode::PosSyncEventInvalid),
+        cloud_event_id: None,
+        message: Some(message),
+    }
+}
+
+fn from_outcome(local_event_id: i64, outcome: IngestOutcome) -> EventResult {
+    let (status, code, id, message) = match outcome {
+        IngestOutcome::Accepted { cloud_event_id } => {
+            (EventStatus::Accepted, None, cloud_event_id, None)
+        }
+        IngestOutcome::Duplicate { cloud_event_id } => (
+            EventStatus::Duplicate,
+            Some(ErrorCode::PosSyncEventDuplicate),
+            cloud_event_id,
+            None,
+        ),
+        IngestOutcome::Conflict { cloud_event_id } => (
+            EventStatus::Conflict,
+            Some(ErrorCode::PosSyncEventDuplicate),
+            cloud_event_id,
+            Some(
+                "this key was already ingested with a different payload; the first one is kept"
+                    .to_string(),
+            ),
+        ),
+    };
+    EventResult {
+        local_event_id: Some(local_event_id),
+        status,
+        code,
+        cloud_event_id: Some(id),
+        message,
+    }
+}
+
+fn status_label(s: EventStatus) -> &'static str {
+    match s {
+        EventStatus::Accepted => "accepted",
+        EventStatus::Duplicate => "duplicate",
+        EventStatus::Conflict => "conflict",
+        EventStatus::Rejected => "rejected",
+    }
+}
+
+/// `POST /v1/pos/sales/events`.
+pub async fn post_events(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let who = terminal.0;
+    let limits = state.limits;
+    if !is_json(&req) {
+        return Err(ApiError::InvalidBody(
+            "content-type must be application/json".into(),
+        ));
+    }
+    let body = read_limited(
+        &req,
+        payload,
+        limits.max_body_bytes,
+        || {
+            ApiError::BodyTooLarge(format!(
+                "body is over {} bytes; send fewer events per request",
+                limits.max_body_bytes
+            ))
+        },
+        |e| ApiError::InvalidBody(format!("could not read body: {e}")),
+    )
+    .await?;
+    let raw: RawEvents = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidBody(format!("body must be {{\"events\": [...]}}: {e}")))?;
+    if raw.events.len() > limits.max_events {
+        return Err(ApiError::BodyTooLarge(format!(
+            "{} events in one request; at most {}",
+            raw.events.len(),
+            limits.max_events
+        )));
+    }
+    check_ownership(&raw.events, &who)?;
+
+    let sync_attempt: u32 = req
+        .headers()
+        .get(SYNC_ATTEMPT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+
+    let mut results: Vec<Option<EventResult>> = vec![None; raw.events.len()];
+    let mut batch = Vec::new();
+    let mut positions = Vec::new();
+    for (i, value) in raw.events.into_iter().enumerate() {
+        let local_id = value.get("local_event_id").and_then(|v| v.as_i64());
+        let event: SaleEvent = match serde_json::from_value(value) {
+            Ok(e) => e,
+            Err(e) => {
+                results[i] = Some(rejected(local_id, format!("schema: {e}")));
+                continue;
+            }
+        };
+        if let Err(e) = validate_event(&event) {
+            results[i] = Some(rejected(local_id, e.to_string()));
+            continue;
+        }
+        let payload_hash = event.payload_hash();
+        positions.push(i);
+        batch.push(IngestRequest {
+            event,
+            payload_hash,
+        });
+    }
+
+    // Keys needed for the answer and the log lines, before the batch moves to the actor.
+    let keys: Vec<(i64, Uuid)> = batch
+        .iter()
+        .map(|r| (r.event.local_event_id, r.event.pos_id))
+        .collect();
+    let outcomes = state
+        .ingest
+        .ingest(&who.branch_id, batch)
+        .await
+        .map_err(|e| {
+            tracing::error!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+                syncAttempt = sync_attempt, errorCode = "POS_SYNC_STORAGE_FAILED",
+                requestId = %request_id, cause = %e, events = keys.len(), "sales ingestion failed");
+            match e {
+                IngestError::QueueFull { .. } => ApiError::StorageFailed(e.to_string()),
+                IngestError::Storage(m) => ApiError::StorageFailed(m),
+                IngestError::Interrupted => ApiError::StorageFailed(e.to_string()),
+            }
+        })?;
+    for ((pos, outcome), (local_id, _)) in positions.iter().zip(outcomes).zip(keys.iter()) {
+        results[*pos] = Some(from_outcome(*local_id, outcome));
+    }
+
+    let mut out = Vec::with_capacity(results.len());
+    for (i, r) in results.into_iter().enumerate() {
+        // Every slot is filled above (rejected or an outcome); a gap would be a bug, reported
+        // as a storage failure rather than a panic.
+        let r = r.ok_or_else(|| ApiError::StorageFailed(format!("no outcome for events[{i}]")))?;
+        let label = status_label(r.status);
+        state
+            .metrics
+            .synced_events
+            .with_label_values(&[label])
+            .inc();
+        let code = r.code.map(ErrorCode::as_str).unwrap_or("");
+        tracing::info!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+            eventId = r.local_event_id.unwrap_or(-1), syncAttempt = sync_attempt,
+            errorCode = code, status = label, requestId = %request_id,
+            cloudEventId = %r.cloud_event_id.map(|u| u.to_string()).unwrap_or_default(),
+            "sale event");
+        out.push(r);
+    }
+    Ok(HttpResponse::Ok().json(SalesEventsResponse { results: out }))
+}
+
+/// `GET /v1/pos/sync/status`: how far this terminal's events got, per `pos_id`.
+pub async fn sync_status(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+) -> Result<HttpResponse, ApiError> {
+    let who = terminal.0;
+    let db = state.db.clone();
+    let branch = who.branch_id.clone();
+    let status = web::block(move || {
+        let mut conn = db.conn()?;
+        ledger::sync_status(&mut conn, who.terminal_id, &branch)
+    })
+    .await
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn who() -> TerminalIdentity {
+        TerminalIdentity {
+            terminal_id: Uuid::nil(),
+            branch_id: "b1".into(),
+        }
+    }
+
+    #[test]
+    fn ownership_accepts_own_and_missing_fields() {
+        let t = Uuid::nil().to_string();
+        let events = vec![
+            json!({"terminal_id": t, "branch_id": "b1"}),
+            json!({"garbage": true}),
+        ];
+        assert!(check_ownership(&events, &who()).is_ok());
+    }
+
+    #[test]
+    fn ownership_refuses_any_stranger() {
+        let t = Uuid::nil().to_string();
+        let other = Uuid::now_v7().to_string();
+        for bad in [
+            json!({"terminal_id": other, "branch_id": "b1"}),
+            json!({"terminal_id": t, "branch_id": "b2"}),
+            json!({"terminal_id": 5}),
+            json!({"branch_id": null}),
+        ] {
+            let events = vec![json!({"terminal_id": t}), bad.clone()];
+            assert!(
+                matches!(
+                    check_ownership(&events, &who()),
+                    Err(ApiError::Forbidden(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_contract_statuses_and_codes() {
+        let id = Uuid::now_v7();
+        let r = from_outcome(3, IngestOutcome::Conflict { cloud_event_id: id });
+        assert_eq!(r.status, EventStatus::Conflict);
+        assert_eq!(r.code, Some(ErrorCode::PosSyncEventDuplicate));
+        assert_eq!(r.cloud_event_id, Some(id));
+        let r = from_outcome(3, IngestOutcome::Accepted { cloud_event_id: id });
+        assert_eq!(r.code, None);
+    }
+}

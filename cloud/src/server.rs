@@ -1,0 +1,137 @@
+//! Running `cloud serve`: open and migrate the database, bind, announce the address, serve
+//! until SIGINT/SIGTERM, and stop the background tasks with the server.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use actix_web::{web, HttpServer};
+use thiserror::Error;
+
+use crate::app::{self, AppState};
+use crate::config::ServeConfig;
+use crate::db::{catalog, Database, StoreError};
+use crate::metrics::Metrics;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The database could not be opened or migrated.
+    #[error("POS_SYNC_STORAGE_FAILED: {0}")]
+    Store(#[from] StoreError),
+    /// Binding or serving failed (address in use, permission…).
+    #[error("cannot serve on {bind}: {source}")]
+    Io {
+        /// The requested bind address.
+        bind: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the database and applies pending migrations, off the async threads.
+pub async fn open_database(url: &str, pool_size: u32) -> Result<Database, StoreError> {
+    let url = url.to_string();
+    web::block(move || {
+        let db = Database::connect(&url, pool_size)?;
+        let applied = db.run_migrations()?;
+        if !applied.is_empty() {
+            tracing::info!(migrations = ?applied, "migrations applied");
+        }
+        Ok(db)
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+}
+
+/// Runs the server until a shutdown signal. Prints `listening on http://ADDR` (one line, on
+/// stdout) once bound, which is what scripts and tests wait for.
+pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let db = open_database(&config.database_url, config.pool_size).await?;
+    let metrics = Metrics::new();
+    let state: Arc<AppState> = AppState::new(
+        db.clone(),
+        metrics.clone(),
+        &config.admin_token,
+        config.limits,
+        config.rate_limits,
+        config.ingest,
+    );
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || app::build(app_state.clone()));
+    if config.workers > 0 {
+        server = server.workers(config.workers);
+    }
+    let server = server.bind(&config.bind).map_err(|source| ServeError::Io {
+        bind: config.bind.clone(),
+        source,
+    })?;
+    let addrs = server.addrs();
+    let running = server.run();
+    for addr in &addrs {
+        println!("listening on http://{addr}");
+    }
+    let _ = std::io::stdout().flush();
+    tracing::info!(addrs = ?addrs, database = %db_kind(&db), "cloud serving");
+
+    let purge = actix_web::rt::spawn(purge_tombstones(
+        db,
+        metrics,
+        config.tombstone_retention,
+        config.purge_interval,
+    ));
+    let sweep_state = state.clone();
+    let sweep = actix_web::rt::spawn(async move {
+        let mut tick = actix_web::rt::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            sweep_state.address_buckets.sweep();
+            sweep_state.terminal_buckets.sweep();
+        }
+    });
+
+    let result = running.await;
+    purge.abort();
+    sweep.abort();
+    tracing::info!("cloud stopped");
+    result.map_err(|source| ServeError::Io {
+        bind: config.bind,
+        source,
+    })
+}
+
+fn db_kind(db: &Database) -> &'static str {
+    match db.backend() {
+        crate::db::Backend::Postgres => "postgres",
+        crate::db::Backend::Sqlite => "sqlite",
+    }
+}
+
+/// Background task: every `interval`, deletes tombstones older than `retention` (which raises
+/// the delta horizon; older cursors then get 410 `resnapshot_required`).
+async fn purge_tombstones(
+    db: Database,
+    metrics: Metrics,
+    retention: chrono::Duration,
+    interval: std::time::Duration,
+) {
+    let mut tick = actix_web::rt::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let db = db.clone();
+        let result = web::block(move || {
+            let mut conn = db.conn()?;
+            catalog::purge_tombstones(&mut conn, retention)
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) => {
+                metrics.tombstones_purged.inc_by(n as u64);
+                if n > 0 {
+                    tracing::info!(purged = n, "tombstones purged");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "tombstone purge failed"),
+            Err(e) => tracing::warn!(error = %e, "tombstone purge task failed"),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The loopback status endpoint's JSON routes, against an in-memory till and engine.
+
+mod status_page_support;
+
+use possync_terminal::operator::ReconcileChoice;
+use possync_terminal::status::{StatusBindError, StatusServer};
+use serde_json::{json, Value};
+use status_page_support::{start_fake_server, valid_payload, FakeEngine, FakeTill, POS_ID};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_catalog_queue_actors_and_attention() {
+    let (server, _till, _engine, _) = start_fake_server();
+    let s: Value = reqwest::get(format!("{}/status", server.url()))
+        .await
+        .expect("GET /status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(s["daemon_running"], true);
+    assert_eq!(s["online"], false);
+    assert_eq!(s["pos_id"], POS_ID);
+    assert_eq!(s["branch_id"], "b1");
+    assert_eq!(s["catalog"]["version"], 42);
+    assert_eq!(s["catalog"]["entities"], 2);
+    assert!(s["catalog"]["age_seconds"].as_i64().expect("age") >= 89);
+    assert_eq!(s["outbox"]["pending"], 1);
+    assert_eq!(s["outbox"]["synced"], 2);
+    assert_eq!(s["outbox"]["needs_attention"], 1);
+    assert_eq!(s["outbox"]["queued"], 1);
+    assert!(
+        s["outbox"]["oldest_pending_age_seconds"]
+            .as_i64()
+            .expect("age")
+            >= 600
+    );
+    assert_eq!(s["needs_attention"][0]["journal_id"], 3);
+    assert_eq!(s["actors"][0]["name"], "CatalogSyncer");
+    assert_eq!(s["actors"][0]["restarts"], 1);
+    let errors = s["last_errors"].as_array().expect("errors");
+    assert!(errors
+        .iter()
+        .any(|e| e.as_str().is_some_and(|e| e.contains("connection refused"))));
+    assert!(errors.iter().any(|e| e
+        .as_str()
+        .is_some_and(|e| e.contains("POS_SYNC_EVENT_INVALID"))));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sales_are_enqueued_then_the_outbox_is_nudged_and_invalid_ones_get_422() {
+    let (server, till, engine, _) = start_fake_server();
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/sales", server.url()))
+        .json(&json!({"type": "sale", "payload": valid_payload("R-100")}))
+        .send()
+        .await
+        .expect("POST /sales");
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body, json!({"pos_id": POS_ID, "local_event_id": 5}));
+    assert_eq!(till.rows.lock().expect("rows").len(), 5);
+
+    // Arithmetic failure: line total does not match qty * price.
+    let mut bad = valid_payload("R-101");
+    bad["lines"][0]["total_minor"] = json!(499);
+    let res = http
+        .post(format!("{}/sales", server.url()))
+        .json(&json!({"type": "sale", "payload": bad}))
+        .send()
+        .await
+        .expect("POST /sales");
+    assert_eq!(res.status(), 422);
+    let env: Value = res.json().await.expect("json");
+    assert_eq!(env["error"]["code"], "POS_SYNC_EVENT_INVALID");
+    assert_eq!(env["error"]["retryable"], false);
+
+    let res = http
+        .post(format!("{}/sales", server.url()))
+        .body("{not json")
+        .send()
+        .await
+        .expect("POST /sales");
+    assert_eq!(res.status(), 422);
+    assert_eq!(
+        till.rows.lock().expect("rows").len(),
+        5,
+        "nothing stored for invalid sales"
+    );
+
+    // The nudge is spawned after the answer; wait for it to land (no timing asserted).
+    for _ in 0..200 {
+        if engine.flushes.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.flushes.load(Ordering::SeqCst), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_outbox_retry_reconcile_and_metrics() {
+    let (server, _till, engine, engine_metric) = start_fake_server();
+    let http = reqwest::Client::new();
+    let url = server.url();
+
+    let hit: Value = http
+        .get(format!("{url}/catalog/lookup?barcode=4006381333948"))
+        .send()
+        .await
+        .expect("lookup")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(hit["count"], 1);
+    assert_eq!(hit["entities"][0]["id"], "p2");
+    let text: Value = http
+        .get(format!("{url}/catalog/lookup?q=espresso"))
+        .send()
+        .await
+        .expect("lookup")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(text["entities"][0]["id"], "p1");
+    let res = http
+        .get(format!("{url}/catalog/lookup"))
+        .send()
+        .await
+        .expect("lookup");
+    assert_eq!(res.status(), 400);
+
+    let attention: Value = http
+        .get(format!("{url}/outbox?status=needs_attention"))
+        .send()
+        .await
+        .expect("outbox")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(attention["count"], 1);
+    assert_eq!(attention["rows"][0]["journal_id"], 3);
+    let res = http
+        .get(format!("{url}/outbox?status=lost"))
+        .send()
+        .await
+        .expect("outbox");
+    assert_eq!(res.status(), 400);
+
+    let res = http
+        .post(format!("{url}/outbox/retry"))
+        .json(&json!({"journal_id": 99}))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(res.status(), 404);
+    let released: Value = http
+        .post(format!("{url}/outbox/retry"))
+        .json(&json!({"all": true}))
+        .send()
+        .await
+        .expect("retry")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(released, json!({"released": 1}));
+    let pending: Value = http
+        .get(format!("{url}/outbox?status=pending"))
+        .send()
+        .await
+        .expect("outbox")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(pending["count"], 2);
+
+    let report: Value = http
+        .post(format!("{url}/reconcile"))
+        .json(&json!({"mode": "verify"}))
+        .send()
+        .await
+        .expect("reconcile")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(report["applied"], false);
+    assert_eq!(report["upserts"], 1);
+    let res = http
+        .post(format!("{url}/reconcile"))
+        .json(&json!({"mode": "destroy"}))
+        .send()
+        .await
+        .expect("reconcile");
+    assert_eq!(res.status(), 400);
+    let env: Value = res.json().await.expect("json");
+    assert_eq!(env["error"]["code"], "POS_CATALOG_RECONCILE_FAILED");
+    assert_eq!(
+        *engine.reconciles.lock().expect("reconciles"),
+        vec![ReconcileChoice::Verify]
+    );
+
+    engine_metric.inc_by(3);
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("synced_events 3"), "{metrics}");
+    assert!(
+        metrics.contains("terminal_outbox_rows{state=\"pending\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("terminal_catalog_version 42"), "{metrics}");
+    assert!(metrics.contains("terminal_catalog_entities 2"), "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_to_bind_a_non_loopback_address() {
+    let err = StatusServer::start(
+        "0.0.0.0:0",
+        Arc::new(FakeTill::new()),
+        Arc::new(FakeEngine::default()),
+        prometheus::Registry::new(),
+    )
+    .err()
+    .expect("must refuse");
+    assert!(matches!(err, StatusBindError::NotLoopback(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_self_contained_html() {
+    let (server, _, _, _) = start_fake_server();
+    let res = reqwest::get(format!("{}/", server.url()))
+        .await
+        .expect("GET /");
+    assert_eq!(res.status(), 200);
+    assert!(res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html")));
+    let html = res.text().await.expect("text");
+    for id in [
+        "verify-btn",
+        "reconcile-btn",
+        "retry-all-btn",
+        "action-result",
+        "oldest-pending",
+    ] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "missing #{id}");
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+    server.stop().await;
+}

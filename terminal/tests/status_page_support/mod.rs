@@ -1,0 +1,281 @@
+//! In-memory till and engine for the status endpoint tests: a till with a known catalog and
+//! queue, and an engine that is offline and reports a fixed drift, so every assertion about
+//! the endpoint and page can be checked against exact numbers.
+
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use possync_actors::{CatalogPosition, OutboxCounts};
+use possync_protocol::{Entity, EventType, SalePayload};
+use possync_terminal::operator::{
+    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
+    ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
+};
+use possync_terminal::status::StatusServer;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+pub const POS_ID: &str = "0194b7a2-6c1e-7f00-8000-000000000001";
+
+/// A till whose journal is a list of JSON rows and whose catalog is two products.
+pub struct FakeTill {
+    pub rows: Mutex<Vec<Value>>,
+    pub entities: Vec<Entity>,
+    pub snapshot_in_progress: bool,
+}
+
+fn product(id: &str, sku: &str, barcode: &str, name: &str) -> Entity {
+    let data = json!({"sku": sku, "barcode": barcode, "name": name, "price_minor": 250});
+    Entity {
+        entity_type: "product".into(),
+        id: id.into(),
+        version: 7,
+        deleted: false,
+        branch_id: None,
+        hash: possync_protocol::entity_hash(&data),
+        data,
+    }
+}
+
+impl FakeTill {
+    /// Two synced sales, one pending, one needing attention.
+    pub fn new() -> FakeTill {
+        let now = Utc::now();
+        let row = |id: i64, status: &str, code: Option<&str>, created: DateTime<Utc>| {
+            json!({
+                "journal_id": id, "local_event_id": id, "status": status, "attempts": if code.is_some() { 12 } else { 0 },
+                "next_attempt_at": null, "last_error_code": code,
+                "last_error_message": code.map(|_| "total does not match lines"),
+                "cloud_event_id": null, "created_at": created, "receipt_no": format!("B1-T1-{id:06}"),
+            })
+        };
+        FakeTill {
+            rows: Mutex::new(vec![
+                row(1, "synced", None, now - Duration::minutes(30)),
+                row(2, "synced", None, now - Duration::minutes(20)),
+                row(
+                    3,
+                    "needs_attention",
+                    Some("POS_SYNC_EVENT_INVALID"),
+                    now - Duration::minutes(15),
+                ),
+                row(4, "pending", None, now - Duration::minutes(10)),
+            ]),
+            entities: vec![
+                product("p1", "SKU-1", "4006381333931", "Espresso beans 1kg"),
+                product("p2", "SKU-2", "4006381333948", "Oat milk"),
+            ],
+            snapshot_in_progress: false,
+        }
+    }
+
+    fn count(&self, status: &str) -> i64 {
+        self.rows
+            .lock()
+            .expect("rows")
+            .iter()
+            .filter(|r| r["status"] == status)
+            .count() as i64
+    }
+}
+
+impl Till for FakeTill {
+    fn identity(&self) -> Result<Identity, TillError> {
+        Ok(Identity {
+            pos_id: Uuid::parse_str(POS_ID).expect("uuid"),
+            terminal_id: Some(Uuid::nil()),
+            branch_id: Some("b1".into()),
+        })
+    }
+
+    fn enqueue_sale(
+        &self,
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        payload: &SalePayload,
+    ) -> Result<EnqueueReceipt, TillError> {
+        possync_protocol::validate_payload(event_type, payload)
+            .map_err(|e| TillError::Invalid(e.to_string()))?;
+        let mut rows = self.rows.lock().expect("rows");
+        let id = rows.len() as i64 + 1;
+        rows.push(json!({
+            "journal_id": id, "local_event_id": id, "status": "pending", "attempts": 0,
+            "last_error_code": null, "last_error_message": null, "created_at": occurred_at,
+            "receipt_no": payload.receipt_no,
+        }));
+        Ok(EnqueueReceipt {
+            pos_id: Uuid::parse_str(POS_ID).expect("uuid"),
+            local_event_id: id,
+        })
+    }
+
+    fn lookup(&self, query: &LookupQuery) -> Result<Vec<Entity>, TillError> {
+        Ok(self
+            .entities
+            .iter()
+            .filter(|e| match query {
+                LookupQuery::Barcode(b) => e.data["barcode"] == b.as_str(),
+                LookupQuery::Sku(s) => e.data["sku"] == s.as_str(),
+                LookupQuery::Text(t) => e.data["name"]
+                    .as_str()
+                    .is_some_and(|n| n.to_lowercase().contains(&t.to_lowercase())),
+            })
+            .cloned()
+            .collect())
+    }
+
+    fn catalog_summary(&self) -> Result<CatalogSummary, TillError> {
+        Ok(CatalogSummary {
+            version: Some(42),
+            entities: self.entities.len() as i64,
+            last_synced_at: Some(Utc::now() - Duration::seconds(90)),
+        })
+    }
+
+    fn catalog_position(&self) -> Result<CatalogPosition, TillError> {
+        Ok(CatalogPosition {
+            catalog_version: Some(42),
+            snapshot_in_progress: self.snapshot_in_progress,
+            snapshot_received: if self.snapshot_in_progress { 250 } else { 0 },
+            snapshot_total: if self.snapshot_in_progress { 1000 } else { 0 },
+            ..CatalogPosition::default()
+        })
+    }
+
+    fn outbox_counts(&self) -> Result<OutboxCounts, TillError> {
+        let oldest = self
+            .rows
+            .lock()
+            .expect("rows")
+            .iter()
+            .filter(|r| r["status"] == "pending")
+            .filter_map(|r| serde_json::from_value::<DateTime<Utc>>(r["created_at"].clone()).ok())
+            .min();
+        Ok(OutboxCounts {
+            pending: self.count("pending"),
+            in_flight: self.count("in_flight"),
+            failed: self.count("failed"),
+            synced: self.count("synced"),
+            needs_attention: self.count("needs_attention"),
+            oldest_pending_at: oldest,
+        })
+    }
+
+    fn journal(&self, state: Option<JournalState>, limit: usize) -> Result<Vec<Value>, TillError> {
+        let wanted = state.map(|s| serde_json::to_value(s).expect("state"));
+        Ok(self
+            .rows
+            .lock()
+            .expect("rows")
+            .iter()
+            .rev()
+            .filter(|r| wanted.as_ref().is_none_or(|w| &r["status"] == w))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn retry(&self, selection: RetrySelection) -> Result<usize, TillError> {
+        let mut rows = self.rows.lock().expect("rows");
+        let mut n = 0;
+        for r in rows.iter_mut() {
+            let hit = match selection {
+                RetrySelection::One(id) => r["journal_id"] == id,
+                RetrySelection::AllNeedingAttention => true,
+            };
+            if hit && r["status"] == "needs_attention" {
+                r["status"] = json!("pending");
+                r["attempts"] = json!(0);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            if let RetrySelection::One(id) = selection {
+                return Err(TillError::NotFound(format!(
+                    "no needs_attention journal row {id}"
+                )));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// An engine that is offline and whose catalog differs from the cloud in two entries.
+#[derive(Default)]
+pub struct FakeEngine {
+    pub flushes: AtomicUsize,
+    pub reconciles: Mutex<Vec<ReconcileChoice>>,
+}
+
+#[async_trait]
+impl SyncControl for FakeEngine {
+    fn view(&self) -> EngineView {
+        EngineView {
+            online: false,
+            last_contact_at: None,
+            actors: vec![
+                ActorView {
+                    name: "CatalogSyncer".into(),
+                    state: "idle".into(),
+                    restarts: 1,
+                    last_error: Some("NETWORK: connection refused".into()),
+                },
+                ActorView {
+                    name: "SalesOutbox".into(),
+                    state: "waiting".into(),
+                    restarts: 0,
+                    last_error: None,
+                },
+            ],
+            detail: json!({"fake": true}),
+        }
+    }
+
+    async fn reconcile(&self, choice: ReconcileChoice) -> Result<Value, SyncControlError> {
+        self.reconciles.lock().expect("reconciles").push(choice);
+        Ok(json!({
+            "mode": choice, "ranges": 1, "checked": 2, "unchanged": 0, "upserts": 1, "deletes": 1,
+            "applied": choice == ReconcileChoice::Apply, "catalog_version": 42,
+        }))
+    }
+
+    async fn flush_outbox_now(&self) {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn sync_catalog_now(&self) {}
+}
+
+/// A status endpoint on a free loopback port over the fakes.
+pub fn start_fake_server() -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
+    let till = Arc::new(FakeTill::new());
+    let engine = Arc::new(FakeEngine::default());
+    let registry = prometheus::Registry::new();
+    let engine_metric =
+        prometheus::IntCounter::new("synced_events", "engine-registered metric").expect("counter");
+    registry
+        .register(Box::new(engine_metric.clone()))
+        .expect("register");
+    let server = StatusServer::start("127.0.0.1:0", till.clone(), engine.clone(), registry)
+        .expect("status server starts");
+    (server, till, engine, engine_metric)
+}
+
+/// A SALE payload that passes validation.
+pub fn valid_payload(receipt: &str) -> Value {
+    json!({
+        "receipt_no": receipt, "currency": "EUR",
+        "lines": [{"product_id": "p1", "sku": "SKU-1", "name": "Espresso beans 1kg", "qty": 2,
+                   "unit_price_minor": 250, "discount_minor": 0, "tax_minor": 80, "total_minor": 500}],
+        "totals": {"subtotal_minor": 420, "tax_minor": 80, "total_minor": 500},
+        "payments": [{"method": "cash", "amount_minor": 500}]
+    })
+}

@@ -1,1 +1,436 @@
-//! The terminal's local SQLite store (being built).
+//! The terminal's local SQLite store: the catalog copy, the sales outbox (`sync_journal`), the
+//! till's own receipts and stock, and the migration from the legacy Google-Drive-era layout.
+//!
+//! Why one module owns all of it: every durability promise the terminal makes — "a sale is
+//! answered only after it is on disk", "a synced sale can never change", "sync never touches
+//! stock" — is a property of how these tables are written, so the writes live in one place and
+//! each one is a single SQLite transaction.
+//!
+//! The connection runs in WAL mode with `synchronous=FULL`: a commit returns only after the WAL
+//! is fsynced, which is what lets `enqueue_sale` answer "stored" and mean it across a power cut.
+//! See `docs/local-schema.md` for the tables and `docs/migration.md` for the legacy migration.
+
+mod catalog;
+mod error;
+mod journal;
+pub mod legacy;
+pub mod legacy_fixture;
+pub mod schema;
+
+pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
+pub use error::TerminalStoreError;
+pub use journal::{EnqueuedSale, JournalRow, JournalStatus, RetryTarget};
+pub use legacy::{migrate_legacy, LegacyOutcome, LegacyReport};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use possync_actors::{
+    CatalogPosition, DeliveryOutcome, LocalStore, OutboxCounts, OutboxItem, StoreError,
+};
+use possync_protocol::{
+    DeltaPage, Entity, EventType, KeyRange, ManifestEntry, ReconcilePlan, SalePayload, SnapshotPage,
+};
+use rusqlite::{Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How long a statement waits for another connection's lock (e.g. the CLI while the daemon
+/// writes) before failing with `POS_SYNC_STORAGE_FAILED`.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The terminal's local database. Cheap to clone (one shared connection behind a mutex), so
+/// the engine, the HTTP handlers and the CLI can all hold it; every method is one transaction.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    pos_id: Uuid,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("pos_id", &self.inner.pos_id)
+            .finish()
+    }
+}
+
+/// What opening the database did to it, for the daemon's start-up log and `terminal migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OpenReport {
+    /// Schema version found in the file (0 for a new file or the legacy layout).
+    pub from_version: u32,
+    /// Migrations applied now.
+    pub applied: Vec<u32>,
+    /// The safety copy taken before migrating, if anything was migrated on a non-empty file.
+    pub backup_path: Option<PathBuf>,
+    /// Set when the legacy Google-Drive-era layout was converted now.
+    pub legacy: Option<LegacyReport>,
+}
+
+/// The terminal's enrollment with the cloud: where to sync and as whom.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub cloud_url: String,
+    pub terminal_id: Uuid,
+    pub branch_id: String,
+    /// Bearer token; never printed by `Debug`.
+    pub token: String,
+}
+
+impl fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("cloud_url", &self.cloud_url)
+            .field("terminal_id", &self.terminal_id)
+            .field("branch_id", &self.branch_id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Formats a time the way every column of this database stores it: RFC 3339 UTC with
+/// microseconds and `Z`, fixed width, so text order equals time order in SQL comparisons.
+pub(crate) fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses a stored time.
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, TerminalStoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| TerminalStoreError::Corrupt(format!("stored time {s:?}: {e}")))
+}
+
+/// The two key/value tables.
+#[derive(Clone, Copy)]
+pub(crate) enum Kv {
+    CatalogMeta,
+    SyncState,
+}
+
+impl Kv {
+    fn table(self) -> &'static str {
+        match self {
+            Kv::CatalogMeta => "catalog_meta",
+            Kv::SyncState => "sync_state",
+        }
+    }
+
+    pub(crate) fn get(
+        self,
+        conn: &Connection,
+        key: &str,
+    ) -> Result<Option<String>, rusqlite::Error> {
+        conn.query_row(
+            &format!("SELECT value FROM {} WHERE key = ?1", self.table()),
+            [key],
+            |r| r.get(0),
+        )
+        .optional()
+    }
+
+    pub(crate) fn get_i64(
+        self,
+        conn: &Connection,
+        key: &str,
+    ) -> Result<Option<i64>, TerminalStoreError> {
+        match self.get(conn, key)? {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                TerminalStoreError::Corrupt(format!(
+                    "{}.{key} is {v:?}, not an integer",
+                    self.table()
+                ))
+            }),
+        }
+    }
+
+    pub(crate) fn set(
+        self,
+        conn: &Connection,
+        key: &str,
+        value: &str,
+    ) -> Result<(), rusqlite::Error> {
+        conn.execute(
+            &format!(
+                "INSERT INTO {} (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                self.table()
+            ),
+            [key, value],
+        )
+        .map(|_| ())
+    }
+
+    pub(crate) fn delete(self, conn: &Connection, key: &str) -> Result<(), rusqlite::Error> {
+        conn.execute(
+            &format!("DELETE FROM {} WHERE key = ?1", self.table()),
+            [key],
+        )
+        .map(|_| ())
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`: WAL, `synchronous=FULL`, foreign keys,
+    /// busy timeout; backs the file up and runs pending migrations (converting the legacy
+    /// layout when it finds one); creates this database's `pos_id` once.
+    pub fn open(path: &Path) -> Result<SqliteStore, TerminalStoreError> {
+        Self::open_with_report(path).map(|(store, _)| store)
+    }
+
+    /// [`SqliteStore::open`], also saying what was migrated (for logs and `terminal migrate`).
+    pub fn open_with_report(path: &Path) -> Result<(SqliteStore, OpenReport), TerminalStoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let from_version = schema::check_not_newer(&conn)?;
+        let legacy_layout = legacy::has_original_layout(&conn)?;
+        let pending = from_version < schema::latest_version();
+        let backup_path = if (pending || legacy_layout) && schema::has_user_objects(&conn)? {
+            Some(schema::backup(&conn, path, from_version)?)
+        } else {
+            None
+        };
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(TerminalStoreError::Corrupt(format!(
+                "could not switch to WAL (journal_mode is {mode})"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+
+        if legacy_layout {
+            legacy::retire_original_tables(&mut conn)?;
+        }
+        let applied = schema::apply_pending(&mut conn, schema::latest_version())?;
+        let pos_id = ensure_pos_id(&conn)?;
+        let legacy = legacy::convert_if_pending(&mut conn, pos_id, backup_path.clone())?;
+        let report = OpenReport {
+            from_version,
+            applied,
+            backup_path,
+            legacy,
+        };
+        let store = SqliteStore {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                pos_id,
+                path: path.to_path_buf(),
+            }),
+        };
+        Ok((store, report))
+    }
+
+    /// This database's `pos_id`, generated once when it was created.
+    pub fn pos_id(&self) -> Uuid {
+        self.inner.pos_id
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied write behind: the open
+        // transaction rolls back when it is dropped. So the connection stays usable.
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The enrollment saved by `terminal enroll`, if any.
+    pub fn enrollment(&self) -> Result<Option<Enrollment>, TerminalStoreError> {
+        let conn = self.conn();
+        read_enrollment(&conn)
+    }
+
+    /// Saves the enrollment, and stamps its terminal and branch into sales queued before the
+    /// terminal was enrolled (e.g. converted legacy sales), so their idempotency key is fixed
+    /// before the first delivery.
+    pub fn save_enrollment(&self, e: &Enrollment) -> Result<(), TerminalStoreError> {
+        if !possync_protocol::valid_branch_id(&e.branch_id) {
+            return Err(TerminalStoreError::Invalid(
+                possync_protocol::SaleInvalid::Field {
+                    field: "branch_id".into(),
+                    reason: "must be 1-64 of [a-z0-9_-]".into(),
+                },
+            ));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        Kv::SyncState.set(&tx, "enrollment", &serde_json::to_string(e)?)?;
+        journal::stamp_identity(&tx, e)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Validates the sale with the shared protocol rules, then in ONE transaction takes the
+    /// next `local_event_id`, stores the receipt in `sales` and its event in `sync_journal`
+    /// (`pending`). Returns only after the commit is durable.
+    pub fn enqueue_sale(
+        &self,
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        payload: &SalePayload,
+    ) -> Result<EnqueuedSale, TerminalStoreError> {
+        possync_protocol::validate_payload(event_type, payload)?;
+        let mut conn = self.conn();
+        journal::enqueue(
+            &mut conn,
+            self.inner.pos_id,
+            event_type,
+            occurred_at,
+            payload,
+        )
+    }
+
+    /// Offline catalog lookup over product entities (at most [`LOOKUP_LIMIT`] results).
+    pub fn lookup(&self, q: CatalogQuery) -> Result<Vec<Entity>, TerminalStoreError> {
+        catalog::lookup(&self.conn(), &q)
+    }
+
+    /// Catalog version, entity count and last sync time, for `/status`.
+    pub fn catalog_stats(&self) -> Result<CatalogStats, TerminalStoreError> {
+        catalog::stats(&self.conn())
+    }
+
+    /// Journal rows, optionally of one state, oldest first.
+    pub fn list_journal(
+        &self,
+        status: Option<JournalStatus>,
+        limit: usize,
+    ) -> Result<Vec<JournalRow>, TerminalStoreError> {
+        journal::list(&self.conn(), status, limit)
+    }
+
+    /// Operator retry: `needs_attention` (or `failed`, for one row) → `pending` with the
+    /// attempt count reset. Returns how many rows moved.
+    pub fn retry_journal(&self, target: RetryTarget) -> Result<usize, TerminalStoreError> {
+        journal::retry(&self.conn(), target)
+    }
+
+    /// Every journal row as `(pos_id, local_event_id, status)`, for simulations and e2e tests.
+    pub fn journal_for_report(&self) -> Result<Vec<(Uuid, i64, String)>, TerminalStoreError> {
+        journal::for_report(&self.conn())
+    }
+
+    /// Local stock of a product. A cloud product id that a legacy product was matched to
+    /// reads the stock counted under the legacy id.
+    pub fn local_inventory(&self, product_id: &str) -> Result<Option<i64>, TerminalStoreError> {
+        journal::local_inventory(&self.conn(), product_id)
+    }
+
+    /// Adds `delta` to a product's local stock (creating the row at `delta`); returns the new
+    /// quantity. Only the branch POS calls this; sync never does.
+    pub fn adjust_local_inventory(
+        &self,
+        product_id: &str,
+        delta: i64,
+    ) -> Result<i64, TerminalStoreError> {
+        let mut conn = self.conn();
+        journal::adjust_local_inventory(&mut conn, product_id, delta)
+    }
+
+    /// [`LocalStore::catalog_position`] with the store's own error type.
+    pub fn catalog_position_local(&self) -> Result<CatalogPosition, TerminalStoreError> {
+        catalog::position(&self.conn())
+    }
+}
+
+fn read_enrollment(conn: &Connection) -> Result<Option<Enrollment>, TerminalStoreError> {
+    match Kv::SyncState.get(conn, "enrollment")? {
+        None => Ok(None),
+        Some(text) => Ok(Some(serde_json::from_str(&text)?)),
+    }
+}
+
+/// Reads this database's pos_id, generating and storing it the first time.
+fn ensure_pos_id(conn: &Connection) -> Result<Uuid, TerminalStoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO sync_state (key, value) VALUES ('pos_id', ?1)",
+        [Uuid::new_v4().to_string()],
+    )?;
+    let text = Kv::SyncState
+        .get(conn, "pos_id")?
+        .ok_or_else(|| TerminalStoreError::Corrupt("pos_id missing".into()))?;
+    Uuid::parse_str(&text).map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {text:?}: {e}")))
+}
+
+impl LocalStore for SqliteStore {
+    fn catalog_position(&self) -> Result<CatalogPosition, StoreError> {
+        Ok(catalog::position(&self.conn())?)
+    }
+
+    fn apply_snapshot_page(
+        &self,
+        page: &SnapshotPage,
+        started_fresh: bool,
+    ) -> Result<(), StoreError> {
+        Ok(catalog::apply_snapshot_page(
+            &mut self.conn(),
+            page,
+            started_fresh,
+        )?)
+    }
+
+    fn apply_delta_page(&self, page: &DeltaPage) -> Result<(), StoreError> {
+        Ok(catalog::apply_delta_page(&mut self.conn(), page)?)
+    }
+
+    fn require_resnapshot(&self) -> Result<(), StoreError> {
+        Ok(catalog::require_resnapshot(&mut self.conn())?)
+    }
+
+    fn manifest_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ManifestEntry>, StoreError> {
+        Ok(catalog::manifest_after(&self.conn(), after, limit)?)
+    }
+
+    fn apply_reconcile_plan(
+        &self,
+        range: &KeyRange,
+        plan: &ReconcilePlan,
+    ) -> Result<(), StoreError> {
+        Ok(catalog::apply_reconcile_plan(
+            &mut self.conn(),
+            range,
+            plan,
+        )?)
+    }
+
+    fn release_in_flight(&self) -> Result<usize, StoreError> {
+        Ok(journal::release_in_flight(&self.conn())?)
+    }
+
+    fn claim_batch(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(journal::claim_batch(&mut self.conn(), limit, now)?)
+    }
+
+    fn record_outcomes(&self, outcomes: &[DeliveryOutcome]) -> Result<(), StoreError> {
+        Ok(journal::record_outcomes(&mut self.conn(), outcomes)?)
+    }
+
+    fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(journal::next_due_at(&self.conn())?)
+    }
+
+    fn outbox_counts(&self) -> Result<OutboxCounts, StoreError> {
+        Ok(journal::counts(&self.conn())?)
+    }
+}

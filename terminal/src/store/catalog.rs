@@ -1,0 +1,442 @@
+//! The local catalog copy: snapshot, delta and reconcile application, the reconcile manifest,
+//! and offline lookups.
+//!
+//! Rules every write here keeps (they are what make replays and restarts harmless):
+//! an upsert never puts an older version over a newer one, a tombstone deletes only a row
+//! that is not newer than itself, and nothing here writes `sales` or `local_inventory`.
+
+use chrono::{DateTime, Utc};
+use possync_actors::CatalogPosition;
+use possync_protocol::{DeltaPage, Entity, KeyRange, ManifestEntry, ReconcilePlan, SnapshotPage};
+use rusqlite::{params, Connection, Transaction};
+use serde::Serialize;
+
+use super::error::TerminalStoreError;
+use super::{parse_time, time_text, Kv};
+
+/// Most results one lookup returns.
+pub const LOOKUP_LIMIT: usize = 50;
+
+/// An offline product lookup, over the `barcode`, `sku` and `name` fields of product data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogQuery {
+    /// Exact barcode.
+    Barcode(String),
+    /// Exact SKU.
+    Sku(String),
+    /// Case-insensitive name search: prefix matches first, then names containing the text.
+    Text(String),
+}
+
+/// Catalog summary for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CatalogStats {
+    /// Version the catalog is complete up to; `None` before the first snapshot finished.
+    pub version: Option<i64>,
+    /// Entities held locally.
+    pub entities: i64,
+    /// When the catalog last advanced.
+    pub last_synced_at: Option<DateTime<Utc>>,
+}
+
+/// Which rule decides whether an incoming entity replaces the local row.
+#[derive(Clone, Copy)]
+enum Overwrite {
+    /// Snapshot and delta: only a strictly newer version replaces the row.
+    IfNewer,
+    /// Reconcile: the plan is the cloud's truth for the range, so it also replaces a row of the
+    /// same version (tampered data) and a row claiming a version beyond the catalog version
+    /// this terminal ever reached (tampered version). It never replaces a row a delta made
+    /// legitimately newer.
+    Reconcile { local_catalog_version: i64 },
+}
+
+const UPSERT_SQL: &str = "
+INSERT INTO catalog_entities
+    (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at, snapshot_generation)
+VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8)
+ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+    branch_id  = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.branch_id  ELSE catalog_entities.branch_id  END,
+    hash       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.hash       ELSE catalog_entities.hash       END,
+    data       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.data       ELSE catalog_entities.data       END,
+    updated_at = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.updated_at ELSE catalog_entities.updated_at END,
+    version    = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.version    ELSE catalog_entities.version    END,
+    snapshot_generation = coalesce(excluded.snapshot_generation, catalog_entities.snapshot_generation)";
+
+/// Upserts one entity (or deletes it, for a tombstone) under the given rule.
+fn put_entity(
+    tx: &Transaction<'_>,
+    e: &Entity,
+    rule: Overwrite,
+    generation: Option<i64>,
+    now: &str,
+    map_legacy_ids: bool,
+) -> Result<(), TerminalStoreError> {
+    if e.deleted {
+        tx.prepare_cached(
+            "DELETE FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2 AND version <= ?3",
+        )?
+        .execute(params![e.entity_type, e.id, e.version])?;
+        return Ok(());
+    }
+    // For the reconcile rule the decision needs the local row; `?9` carries the extra
+    // condition as a boolean computed here, so one statement serves every rule.
+    let force: bool = match rule {
+        Overwrite::IfNewer => false,
+        Overwrite::Reconcile {
+            local_catalog_version,
+        } => {
+            let local: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT version FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2",
+                )?
+                .query_row(params![e.entity_type, e.id], |r| r.get(0))
+                .map(Some)
+                .or_else(|err| match err {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    other => Err(other),
+                })?;
+            local.is_some_and(|v| e.version >= v || v > local_catalog_version)
+        }
+    };
+    let data = serde_json::to_string(&e.data)?;
+    tx.prepare_cached(UPSERT_SQL)?.execute(params![
+        e.entity_type,
+        e.id,
+        e.branch_id,
+        e.version,
+        e.hash,
+        data,
+        now,
+        generation,
+        force,
+    ])?;
+    if map_legacy_ids && e.entity_type == "product" && !e.id.starts_with("legacy-") {
+        if let Some(sku) = e
+            .data
+            .get("sku")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty())
+        {
+            tx.prepare_cached(
+                "UPDATE catalog_id_map SET cloud_entity_id = ?1, matched_at = ?2
+                 WHERE sku = ?3 AND cloud_entity_id IS NULL",
+            )?
+            .execute(params![e.id, now, sku])?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether any legacy product still waits for its cloud id (skips the per-product matching
+/// statement on terminals that never had a legacy database).
+fn has_unmatched_legacy_ids(tx: &Transaction<'_>) -> Result<bool, rusqlite::Error> {
+    tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM catalog_id_map WHERE cloud_entity_id IS NULL)",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Reads the catalog sync position from `catalog_meta`.
+pub fn position(conn: &Connection) -> Result<CatalogPosition, TerminalStoreError> {
+    let m = Kv::CatalogMeta;
+    Ok(CatalogPosition {
+        catalog_version: m.get_i64(conn, "catalog_version")?,
+        snapshot_cursor: m.get(conn, "snapshot_cursor")?,
+        snapshot_in_progress: m.get_i64(conn, "snapshot_in_progress")?.unwrap_or(0) != 0,
+        snapshot_version: m.get_i64(conn, "snapshot_version")?,
+        snapshot_received: m.get_i64(conn, "snapshot_received")?.unwrap_or(0),
+        snapshot_total: m.get_i64(conn, "snapshot_total")?.unwrap_or(0),
+        last_synced_at: m
+            .get(conn, "last_synced_at")?
+            .map(|s| parse_time(&s))
+            .transpose()?,
+    })
+}
+
+/// Stores one snapshot page in one transaction; see `LocalStore::apply_snapshot_page`.
+///
+/// Which rows a snapshot listed is remembered by stamping them with the snapshot's
+/// generation number, so completion can delete the rest even after the snapshot was resumed
+/// by a later process.
+pub fn apply_snapshot_page(
+    conn: &mut Connection,
+    page: &SnapshotPage,
+    started_fresh: bool,
+) -> Result<(), TerminalStoreError> {
+    let m = Kv::CatalogMeta;
+    let now = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    let generation = if started_fresh {
+        let g = m.get_i64(&tx, "snapshot_generation")?.unwrap_or(0) + 1;
+        m.set(&tx, "snapshot_generation", &g.to_string())?;
+        m.set(&tx, "snapshot_version", &page.snapshot_version.to_string())?;
+        m.set(&tx, "snapshot_total", &page.total.to_string())?;
+        m.set(&tx, "snapshot_received", "0")?;
+        m.set(&tx, "snapshot_in_progress", "1")?;
+        g
+    } else {
+        let in_progress = m.get_i64(&tx, "snapshot_in_progress")?.unwrap_or(0) != 0;
+        let g = m.get_i64(&tx, "snapshot_generation")?;
+        match (in_progress, g) {
+            (true, Some(g)) => g,
+            _ => {
+                return Err(TerminalStoreError::Corrupt(
+                    "snapshot page continues a snapshot that was never started".into(),
+                ))
+            }
+        }
+    };
+    let map_ids = has_unmatched_legacy_ids(&tx)?;
+    for e in &page.entities {
+        put_entity(&tx, e, Overwrite::IfNewer, Some(generation), &now, map_ids)?;
+    }
+    let received = m.get_i64(&tx, "snapshot_received")?.unwrap_or(0) + page.entities.len() as i64;
+    m.set(&tx, "snapshot_received", &received.to_string())?;
+    match &page.next_cursor {
+        Some(cursor) => m.set(&tx, "snapshot_cursor", cursor)?,
+        None => {
+            let snapshot_version = m
+                .get_i64(&tx, "snapshot_version")?
+                .unwrap_or(page.snapshot_version);
+            let removed = tx.execute(
+                "DELETE FROM catalog_entities
+                 WHERE (snapshot_generation IS NULL OR snapshot_generation <> ?1) AND version <= ?2",
+                params![generation, snapshot_version],
+            )?;
+            m.delete(&tx, "snapshot_cursor")?;
+            m.set(&tx, "snapshot_in_progress", "0")?;
+            m.set(&tx, "catalog_version", &snapshot_version.to_string())?;
+            m.set(&tx, "last_synced_at", &now)?;
+            tracing::info!(
+                snapshot_version,
+                received,
+                removed,
+                "catalog snapshot complete"
+            );
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Applies a delta page in one transaction; see `LocalStore::apply_delta_page`.
+pub fn apply_delta_page(conn: &mut Connection, page: &DeltaPage) -> Result<(), TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    let map_ids = has_unmatched_legacy_ids(&tx)?;
+    for e in &page.changes {
+        put_entity(&tx, e, Overwrite::IfNewer, None, &now, map_ids)?;
+    }
+    let m = Kv::CatalogMeta;
+    m.set(&tx, "catalog_version", &page.next_since.to_string())?;
+    m.set(&tx, "last_synced_at", &now)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Forgets the delta position and any snapshot in progress; local entities stay.
+pub fn require_resnapshot(conn: &mut Connection) -> Result<(), TerminalStoreError> {
+    let tx = conn.transaction()?;
+    let m = Kv::CatalogMeta;
+    m.delete(&tx, "catalog_version")?;
+    m.delete(&tx, "snapshot_cursor")?;
+    m.set(&tx, "snapshot_in_progress", "0")?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Splits a `type/id` key at its first `/` (types never contain one).
+fn split_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or((key, ""))
+}
+
+/// Up to `limit` manifest entries after `after`, in bytewise key order. Because types are
+/// `[a-z_]` and `/` sorts below all of those, `(type, id)` order equals key order.
+pub fn manifest_after(
+    conn: &Connection,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<ManifestEntry>, TerminalStoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let map = |r: &rusqlite::Row<'_>| {
+        Ok(ManifestEntry {
+            entity_type: r.get(0)?,
+            id: r.get(1)?,
+            version: r.get(2)?,
+            hash: r.get(3)?,
+        })
+    };
+    let rows = match after {
+        None => conn
+            .prepare_cached(
+                "SELECT entity_type, entity_id, version, hash FROM catalog_entities
+                 ORDER BY entity_type, entity_id LIMIT ?1",
+            )?
+            .query_map(params![limit], map)?
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(key) => {
+            let (t, id) = split_key(key);
+            conn.prepare_cached(
+                "SELECT entity_type, entity_id, version, hash FROM catalog_entities
+                 WHERE entity_type > ?1 OR (entity_type = ?1 AND entity_id > ?2)
+                 ORDER BY entity_type, entity_id LIMIT ?3",
+            )?
+            .query_map(params![t, id, limit], map)?
+            .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    Ok(rows)
+}
+
+/// Applies one reconcile range's plan in one transaction (catalog tables only).
+pub fn apply_reconcile_plan(
+    conn: &mut Connection,
+    range: &KeyRange,
+    plan: &ReconcilePlan,
+) -> Result<(), TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    let local_catalog_version = Kv::CatalogMeta
+        .get_i64(&tx, "catalog_version")?
+        .unwrap_or(i64::MAX);
+    let map_ids = has_unmatched_legacy_ids(&tx)?;
+    for e in &plan.upserts {
+        if !range.contains(e.key().as_str()) {
+            tracing::warn!(key = %e.key(), "reconcile plan entry outside its range; applied anyway");
+        }
+        put_entity(
+            &tx,
+            e,
+            Overwrite::Reconcile {
+                local_catalog_version,
+            },
+            None,
+            &now,
+            map_ids,
+        )?;
+    }
+    for d in &plan.deletes {
+        tx.prepare_cached(
+            "DELETE FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2",
+        )?
+        .execute(params![d.entity_type, d.id])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn entity_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Entity, String)> {
+    let data: String = r.get(6)?;
+    Ok((
+        Entity {
+            entity_type: r.get(0)?,
+            id: r.get(1)?,
+            branch_id: r.get(2)?,
+            version: r.get(3)?,
+            deleted: r.get::<_, i64>(4)? != 0,
+            hash: r.get(5)?,
+            data: serde_json::Value::Null,
+        },
+        data,
+    ))
+}
+
+const ENTITY_COLUMNS: &str = "entity_type, entity_id, branch_id, version, deleted, hash, data";
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Offline product lookup through the generated-column indexes.
+pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, TerminalStoreError> {
+    let limit = LOOKUP_LIMIT as i64;
+    let found: Vec<(Entity, String)> = match q {
+        CatalogQuery::Barcode(b) => conn
+            .prepare_cached(&format!(
+                "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                 WHERE entity_type = 'product' AND barcode = ?1 ORDER BY entity_id LIMIT ?2"
+            ))?
+            .query_map(params![b, limit], entity_from_row)?
+            .collect::<Result<_, _>>()?,
+        CatalogQuery::Sku(s) => conn
+            .prepare_cached(&format!(
+                "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                 WHERE entity_type = 'product' AND sku = ?1 ORDER BY entity_id LIMIT ?2"
+            ))?
+            .query_map(params![s, limit], entity_from_row)?
+            .collect::<Result<_, _>>()?,
+        CatalogQuery::Text(text) => {
+            let needle = like_escape(&text.trim().to_lowercase());
+            if needle.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut rows: Vec<(Entity, String)> = conn
+                .prepare_cached(&format!(
+                    "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                     WHERE entity_type = 'product' AND name_fold LIKE ?1 || '%' ESCAPE '\\'
+                     ORDER BY name_fold, entity_id LIMIT ?2"
+                ))?
+                .query_map(params![needle, limit], entity_from_row)?
+                .collect::<Result<_, _>>()?;
+            if rows.len() < LOOKUP_LIMIT {
+                let more: Vec<(Entity, String)> = conn
+                    .prepare_cached(&format!(
+                        "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                         WHERE entity_type = 'product'
+                           AND name_fold LIKE '%' || ?1 || '%' ESCAPE '\\'
+                           AND NOT name_fold LIKE ?1 || '%' ESCAPE '\\'
+                         ORDER BY name_fold, entity_id LIMIT ?2"
+                    ))?
+                    .query_map(params![needle, limit - rows.len() as i64], entity_from_row)?
+                    .collect::<Result<_, _>>()?;
+                rows.extend(more);
+            }
+            rows
+        }
+    };
+    found
+        .into_iter()
+        .map(|(mut e, data)| {
+            e.data = serde_json::from_str(&data)?;
+            Ok(e)
+        })
+        .collect()
+}
+
+/// Catalog summary for `/status`.
+pub fn stats(conn: &Connection) -> Result<CatalogStats, TerminalStoreError> {
+    let entities: i64 =
+        conn.query_row("SELECT count(*) FROM catalog_entities", [], |r| r.get(0))?;
+    let pos = position(conn)?;
+    Ok(CatalogStats {
+        version: pos.catalog_version,
+        entities,
+        last_synced_at: pos.last_synced_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns_are_escaped() {
+        assert_eq!(like_escape("50%_off\\"), "50\\%\\_off\\\\");
+    }
+
+    #[test]
+    fn keys_split_at_the_first_slash() {
+        assert_eq!(split_key("product/a/b"), ("product", "a/b"));
+        assert_eq!(split_key("product"), ("product", ""));
+    }
+}

@@ -1,0 +1,91 @@
+//! The store's one error type, mapped once onto the stable codes of the contract.
+
+use possync_actors::StoreError;
+use possync_protocol::{ErrorCode, SaleInvalid};
+use thiserror::Error;
+
+/// Why a store operation failed. Validation failures are the caller's to fix
+/// (`POS_SYNC_EVENT_INVALID`); everything else is a local storage failure
+/// (`POS_SYNC_STORAGE_FAILED`) after which nothing of the operation was written.
+#[derive(Debug, Error)]
+pub enum TerminalStoreError {
+    /// The sale failed the shared protocol validation; nothing was stored.
+    #[error("sale is invalid: {0}")]
+    Invalid(#[from] SaleInvalid),
+    /// SQLite refused or failed the statement; the transaction rolled back.
+    #[error("local database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A numbered schema migration failed; the database stays at the previous version.
+    #[error("schema migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: u32,
+        name: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The safety copy taken before migrating could not be written; nothing was migrated.
+    #[error("backup to {path} failed: {source}")]
+    Backup {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer build than this one.
+    #[error("database schema version {found} is newer than this build knows ({known})")]
+    TooNew { found: u32, known: u32 },
+    /// A stored value does not have the shape this build wrote.
+    #[error("local data is inconsistent: {0}")]
+    Corrupt(String),
+    /// The operation needs an enrolled terminal.
+    #[error("terminal is not enrolled")]
+    NotEnrolled,
+    /// `migrate_legacy` was pointed at a file that is not a database, or a missing one.
+    #[error("{0}")]
+    NotADatabase(String),
+}
+
+impl TerminalStoreError {
+    /// The stable code a CLI line, HTTP answer or log carries for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TerminalStoreError::Invalid(_) => ErrorCode::PosSyncEventInvalid,
+            _ => ErrorCode::PosSyncStorageFailed,
+        }
+    }
+}
+
+impl From<serde_json::Error> for TerminalStoreError {
+    fn from(e: serde_json::Error) -> Self {
+        TerminalStoreError::Corrupt(format!("JSON: {e}"))
+    }
+}
+
+impl From<TerminalStoreError> for StoreError {
+    fn from(e: TerminalStoreError) -> Self {
+        match e {
+            TerminalStoreError::Corrupt(m) => StoreError::Corrupt(m),
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_maps_to_event_invalid_and_the_rest_to_storage_failed() {
+        let invalid = TerminalStoreError::Invalid(SaleInvalid::Arithmetic("x".into()));
+        assert_eq!(invalid.code(), ErrorCode::PosSyncEventInvalid);
+        let db = TerminalStoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows);
+        assert_eq!(db.code(), ErrorCode::PosSyncStorageFailed);
+        assert_eq!(
+            TerminalStoreError::Corrupt("x".into()).code(),
+            ErrorCode::PosSyncStorageFailed
+        );
+        assert!(matches!(
+            StoreError::from(TerminalStoreError::Corrupt("bad".into())),
+            StoreError::Corrupt(m) if m == "bad"
+        ));
+    }
+}

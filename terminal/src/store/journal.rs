@@ -1,0 +1,638 @@
+//! The sales outbox (`sync_journal`) and the till's own records (`sales`, `local_inventory`).
+//!
+//! A sale is enqueued in one transaction that takes the next `local_event_id`, writes the
+//! receipt and writes its journal row; the engine then moves the row
+//! `pending → in_flight → synced | failed | needs_attention`. A trigger makes `synced` final.
+
+use chrono::{DateTime, Utc};
+use possync_actors::{DeliveryOutcome, OutboxCounts, OutboxItem};
+use possync_protocol::{validate_event, EventType, SaleEvent, SalePayload};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+use super::error::TerminalStoreError;
+use super::{parse_time, read_enrollment, time_text, Enrollment, Kv};
+
+/// A journal row's delivery state (the `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalStatus {
+    /// Waiting for its first (or an operator-requested) delivery.
+    Pending,
+    /// Claimed by the outbox; back to `pending` if the daemon restarts before an answer.
+    InFlight,
+    /// A transient failure; due again at `next_attempt_at`.
+    Failed,
+    /// The cloud holds it. Final.
+    Synced,
+    /// Rejected, conflicting, or out of attempts: an operator must look.
+    NeedsAttention,
+}
+
+impl JournalStatus {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JournalStatus; 5] = [
+        JournalStatus::Pending,
+        JournalStatus::InFlight,
+        JournalStatus::Failed,
+        JournalStatus::Synced,
+        JournalStatus::NeedsAttention,
+    ];
+
+    /// The stored spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalStatus::Pending => "pending",
+            JournalStatus::InFlight => "in_flight",
+            JournalStatus::Failed => "failed",
+            JournalStatus::Synced => "synced",
+            JournalStatus::NeedsAttention => "needs_attention",
+        }
+    }
+}
+
+impl fmt::Display for JournalStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JournalStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JournalStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown journal status {s:?} (pending, in_flight, failed, synced, needs_attention)")
+            })
+    }
+}
+
+/// What `enqueue_sale` stored, returned only after the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EnqueuedSale {
+    pub pos_id: Uuid,
+    pub local_event_id: i64,
+    pub journal_id: i64,
+}
+
+/// One `sync_journal` row as the operator sees it (`terminal outbox list`, `GET /outbox`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalRow {
+    pub journal_id: i64,
+    pub local_event_id: i64,
+    pub status: JournalStatus,
+    pub attempts: i64,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error_code: Option<String>,
+    pub last_error_message: Option<String>,
+    pub cloud_event_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub receipt_no: Option<String>,
+}
+
+/// Which rows an operator retry moves back to `pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryTarget {
+    /// One row by `journal_id` (if it is `needs_attention` or `failed`).
+    One(i64),
+    /// Every `needs_attention` row.
+    AllNeedingAttention,
+}
+
+/// The journal's `event` JSON: the full `SaleEvent`, except that `terminal_id` and
+/// `branch_id` are `null` for sales queued before enrollment (stamped by `save_enrollment`).
+fn event_json(
+    pos_id: Uuid,
+    local_event_id: i64,
+    enrollment: Option<&Enrollment>,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &SalePayload,
+) -> Result<String, TerminalStoreError> {
+    let event = SaleEvent {
+        terminal_id: enrollment.map_or(Uuid::nil(), |e| e.terminal_id),
+        pos_id,
+        local_event_id,
+        branch_id: enrollment.map_or_else(String::new, |e| e.branch_id.clone()),
+        event_type,
+        occurred_at,
+        payload: payload.clone(),
+    };
+    let mut value = serde_json::to_value(&event)?;
+    if enrollment.is_some() {
+        validate_event(&event)?;
+    } else if let Some(obj) = value.as_object_mut() {
+        obj.insert("terminal_id".into(), serde_json::Value::Null);
+        obj.insert("branch_id".into(), serde_json::Value::Null);
+    }
+    Ok(serde_json::to_string(&value)?)
+}
+
+/// Takes the next `local_event_id` inside the caller's transaction.
+pub(crate) fn take_local_event_id(tx: &Transaction<'_>) -> Result<i64, TerminalStoreError> {
+    let next = Kv::SyncState
+        .get_i64(tx, "next_local_event_id")?
+        .unwrap_or(1);
+    Kv::SyncState.set(tx, "next_local_event_id", &(next + 1).to_string())?;
+    Ok(next)
+}
+
+/// What `insert_queued_sale` needs beyond the sale itself.
+pub(crate) struct QueuedSale<'a> {
+    pub pos_id: Uuid,
+    pub event_type: EventType,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: &'a SalePayload,
+    /// `Some((code, message))` stores the row as `needs_attention` instead of `pending`.
+    pub needs_attention: Option<(String, String)>,
+    pub legacy_sale_id: Option<i64>,
+}
+
+/// Inserts a receipt and its journal row in the caller's transaction.
+pub(crate) fn insert_queued_sale(
+    tx: &Transaction<'_>,
+    s: &QueuedSale<'_>,
+) -> Result<EnqueuedSale, TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let enrollment = read_enrollment(tx)?;
+    let local_event_id = take_local_event_id(tx)?;
+    let event = event_json(
+        s.pos_id,
+        local_event_id,
+        enrollment.as_ref(),
+        s.event_type,
+        s.occurred_at,
+        s.payload,
+    )?;
+    insert_sale_record(
+        tx,
+        s.pos_id,
+        Some(local_event_id),
+        s.event_type,
+        s.occurred_at,
+        s.payload,
+        s.legacy_sale_id,
+        &now,
+    )?;
+    let (status, code, message) = match &s.needs_attention {
+        None => ("pending", None, None),
+        Some((c, m)) => ("needs_attention", Some(c.as_str()), Some(m.as_str())),
+    };
+    tx.prepare_cached(
+        "INSERT INTO sync_journal
+            (pos_id, local_event_id, event_type, event, status, attempts,
+             last_error_code, last_error_message, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8)",
+    )?
+    .execute(params![
+        s.pos_id.to_string(),
+        local_event_id,
+        s.event_type.as_str(),
+        event,
+        status,
+        code,
+        message,
+        now
+    ])?;
+    let journal_id = tx.last_insert_rowid();
+    Ok(EnqueuedSale {
+        pos_id: s.pos_id,
+        local_event_id,
+        journal_id,
+    })
+}
+
+/// Inserts one `sales` row (`local_event_id` is `None` for legacy history-only receipts).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn insert_sale_record(
+    tx: &Transaction<'_>,
+    pos_id: Uuid,
+    local_event_id: Option<i64>,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &SalePayload,
+    legacy_sale_id: Option<i64>,
+    now: &str,
+) -> Result<(), TerminalStoreError> {
+    tx.prepare_cached(
+        "INSERT INTO sales (pos_id, local_event_id, event_type, receipt_no, currency, total_minor,
+                            payload, occurred_at, created_at, source, legacy_sale_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        pos_id.to_string(),
+        local_event_id,
+        event_type.as_str(),
+        payload.receipt_no,
+        payload.currency,
+        payload.totals.total_minor,
+        serde_json::to_string(payload)?,
+        time_text(occurred_at),
+        now,
+        if legacy_sale_id.is_some() {
+            "legacy"
+        } else {
+            "pos"
+        },
+        legacy_sale_id,
+    ])?;
+    Ok(())
+}
+
+/// One transaction: next id, receipt, journal row. The payload was validated by the caller.
+pub fn enqueue(
+    conn: &mut Connection,
+    pos_id: Uuid,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &SalePayload,
+) -> Result<EnqueuedSale, TerminalStoreError> {
+    let tx = conn.transaction()?;
+    let done = insert_queued_sale(
+        &tx,
+        &QueuedSale {
+            pos_id,
+            event_type,
+            occurred_at,
+            payload,
+            needs_attention: None,
+            legacy_sale_id: None,
+        },
+    )?;
+    let enrollment = read_enrollment(&tx)?;
+    tx.commit()?;
+    tracing::info!(
+        terminalId = %enrollment.as_ref().map(|e| e.terminal_id.to_string()).unwrap_or_default(),
+        branchId = %enrollment.as_ref().map(|e| e.branch_id.as_str()).unwrap_or_default(),
+        eventId = done.local_event_id,
+        syncAttempt = 0,
+        errorCode = "",
+        journal_id = done.journal_id,
+        "sale enqueued"
+    );
+    Ok(done)
+}
+
+/// Fills `terminal_id` / `branch_id` into undelivered events queued before enrollment.
+pub fn stamp_identity(tx: &Transaction<'_>, e: &Enrollment) -> Result<usize, TerminalStoreError> {
+    let n = tx.execute(
+        "UPDATE sync_journal
+         SET event = json_set(event, '$.terminal_id', ?1, '$.branch_id', ?2), updated_at = ?3
+         WHERE status <> 'synced' AND json_extract(event, '$.terminal_id') IS NULL",
+        params![
+            e.terminal_id.to_string(),
+            e.branch_id,
+            time_text(Utc::now())
+        ],
+    )?;
+    if n > 0 {
+        tracing::info!(
+            terminalId = %e.terminal_id,
+            branchId = %e.branch_id,
+            stamped = n,
+            "queued sales stamped with the new enrollment"
+        );
+    }
+    Ok(n)
+}
+
+/// Moves every `in_flight` row back to `pending`.
+pub fn release_in_flight(conn: &Connection) -> Result<usize, TerminalStoreError> {
+    Ok(conn.execute(
+        "UPDATE sync_journal SET status = 'pending', updated_at = ?1 WHERE status = 'in_flight'",
+        [time_text(Utc::now())],
+    )?)
+}
+
+/// Claims up to `limit` deliverable rows (oldest `local_event_id` first) as `in_flight`.
+/// A row whose stored event no longer parses is moved to `needs_attention` instead of
+/// blocking the queue forever.
+pub fn claim_batch(
+    conn: &mut Connection,
+    limit: usize,
+    now: DateTime<Utc>,
+) -> Result<Vec<OutboxItem>, TerminalStoreError> {
+    let now_text = time_text(now);
+    let stamp = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    let rows: Vec<(i64, String, i64)> = tx
+        .prepare_cached(
+            "SELECT journal_id, event, attempts FROM sync_journal
+             WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
+               AND json_extract(event, '$.terminal_id') IS NOT NULL
+             ORDER BY local_event_id LIMIT ?2",
+        )?
+        .query_map(
+            params![now_text, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let mut items = Vec::with_capacity(rows.len());
+    for (journal_id, text, attempts) in rows {
+        match serde_json::from_str::<SaleEvent>(&text) {
+            Ok(event) => {
+                tx.prepare_cached(
+                    "UPDATE sync_journal SET status = 'in_flight', updated_at = ?2 WHERE journal_id = ?1",
+                )?
+                .execute(params![journal_id, stamp])?;
+                items.push(OutboxItem {
+                    journal_id,
+                    event,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                });
+            }
+            Err(e) => {
+                tracing::error!(journal_id, error = %e, errorCode = "POS_SYNC_EVENT_INVALID", "stored event unreadable");
+                tx.prepare_cached(
+                    "UPDATE sync_journal SET status = 'needs_attention', last_error_code = 'POS_SYNC_EVENT_INVALID',
+                         last_error_message = ?2, updated_at = ?3 WHERE journal_id = ?1",
+                )?
+                .execute(params![journal_id, format!("stored event unreadable: {e}"), stamp])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(items)
+}
+
+/// Records delivery outcomes in one transaction, each incrementing the row's attempt count.
+/// Rows already `synced` are left alone (a repeated outcome must not trip the trigger and
+/// roll back the others).
+pub fn record_outcomes(
+    conn: &mut Connection,
+    outcomes: &[DeliveryOutcome],
+) -> Result<(), TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    for o in outcomes {
+        match o {
+            DeliveryOutcome::Synced {
+                journal_id,
+                cloud_event_id,
+                duplicate,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE sync_journal SET status = 'synced', attempts = attempts + 1,
+                         cloud_event_id = ?2, synced_at = ?3, updated_at = ?3, next_attempt_at = NULL,
+                         last_error_code = ?4, last_error_message = NULL
+                     WHERE journal_id = ?1 AND status <> 'synced'",
+                )?
+                .execute(params![
+                    journal_id,
+                    cloud_event_id,
+                    now,
+                    duplicate.then_some("POS_SYNC_EVENT_DUPLICATE"),
+                ])?;
+            }
+            DeliveryOutcome::NeedsAttention {
+                journal_id,
+                code,
+                message,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE sync_journal SET status = 'needs_attention', attempts = attempts + 1,
+                         last_error_code = ?2, last_error_message = ?3, next_attempt_at = NULL, updated_at = ?4
+                     WHERE journal_id = ?1 AND status <> 'synced'",
+                )?
+                .execute(params![journal_id, code, message, now])?;
+            }
+            DeliveryOutcome::RetryLater {
+                journal_id,
+                not_before,
+                code,
+                message,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE sync_journal SET status = 'failed', attempts = attempts + 1,
+                         last_error_code = ?2, last_error_message = ?3, next_attempt_at = ?4, updated_at = ?5
+                     WHERE journal_id = ?1 AND status <> 'synced'",
+                )?
+                .execute(params![journal_id, code, message, time_text(*not_before), now])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Earliest `next_attempt_at` among `failed` rows.
+pub fn next_due_at(conn: &Connection) -> Result<Option<DateTime<Utc>>, TerminalStoreError> {
+    let t: Option<String> = conn.query_row(
+        "SELECT min(next_attempt_at) FROM sync_journal WHERE status = 'failed'",
+        [],
+        |r| r.get(0),
+    )?;
+    t.map(|s| parse_time(&s)).transpose()
+}
+
+/// Row counts by state and the enqueue time of the oldest undelivered row.
+pub fn counts(conn: &Connection) -> Result<OutboxCounts, TerminalStoreError> {
+    let mut c = OutboxCounts::default();
+    let mut stmt =
+        conn.prepare_cached("SELECT status, count(*) FROM sync_journal GROUP BY status")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (status, n) = row?;
+        match status.as_str() {
+            "pending" => c.pending = n,
+            "in_flight" => c.in_flight = n,
+            "failed" => c.failed = n,
+            "synced" => c.synced = n,
+            "needs_attention" => c.needs_attention = n,
+            other => {
+                return Err(TerminalStoreError::Corrupt(format!(
+                    "journal status {other:?}"
+                )))
+            }
+        }
+    }
+    let oldest: Option<String> = conn.query_row(
+        "SELECT min(created_at) FROM sync_journal WHERE status IN ('pending', 'in_flight', 'failed')",
+        [],
+        |r| r.get(0),
+    )?;
+    c.oldest_pending_at = oldest.map(|s| parse_time(&s)).transpose()?;
+    Ok(c)
+}
+
+/// Journal rows for the operator, oldest first.
+pub fn list(
+    conn: &Connection,
+    status: Option<JournalStatus>,
+    limit: usize,
+) -> Result<Vec<JournalRow>, TerminalStoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT journal_id, local_event_id, status, attempts, next_attempt_at, last_error_code,
+                last_error_message, cloud_event_id, created_at, json_extract(event, '$.payload.receipt_no')
+         FROM sync_journal WHERE (?1 IS NULL OR status = ?1)
+         ORDER BY journal_id LIMIT ?2",
+    )?;
+    type Raw = (
+        i64,
+        i64,
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+        Option<String>,
+    );
+    let raw: Vec<Raw> = stmt
+        .query_map(
+            params![
+                status.map(JournalStatus::as_str),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                ))
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    raw.into_iter()
+        .map(
+            |(id, leid, st, attempts, next, code, msg, cloud, created, receipt)| {
+                Ok(JournalRow {
+                    journal_id: id,
+                    local_event_id: leid,
+                    status: st.parse().map_err(TerminalStoreError::Corrupt)?,
+                    attempts,
+                    next_attempt_at: next.map(|s| parse_time(&s)).transpose()?,
+                    last_error_code: code,
+                    last_error_message: msg,
+                    cloud_event_id: cloud,
+                    created_at: parse_time(&created)?,
+                    receipt_no: receipt,
+                })
+            },
+        )
+        .collect()
+}
+
+/// Operator retry; see `SqliteStore::retry_journal`.
+pub fn retry(conn: &Connection, target: RetryTarget) -> Result<usize, TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let n = match target {
+        RetryTarget::One(id) => conn.execute(
+            "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = ?2
+             WHERE journal_id = ?1 AND status IN ('needs_attention', 'failed')",
+            params![id, now],
+        )?,
+        RetryTarget::AllNeedingAttention => conn.execute(
+            "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = ?1
+             WHERE status = 'needs_attention'",
+            params![now],
+        )?,
+    };
+    tracing::info!(?target, moved = n, "operator retry");
+    Ok(n)
+}
+
+/// `(pos_id, local_event_id, status)` of every row, in id order.
+pub fn for_report(conn: &Connection) -> Result<Vec<(Uuid, i64, String)>, TerminalStoreError> {
+    let raw: Vec<(String, i64, String)> = conn
+        .prepare_cached(
+            "SELECT pos_id, local_event_id, status FROM sync_journal ORDER BY pos_id, local_event_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    raw.into_iter()
+        .map(|(p, id, st)| {
+            let pos = Uuid::parse_str(&p)
+                .map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {p:?}: {e}")))?;
+            Ok((pos, id, st))
+        })
+        .collect()
+}
+
+/// The key a product's stock is counted under: itself, or the legacy id it was matched from.
+fn inventory_key(conn: &Connection, product_id: &str) -> Result<String, TerminalStoreError> {
+    let direct: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM local_inventory WHERE product_id = ?1",
+            [product_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if direct.is_some() {
+        return Ok(product_id.to_string());
+    }
+    let legacy: Option<String> = conn
+        .query_row(
+            "SELECT m.legacy_entity_id FROM catalog_id_map m
+             JOIN local_inventory i ON i.product_id = m.legacy_entity_id
+             WHERE m.cloud_entity_id = ?1 ORDER BY m.legacy_id LIMIT 1",
+            [product_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(legacy.unwrap_or_else(|| product_id.to_string()))
+}
+
+/// Local stock of a product (see `SqliteStore::local_inventory`).
+pub fn local_inventory(
+    conn: &Connection,
+    product_id: &str,
+) -> Result<Option<i64>, TerminalStoreError> {
+    let key = inventory_key(conn, product_id)?;
+    Ok(conn
+        .query_row(
+            "SELECT qty FROM local_inventory WHERE product_id = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Adds `delta` to a product's stock in one transaction; returns the new quantity.
+pub fn adjust_local_inventory(
+    conn: &mut Connection,
+    product_id: &str,
+    delta: i64,
+) -> Result<i64, TerminalStoreError> {
+    let tx = conn.transaction()?;
+    let key = inventory_key(&tx, product_id)?;
+    let qty: i64 = tx.query_row(
+        "INSERT INTO local_inventory (product_id, qty, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (product_id) DO UPDATE SET qty = qty + excluded.qty, updated_at = excluded.updated_at
+         RETURNING qty",
+        params![key, delta, time_text(Utc::now())],
+        |r| r.get(0),
+    )?;
+    tx.commit()?;
+    Ok(qty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_spelling_round_trips() {
+        for st in JournalStatus::ALL {
+            assert_eq!(st.as_str().parse::<JournalStatus>(), Ok(st));
+            assert_eq!(
+                serde_json::to_value(st).expect("ser"),
+                serde_json::Value::String(st.as_str().into())
+            );
+        }
+        assert!("done".parse::<JournalStatus>().is_err());
+    }
+}

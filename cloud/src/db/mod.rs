@@ -1,5 +1,12 @@
 //! Cloud storage: one Diesel schema served by PostgreSQL (production) or SQLite (embedded),
-//! behind a connection pool.
+//! behind an r2d2 connection pool.
+//!
+//! Every query is written once and compiled for both backends: the query modules put their
+//! bodies inside [`for_each_backend!`], which instantiates them once with
+//! `Conn = PgConnection` and once with `Conn = SqliteConnection`, and the public functions
+//! dispatch on the [`DbConn`] variant. Write transactions use [`write_txn!`] so that SQLite
+//! takes its write lock up front (`BEGIN IMMEDIATE`) instead of upgrading a read lock, which
+//! would fail with `SQLITE_BUSY` under concurrent writers.
 //!
 //! Every function here is blocking. The HTTP layer calls them inside `web::block` /
 //! `spawn_blocking`, never on an async worker thread.
@@ -9,7 +16,22 @@ pub mod ledger;
 pub mod schema;
 pub mod terminals;
 
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use thiserror::Error;
+
+/// Migrations for PostgreSQL, compiled into the binary so a deployed cloud needs no files.
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/cloud/postgres");
+/// Migrations for embedded SQLite; the same tables as [`PG_MIGRATIONS`] in SQLite's dialect.
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/cloud/sqlite");
+
+/// Advisory lock key held while migrating PostgreSQL, so two cloud processes starting at once
+/// do not both try to create the same tables.
+const MIGRATION_LOCK_KEY: i64 = 0x0070_6f73_7379_6e63; // "possync"
 
 /// Which database engine a [`Database`] talks to; a few statements differ between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,8 +40,9 @@ pub enum Backend {
     Sqlite,
 }
 
-/// Failure of the storage layer. Mapped once, by the service, to `POS_SYNC_STORAGE_FAILED`
-/// (503, retryable) for [`StoreError::Unavailable`].
+/// Failure of the storage layer — the one error type of this boundary. The service maps
+/// [`StoreError::Unavailable`] to `POS_SYNC_STORAGE_FAILED` (503, retryable): it always means
+/// the transaction rolled back, so nothing of the request is half-stored.
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The database could not be reached or could not commit; nothing was half-stored.
@@ -36,57 +59,61 @@ pub enum StoreError {
     InvalidInput(String),
 }
 
-/// A connection to either backend. Query bodies are written once and run against both via
-/// [`with_conn!`], so each body is type-checked per backend.
+impl From<diesel::result::Error> for StoreError {
+    fn from(e: diesel::result::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl From<diesel::ConnectionError> for StoreError {
+    fn from(e: diesel::ConnectionError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// A connection to either backend. Functions in this module take `&mut DbConn` so the service
+/// can hold one pooled connection across several calls.
 pub enum DbConn {
-    Pg(diesel::PgConnection),
-    Sqlite(diesel::SqliteConnection),
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
 }
 
 /// Pooled connection; derefs to [`DbConn`].
 pub type PooledConn = diesel::r2d2::PooledConnection<DbConnManager>;
 
-/// r2d2 manager that opens a [`DbConn`] for the configured backend.
+/// r2d2 manager that opens a [`DbConn`] for the configured backend, so the pool is one type
+/// whichever database the cloud was started with.
 #[derive(Debug, Clone)]
 pub struct DbConnManager {
-    backend: Backend,
-    url: String,
+    target: Target,
 }
 
-/// The cloud's database: a pool of connections to one backend. Cheap to clone.
-#[derive(Clone)]
-pub struct Database {
-    pool: diesel::r2d2::Pool<DbConnManager>,
-    backend: Backend,
+#[derive(Debug, Clone)]
+enum Target {
+    Postgres(String),
+    Sqlite(String),
 }
 
-impl Database {
-    /// Opens a pool. `url` is `postgres://…`, `postgresql://…` or `sqlite://PATH` (the parent
-    /// directory and the file are created).
-    pub fn connect(_url: &str, _pool_size: u32) -> Result<Database, StoreError> {
-        todo!()
-    }
-
-    /// The engine behind this pool.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// Applies pending migrations; returns the names of those applied now.
-    pub fn run_migrations(&self) -> Result<Vec<String>, StoreError> {
-        todo!()
-    }
-
-    /// Takes a connection from the pool.
-    pub fn conn(&self) -> Result<PooledConn, StoreError> {
-        self.pool
-            .get()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
-    }
-
-    /// Round-trips `SELECT 1`, for `/readyz`.
-    pub fn ping(&self) -> Result<(), StoreError> {
-        todo!()
+impl DbConnManager {
+    fn open(&self) -> Result<DbConn, diesel::r2d2::Error> {
+        match &self.target {
+            Target::Postgres(url) => PgConnection::establish(url)
+                .map(DbConn::Pg)
+                .map_err(diesel::r2d2::Error::ConnectionError),
+            Target::Sqlite(path) => {
+                let mut c = SqliteConnection::establish(path)
+                    .map_err(diesel::r2d2::Error::ConnectionError)?;
+                // WAL lets readers run beside the single writer; the busy timeout makes a
+                // second writer wait instead of failing; NORMAL sync is durable in WAL mode
+                // except against power loss of the host, acceptable for the embedded mode.
+                c.batch_execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
+                     PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                )
+                .map_err(diesel::r2d2::Error::QueryError)?;
+                Ok(DbConn::Sqlite(c))
+            }
+        }
     }
 }
 
@@ -95,14 +122,220 @@ impl diesel::r2d2::ManageConnection for DbConnManager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<DbConn, Self::Error> {
-        todo!()
+        self.open()
     }
 
-    fn is_valid(&self, _conn: &mut DbConn) -> Result<(), Self::Error> {
-        todo!()
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), Self::Error> {
+        select_one(conn).map_err(diesel::r2d2::Error::QueryError)
     }
 
     fn has_broken(&self, _conn: &mut DbConn) -> bool {
         false
     }
 }
+
+/// Applies the pending migrations of `source`; returns their names (`<version>_<name>`).
+fn apply_pending<DB: diesel::backend::Backend>(
+    c: &mut impl MigrationHarness<DB>,
+    source: EmbeddedMigrations,
+) -> diesel::migration::Result<Vec<String>> {
+    let pending = c.pending_migrations(source)?;
+    let names = pending.iter().map(|m| m.name().to_string()).collect();
+    c.run_migrations(&pending)?;
+    Ok(names)
+}
+
+fn select_one(conn: &mut DbConn) -> Result<(), diesel::result::Error> {
+    match conn {
+        DbConn::Pg(c) => diesel::sql_query("SELECT 1").execute(c).map(|_| ()),
+        DbConn::Sqlite(c) => diesel::sql_query("SELECT 1").execute(c).map(|_| ()),
+    }
+}
+
+/// The cloud's database: a pool of connections to one backend. Cheap to clone; every clone
+/// shares the pool.
+#[derive(Clone)]
+pub struct Database {
+    pool: diesel::r2d2::Pool<DbConnManager>,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("backend", &self.backend)
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+impl Database {
+    /// Opens a pool of `pool_size` connections. `url` is `postgres://…`, `postgresql://…` or
+    /// `sqlite://PATH` (the parent directory and the file are created). Fails if the database
+    /// cannot be reached, so a misconfigured cloud stops at start rather than at first request.
+    pub fn connect(url: &str, pool_size: u32) -> Result<Database, StoreError> {
+        let (backend, target) = if url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+        {
+            (Backend::Postgres, Target::Postgres(url.to_string()))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::InvalidUrl(
+                    "sqlite:// needs a file path, e.g. sqlite:///var/lib/possync/cloud.db".into(),
+                ));
+            }
+            if let Some(parent) = Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "cannot create directory {}: {e}",
+                            parent.display()
+                        ))
+                    })?;
+                }
+            }
+            (Backend::Sqlite, Target::Sqlite(path.to_string()))
+        } else {
+            let scheme = url.split("://").next().unwrap_or_default();
+            return Err(StoreError::InvalidUrl(format!(
+                "unsupported scheme {scheme:?}; use postgres://, postgresql:// or sqlite://PATH"
+            )));
+        };
+        let pool = diesel::r2d2::Pool::builder()
+            .max_size(pool_size.max(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(DbConnManager { target })
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {backend:?} pool: {e}")))?;
+        Ok(Database { pool, backend })
+    }
+
+    /// The engine behind this pool.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies pending migrations and returns the names of those applied now (empty when the
+    /// schema is current). Runs in one transaction — on PostgreSQL under an advisory lock —
+    /// so concurrent starters apply each migration once and a failure leaves nothing behind.
+    pub fn run_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn()?;
+        let migrate =
+            |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+        match &mut *conn {
+            DbConn::Pg(c) => c.transaction(|c| {
+                diesel::sql_query(format!(
+                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
+                ))
+                .execute(c)?;
+                apply_pending(c, PG_MIGRATIONS).map_err(migrate)
+            }),
+            DbConn::Sqlite(c) => {
+                c.immediate_transaction(|c| apply_pending(c, SQLITE_MIGRATIONS).map_err(migrate))
+            }
+        }
+    }
+
+    /// Takes a connection from the pool (waits up to 10 s for a free one).
+    pub fn conn(&self) -> Result<PooledConn, StoreError> {
+        self.pool
+            .get()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// Round-trips `SELECT 1`, for `/readyz`.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        select_one(&mut conn).map_err(StoreError::from)
+    }
+}
+
+/// Instantiates the same query code once per backend: `mod pg` with `Conn = PgConnection`
+/// and `mod sqlite` with `Conn = SqliteConnection`. The compiler checks every query against
+/// both backends' SQL dialects.
+macro_rules! for_each_backend {
+    ($($body:tt)*) => {
+        mod pg {
+            #[allow(unused_imports)]
+            use super::*;
+            type Conn = diesel::PgConnection;
+            $($body)*
+        }
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            type Conn = diesel::SqliteConnection;
+            $($body)*
+        }
+    };
+}
+pub(crate) use for_each_backend;
+
+/// Runs `$body` (a closure body returning `Result<_, E: From<diesel::result::Error>>`) in a
+/// write transaction: a plain transaction on PostgreSQL, `BEGIN IMMEDIATE` on SQLite.
+/// Inside the body, `$m` names the backend's query module (`pg` or `sqlite`).
+#[allow(unused_macros)] // TEMP until catalog lands
+macro_rules! write_txn {
+    ($conn:expr, |$c:ident, $m:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Pg($c) => {
+                use self::pg as $m;
+                diesel::Connection::transaction($c, |$c| $body)
+            }
+            $crate::db::DbConn::Sqlite($c) => {
+                use self::sqlite as $m;
+                $c.immediate_transaction(|$c| $body)
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use write_txn;
+
+/// Runs `$body` in a read-only transaction that sees one consistent snapshot: REPEATABLE READ
+/// on PostgreSQL (a single snapshot for every statement), a deferred transaction on SQLite
+/// (WAL gives it a snapshot from its first read).
+#[allow(unused_macros)] // TEMP until catalog lands
+macro_rules! read_txn {
+    ($conn:expr, |$c:ident, $m:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Pg($c) => {
+                use self::pg as $m;
+                $c.build_transaction()
+                    .repeatable_read()
+                    .read_only()
+                    .run(|$c| $body)
+            }
+            $crate::db::DbConn::Sqlite($c) => {
+                use self::sqlite as $m;
+                diesel::Connection::transaction($c, |$c| $body)
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use read_txn;
+
+/// Runs `$body` outside any explicit transaction, against whichever backend `$conn` is.
+macro_rules! with_conn {
+    ($conn:expr, |$c:ident, $m:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Pg($c) => {
+                use self::pg as $m;
+                $body
+            }
+            $crate::db::DbConn::Sqlite($c) => {
+                use self::sqlite as $m;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_conn;
+
+/// Current time as the UTC `NaiveDateTime` the `Timestamp` columns hold.
+pub(crate) fn now_utc() -> chrono::NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support;

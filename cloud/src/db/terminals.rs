@@ -1,19 +1,31 @@
 //! Enrolled terminals and their bearer tokens.
+//!
+//! A token is 32 random bytes from the thread-local CSPRNG, base64url, prefixed `pst_` so a
+//! leaked one is recognisable in logs and secret scanners. Only its sha256 is stored: a
+//! database dump does not let anyone act as a terminal. Lookup is by that hash, through the
+//! unique index, so authentication costs one indexed read.
 
-use chrono::{DateTime, Utc};
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::prelude::*;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{DbConn, StoreError};
+use super::schema::terminals;
+use super::{for_each_backend, now_utc, with_conn, DbConn, StoreError};
 
-/// Who a valid token belongs to.
+/// Prefix of every terminal token.
+pub const TOKEN_PREFIX: &str = "pst_";
+
+/// Who a valid token belongs to: the only identity a terminal request can act as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminalIdentity {
     pub terminal_id: Uuid,
     pub branch_id: String,
 }
 
-/// A newly enrolled terminal with its token, shown once.
+/// A newly enrolled terminal with its token. The token is shown this once and never again,
+/// because only its hash is kept.
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuedTerminal {
     pub terminal_id: Uuid,
@@ -21,8 +33,8 @@ pub struct IssuedTerminal {
     pub token: String,
 }
 
-/// A terminal as admin views list it (no token material).
-#[derive(Debug, Clone, Serialize)]
+/// A terminal as admin views list it; holds no token material.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TerminalRecord {
     pub terminal_id: Uuid,
     pub branch_id: String,
@@ -31,29 +43,212 @@ pub struct TerminalRecord {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-/// Enrolls a terminal for `branch_id`.
+#[derive(Debug, Queryable, Selectable, Insertable)]
+#[diesel(table_name = terminals)]
+struct TerminalRow {
+    terminal_id: String,
+    branch_id: String,
+    name: Option<String>,
+    token_hash: String,
+    created_at: NaiveDateTime,
+    revoked_at: Option<NaiveDateTime>,
+}
+
+impl TerminalRow {
+    fn into_record(self) -> Result<TerminalRecord, StoreError> {
+        Ok(TerminalRecord {
+            terminal_id: parse_uuid(&self.terminal_id)?,
+            branch_id: self.branch_id,
+            name: self.name,
+            created_at: self.created_at.and_utc(),
+            revoked_at: self.revoked_at.map(|t| t.and_utc()),
+        })
+    }
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s)
+        .map_err(|e| StoreError::Unavailable(format!("corrupt terminal id {s:?} in database: {e}")))
+}
+
+/// sha256 hex of a token, the form stored and looked up.
+fn token_hash(token: &str) -> String {
+    possync_protocol::sha256_hex(token.as_bytes())
+}
+
+for_each_backend! {
+    pub(super) fn insert(c: &mut Conn, row: &TerminalRow) -> QueryResult<usize> {
+        diesel::insert_into(terminals::table).values(row).execute(c)
+    }
+
+    pub(super) fn revoke(c: &mut Conn, id: &str) -> QueryResult<usize> {
+        diesel::update(
+            terminals::table
+                .filter(terminals::terminal_id.eq(id))
+                .filter(terminals::revoked_at.is_null()),
+        )
+        .set(terminals::revoked_at.eq(Some(now_utc())))
+        .execute(c)
+    }
+
+    pub(super) fn by_hash(c: &mut Conn, hash: &str) -> QueryResult<Option<(String, String)>> {
+        terminals::table
+            .filter(terminals::token_hash.eq(hash))
+            .filter(terminals::revoked_at.is_null())
+            .select((terminals::terminal_id, terminals::branch_id))
+            .first(c)
+            .optional()
+    }
+
+    pub(super) fn all(c: &mut Conn) -> QueryResult<Vec<TerminalRow>> {
+        terminals::table
+            .order((terminals::branch_id, terminals::created_at, terminals::terminal_id))
+            .select(TerminalRow::as_select())
+            .load(c)
+    }
+}
+
+/// Enrolls a terminal for `branch_id` and issues its token.
 pub fn add_terminal(
-    _conn: &mut DbConn,
-    _branch_id: &str,
-    _name: Option<&str>,
+    conn: &mut DbConn,
+    branch_id: &str,
+    name: Option<&str>,
 ) -> Result<IssuedTerminal, StoreError> {
-    todo!()
+    if !possync_protocol::valid_branch_id(branch_id) {
+        return Err(StoreError::InvalidInput(format!(
+            "branch id {branch_id:?} must be 1-64 of [a-z0-9_-]"
+        )));
+    }
+    if let Some(n) = name {
+        if n.chars().count() > 200 {
+            return Err(StoreError::InvalidInput(
+                "terminal name must be at most 200 characters".into(),
+            ));
+        }
+    }
+    let terminal_id = Uuid::now_v7();
+    let secret: [u8; 32] = rand::random();
+    let token = format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let row = TerminalRow {
+        terminal_id: terminal_id.to_string(),
+        branch_id: branch_id.to_string(),
+        name: name.map(str::to_string),
+        token_hash: token_hash(&token),
+        created_at: now_utc(),
+        revoked_at: None,
+    };
+    with_conn!(conn, |c, m| m::insert(c, &row))?;
+    Ok(IssuedTerminal {
+        terminal_id,
+        branch_id: branch_id.to_string(),
+        token,
+    })
 }
 
-/// Revokes a terminal; `false` if unknown or already revoked.
-pub fn revoke_terminal(_conn: &mut DbConn, _terminal_id: Uuid) -> Result<bool, StoreError> {
-    todo!()
+/// Revokes a terminal: its token stops authenticating at once. `false` if the terminal is
+/// unknown or already revoked. Its ingested sales stay.
+pub fn revoke_terminal(conn: &mut DbConn, terminal_id: Uuid) -> Result<bool, StoreError> {
+    let id = terminal_id.to_string();
+    let n = with_conn!(conn, |c, m| m::revoke(c, &id))?;
+    Ok(n > 0)
 }
 
-/// Resolves a bearer token; `None` if unknown or revoked.
+/// Resolves a bearer token to its terminal; `None` if unknown or revoked (the caller answers
+/// 401 either way, without saying which).
 pub fn authenticate(
-    _conn: &mut DbConn,
-    _token: &str,
+    conn: &mut DbConn,
+    token: &str,
 ) -> Result<Option<TerminalIdentity>, StoreError> {
-    todo!()
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > 256 {
+        return Ok(None);
+    }
+    let hash = token_hash(token);
+    let found = with_conn!(conn, |c, m| m::by_hash(c, &hash))?;
+    found
+        .map(|(id, branch_id)| {
+            Ok(TerminalIdentity {
+                terminal_id: parse_uuid(&id)?,
+                branch_id,
+            })
+        })
+        .transpose()
 }
 
-/// All terminals, for admin views.
-pub fn list_terminals(_conn: &mut DbConn) -> Result<Vec<TerminalRecord>, StoreError> {
-    todo!()
+/// All terminals (revoked ones included), ordered by branch then enrolment, for admin views.
+pub fn list_terminals(conn: &mut DbConn) -> Result<Vec<TerminalRecord>, StoreError> {
+    let rows = with_conn!(conn, |c, m| m::all(c))?;
+    rows.into_iter().map(TerminalRow::into_record).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::test_support::each_backend;
+
+    #[test]
+    fn add_authenticate_revoke() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            let issued = add_terminal(&mut conn, "b1", Some("till 1")).expect("add");
+            assert!(issued.token.starts_with(TOKEN_PREFIX));
+            // 32 bytes base64url without padding = 43 characters.
+            assert_eq!(issued.token.len(), TOKEN_PREFIX.len() + 43);
+            let other = add_terminal(&mut conn, "b2", None).expect("add");
+            assert_ne!(issued.token, other.token);
+
+            let who = authenticate(&mut conn, &issued.token).expect("auth");
+            assert_eq!(
+                who,
+                Some(TerminalIdentity {
+                    terminal_id: issued.terminal_id,
+                    branch_id: "b1".into()
+                })
+            );
+            assert_eq!(authenticate(&mut conn, "pst_unknown").expect("auth"), None);
+            assert_eq!(authenticate(&mut conn, "").expect("auth"), None);
+
+            assert!(revoke_terminal(&mut conn, issued.terminal_id).expect("revoke"));
+            assert!(!revoke_terminal(&mut conn, issued.terminal_id).expect("revoke again"));
+            assert!(!revoke_terminal(&mut conn, Uuid::now_v7()).expect("revoke unknown"));
+            assert_eq!(authenticate(&mut conn, &issued.token).expect("auth"), None);
+            assert!(authenticate(&mut conn, &other.token)
+                .expect("auth")
+                .is_some());
+
+            let list = list_terminals(&mut conn).expect("list");
+            assert_eq!(list.len(), 2);
+            assert_eq!(list[0].terminal_id, issued.terminal_id);
+            assert_eq!(list[0].name.as_deref(), Some("till 1"));
+            assert!(list[0].revoked_at.is_some());
+            assert!(list[1].revoked_at.is_none());
+        });
+    }
+
+    #[test]
+    fn the_token_itself_is_never_stored() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            let issued = add_terminal(&mut conn, "b1", None).expect("add");
+            let rows = with_conn!(&mut *conn, |c, m| m::all(c)).expect("rows");
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].token_hash, token_hash(&issued.token));
+            assert!(!rows[0]
+                .token_hash
+                .contains(&issued.token[TOKEN_PREFIX.len()..]));
+        });
+    }
+
+    #[test]
+    fn bad_branch_is_refused() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            assert!(matches!(
+                add_terminal(&mut conn, "Bad Branch", None),
+                Err(StoreError::InvalidInput(_))
+            ));
+        });
+    }
 }

@@ -1,0 +1,40 @@
+-- One row per idempotency key, forever: the first delivery's payload hash and cloud event id.
+CREATE TABLE idempotency_ledger (
+    terminal_id    TEXT NOT NULL,
+    pos_id         TEXT NOT NULL,
+    local_event_id BIGINT NOT NULL CHECK (local_event_id >= 1),
+    payload_hash   TEXT NOT NULL,
+    cloud_event_id TEXT NOT NULL UNIQUE,
+    branch_id      TEXT NOT NULL,
+    first_seen_at  TIMESTAMP NOT NULL,
+    PRIMARY KEY (terminal_id, pos_id, local_event_id)
+);
+
+-- Ingested sales, append-only. No column here, or anywhere in this schema, holds stock.
+CREATE TABLE sales_events (
+    cloud_event_id TEXT PRIMARY KEY,
+    terminal_id    TEXT NOT NULL,
+    pos_id         TEXT NOT NULL,
+    local_event_id BIGINT NOT NULL,
+    branch_id      TEXT NOT NULL,
+    event_type     TEXT NOT NULL CHECK (event_type IN ('sale', 'refund', 'void')),
+    occurred_at    TIMESTAMP NOT NULL,
+    received_at    TIMESTAMP NOT NULL,
+    payload        TEXT NOT NULL,
+    payload_hash   TEXT NOT NULL,
+    receipt_no     TEXT NOT NULL,
+    total_minor    BIGINT NOT NULL,
+    currency       TEXT NOT NULL,
+    UNIQUE (terminal_id, pos_id, local_event_id)
+);
+CREATE INDEX sales_events_branch_idx ON sales_events (branch_id, received_at);
+
+-- The database itself refuses to change or remove an ingested sale or a ledger entry.
+CREATE TRIGGER sales_events_no_update BEFORE UPDATE ON sales_events
+BEGIN SELECT RAISE(ABORT, 'UPDATE on sales_events refused: ingested sales are append-only'); END;
+CREATE TRIGGER sales_events_no_delete BEFORE DELETE ON sales_events
+BEGIN SELECT RAISE(ABORT, 'DELETE on sales_events refused: ingested sales are append-only'); END;
+CREATE TRIGGER idempotency_ledger_no_update BEFORE UPDATE ON idempotency_ledger
+BEGIN SELECT RAISE(ABORT, 'UPDATE on idempotency_ledger refused: ingested sales are append-only'); END;
+CREATE TRIGGER idempotency_ledger_no_delete BEFORE DELETE ON idempotency_ledger
+BEGIN SELECT RAISE(ABORT, 'DELETE on idempotency_ledger refused: ingested sales are append-only'); END;

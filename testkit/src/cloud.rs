@@ -1,0 +1,260 @@
+//! A real `cloud serve` process for tests: port 0, a temp data dir, the database of the
+//! caller's choosing, and kill/restart to test crashes.
+//!
+//! The binary is found (in order) at `$POSSYNC_CLOUD_BIN`, or as `cloud` in the cargo target
+//! profile directory of the running test executable (`target/<profile>/deps/x` →
+//! `target/<profile>/cloud`). Build it first (`cargo build -p possync-cloud`); the cloud
+//! crate's own tests get it built by cargo automatically.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use uuid::Uuid;
+
+/// Environment variable naming the `cloud` binary explicitly.
+pub const CLOUD_BIN_ENV: &str = "POSSYNC_CLOUD_BIN";
+
+/// How long to wait for the `listening on` line before giving up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Locates the `cloud` binary (see the module doc).
+pub fn cloud_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(CLOUD_BIN_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let candidate = d.join(format!("cloud{}", std::env::consts::EXE_SUFFIX));
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    bail!(
+        "the cloud binary was not found next to {} (run `cargo build -p possync-cloud` or set {CLOUD_BIN_ENV})",
+        exe.display()
+    )
+}
+
+/// A running `cloud serve` child process, killed on drop.
+pub struct CloudProcess {
+    child: Option<Child>,
+    binary: PathBuf,
+    data_dir: tempfile::TempDir,
+    database_url: Option<String>,
+    extra_args: Vec<String>,
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// The admin bearer token this process accepts.
+    pub admin_token: String,
+}
+
+impl CloudProcess {
+    /// Starts `cloud serve --bind 127.0.0.1:0` on `database_url` (or the embedded SQLite
+    /// default under a fresh temp data dir when `None`).
+    pub fn start(database_url: Option<&str>) -> anyhow::Result<CloudProcess> {
+        Self::start_with(database_url, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra `serve` flags (e.g. `--rate-burst 2`).
+    pub fn start_with(
+        database_url: Option<&str>,
+        extra_args: &[&str],
+    ) -> anyhow::Result<CloudProcess> {
+        let binary = cloud_binary()?;
+        let data_dir = tempfile::tempdir().context("creating the cloud data dir")?;
+        let mut p = CloudProcess {
+            child: None,
+            binary,
+            data_dir,
+            database_url: database_url.map(str::to_string),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            base_url: String::new(),
+            admin_token: format!("adm_test_{}", Uuid::new_v4().simple()),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--data-dir").arg(self.data_dir.path());
+        if let Some(url) = &self.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        cmd.env("POSSYNC_ADMIN_TOKEN", &self.admin_token)
+            .env_remove("POSSYNC_DATABASE_URL");
+        cmd
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening the cloud log file")?;
+        let mut cmd = self.command();
+        cmd.args(["serve", "--bind", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        let _ = tx.send(url.trim().to_string());
+                        sent = true;
+                    }
+                }
+                // Keep draining so the child never blocks on a full pipe.
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(url) => {
+                self.base_url = url;
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                bail!("cloud serve did not start (exit {status:?}); log tail:\n{tail}")
+            }
+        }
+    }
+
+    /// Where the child's stderr (JSON logs) goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.path().join("cloud.log")
+    }
+
+    /// The data dir this process uses.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// The database URL this process was started with (`None`: embedded default).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
+    }
+
+    /// `base_url` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Runs a `cloud` admin command on the same database and data dir; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .with_context(|| format!("running cloud {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "cloud {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Enrolls a terminal for `branch` via `cloud terminal add`; returns `(terminal_id, token)`.
+    pub fn add_terminal(&self, branch: &str) -> anyhow::Result<(Uuid, String)> {
+        let out = self.cli(&["terminal", "add", "--branch", branch])?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
+        let id = v["terminal_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| anyhow!("no terminal_id in {out:?}"))?;
+        let token = v["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {out:?}"))?
+            .to_string();
+        Ok((id, token))
+    }
+
+    /// Revokes a terminal via `cloud terminal revoke`.
+    pub fn revoke_terminal(&self, terminal_id: Uuid) -> anyhow::Result<()> {
+        self.cli(&["terminal", "revoke", &terminal_id.to_string()])
+            .map(|_| ())
+    }
+
+    /// The child's process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process abruptly (SIGKILL, like `kill -9`) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing cloud")?;
+            child.wait().context("reaping cloud")?;
+        }
+        Ok(())
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("cloud is not running"))?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .context("sending SIGTERM")?;
+        if !status.success() {
+            bail!("kill -TERM failed: {status}");
+        }
+        child.wait().context("waiting for cloud to exit")
+    }
+
+    /// Kills the process (if running) and starts it again on the same database and data dir.
+    /// The port changes; read `base_url` again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+}
+
+impl Drop for CloudProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Retry pacing: exponential backoff with full jitter, and whether the cloud is reachable.
+//!
+//! The delay rule is a pure function ([`next_delay`]) so that it can be proven with property
+//! tests and replayed by simulations; the [`Backoff`] actor only owns what must be shared by the
+//! other actors: the seeded random source (so a seed reproduces a run) and the online/offline
+//! verdict built from everyone's contact reports.
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ports::Clock;
+use crate::status::{ActorKind, SharedBoard};
+
+/// How retries are paced. Defaults: base 1 s, cap 5 min, 12 attempts.
+///
+/// `max_attempts` counts deliveries: after the `max_attempts`-th failed attempt there is no
+/// further automatic retry (the journal row goes to `needs_attention` until an operator retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackoffPolicy {
+    /// Upper bound of the first retry's delay.
+    pub base: Duration,
+    /// No delay exceeds this (except a longer `Retry-After`, which always wins).
+    pub cap: Duration,
+    /// Deliveries allowed before giving up.
+    pub max_attempts: u32,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+            max_attempts: 12,
+        }
+    }
+}
+
+/// The upper bound of the jitter window after `failures` failed attempts:
+/// `min(cap, base * 2^(failures-1))`, computed without overflow.
+pub fn delay_ceiling(policy: &BackoffPolicy, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(63);
+    let factor = 1u64 << exp;
+    let base_ms = u64::try_from(policy.base.as_millis()).unwrap_or(u64::MAX);
+    let cap_ms = u64::try_from(policy.cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(base_ms.saturating_mul(factor).min(cap_ms))
+}
+
+/// Delay before the next attempt after `failures` failed attempts (≥ 1), or `None` when the
+/// policy's attempts are used up.
+///
+/// Full jitter (`rand(0 ..= ceiling)`, with `unit_random` in `[0, 1]` supplying the randomness)
+/// spreads the retries of many terminals that lost the network at the same moment, so they do
+/// not hit the cloud in waves; a `Retry-After` from the server is a floor, because the server
+/// knows its own load better than our guess does.
+pub fn next_delay(
+    policy: &BackoffPolicy,
+    failures: u32,
+    retry_after: Option<Duration>,
+    unit_random: f64,
+) -> Option<Duration> {
+    if failures >= policy.max_attempts {
+        return None;
+    }
+    let ceiling = delay_ceiling(policy, failures.max(1));
+    let unit = if unit_random.is_finite() {
+        unit_random.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    let jittered = ceiling.mul_f64(unit);
+    Some(match retry_after {
+        Some(floor) if floor > jittered => floor,
+        _ => jittered,
+    })
+}
+
+/// The answer to "when may I try again?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Try again at this instant (clock time).
+    RetryAt(DateTime<Utc>),
+    /// Attempts are used up: stop retrying automatically.
+    GiveUp,
+}
+
+/// Messages of the [`Backoff`] actor.
+#[derive(Debug)]
+pub enum BackoffMsg {
+    /// Asks when to retry after `failures` failed attempts, honouring `retry_after`.
+    Decide {
+        failures: u32,
+        retry_after: Option<Duration>,
+        reply: RpcReplyPort<Decision>,
+    },
+    /// Another actor reached the cloud (`reachable = true`, any answer counts) or could not.
+    Contact { reachable: bool },
+}
+
+/// Typed start arguments of the [`Backoff`] actor.
+#[derive(Clone)]
+pub struct BackoffArgs {
+    pub policy: BackoffPolicy,
+    /// Seed of the jitter source; `None` draws one (and logs it so a run can be replayed).
+    pub seed: Option<u64>,
+    pub clock: Arc<dyn Clock>,
+    pub board: SharedBoard,
+}
+
+/// Live state of the [`Backoff`] actor.
+pub struct BackoffState {
+    policy: BackoffPolicy,
+    rng: StdRng,
+    clock: Arc<dyn Clock>,
+    board: SharedBoard,
+}
+
+/// The actor that paces retries for the whole engine and tracks reachability.
+pub struct Backoff;
+
+impl Actor for Backoff {
+    type Msg = BackoffMsg;
+    type State = BackoffState;
+    type Arguments = BackoffArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: BackoffArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let seed = args.seed.unwrap_or_else(|| rand::rng().random());
+        tracing::info!(seed, "backoff jitter seeded");
+        args.board.set_state(ActorKind::Backoff, "ready");
+        Ok(BackoffState {
+            policy: args.policy,
+            rng: StdRng::seed_from_u64(seed),
+            clock: args.clock,
+            board: args.board,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            BackoffMsg::Decide {
+                failures,
+                retry_after,
+                reply,
+            } => {
+                let unit: f64 = state.rng.random();
+                let decision = decide(
+                    &state.policy,
+                    failures,
+                    retry_after,
+                    unit,
+                    state.clock.now(),
+                );
+                // The asker may have gone away (restarted); nothing to do then.
+                let _ = reply.send(decision);
+            }
+            BackoffMsg::Contact { reachable } => {
+                state.board.set_contact(reachable, state.clock.now());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`next_delay`] turned into a clock instant.
+pub fn decide(
+    policy: &BackoffPolicy,
+    failures: u32,
+    retry_after: Option<Duration>,
+    unit_random: f64,
+    now: DateTime<Utc>,
+) -> Decision {
+    match next_delay(policy, failures, retry_after, unit_random) {
+        Some(d) => {
+            Decision::RetryAt(now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+        }
+        None => Decision::GiveUp,
+    }
+}
+
+/// Asks the Backoff actor, falling back to the deterministic worst case (the full ceiling)
+/// when it is down (e.g. being restarted), so a retry is never scheduled sooner than policy.
+pub async fn ask(
+    backoff: Option<ActorRef<BackoffMsg>>,
+    policy: &BackoffPolicy,
+    failures: u32,
+    retry_after: Option<Duration>,
+    now: DateTime<Utc>,
+) -> Decision {
+    if let Some(b) = backoff {
+        let asked = b
+            .call(
+                |reply| BackoffMsg::Decide {
+                    failures,
+                    retry_after,
+                    reply,
+                },
+                Some(Duration::from_secs(5)),
+            )
+            .await;
+        if let Ok(ractor::rpc::CallResult::Success(d)) = asked {
+            return d;
+        }
+    }
+    decide(policy, failures, retry_after, 1.0, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy() -> BackoffPolicy {
+        BackoffPolicy::default()
+    }
+
+    #[test]
+    fn first_retry_is_within_base_and_grows_to_the_cap() {
+        let p = policy();
+        assert_eq!(next_delay(&p, 1, None, 1.0), Some(Duration::from_secs(1)));
+        assert_eq!(next_delay(&p, 2, None, 1.0), Some(Duration::from_secs(2)));
+        assert_eq!(next_delay(&p, 4, None, 1.0), Some(Duration::from_secs(8)));
+        assert_eq!(
+            next_delay(&p, 11, None, 1.0),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(next_delay(&p, 1, None, 0.0), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn attempts_are_used_up_at_max_attempts() {
+        let p = BackoffPolicy {
+            max_attempts: 3,
+            ..policy()
+        };
+        assert!(next_delay(&p, 2, None, 0.5).is_some());
+        assert_eq!(next_delay(&p, 3, None, 0.5), None);
+        assert_eq!(decide(&p, 3, None, 0.5, Utc::now()), Decision::GiveUp);
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_even_above_the_cap() {
+        let p = policy();
+        let ra = Duration::from_secs(600);
+        assert_eq!(next_delay(&p, 1, Some(ra), 0.3), Some(ra));
+        // a short Retry-After does not shorten a longer jittered delay
+        assert_eq!(
+            next_delay(&p, 5, Some(Duration::from_millis(1)), 1.0),
+            Some(Duration::from_secs(16))
+        );
+    }
+
+    #[test]
+    fn huge_failure_counts_do_not_overflow() {
+        let p = BackoffPolicy {
+            max_attempts: u32::MAX,
+            ..policy()
+        };
+        assert_eq!(next_delay(&p, 10_000, None, 1.0), Some(p.cap));
+        assert_eq!(
+            next_delay(&p, 5, None, f64::NAN),
+            Some(Duration::from_secs(16))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn delay_stays_within_zero_and_the_ceiling(
+            failures in 1u32..40, unit in 0.0f64..=1.0, base_ms in 1u64..5000, cap_ms in 1u64..600_000
+        ) {
+            let p = BackoffPolicy { base: Duration::from_millis(base_ms), cap: Duration::from_millis(cap_ms), max_attempts: 100 };
+            let d = next_delay(&p, failures, None, unit).expect("attempts left");
+            prop_assert!(d <= delay_ceiling(&p, failures));
+            prop_assert!(d <= p.cap);
+        }
+
+        #[test]
+        fn ceiling_is_monotone_and_capped(failures in 1u32..80, base_ms in 1u64..5000, cap_ms in 1u64..600_000) {
+            let p = BackoffPolicy { base: Duration::from_millis(base_ms), cap: Duration::from_millis(cap_ms), max_attempts: 100 };
+            prop_assert!(delay_ceiling(&p, failures) <= delay_ceiling(&p, failures + 1));
+            prop_assert!(delay_ceiling(&p, failures) <= p.cap);
+        }
+
+        #[test]
+        fn retry_after_is_always_honoured(failures in 1u32..12, unit in 0.0f64..=1.0, ra_s in 0u64..3600) {
+            let p = policy();
+            let ra = Duration::from_secs(ra_s);
+            let d = next_delay(&p, failures, Some(ra), unit).expect("attempts left");
+            prop_assert!(d >= ra);
+        }
+
+        #[test]
+        fn same_seed_same_delays(seed in any::<u64>()) {
+            let p = policy();
+            let mut a = StdRng::seed_from_u64(seed);
+            let mut b = StdRng::seed_from_u64(seed);
+            for f in 1..12 {
+                prop_assert_eq!(next_delay(&p, f, None, rand::Rng::random(&mut a)), next_delay(&p, f, None, rand::Rng::random(&mut b)));
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! `CatalogSyncer`: keeps the local catalog a copy of the cloud's — one snapshot, then deltas.
+//!
+//! The decisions (which request to make next, what to do after a page or an error) are pure
+//! functions of the stored [`CatalogPosition`]; the actor reads the position from the store
+//! before every step. That is what makes a restart resume exactly where the last committed page
+//! left off: there is no in-memory progress to lose.
+
+use possync_protocol::{DeltaPage, ErrorCode, SnapshotPage};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backoff::{self, Decision};
+use crate::engine::SyncContext;
+use crate::ports::{CatalogPosition, CloudError};
+use crate::status::ActorKind;
+
+/// The next call the syncer should make, derived from the stored position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogRequest {
+    /// Fetch a snapshot page; `cursor: None` starts a fresh snapshot.
+    Snapshot { cursor: Option<String> },
+    /// Fetch changes after `since`.
+    Delta { since: i64 },
+}
+
+/// Decides the next request: an unfinished snapshot continues from its stored cursor; a
+/// finished one is followed by deltas; no catalog at all starts a snapshot.
+pub fn next_request(pos: &CatalogPosition) -> CatalogRequest {
+    if pos.snapshot_in_progress {
+        return CatalogRequest::Snapshot {
+            cursor: pos.snapshot_cursor.clone(),
+        };
+    }
+    match pos.catalog_version {
+        Some(since) => CatalogRequest::Delta { since },
+        None => CatalogRequest::Snapshot { cursor: None },
+    }
+}
+
+/// What to do after a page was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterPage {
+    /// More to fetch right away (next snapshot page, catch-up delta, or `has_more`).
+    Continue,
+    /// Caught up: wait for the delta interval or a nudge.
+    Idle,
+}
+
+/// After a snapshot page (last or not) there is more to do at once: the next page, or the
+/// first delta that catches up with changes made while the snapshot was paged. After a delta
+/// page, continue only while the cloud says `has_more`.
+pub fn after_snapshot_page(_page: &SnapshotPage) -> AfterPage {
+    AfterPage::Continue
+}
+
+/// See [`after_snapshot_page`].
+pub fn after_delta_page(page: &DeltaPage) -> AfterPage {
+    if page.has_more {
+        AfterPage::Continue
+    } else {
+        AfterPage::Idle
+    }
+}
+
+/// What to do after a failed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatalogRecovery {
+    /// Our position is no longer servable: forget it and take a fresh snapshot.
+    Resnapshot,
+    /// Try the same request again after a backoff delay.
+    RetryLater,
+}
+
+/// 410 / `resnapshot_required` on a delta, or a 400 on a snapshot cursor we stored (the
+/// cloud no longer recognises it), mean our position is gone: snapshot again. Everything else
+/// is retried with backoff — including non-retryable codes such as 401, since the catalog must
+/// keep trying (slowly) until an operator fixes the enrollment.
+pub fn recovery_for(request: &CatalogRequest, err: &CloudError) -> CatalogRecovery {
+    if err.resnapshot_required() {
+        return CatalogRecovery::Resnapshot;
+    }
+    if let (
+        CatalogRequest::Snapshot { cursor: Some(_) },
+        CloudError::Rejected {
+            status: 400,
+            code: Some(ErrorCode::PosCatalogSnapshotFailed),
+            ..
+        },
+    ) = (request, err)
+    {
+        return CatalogRecovery::Resnapshot;
+    }
+    CatalogRecovery::RetryLater
+}
+
+/// Status line for a position: snapshot progress, or idle at a version.
+pub fn position_state(pos: &CatalogPosition) -> String {
+    if pos.snapshot_in_progress || pos.catalog_version.is_none() {
+        format!(
+            "snapshotting {}/{}",
+            pos.snapshot_received, pos.snapshot_total
+        )
+    } else {
+        "idle".to_string()
+    }
+}
+
+/// Messages of the [`CatalogSyncer`].
+#[derive(Debug)]
+pub enum CatalogMsg {
+    /// Take one step if `generation` is still current (stale timers are ignored).
+    Tick(u64),
+    /// Operator or daemon asked for a sync now.
+    SyncNow,
+}
+
+/// Live state: only pacing; the position lives in the store.
+pub struct CatalogState {
+    ctx: Arc<SyncContext>,
+    generation: u64,
+    failures: u32,
+}
+
+/// The actor that pulls the catalog.
+pub struct CatalogSyncer;
+
+enum Fetched {
+    Snapshot(SnapshotPage, bool),
+    Delta(DeltaPage),
+}
+
+impl CatalogSyncer {
+    fn schedule(myself: &ActorRef<CatalogMsg>, state: &mut CatalogState, delay: Duration) {
+        state.generation = state.generation.wrapping_add(1);
+        let generation = state.generation;
+        if delay.is_zero() {
+            let _ = myself.cast(CatalogMsg::Tick(generation));
+        } else {
+            // The timer task outlives nothing: a stale or dead target just drops the tick.
+            drop(myself.send_after(delay, move || CatalogMsg::Tick(generation)));
+        }
+    }
+
+    async fn step(
+        myself: &ActorRef<CatalogMsg>,
+        state: &mut CatalogState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = state.ctx.clone();
+        let cfg = &ctx.config;
+        let pos = ctx.store_call(|s| s.catalog_position()).await?;
+        ctx.board.set_catalog(pos.clone());
+        let request = next_request(&pos);
+        let fetched = match &request {
+            CatalogRequest::Snapshot { cursor } => ctx
+                .cloud
+                .snapshot(cursor.as_deref(), cfg.snapshot_page_limit)
+                .await
+                .map(|p| Fetched::Snapshot(p, cursor.is_none())),
+            CatalogRequest::Delta { since } => ctx
+                .cloud
+                .delta(*since, cfg.delta_page_limit)
+                .await
+                .map(Fetched::Delta),
+        };
+        match fetched {
+            Ok(page) => {
+                ctx.backoff.report_contact(true);
+                state.failures = 0;
+                let next = match page {
+                    Fetched::Snapshot(page, fresh) => {
+                        let next = after_snapshot_page(&page);
+                        ctx.store_call(move |s| s.apply_snapshot_page(&page, fresh))
+                            .await?;
+                        ctx.metrics.snapshot_pages.inc();
+                        next
+                    }
+                    Fetched::Delta(page) => {
+                        let next = after_delta_page(&page);
+                        if !page.changes.is_empty() {
+                            tracing::info!(
+                                terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                                eventId = "catalog", syncAttempt = 1u32,
+                                changes = page.changes.len(), next_since = page.next_since,
+                                "catalog delta applied"
+                            );
+                        }
+                        ctx.store_call(move |s| s.apply_delta_page(&page)).await?;
+                        ctx.metrics.delta_sync_runs.inc();
+                        next
+                    }
+                };
+                let pos = ctx.store_call(|s| s.catalog_position()).await?;
+                ctx.board
+                    .set_state(ActorKind::CatalogSyncer, position_state(&pos));
+                ctx.board.set_catalog(pos);
+                let delay = match next {
+                    AfterPage::Continue => Duration::ZERO,
+                    AfterPage::Idle => cfg.delta_interval,
+                };
+                Self::schedule(myself, state, delay);
+            }
+            Err(err) => {
+                let reachable = !matches!(err, CloudError::Unreachable(_));
+                ctx.backoff.report_contact(reachable);
+                ctx.board
+                    .set_error(ActorKind::CatalogSyncer, err.to_string());
+                match recovery_for(&request, &err) {
+                    CatalogRecovery::Resnapshot => {
+                        tracing::warn!(
+                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                            eventId = "catalog", syncAttempt = state.failures + 1,
+                            errorCode = %err.code_str(), "catalog position expired; taking a fresh snapshot"
+                        );
+                        ctx.store_call(|s| s.require_resnapshot()).await?;
+                        state.failures = 0;
+                        Self::schedule(myself, state, Duration::ZERO);
+                    }
+                    CatalogRecovery::RetryLater => {
+                        state.failures = state.failures.saturating_add(1);
+                        // The catalog never gives up: past max_attempts it keeps the capped pace.
+                        let failures = state
+                            .failures
+                            .min(cfg.backoff.max_attempts.saturating_sub(1))
+                            .max(1);
+                        let now = ctx.now();
+                        let when = match backoff::ask(
+                            ctx.backoff.get(),
+                            &cfg.backoff,
+                            failures,
+                            err.retry_after(),
+                            now,
+                        )
+                        .await
+                        {
+                            Decision::RetryAt(t) => t,
+                            Decision::GiveUp => {
+                                now + chrono::Duration::from_std(cfg.backoff.cap)
+                                    .unwrap_or(chrono::Duration::MAX)
+                            }
+                        };
+                        let delay = (when - now).to_std().unwrap_or(Duration::ZERO);
+                        let label = if reachable {
+                            "backing_off"
+                        } else {
+                            "offline, retrying"
+                        };
+                        ctx.board.set_state(
+                            ActorKind::CatalogSyncer,
+                            format!("{label} until {}", when.to_rfc3339()),
+                        );
+                        tracing::warn!(
+                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                            eventId = "catalog", syncAttempt = state.failures,
+                            errorCode = %err.code_str(), retry_in_ms = delay.as_millis() as u64,
+                            "catalog sync failed; will retry"
+                        );
+                        Self::schedule(myself, state, delay);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Actor for CatalogSyncer {
+    type Msg = CatalogMsg;
+    type State = CatalogState;
+    type Arguments = Arc<SyncContext>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        ctx: Arc<SyncContext>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // No I/O here: a failure in pre_start escapes supervision. The first tick loads the
+        // position from the store.
+        let mut state = CatalogState {
+            ctx,
+            generation: 0,
+            failures: 0,
+        };
+        state
+            .ctx
+            .board
+            .set_state(ActorKind::CatalogSyncer, "starting");
+        Self::schedule(&myself, &mut state, Duration::ZERO);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            CatalogMsg::Tick(g) if g == state.generation => Self::step(&myself, state).await,
+            CatalogMsg::Tick(_) => Ok(()),
+            CatalogMsg::SyncNow => {
+                Self::schedule(&myself, state, Duration::ZERO);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, code: Option<ErrorCode>, reason: Option<&str>) -> CloudError {
+        CloudError::Rejected {
+            status,
+            code,
+            message: "x".into(),
+            retry_after: None,
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn no_catalog_means_fresh_snapshot_and_progress_resumes_from_the_cursor() {
+        assert_eq!(
+            next_request(&CatalogPosition::default()),
+            CatalogRequest::Snapshot { cursor: None }
+        );
+        let mid = CatalogPosition {
+            snapshot_in_progress: true,
+            snapshot_cursor: Some("c2".into()),
+            ..CatalogPosition::default()
+        };
+        assert_eq!(
+            next_request(&mid),
+            CatalogRequest::Snapshot {
+                cursor: Some("c2".into())
+            }
+        );
+        let done = CatalogPosition {
+            catalog_version: Some(42),
+            ..CatalogPosition::default()
+        };
+        assert_eq!(next_request(&done), CatalogRequest::Delta { since: 42 });
+    }
+
+    #[test]
+    fn gone_history_or_stale_cursor_means_resnapshot() {
+        let delta = CatalogRequest::Delta { since: 1 };
+        assert_eq!(
+            recovery_for(
+                &delta,
+                &rejected(
+                    410,
+                    Some(ErrorCode::PosCatalogDeltaFailed),
+                    Some("resnapshot_required")
+                )
+            ),
+            CatalogRecovery::Resnapshot
+        );
+        let resume = CatalogRequest::Snapshot {
+            cursor: Some("c".into()),
+        };
+        assert_eq!(
+            recovery_for(
+                &resume,
+                &rejected(400, Some(ErrorCode::PosCatalogSnapshotFailed), None)
+            ),
+            CatalogRecovery::Resnapshot
+        );
+        assert_eq!(
+            recovery_for(
+                &delta,
+                &rejected(503, Some(ErrorCode::PosSyncStorageFailed), None)
+            ),
+            CatalogRecovery::RetryLater
+        );
+        assert_eq!(
+            recovery_for(&delta, &CloudError::Unreachable("down".into())),
+            CatalogRecovery::RetryLater
+        );
+    }
+
+    #[test]
+    fn deltas_continue_only_while_has_more() {
+        let page = |has_more| DeltaPage {
+            changes: vec![],
+            next_since: 5,
+            has_more,
+            catalog_version: 9,
+        };
+        assert_eq!(after_delta_page(&page(true)), AfterPage::Continue);
+        assert_eq!(after_delta_page(&page(false)), AfterPage::Idle);
+    }
+
+    #[test]
+    fn state_line_shows_snapshot_progress() {
+        let p = CatalogPosition {
+            snapshot_in_progress: true,
+            snapshot_received: 3000,
+            snapshot_total: 100_000,
+            ..CatalogPosition::default()
+        };
+        assert_eq!(position_state(&p), "snapshotting 3000/100000");
+    }
+}

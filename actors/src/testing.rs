@@ -1,0 +1,1 @@
+//! Test support: in-memory store, scriptable cloud, manual clock (being written).

@@ -1,0 +1,400 @@
+//! The sales outbox: atomic enqueue, validation, the journal state machine and the trigger
+//! that makes a synced row final.
+
+mod fixtures;
+
+use chrono::{Duration, Utc};
+use fixtures::*;
+use possync_actors::{DeliveryOutcome, LocalStore};
+use possync_protocol::{validate_event, ErrorCode, EventType};
+use possync_terminal::store::{JournalStatus, RetryTarget, TerminalStoreError};
+
+#[test]
+fn enqueue_assigns_strictly_increasing_ids_and_writes_sale_and_journal_together() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let e = store
+            .enqueue_sale(
+                EventType::Sale,
+                now,
+                &payload(&format!("R-{i}"), 1 + i, 250),
+            )
+            .expect("enqueue");
+        assert_eq!(e.pos_id, store.pos_id());
+        ids.push(e.local_event_id);
+    }
+    assert_eq!(ids, (1..=20).collect::<Vec<i64>>(), "contiguous from 1");
+    assert_eq!(count(&path, "sales"), 20);
+    assert_eq!(count(&path, "sync_journal WHERE status = 'pending'"), 20);
+    // every sale has its journal row with the same local_event_id and receipt
+    assert_eq!(
+        count(
+            &path,
+            "sales s JOIN sync_journal j ON j.pos_id = s.pos_id AND j.local_event_id = s.local_event_id
+             AND json_extract(j.event, '$.payload.receipt_no') = s.receipt_no"
+        ),
+        20
+    );
+    // ids survive a reopen and continue
+    drop(store);
+    let store = open(&path);
+    let e = store
+        .enqueue_sale(EventType::Sale, now, &payload("R-after", 1, 1))
+        .expect("enqueue");
+    assert_eq!(e.local_event_id, 21);
+}
+
+#[test]
+fn an_invalid_sale_is_refused_with_event_invalid_and_nothing_is_stored() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    let mut bad = payload("R-1", 2, 250);
+    bad.lines[0].total_minor = 499;
+    let err = store
+        .enqueue_sale(EventType::Sale, Utc::now(), &bad)
+        .expect_err("must refuse");
+    assert!(matches!(err, TerminalStoreError::Invalid(_)), "{err}");
+    assert_eq!(err.code(), ErrorCode::PosSyncEventInvalid);
+    let mut refund_in_sale = payload("R-2", -1, 250);
+    refund_in_sale.payments[0].amount_minor = -250;
+    assert_eq!(
+        store
+            .enqueue_sale(EventType::Sale, Utc::now(), &refund_in_sale)
+            .expect_err("negative qty in a sale")
+            .code(),
+        ErrorCode::PosSyncEventInvalid
+    );
+    assert_eq!(count(&path, "sales"), 0);
+    assert_eq!(count(&path, "sync_journal"), 0);
+    // and no id was consumed
+    let e = store
+        .enqueue_sale(EventType::Refund, Utc::now(), &refund_in_sale)
+        .expect("valid as a refund");
+    assert_eq!(e.local_event_id, 1);
+}
+
+#[test]
+fn a_failing_journal_insert_leaves_neither_the_sale_nor_a_gap() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-1", 1, 100))
+        .expect("first");
+    let before_sales = dump(&path, "sales");
+    let before_state = dump(&path, "sync_state");
+    raw(&path)
+        .execute_batch(
+            "CREATE TRIGGER boom BEFORE INSERT ON sync_journal BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+        )
+        .expect("install failure");
+    let err = store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-2", 1, 100))
+        .expect_err("must fail");
+    assert_eq!(err.code(), ErrorCode::PosSyncStorageFailed, "{err}");
+    assert_eq!(
+        dump(&path, "sales"),
+        before_sales,
+        "sale rolled back with the journal row"
+    );
+    assert_eq!(
+        dump(&path, "sync_state"),
+        before_state,
+        "id counter rolled back"
+    );
+    raw(&path)
+        .execute_batch("DROP TRIGGER boom")
+        .expect("remove failure");
+    let e = store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-2", 1, 100))
+        .expect("second");
+    assert_eq!(e.local_event_id, 2, "no gap");
+}
+
+#[test]
+fn a_synced_row_cannot_be_updated_or_deleted() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let e = store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-1", 1, 100))
+        .expect("enqueue");
+    let claimed = store.claim_batch(10, Utc::now()).expect("claim");
+    assert_eq!(claimed.len(), 1);
+    store
+        .record_outcomes(&[DeliveryOutcome::Synced {
+            journal_id: e.journal_id,
+            cloud_event_id: Some("c-1".into()),
+            duplicate: false,
+        }])
+        .expect("record");
+    let conn = raw(&path);
+    let upd = conn.execute(
+        "UPDATE sync_journal SET status = 'pending' WHERE journal_id = ?1",
+        [e.journal_id],
+    );
+    assert!(
+        upd.as_ref()
+            .is_err_and(|err| err.to_string().contains("synced row cannot be changed")),
+        "{upd:?}"
+    );
+    let del = conn.execute(
+        "DELETE FROM sync_journal WHERE journal_id = ?1",
+        [e.journal_id],
+    );
+    assert!(del.is_err(), "{del:?}");
+    // receipts are append-only too
+    assert!(conn.execute("DELETE FROM sales", []).is_err());
+    assert!(conn
+        .execute("UPDATE sales SET total_minor = 0", [])
+        .is_err());
+    // a repeated outcome for the synced row changes nothing and does not fail the batch
+    let before = dump(&path, "sync_journal");
+    store
+        .record_outcomes(&[DeliveryOutcome::NeedsAttention {
+            journal_id: e.journal_id,
+            code: "POS_SYNC_EVENT_DUPLICATE".into(),
+            message: "late".into(),
+        }])
+        .expect("ignored");
+    assert_eq!(dump(&path, "sync_journal"), before);
+    // and an operator retry cannot reopen it
+    assert_eq!(
+        store
+            .retry_journal(RetryTarget::One(e.journal_id))
+            .expect("retry"),
+        0
+    );
+    let rows = store
+        .list_journal(Some(JournalStatus::Synced), 10)
+        .expect("list");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].cloud_event_id.as_deref(), Some("c-1"));
+    assert_eq!(rows[0].attempts, 1);
+    assert_eq!(rows[0].receipt_no.as_deref(), Some("R-1"));
+}
+
+#[test]
+fn claim_record_release_and_retry_follow_the_state_machine() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let t0 = Utc::now();
+    let ids: Vec<i64> = (0..4)
+        .map(|i| {
+            store
+                .enqueue_sale(EventType::Sale, t0, &payload(&format!("R-{i}"), 1, 100))
+                .expect("enqueue")
+                .journal_id
+        })
+        .collect();
+
+    let first = store.claim_batch(2, t0).expect("claim");
+    assert_eq!(
+        first
+            .iter()
+            .map(|i| i.event.local_event_id)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    for item in &first {
+        assert_eq!(item.attempts, 0);
+        assert_eq!(item.event.terminal_id, enrollment().terminal_id);
+        assert_eq!(item.event.branch_id, "b1");
+        assert_eq!(item.event.pos_id, store.pos_id());
+        validate_event(&item.event).expect("stored event is valid");
+    }
+    let c = store.outbox_counts().expect("counts");
+    assert_eq!((c.pending, c.in_flight), (2, 2));
+    assert!(c.oldest_pending_at.is_some());
+
+    // a crash now: both in-flight rows go back to pending
+    assert_eq!(store.release_in_flight().expect("release"), 2);
+    assert_eq!(store.outbox_counts().expect("counts").pending, 4);
+
+    let batch = store.claim_batch(10, t0).expect("claim all");
+    assert_eq!(batch.len(), 4);
+    let later = t0 + Duration::seconds(60);
+    store
+        .record_outcomes(&[
+            DeliveryOutcome::Synced {
+                journal_id: ids[0],
+                cloud_event_id: Some("c0".into()),
+                duplicate: false,
+            },
+            DeliveryOutcome::Synced {
+                journal_id: ids[1],
+                cloud_event_id: Some("c1".into()),
+                duplicate: true,
+            },
+            DeliveryOutcome::RetryLater {
+                journal_id: ids[2],
+                not_before: later,
+                code: "NETWORK".into(),
+                message: "connection refused".into(),
+            },
+            DeliveryOutcome::NeedsAttention {
+                journal_id: ids[3],
+                code: "POS_SYNC_EVENT_INVALID".into(),
+                message: "rejected by the cloud".into(),
+            },
+        ])
+        .expect("record");
+    let c = store.outbox_counts().expect("counts");
+    assert_eq!(
+        (
+            c.pending,
+            c.in_flight,
+            c.failed,
+            c.synced,
+            c.needs_attention
+        ),
+        (0, 0, 1, 2, 1)
+    );
+    assert_eq!(
+        store
+            .next_due_at()
+            .expect("due")
+            .map(|t| t.timestamp_micros()),
+        Some(later.timestamp_micros())
+    );
+
+    // not due yet: nothing to claim; due: the failed row comes back with its attempt count
+    assert!(store
+        .claim_batch(10, t0 + Duration::seconds(59))
+        .expect("claim")
+        .is_empty());
+    let again = store.claim_batch(10, later).expect("claim due");
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].journal_id, again[0].attempts), (ids[2], 1));
+
+    let attention = store
+        .list_journal(Some(JournalStatus::NeedsAttention), 10)
+        .expect("list");
+    assert_eq!(attention.len(), 1);
+    assert_eq!(
+        attention[0].last_error_code.as_deref(),
+        Some("POS_SYNC_EVENT_INVALID")
+    );
+    assert_eq!(attention[0].attempts, 1);
+
+    // operator retry: needs_attention → pending, attempts reset
+    assert_eq!(
+        store
+            .retry_journal(RetryTarget::AllNeedingAttention)
+            .expect("retry"),
+        1
+    );
+    let pending = store
+        .list_journal(Some(JournalStatus::Pending), 10)
+        .expect("list");
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].journal_id, pending[0].attempts), (ids[3], 0));
+    assert_eq!(
+        store
+            .retry_journal(RetryTarget::One(ids[3]))
+            .expect("retry pending"),
+        0
+    );
+
+    let report = store.journal_for_report().expect("report");
+    assert_eq!(
+        report
+            .iter()
+            .map(|(p, id, st)| (*p, *id, st.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (store.pos_id(), 1, "synced"),
+            (store.pos_id(), 2, "synced"),
+            (store.pos_id(), 3, "in_flight"),
+            (store.pos_id(), 4, "pending"),
+        ]
+    );
+    assert_eq!(store.list_journal(None, 2).expect("limit").len(), 2);
+}
+
+#[test]
+fn sales_queued_before_enrollment_wait_and_are_stamped_when_enrolled() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    assert_eq!(store.enrollment().expect("read"), None);
+    store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-1", 1, 100))
+        .expect("enqueue offline, unenrolled");
+    assert!(
+        store.claim_batch(10, Utc::now()).expect("claim").is_empty(),
+        "no identity yet"
+    );
+    store.save_enrollment(&enrollment()).expect("enroll");
+    assert_eq!(store.enrollment().expect("read"), Some(enrollment()));
+    assert!(
+        !format!("{:?}", enrollment()).contains("secret-token"),
+        "token redacted"
+    );
+    let items = store.claim_batch(10, Utc::now()).expect("claim");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].event.terminal_id, enrollment().terminal_id);
+    validate_event(&items[0].event).expect("valid after stamping");
+}
+
+#[test]
+fn the_outbox_never_writes_sales_or_local_inventory() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    store.adjust_local_inventory("p-coffee", 10).expect("stock");
+    let ids: Vec<i64> = (0..3)
+        .map(|i| {
+            store
+                .enqueue_sale(
+                    EventType::Sale,
+                    Utc::now(),
+                    &payload(&format!("R-{i}"), 1, 100),
+                )
+                .expect("enqueue")
+                .journal_id
+        })
+        .collect();
+    let sales = dump(&path, "sales");
+    let stock = dump(&path, "local_inventory");
+    store.release_in_flight().expect("release");
+    store.claim_batch(10, Utc::now()).expect("claim");
+    store
+        .record_outcomes(&[
+            DeliveryOutcome::Synced {
+                journal_id: ids[0],
+                cloud_event_id: None,
+                duplicate: false,
+            },
+            DeliveryOutcome::RetryLater {
+                journal_id: ids[1],
+                not_before: Utc::now(),
+                code: "HTTP_503".into(),
+                message: "x".into(),
+            },
+            DeliveryOutcome::NeedsAttention {
+                journal_id: ids[2],
+                code: "C".into(),
+                message: "m".into(),
+            },
+        ])
+        .expect("record");
+    store
+        .retry_journal(RetryTarget::AllNeedingAttention)
+        .expect("retry");
+    assert_eq!(dump(&path, "sales"), sales);
+    assert_eq!(dump(&path, "local_inventory"), stock);
+}
+
+#[test]
+fn local_inventory_belongs_to_the_till() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    assert_eq!(store.local_inventory("p1").expect("read"), None);
+    assert_eq!(store.adjust_local_inventory("p1", 5).expect("add"), 5);
+    assert_eq!(store.adjust_local_inventory("p1", -7).expect("sell"), -2);
+    assert_eq!(store.local_inventory("p1").expect("read"), Some(-2));
+}

@@ -1,0 +1,178 @@
+//! The run report: JSON for machines (`--report PATH`) and a short summary for people.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog_churn::{CatalogComparison, ChurnCounts};
+use crate::fault_schedule::FaultSchedule;
+use crate::ledger_audit::AuditFindings;
+
+/// Per-terminal outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TerminalReport {
+    pub index: usize,
+    pub terminal_id: String,
+    pub branch_id: String,
+    pub sales_acknowledged: u64,
+    pub journal_rows: u64,
+    pub synced: u64,
+    pub needs_attention: u64,
+    /// Σ (attempts − 1) over the journal: deliveries beyond the first.
+    pub retries: u64,
+    pub kills: u32,
+    pub catalog: CatalogComparison,
+    /// The daemon's `POST /reconcile {"mode":"verify"}` answer at the end, if it gave one.
+    pub reconcile_verify: Option<serde_json::Value>,
+    /// What this terminal's proxy did, by kind.
+    pub proxy: BTreeMap<String, u64>,
+}
+
+/// The misbehaving terminal's outcome (`--abusive-terminal`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AbuseReport {
+    pub terminal_id: String,
+    pub requests: u64,
+    pub status_200: u64,
+    pub status_429: u64,
+    pub other_status: u64,
+    pub transport_errors: u64,
+    /// 429 answers that carried a `Retry-After` header.
+    pub retry_after_seen: u64,
+    /// The first `Retry-After` value seen, in seconds.
+    pub first_retry_after_s: Option<u64>,
+}
+
+/// Wall-clock time per phase, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub setup_ms: u64,
+    pub selling_ms: u64,
+    pub quiescence_ms: u64,
+    pub catalog_convergence_ms: u64,
+    pub audit_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub seed: u64,
+    pub terminals: usize,
+    pub branches: usize,
+    pub sales_per_terminal: u32,
+    pub cloud_instances: usize,
+    pub faults_mode: String,
+    pub sales_created: u64,
+    pub sales_in_cloud: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub cross_branch: u64,
+    pub needs_attention: u64,
+    pub retries: u64,
+    pub catalog_converged_terminals: u64,
+    pub catalog_unconverged_terminals: u64,
+    /// Faults actually injected, by kind (proxy actions taken, kills, restarts, outages).
+    pub faults_injected: BTreeMap<String, u64>,
+    /// Faults the schedule planned, by kind (proxy plans are longer than most runs need).
+    pub faults_planned: BTreeMap<String, u64>,
+    pub catalog_changes: ChurnCounts,
+    pub audit: AuditFindings,
+    pub abuse: Option<AbuseReport>,
+    pub timings: Timings,
+    pub per_terminal: Vec<TerminalReport>,
+    /// Set when the run itself broke (e.g. quiescence deadline), besides the audit.
+    pub errors: Vec<String>,
+    /// The full fault schedule, for replay.
+    pub schedule: FaultSchedule,
+    /// Where logs and terminal databases of this run are.
+    pub run_dir: String,
+    pub passed: bool,
+}
+
+impl RunReport {
+    /// Whether the run passes: a clean audit, every catalog converged, and no run error. For
+    /// the abusive scenario also: the abuser saw 429s.
+    pub fn verdict(&self) -> bool {
+        self.audit.clean()
+            && self.catalog_unconverged_terminals == 0
+            && self.errors.is_empty()
+            && self.abuse.as_ref().is_none_or(|a| a.status_429 > 0)
+    }
+
+    /// The human summary printed on stdout.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<28} {v}\n"));
+        s.push_str(&format!(
+            "possync simulation — seed {} · {} terminals × {} branches × {} sales · faults {} · {} cloud instance(s)\n",
+            self.seed, self.terminals, self.branches, self.sales_per_terminal, self.faults_mode, self.cloud_instances
+        ));
+        line(&mut s, "sales_created", self.sales_created.to_string());
+        line(&mut s, "sales_in_cloud", self.sales_in_cloud.to_string());
+        line(&mut s, "lost", self.lost.to_string());
+        line(&mut s, "duplicated", self.duplicated.to_string());
+        line(&mut s, "cross_branch", self.cross_branch.to_string());
+        line(&mut s, "needs_attention", self.needs_attention.to_string());
+        line(&mut s, "retries", self.retries.to_string());
+        line(
+            &mut s,
+            "catalog converged",
+            format!(
+                "{}/{} terminals",
+                self.catalog_converged_terminals,
+                self.catalog_converged_terminals + self.catalog_unconverged_terminals
+            ),
+        );
+        line(
+            &mut s,
+            "catalog changes",
+            format!(
+                "{} upserts, {} deletes",
+                self.catalog_changes.upserts, self.catalog_changes.deletes
+            ),
+        );
+        let faults: Vec<String> = self
+            .faults_injected
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        line(&mut s, "faults injected", faults.join(" "));
+        if let Some(a) = &self.abuse {
+            line(
+                &mut s,
+                "abusive terminal",
+                format!(
+                    "{} requests: {} ok, {} × 429 ({} with Retry-After)",
+                    a.requests, a.status_200, a.status_429, a.retry_after_seen
+                ),
+            );
+        }
+        let t = &self.timings;
+        line(
+            &mut s,
+            "timings (ms)",
+            format!(
+                "setup {} · selling {} · quiescence {} · catalog {} · audit {} · total {}",
+                t.setup_ms,
+                t.selling_ms,
+                t.quiescence_ms,
+                t.catalog_convergence_ms,
+                t.audit_ms,
+                t.total_ms
+            ),
+        );
+        for e in &self.errors {
+            line(&mut s, "error", e.clone());
+        }
+        for e in &self.audit.examples {
+            line(&mut s, "finding", e.clone());
+        }
+        s.push_str(&format!(
+            "  verdict: {}  (replay: simulations run --terminals {} --branches {} --sales {} --faults {} --seed {} --cloud-instances {})\n",
+            if self.passed { "PASS" } else { "FAIL" },
+            self.terminals, self.branches, self.sales_per_terminal, self.faults_mode, self.seed, self.cloud_instances
+        ));
+        s
+    }
+}

@@ -82,6 +82,9 @@ pub struct ServeArgs {
     /// Days tombstones are kept (older delta cursors get 410 resnapshot_required).
     #[arg(long, default_value_t = 30)]
     pub tombstone_retention_days: i64,
+    /// Seconds between tombstone purge runs.
+    #[arg(long, default_value_t = 3600)]
+    pub purge_interval_secs: u64,
     /// Most events waiting in one branch actor before 503.
     #[arg(long, default_value_t = 10_000)]
     pub branch_queue_limit: usize,
@@ -134,6 +137,13 @@ pub enum CatalogCommand {
         /// The JSON document.
         #[arg(long)]
         data: String,
+    },
+    /// Remove tombstones older than the given age now (what the server's retention task does);
+    /// delta cursors from before the removed tombstones then get 410 `resnapshot_required`.
+    Purge {
+        /// Age in days; 0 purges every tombstone.
+        #[arg(long, default_value_t = 30)]
+        older_than_days: i64,
     },
     /// Delete (tombstone) one entity.
     Delete {
@@ -321,6 +331,16 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                         println!("{}", json_line(&e)?);
                     }
                 }
+                CatalogCommand::Purge { older_than_days } => {
+                    if *older_than_days < 0 {
+                        return Err(CliError::Input("--older-than-days must be >= 0".into()));
+                    }
+                    let n = catalog::purge_tombstones(
+                        &mut conn,
+                        chrono::Duration::days(*older_than_days),
+                    )?;
+                    println!("{}", serde_json::json!({"purged": n}));
+                }
                 CatalogCommand::Delete { entity_type, id } => {
                     let deleted =
                         catalog::delete_entities(&mut conn, &[(entity_type.clone(), id.clone())])?;
@@ -455,6 +475,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
     };
     config.limits.manifest_max_entries = args.manifest_max_entries.max(1);
     config.tombstone_retention = chrono::Duration::days(args.tombstone_retention_days);
+    config.purge_interval = Duration::from_secs(args.purge_interval_secs.max(1));
     config.ingest.queue_limit = args.branch_queue_limit.max(1);
     config.ingest.idle_timeout = Duration::from_secs(args.branch_idle_secs.max(1));
     Ok(config)

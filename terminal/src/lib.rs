@@ -7,8 +7,14 @@
 //! - [`cloud_client`]: the HTTP implementation of the engine's `CloudApi`.
 //! - [`operator`]: what the status endpoint and CLI need from the till and the engine.
 //! - [`status`]: the loopback status endpoint and its HTML page.
+//! - [`wiring`]: the operator ports implemented over the store and the engine.
+//! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands.
 
+pub mod cli;
 pub mod cloud_client;
+pub mod daemon;
+pub mod logging;
 pub mod operator;
 pub mod status;
 pub mod store;
+pub mod wiring;

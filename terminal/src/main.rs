@@ -1,1 +1,19 @@
-fn main() {}
+//! `terminal`: the possync POS daemon and its operator commands (see [`possync_terminal::cli`]).
+
+use clap::Parser;
+use possync_terminal::cli::{execute, Cli};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    possync_terminal::logging::init();
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(errorCode = %e.code(), error = %e, "command failed");
+            eprintln!("{}", e.line());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! The `terminal` command line (SPEC §4): enroll, run the daemon, and the operator commands
+//! that work with or without a running daemon.
+//!
+//! Commands that change local data (`sale add`, `outbox retry`, `migrate`) write the database
+//! directly — they must work while the cloud, or the daemon, is down; SQLite's locking makes
+//! that safe beside a running daemon. `status` and `reconcile` prefer the running daemon
+//! (live engine state, one engine per database) and fall back to working alone.
+//!
+//! Every failure prints ONE line `error: CODE: cause` on stderr and exits non-zero.
+
+use clap::{Args, Parser, Subcommand};
+use possync_actors::{CloudError, EngineError, ReconcileAction};
+use possync_protocol::ErrorCode;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::cloud_client::{CloudTarget, HttpCloud};
+use crate::daemon::{self, DaemonOptions, Tuning};
+use crate::operator::{JournalState, RetrySelection, Till, TillError};
+use crate::status::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
+use crate::store::{Enrollment, SqliteStore, TerminalStoreError};
+use crate::wiring::{control_error, StoreTill};
+
+/// The database file inside the data dir.
+pub const DB_FILE: &str = "terminal.db";
+/// Data dir when neither `--data-dir` nor `POSSYNC_TERMINAL_DATA` is given.
+pub const DEFAULT_DATA_DIR: &str = "./data/terminal";
+/// How long the CLI waits for a running daemon before working alone.
+const DAEMON_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A failed command, reported as one line with a stable code.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Store(#[from] TerminalStoreError),
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    StatusBind(#[from] StatusBindError),
+    #[error(transparent)]
+    Till(#[from] TillError),
+    #[error("terminal is not enrolled (run `terminal enroll` first)")]
+    NotEnrolled,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// Input the command could not use (a sale file that is not a sale).
+    #[error("{0}")]
+    Invalid(String),
+    /// The enrolled token belongs to another terminal or branch than the one given.
+    #[error("{0}")]
+    WrongIdentity(String),
+    /// The running daemon answered with an error.
+    #[error("daemon: {message}")]
+    Daemon {
+        code: Option<String>,
+        message: String,
+    },
+}
+
+impl CommandError {
+    /// The stable code (or the nearest cause name) printed first on the error line.
+    pub fn code(&self) -> String {
+        match self {
+            CommandError::Store(e) => e.code().as_str().to_string(),
+            CommandError::Cloud(e) => e.code_str(),
+            CommandError::Engine(e) => e.code(),
+            CommandError::StatusBind(_) => "STATUS_BIND_FAILED".to_string(),
+            CommandError::Till(e) => e.code().as_str().to_string(),
+            CommandError::NotEnrolled | CommandError::WrongIdentity(_) => {
+                ErrorCode::PosSyncUnauthorized.as_str().to_string()
+            }
+            CommandError::Io { .. } => "IO_FAILED".to_string(),
+            CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.as_str().to_string(),
+            CommandError::Daemon { code, .. } => {
+                code.clone().unwrap_or_else(|| "DAEMON_FAILED".to_string())
+            }
+        }
+    }
+
+    /// The one line printed for this failure.
+    pub fn line(&self) -> String {
+        let msg = self.to_string().replace(['\n', '\r'], " ");
+        format!("error: {}: {}", self.code(), msg)
+    }
+}
+
+/// `terminal` — the possync POS daemon and its operator commands.
+#[derive(Debug, Parser)]
+#[command(name = "terminal", version, about)]
+pub struct Cli {
+    /// Directory holding `terminal.db` (and `daemon.json` while the daemon runs).
+    #[arg(
+        long,
+        global = true,
+        env = "POSSYNC_TERMINAL_DATA",
+        default_value = DEFAULT_DATA_DIR
+    )]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of SPEC §4.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stores this terminal's enrollment (checks the token if the cloud is reachable).
+    Enroll(EnrollArgs),
+    /// Runs the supervised sync daemon with its loopback status endpoint.
+    Run(RunArgs),
+    /// Prints the status document (from the running daemon, else from the database).
+    Status,
+    /// Verifies the local catalog against the cloud, or repairs it.
+    Reconcile(ReconcileArgs),
+    /// Sales: `sale add FILE`.
+    #[command(subcommand)]
+    Sale(SaleCommand),
+    /// The sales outbox: `outbox list`, `outbox retry`.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Runs pending schema migrations, or converts a legacy (Google Drive era) database.
+    Migrate(MigrateArgs),
+}
+
+/// `terminal enroll`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    #[arg(long)]
+    pub cloud_url: String,
+    #[arg(long)]
+    pub token: String,
+    #[arg(long)]
+    pub terminal_id: Uuid,
+    #[arg(long)]
+    pub branch: String,
+}
+
+/// `terminal run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Loopback address of the status endpoint (port 0 picks a free one).
+    #[arg(long, default_value = DEFAULT_STATUS_BIND)]
+    pub status_bind: String,
+    /// Pause between catalog delta polls, in milliseconds.
+    #[arg(long, env = "POSSYNC_DELTA_INTERVAL_MS")]
+    pub delta_interval_ms: Option<u64>,
+    /// Sales per outbox batch (1–500).
+    #[arg(long)]
+    pub outbox_batch: Option<usize>,
+    /// Outbox batches in flight at once.
+    #[arg(long)]
+    pub outbox_concurrency: Option<usize>,
+    /// First retry delay bound, in milliseconds.
+    #[arg(long, env = "POSSYNC_BACKOFF_BASE_MS")]
+    pub backoff_base_ms: Option<u64>,
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, env = "POSSYNC_BACKOFF_CAP_MS")]
+    pub backoff_cap_ms: Option<u64>,
+    /// Deliveries before a sale needs an operator.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+}
+
+impl RunArgs {
+    fn tuning(&self) -> Tuning {
+        let mut t = Tuning::default();
+        if let Some(ms) = self.delta_interval_ms {
+            t.delta_interval = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.outbox_batch {
+            t.outbox_batch = n;
+        }
+        if let Some(n) = self.outbox_concurrency {
+            t.outbox_concurrency = n;
+        }
+        if let Some(ms) = self.backoff_base_ms {
+            t.backoff_base = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.backoff_cap_ms {
+            t.backoff_cap = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.max_attempts {
+            t.max_attempts = n;
+        }
+        t
+    }
+}
+
+/// `terminal reconcile --verify | --apply`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReconcileArgs {
+    /// Report drift; change nothing.
+    #[arg(long)]
+    pub verify: bool,
+    /// Repair the local catalog (catalog tables only).
+    #[arg(long)]
+    pub apply: bool,
+}
+
+/// `terminal sale …`.
+#[derive(Debug, Subcommand)]
+pub enum SaleCommand {
+    /// Enqueues a sale from FILE (`-` for stdin): a SALE payload or a `POST /sales` body.
+    Add { file: PathBuf },
+}
+
+/// `terminal outbox …`.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Lists journal rows, newest first.
+    List {
+        /// Only rows in this state (pending, in_flight, failed, synced, needs_attention).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Releases needs-attention rows for another delivery.
+    Retry {
+        /// Journal id of one row.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every needs-attention row.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `terminal migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Convert this legacy database file in place (backed up first).
+    #[arg(long)]
+    pub legacy_db: Option<PathBuf>,
+}
+
+fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_FILE)
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), CommandError> {
+    std::fs::create_dir_all(dir).map_err(|source| CommandError::Io {
+        what: format!("creating data dir {}", dir.display()),
+        source,
+    })
+}
+
+/// Opens the existing database (creating it only for `enroll`/`migrate`, which call
+/// [`ensure_dir`] first).
+fn open_store(data_dir: &Path) -> Result<SqliteStore, CommandError> {
+    let path = db_path(data_dir);
+    if !path.exists() {
+        return Err(CommandError::NotEnrolled);
+    }
+    Ok(SqliteStore::open(&path)?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| CommandError::Invalid(format!("output to JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Runs one parsed command.
+pub async fn execute(cli: Cli) -> Result<(), CommandError> {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Enroll(args) => enroll(&data_dir, args).await,
+        Command::Run(args) => {
+            daemon::run(DaemonOptions {
+                data_dir,
+                status_bind: args.status_bind.clone(),
+                tuning: args.tuning(),
+            })
+            .await
+        }
+        Command::Status => status(&data_dir).await,
+        Command::Reconcile(args) => {
+            let action = if args.apply {
+                ReconcileAction::Apply
+            } else {
+                ReconcileAction::Verify
+            };
+            reconcile(&data_dir, action).await
+        }
+        Command::Sale(SaleCommand::Add { file }) => sale_add(&data_dir, &file).await,
+        Command::Outbox(OutboxCommand::List { status, limit }) => {
+            let state = match status.as_deref() {
+                None => None,
+                Some(s) => Some(JournalState::parse(s).ok_or_else(|| {
+                    CommandError::Invalid(format!(
+                        "unknown status {s:?} (pending, in_flight, failed, synced, needs_attention)"
+                    ))
+                })?),
+            };
+            let till = StoreTill::new(open_store(&data_dir)?);
+            let rows = blocking(move || till.journal(state, limit.max(1))).await?;
+            print_json(&rows)
+        }
+        Command::Outbox(OutboxCommand::Retry { id, all }) => {
+            let selection = match (id, all) {
+                (_, true) => RetrySelection::AllNeedingAttention,
+                (Some(id), false) => RetrySelection::One(id),
+                (None, false) => {
+                    return Err(CommandError::Invalid("give a journal id or --all".into()))
+                }
+            };
+            let till = StoreTill::new(open_store(&data_dir)?);
+            let released = blocking(move || till.retry(selection)).await?;
+            print_json(&serde_json::json!({ "released": released }))
+        }
+        Command::Migrate(args) => migrate(&data_dir, args).await,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TillError> + Send + 'static,
+) -> Result<T, CommandError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))?
+        .map_err(CommandError::from)
+}
+
+async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
+    if !possync_protocol::valid_branch_id(&args.branch) {
+        return Err(CommandError::Invalid(format!(
+            "branch {:?} must be 1-64 of [a-z0-9_-]",
+            args.branch
+        )));
+    }
+    let cloud = HttpCloud::new(CloudTarget {
+        base_url: args.cloud_url.clone(),
+        token: args.token.clone(),
+    })?;
+    let verified = match cloud.sync_status().await {
+        Ok(s) => {
+            if s.terminal_id != args.terminal_id || s.branch_id != args.branch {
+                return Err(CommandError::WrongIdentity(format!(
+                    "the token belongs to terminal {} of branch {}, not {} of {}",
+                    s.terminal_id, s.branch_id, args.terminal_id, args.branch
+                )));
+            }
+            true
+        }
+        Err(CloudError::Unreachable(cause)) => {
+            eprintln!(
+                "warning: cloud unreachable ({cause}); enrolled offline — the token is checked on the first sync"
+            );
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ensure_dir(data_dir)?;
+    let store = SqliteStore::open(&db_path(data_dir))?;
+    let enrollment = Enrollment {
+        cloud_url: args.cloud_url.trim_end_matches('/').to_string(),
+        terminal_id: args.terminal_id,
+        branch_id: args.branch,
+        token: args.token,
+    };
+    let saved = store.clone();
+    let to_save = enrollment.clone();
+    tokio::task::spawn_blocking(move || saved.save_enrollment(&to_save))
+        .await
+        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+    print_json(&serde_json::json!({
+        "terminal_id": enrollment.terminal_id,
+        "branch_id": enrollment.branch_id,
+        "cloud_url": enrollment.cloud_url,
+        "pos_id": store.pos_id(),
+        "verified": verified,
+    }))
+}
+
+/// The running daemon's status URL, if it answers.
+async fn live_daemon(data_dir: &Path) -> Option<(reqwest::Client, String)> {
+    let info = daemon::read_daemon_file(data_dir)?;
+    let client = reqwest::Client::builder()
+        .timeout(DAEMON_PROBE_TIMEOUT)
+        .build()
+        .ok()?;
+    let ok = client
+        .get(format!("{}/status", info.status_url))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false);
+    ok.then_some((client, info.status_url))
+}
+
+async fn status(data_dir: &Path) -> Result<(), CommandError> {
+    if let Some((client, url)) = live_daemon(data_dir).await {
+        if let Ok(resp) = client.get(format!("{url}/status")).send().await {
+            if let Ok(v) = resp.json::<serde_json::Value>().await {
+                return print_json(&v);
+            }
+        }
+    }
+    let till = StoreTill::new(open_store(data_dir)?);
+    let report = blocking(move || build_report(&till, None, chrono::Utc::now())).await?;
+    print_json(&report)
+}
+
+async fn reconcile(data_dir: &Path, action: ReconcileAction) -> Result<(), CommandError> {
+    let mode = match action {
+        ReconcileAction::Verify => "verify",
+        ReconcileAction::Apply => "apply",
+    };
+    if let Some((_, url)) = live_daemon(data_dir).await {
+        // Reconcile of a big catalog can take a while: no request timeout here.
+        let client = reqwest::Client::new();
+        let resp = client
+            .post(format!("{url}/reconcile"))
+            .json(&serde_json::json!({ "mode": mode }))
+            .send()
+            .await
+            .map_err(|e| CommandError::Daemon {
+                code: None,
+                message: e.to_string(),
+            })?;
+        let ok = resp.status().is_success();
+        let body: serde_json::Value = resp.json().await.map_err(|e| CommandError::Daemon {
+            code: None,
+            message: format!("answer did not parse: {e}"),
+        })?;
+        if !ok {
+            return Err(CommandError::Daemon {
+                code: body["error"]["code"].as_str().map(str::to_string),
+                message: body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("reconcile failed")
+                    .to_string(),
+            });
+        }
+        return print_json(&body);
+    }
+    // No daemon: run an engine just for this command.
+    let store = open_store(data_dir)?;
+    let registry = prometheus::Registry::new();
+    let engine = daemon::start_engine(&store, &Tuning::default(), &registry).await?;
+    let result = engine.reconcile(action).await;
+    engine.shutdown().await;
+    match result {
+        Ok(report) => print_json(&report),
+        Err(e) => {
+            let c = control_error(e);
+            Err(CommandError::Daemon {
+                code: c.code.map(|c| c.as_str().to_string()),
+                message: c.message,
+            })
+        }
+    }
+}
+
+async fn sale_add(data_dir: &Path, file: &Path) -> Result<(), CommandError> {
+    let bytes = if file == Path::new("-") {
+        use std::io::Read as _;
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|source| CommandError::Io {
+                what: "reading stdin".into(),
+                source,
+            })?;
+        buf
+    } else {
+        std::fs::read(file).map_err(|source| CommandError::Io {
+            what: format!("reading {}", file.display()),
+            source,
+        })?
+    };
+    let req = SaleRequest::parse_lenient(&bytes).map_err(CommandError::Invalid)?;
+    let till = StoreTill::new(open_store(data_dir)?);
+    let occurred_at = req.occurred_at.unwrap_or_else(chrono::Utc::now);
+    let receipt =
+        blocking(move || till.enqueue_sale(req.event_type, occurred_at, &req.payload)).await?;
+    println!(
+        "{}",
+        serde_json::json!({"pos_id": receipt.pos_id, "local_event_id": receipt.local_event_id})
+    );
+    Ok(())
+}
+
+async fn migrate(data_dir: &Path, args: MigrateArgs) -> Result<(), CommandError> {
+    match args.legacy_db {
+        Some(path) => {
+            let report = tokio::task::spawn_blocking(move || crate::store::migrate_legacy(&path))
+                .await
+                .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            print_json(&report)
+        }
+        None => {
+            ensure_dir(data_dir)?;
+            let path = db_path(data_dir);
+            let (_, report) =
+                tokio::task::spawn_blocking(move || SqliteStore::open_with_report(&path))
+                    .await
+                    .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            print_json(&report)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn contract_spellings_parse() {
+        let c = Cli::try_parse_from(["terminal", "reconcile", "--verify"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Reconcile(ReconcileArgs {
+                verify: true,
+                apply: false
+            })
+        ));
+        assert!(Cli::try_parse_from(["terminal", "reconcile"]).is_err());
+        assert!(Cli::try_parse_from(["terminal", "reconcile", "--verify", "--apply"]).is_err());
+        let c = Cli::try_parse_from(["terminal", "outbox", "retry", "--all"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Outbox(OutboxCommand::Retry {
+                id: None,
+                all: true
+            })
+        ));
+        let c = Cli::try_parse_from(["terminal", "outbox", "retry", "7"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Outbox(OutboxCommand::Retry {
+                id: Some(7),
+                all: false
+            })
+        ));
+        let c = Cli::try_parse_from([
+            "terminal",
+            "run",
+            "--data-dir",
+            "/tmp/x",
+            "--status-bind",
+            "127.0.0.1:0",
+        ])
+        .expect("parse");
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        let c = Cli::try_parse_from(["terminal", "outbox", "list", "--status", "needs_attention"])
+            .expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Outbox(OutboxCommand::List { .. })
+        ));
+        let c =
+            Cli::try_parse_from(["terminal", "migrate", "--legacy-db", "old.db"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Migrate(MigrateArgs { legacy_db: Some(_) })
+        ));
+    }
+
+    #[test]
+    fn error_lines_are_one_line_and_start_with_the_code() {
+        let e = CommandError::Invalid("lines[0].total_minor:\nmismatch".into());
+        assert_eq!(
+            e.line(),
+            "error: POS_SYNC_EVENT_INVALID: lines[0].total_minor: mismatch"
+        );
+        assert!(CommandError::NotEnrolled
+            .line()
+            .starts_with("error: POS_SYNC_UNAUTHORIZED: "));
+        let e = CommandError::Cloud(CloudError::Unreachable("connection refused".into()));
+        assert_eq!(
+            e.line(),
+            "error: NETWORK: cloud unreachable: connection refused"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! `terminal run`: the supervised daemon. Opens the store, starts the sync engine against the
+//! enrolled cloud, serves the loopback status endpoint, and on SIGINT/SIGTERM stops the
+//! endpoint, then the engine, joining both before it exits.
+//!
+//! A sale is safe the moment its enqueue committed, so the daemon needs no shutdown step for
+//! durability; shutdown order only makes sure no request is cut mid-answer.
+
+use chrono::{DateTime, Utc};
+use possync_actors::{BackoffPolicy, Engine, EngineConfig, SystemClock};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+use crate::cli::CommandError;
+use crate::cloud_client::{CloudTarget, HttpCloud};
+use crate::status::StatusServer;
+use crate::store::SqliteStore;
+use crate::wiring::{EngineControl, StoreTill};
+
+/// Name of the file, in the data dir, where a running daemon says where its status endpoint
+/// is, so `terminal status` and `terminal reconcile` can reach it.
+pub const DAEMON_FILE: &str = "daemon.json";
+
+/// What `daemon.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonFile {
+    pub pid: u32,
+    pub status_url: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Reads `daemon.json` if present (it may be stale after a crash: callers try the URL).
+pub fn read_daemon_file(data_dir: &Path) -> Option<DaemonFile> {
+    let text = std::fs::read_to_string(data_dir.join(DAEMON_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Engine tunables the command line can override (defaults follow the contract; tests and
+/// demos shorten them).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub delta_interval: Duration,
+    pub outbox_batch: usize,
+    pub outbox_concurrency: usize,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Tuning {
+            delta_interval: e.delta_interval,
+            outbox_batch: e.outbox_batch,
+            outbox_concurrency: e.outbox_concurrency,
+            backoff_base: e.backoff.base,
+            backoff_cap: e.backoff.cap,
+            max_attempts: e.backoff.max_attempts,
+        }
+    }
+}
+
+/// Everything `terminal run` needs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub data_dir: PathBuf,
+    pub status_bind: String,
+    pub tuning: Tuning,
+}
+
+/// The engine configuration for this terminal.
+pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> EngineConfig {
+    EngineConfig {
+        delta_interval: t.delta_interval,
+        outbox_batch: t.outbox_batch,
+        outbox_concurrency: t.outbox_concurrency,
+        backoff: BackoffPolicy {
+            base: t.backoff_base,
+            cap: t.backoff_cap,
+            max_attempts: t.max_attempts,
+        },
+        terminal_id,
+        branch_id,
+        ..EngineConfig::default()
+    }
+}
+
+/// Starts the engine for an enrolled store (used by `run` and by a one-off `reconcile`).
+pub async fn start_engine(
+    store: &SqliteStore,
+    tuning: &Tuning,
+    registry: &prometheus::Registry,
+) -> Result<Engine, CommandError> {
+    let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
+    let cloud = HttpCloud::new(CloudTarget {
+        base_url: enrollment.cloud_url.clone(),
+        token: enrollment.token.clone(),
+    })?;
+    let config = engine_config(
+        enrollment.terminal_id.to_string(),
+        enrollment.branch_id.clone(),
+        tuning,
+    );
+    Ok(Engine::start(
+        config,
+        Arc::new(store.clone()),
+        Arc::new(cloud),
+        Arc::new(SystemClock),
+        registry,
+    )
+    .await?)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| CommandError::Io {
+        what: format!("creating data dir {}", opts.data_dir.display()),
+        source: e,
+    })?;
+    let db = opts.data_dir.join(crate::cli::DB_FILE);
+    let (store, opened) = SqliteStore::open_with_report(&db)?;
+    let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
+    let root = tracing::info_span!(
+        "terminal",
+        terminalId = %enrollment.terminal_id,
+        branchId = %enrollment.branch_id,
+        posId = %store.pos_id(),
+    );
+    async move {
+        tracing::info!(
+            db = %db.display(),
+            fromVersion = opened.from_version,
+            applied = ?opened.applied,
+            backup = ?opened.backup_path,
+            cloud = %enrollment.cloud_url,
+            "terminal daemon starting"
+        );
+        let registry = prometheus::Registry::new();
+        let engine = start_engine(&store, &opts.tuning, &registry).await?;
+        let control = Arc::new(EngineControl::new(engine));
+        let server = match StatusServer::start(
+            &opts.status_bind,
+            Arc::new(StoreTill::new(store.clone())),
+            control.clone(),
+            registry,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                control.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let daemon_file = opts.data_dir.join(DAEMON_FILE);
+        let info = DaemonFile {
+            pid: std::process::id(),
+            status_url: server.url(),
+            started_at: Utc::now(),
+        };
+        if let Err(e) = serde_json::to_vec_pretty(&info)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&daemon_file, bytes))
+        {
+            tracing::warn!(error = %e, "could not write {}", daemon_file.display());
+        }
+        // The line tests and scripts wait for.
+        println!("status on {}", server.url());
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        tracing::info!(status = %server.url(), "terminal daemon running");
+
+        let signal = wait_for_signal().await;
+        tracing::info!(signal, "shutting down");
+        server.stop().await;
+        control.shutdown().await;
+        let _ = std::fs::remove_file(&daemon_file);
+        tracing::info!("terminal daemon stopped");
+        Ok(())
+    }
+    .instrument(root)
+    .await
+}
+
+/// Waits for SIGINT or SIGTERM; returns which.
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}

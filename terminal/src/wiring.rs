@@ -1,0 +1,237 @@
+//! The production implementations of the operator ports: [`StoreTill`] over the SQLite store
+//! and [`EngineControl`] over the running `possync_actors::Engine`.
+//!
+//! They only translate types; every decision lives in the store or the engine. Keeping the
+//! translation here means the status endpoint and CLI never depend on those types' details.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use possync_actors::{
+    CatalogPosition, Engine, EngineError, LocalStore, OutboxCounts, ReconcileAction,
+};
+use possync_protocol::{Entity, ErrorCode, EventType, SalePayload};
+use tokio::sync::RwLock;
+
+use crate::operator::{
+    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
+    ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
+};
+use crate::store::{CatalogQuery, JournalStatus, RetryTarget, SqliteStore, TerminalStoreError};
+
+impl From<TerminalStoreError> for TillError {
+    fn from(e: TerminalStoreError) -> Self {
+        match e {
+            TerminalStoreError::Invalid(i) => TillError::Invalid(i.to_string()),
+            TerminalStoreError::NotEnrolled => TillError::NotEnrolled,
+            other => TillError::Storage(other.to_string()),
+        }
+    }
+}
+
+/// The till's data, read and written through the SQLite store.
+#[derive(Debug, Clone)]
+pub struct StoreTill {
+    store: SqliteStore,
+}
+
+impl StoreTill {
+    /// Wraps an open store.
+    pub fn new(store: SqliteStore) -> StoreTill {
+        StoreTill { store }
+    }
+}
+
+fn journal_status(s: JournalState) -> JournalStatus {
+    match s {
+        JournalState::Pending => JournalStatus::Pending,
+        JournalState::InFlight => JournalStatus::InFlight,
+        JournalState::Failed => JournalStatus::Failed,
+        JournalState::Synced => JournalStatus::Synced,
+        JournalState::NeedsAttention => JournalStatus::NeedsAttention,
+    }
+}
+
+impl Till for StoreTill {
+    fn identity(&self) -> Result<Identity, TillError> {
+        let enrollment = self.store.enrollment()?;
+        Ok(Identity {
+            pos_id: self.store.pos_id(),
+            terminal_id: enrollment.as_ref().map(|e| e.terminal_id),
+            branch_id: enrollment.map(|e| e.branch_id),
+        })
+    }
+
+    fn enqueue_sale(
+        &self,
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        payload: &SalePayload,
+    ) -> Result<EnqueueReceipt, TillError> {
+        let sale = self.store.enqueue_sale(event_type, occurred_at, payload)?;
+        Ok(EnqueueReceipt {
+            pos_id: sale.pos_id,
+            local_event_id: sale.local_event_id,
+        })
+    }
+
+    fn lookup(&self, query: &LookupQuery) -> Result<Vec<Entity>, TillError> {
+        let q = match query {
+            LookupQuery::Barcode(b) => CatalogQuery::Barcode(b.clone()),
+            LookupQuery::Sku(s) => CatalogQuery::Sku(s.clone()),
+            LookupQuery::Text(t) => CatalogQuery::Text(t.clone()),
+        };
+        Ok(self.store.lookup(q)?)
+    }
+
+    fn catalog_summary(&self) -> Result<CatalogSummary, TillError> {
+        let s = self.store.catalog_stats()?;
+        Ok(CatalogSummary {
+            version: s.version,
+            entities: s.entities,
+            last_synced_at: s.last_synced_at,
+        })
+    }
+
+    fn catalog_position(&self) -> Result<CatalogPosition, TillError> {
+        Ok(self.store.catalog_position_local()?)
+    }
+
+    fn outbox_counts(&self) -> Result<OutboxCounts, TillError> {
+        LocalStore::outbox_counts(&self.store).map_err(|e| TillError::Storage(e.to_string()))
+    }
+
+    fn journal(
+        &self,
+        state: Option<JournalState>,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, TillError> {
+        let rows = self.store.list_journal(state.map(journal_status), limit)?;
+        rows.into_iter()
+            .map(|r| {
+                serde_json::to_value(r)
+                    .map_err(|e| TillError::Storage(format!("journal row to JSON: {e}")))
+            })
+            .collect()
+    }
+
+    fn retry(&self, selection: RetrySelection) -> Result<usize, TillError> {
+        let target = match selection {
+            RetrySelection::One(id) => RetryTarget::One(id),
+            RetrySelection::AllNeedingAttention => RetryTarget::AllNeedingAttention,
+        };
+        let n = self.store.retry_journal(target)?;
+        if n == 0 {
+            if let RetrySelection::One(id) = selection {
+                return Err(TillError::NotFound(format!(
+                    "journal row {id} is not waiting for a retry (needs_attention or failed)"
+                )));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Maps an engine failure to the operator-facing error, keeping the cloud's stable code.
+pub fn control_error(e: EngineError) -> SyncControlError {
+    let code = match &e {
+        EngineError::Cloud(possync_actors::CloudError::Rejected { code, .. }) => *code,
+        EngineError::Store(_) => Some(ErrorCode::PosSyncStorageFailed),
+        _ => None,
+    };
+    SyncControlError {
+        code,
+        message: format!("{}: {e}", e.code()),
+    }
+}
+
+/// The running engine, shared by the status endpoint; taken out for shutdown.
+pub struct EngineControl {
+    engine: RwLock<Option<Engine>>,
+}
+
+impl EngineControl {
+    /// Wraps a started engine.
+    pub fn new(engine: Engine) -> EngineControl {
+        EngineControl {
+            engine: RwLock::new(Some(engine)),
+        }
+    }
+
+    /// Stops the engine and joins its actors. Later commands answer "engine stopped".
+    pub async fn shutdown(&self) {
+        let engine = self.engine.write().await.take();
+        if let Some(engine) = engine {
+            engine.shutdown().await;
+        }
+    }
+
+    fn stopped() -> SyncControlError {
+        SyncControlError {
+            code: None,
+            message: "ENGINE_UNAVAILABLE: the sync engine is stopped".into(),
+        }
+    }
+}
+
+#[async_trait]
+impl SyncControl for EngineControl {
+    fn view(&self) -> EngineView {
+        let Ok(guard) = self.engine.try_read() else {
+            return EngineView::default();
+        };
+        let Some(engine) = guard.as_ref() else {
+            return EngineView::default();
+        };
+        let status = engine.status();
+        EngineView {
+            online: status.online,
+            last_contact_at: status.last_contact_at,
+            actors: status
+                .actors
+                .iter()
+                .map(|(kind, a)| ActorView {
+                    name: kind.as_str().to_string(),
+                    state: a.state.clone(),
+                    restarts: a.restarts,
+                    last_error: a.last_error.clone(),
+                })
+                .collect(),
+            detail: serde_json::to_value(&status).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        choice: ReconcileChoice,
+    ) -> Result<serde_json::Value, SyncControlError> {
+        let guard = self.engine.read().await;
+        let engine = guard.as_ref().ok_or_else(Self::stopped)?;
+        let action = match choice {
+            ReconcileChoice::Verify => ReconcileAction::Verify,
+            ReconcileChoice::Apply => ReconcileAction::Apply,
+        };
+        let report = engine.reconcile(action).await.map_err(control_error)?;
+        serde_json::to_value(report).map_err(|e| SyncControlError {
+            code: None,
+            message: format!("reconcile report to JSON: {e}"),
+        })
+    }
+
+    async fn flush_outbox_now(&self) {
+        let guard = self.engine.read().await;
+        if let Some(engine) = guard.as_ref() {
+            if let Err(e) = engine.flush_outbox_now().await {
+                tracing::warn!(errorCode = %e.code(), error = %e, "outbox nudge failed");
+            }
+        }
+    }
+
+    async fn sync_catalog_now(&self) {
+        let guard = self.engine.read().await;
+        if let Some(engine) = guard.as_ref() {
+            if let Err(e) = engine.sync_catalog_now().await {
+                tracing::warn!(errorCode = %e.code(), error = %e, "catalog nudge failed");
+            }
+        }
+    }
+}

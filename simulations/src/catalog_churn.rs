@@ -47,34 +47,33 @@ fn price_data(i: usize, price: i64) -> serde_json::Value {
     serde_json::json!({"product_id": product_id(i), "price_minor": price, "currency": "EUR"})
 }
 
-/// Loads the initial catalog: `PRODUCTS` global products and a few prices per branch.
-pub async fn seed_catalog(cloud: &CloudCluster, branches: &[String]) -> Result<u64, SimError> {
-    let mut n = 0;
+/// Loads the initial catalog — `PRODUCTS` global products and a few prices per branch — in
+/// one `cloud catalog import` of JSON lines (written under `dir`). Returns the entity count.
+pub async fn seed_catalog(
+    cloud: &CloudCluster,
+    branches: &[String],
+    dir: &std::path::Path,
+) -> Result<u64, SimError> {
+    let mut lines = Vec::new();
     for i in 0..PRODUCTS {
-        cloud
-            .catalog_upsert(
-                "product",
-                &product_id(i),
-                None,
-                &product_data(i, product_price(i)),
-            )
-            .await?;
-        n += 1;
+        lines.push(
+            serde_json::json!({"type": "product", "id": product_id(i), "branch_id": null,
+            "data": product_data(i, product_price(i))}),
+        );
     }
     for b in branches {
         for i in 0..PRICES_PER_BRANCH {
-            cloud
-                .catalog_upsert(
-                    "price",
-                    &price_id(b, i),
-                    Some(b),
-                    &price_data(i, product_price(i) + 10),
-                )
-                .await?;
-            n += 1;
+            lines.push(
+                serde_json::json!({"type": "price", "id": price_id(b, i), "branch_id": b,
+                "data": price_data(i, product_price(i) + 10)}),
+            );
         }
     }
-    Ok(n)
+    let file = dir.join("catalog-seed.jsonl");
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, body).map_err(|e| SimError::Io(format!("{}: {e}", file.display())))?;
+    cloud.catalog_import(&file).await?;
+    Ok(lines.len() as u64)
 }
 
 /// The admin's seeded change stream.

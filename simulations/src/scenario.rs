@@ -125,7 +125,13 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, SimError> {
         &db.url,
         &run_dir,
         cfg.cloud_instances.max(1),
-        vec![],
+        // Every simulated terminal reaches the cloud from 127.0.0.1, so the per-address
+        // bucket (meant for distinct client addresses) would throttle the whole fleet as one
+        // client. Lift it; the per-terminal bucket keeps its defaults (20/s, burst 40).
+        vec![
+            ("POSSYNC_ADDRESS_RATE_PER_SECOND".into(), "100000".into()),
+            ("POSSYNC_ADDRESS_RATE_BURST".into(), "100000".into()),
+        ],
     )
     .await?;
     let result = run_on(&cfg, &bins, &run_dir, &db, cluster, schedule, started).await;
@@ -155,7 +161,7 @@ async fn run_on(
     let mut errors = Vec::new();
 
     // --- setup: catalog, enrollment, daemons -----------------------------------------
-    seed_catalog(&*cluster.lock().await, &branches).await?;
+    seed_catalog(&*cluster.lock().await, &branches, run_dir).await?;
     let mut nodes = Vec::with_capacity(cfg.terminals);
     for i in 0..cfg.terminals {
         let branch = &branches[i % branches.len()];

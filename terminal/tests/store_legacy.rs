@@ -276,6 +276,10 @@ fn the_first_snapshot_maps_legacy_ids_to_cloud_ids_by_sku() {
 fn migrate_legacy_reports_migrated_then_already_migrated() {
     let (_dir, path) = temp_db();
     LegacyFixture::sample().write(&path).expect("write legacy");
+    // the old app numbered its own schema in the header; that must not block the migration
+    raw(&path)
+        .pragma_update(None, "user_version", 17)
+        .expect("legacy user_version");
     let first = migrate_legacy(&path).expect("migrate");
     assert_eq!(first.outcome, LegacyOutcome::Migrated);
     assert!(first.backup_path.as_ref().is_some_and(|p| p.exists()));

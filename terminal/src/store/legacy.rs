@@ -124,6 +124,8 @@ pub fn retire_original_tables(conn: &mut Connection) -> Result<Vec<String>, Term
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut retired = Vec::new();
+    // the old app's own schema numbering (if any) means nothing to this schema
+    tx.pragma_update(None, "user_version", 0)?;
     for old in ["products", "sales"]
         .into_iter()
         .map(String::from)

@@ -192,8 +192,14 @@ impl SqliteStore {
     pub fn open_with_report(path: &Path) -> Result<(SqliteStore, OpenReport), TerminalStoreError> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let from_version = schema::check_not_newer(&conn)?;
+        // The legacy app may have used `user_version` for its own numbering: a legacy
+        // layout counts as version 0 of this schema whatever the header says.
         let legacy_layout = legacy::has_original_layout(&conn)?;
+        let from_version = if legacy_layout {
+            0
+        } else {
+            schema::check_not_newer(&conn)?
+        };
         let pending = from_version < schema::latest_version();
         let backup_path = if (pending || legacy_layout) && schema::has_user_objects(&conn)? {
             Some(schema::backup(&conn, path, from_version)?)
@@ -432,5 +438,39 @@ impl LocalStore for SqliteStore {
 
     fn outbox_counts(&self) -> Result<OutboxCounts, StoreError> {
         Ok(journal::counts(&self.conn())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_is_wal_with_full_sync_and_foreign_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let conn = store.conn();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("sync");
+        let fk: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .expect("fk");
+        assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1), "2 = FULL");
+    }
+
+    #[test]
+    fn stored_times_sort_as_text_in_time_order() {
+        let a = time_text("2026-11-25T09:00:00.5Z".parse().expect("a"));
+        let b = time_text("2026-11-25T10:00:00Z".parse().expect("b"));
+        assert_eq!(a, "2026-11-25T09:00:00.500000Z");
+        assert!(a < b);
+        assert_eq!(
+            parse_time(&a).expect("parse").timestamp_millis() % 1000,
+            500
+        );
     }
 }

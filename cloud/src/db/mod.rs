@@ -270,49 +270,45 @@ macro_rules! for_each_backend {
 }
 pub(crate) use for_each_backend;
 
-/// Runs `$body` (a closure body returning `Result<_, E: From<diesel::result::Error>>`) in a
+/// Runs `$body` (a block of type `$ret = Result<_, E: From<diesel::result::Error>>`) in a
 /// write transaction: a plain transaction on PostgreSQL, `BEGIN IMMEDIATE` on SQLite.
 /// Inside the body, `$m` names the backend's query module (`pg` or `sqlite`).
-#[allow(unused_macros)] // TEMP until catalog lands
 macro_rules! write_txn {
-    ($conn:expr, |$c:ident, $m:ident| $body:expr) => {
+    ($conn:expr, |$c:ident, $m:ident| -> $ret:ty $body:block) => {
         match $conn {
             $crate::db::DbConn::Pg($c) => {
                 use self::pg as $m;
-                diesel::Connection::transaction($c, |$c| $body)
+                diesel::Connection::transaction($c, |$c| -> $ret { $body })
             }
             $crate::db::DbConn::Sqlite($c) => {
                 use self::sqlite as $m;
-                $c.immediate_transaction(|$c| $body)
+                $c.immediate_transaction(|$c| -> $ret { $body })
             }
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use write_txn;
 
 /// Runs `$body` in a read-only transaction that sees one consistent snapshot: REPEATABLE READ
 /// on PostgreSQL (a single snapshot for every statement), a deferred transaction on SQLite
 /// (WAL gives it a snapshot from its first read).
-#[allow(unused_macros)] // TEMP until catalog lands
 macro_rules! read_txn {
-    ($conn:expr, |$c:ident, $m:ident| $body:expr) => {
+    ($conn:expr, |$c:ident, $m:ident| -> $ret:ty $body:block) => {
         match $conn {
             $crate::db::DbConn::Pg($c) => {
                 use self::pg as $m;
                 $c.build_transaction()
                     .repeatable_read()
                     .read_only()
-                    .run(|$c| $body)
+                    .run(|$c| -> $ret { $body })
             }
             $crate::db::DbConn::Sqlite($c) => {
                 use self::sqlite as $m;
-                diesel::Connection::transaction($c, |$c| $body)
+                diesel::Connection::transaction($c, |$c| -> $ret { $body })
             }
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use read_txn;
 
 /// Runs `$body` outside any explicit transaction, against whichever backend `$conn` is.

@@ -1,0 +1,585 @@
+//! The engine end to end against the in-memory store and the scriptable cloud: catalog
+//! snapshot/delta/resnapshot, outbox outcomes, backoff, bounded concurrency, supervision and
+//! restart, reconcile, shutdown. No assertion depends on how fast anything runs: tests wait
+//! for conditions (with a generous overall deadline) and assert on recorded facts.
+
+use possync_actors::backoff::BackoffPolicy;
+use possync_actors::outbox::ATTEMPTS_EXHAUSTED;
+use possync_actors::testing::{
+    entity, eventually, sale_event, world, CloudFault, Endpoint, FakeCloud, ManualClock,
+    MemoryStore, StoreFault, StoreOp,
+};
+use possync_actors::{
+    ActorKind, Clock, CloudError, DeliveryOutcome, Engine, EngineConfig, EngineError, LocalStore,
+    ReconcileAction, SystemClock,
+};
+use possync_protocol::{ErrorCode, ReconcileMode};
+use prometheus::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        snapshot_page_limit: 3,
+        delta_page_limit: 2,
+        delta_interval: Duration::from_millis(20),
+        outbox_batch: 5,
+        outbox_concurrency: 2,
+        outbox_idle_poll: Duration::from_millis(10),
+        backoff: BackoffPolicy {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(5),
+            max_attempts: 12,
+        },
+        reconcile_range_entries: 4,
+        terminal_id: "t1".into(),
+        branch_id: "b1".into(),
+        rng_seed: Some(7),
+        ..EngineConfig::default()
+    }
+}
+
+async fn start(
+    cfg: EngineConfig,
+    store: &Arc<MemoryStore>,
+    cloud: &Arc<FakeCloud>,
+    clock: Arc<dyn Clock>,
+    registry: &Registry,
+) -> Engine {
+    Engine::start(cfg, store.clone(), cloud.clone(), clock, registry)
+        .await
+        .expect("engine starts")
+}
+
+fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    for family in registry.gather() {
+        if family.name() != name {
+            continue;
+        }
+        for m in family.get_metric() {
+            let matches = label.is_none_or(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == k && l.value() == v)
+            });
+            if matches {
+                return if family.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                    m.get_counter().get_value()
+                } else {
+                    m.get_gauge().get_value()
+                };
+            }
+        }
+    }
+    0.0
+}
+
+fn catalog_matches(store: &MemoryStore, cloud: &FakeCloud) -> bool {
+    store.entities() == cloud.live_entities()
+}
+
+fn version(store: &MemoryStore) -> Option<i64> {
+    store
+        .catalog_position()
+        .ok()
+        .and_then(|p| p.catalog_version)
+}
+
+#[tokio::test]
+async fn snapshot_over_several_pages_then_deltas_without_a_new_snapshot() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(10);
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+
+    eventually("snapshot complete", || version(&store) == Some(10)).await;
+    assert!(catalog_matches(&store, &cloud));
+    let cursors = cloud.snapshot_cursors();
+    assert_eq!(cursors.len(), 4, "10 entities in pages of 3: {cursors:?}");
+    assert_eq!(cursors[0], None);
+    assert_eq!(metric(&registry, "snapshot_pages", None), 4.0);
+
+    cloud.upsert("product", "p00002", serde_json::json!({"name": "renamed"}));
+    cloud.delete("product", "p00003");
+    cloud.upsert("product", "p00011", serde_json::json!({"name": "new"}));
+    engine.sync_catalog_now().await.expect("nudge");
+    eventually("delta applied", || version(&store) == Some(13)).await;
+    assert!(catalog_matches(&store, &cloud));
+    assert!(!store.entities().contains_key("product/p00003"));
+    assert_eq!(
+        cloud.snapshot_cursors().len(),
+        4,
+        "deltas only, no new snapshot"
+    );
+    assert!(metric(&registry, "delta_sync_runs", None) >= 2.0);
+    eventually("idle and online", || {
+        let s = engine.status();
+        s.online && s.actors[&ActorKind::CatalogSyncer].state == "idle"
+    })
+    .await;
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_mid_snapshot_resumes_from_the_stored_cursor() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(10);
+    // Storing the third page fails: the CatalogSyncer dies and is restarted.
+    store.fail_call(StoreOp::ApplySnapshotPage, 3, StoreFault::Panic);
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+
+    eventually("snapshot complete", || version(&store) == Some(10)).await;
+    assert!(catalog_matches(&store, &cloud));
+    let cursors = cloud.snapshot_cursors();
+    // pages 1, 2, 3 (lost), 3 again, 4: only the page in progress was fetched twice
+    assert_eq!(cursors.len(), 5, "{cursors:?}");
+    assert_eq!(cursors[0], None);
+    assert_eq!(cursors[2], cursors[3]);
+    assert_ne!(cursors[1], cursors[2]);
+    assert_ne!(cursors[3], cursors[4]);
+    let status = engine.status();
+    assert_eq!(status.actors[&ActorKind::CatalogSyncer].restarts, 1);
+    assert!(status.actors[&ActorKind::CatalogSyncer]
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("ApplySnapshotPage")));
+    assert_eq!(
+        metric(
+            &registry,
+            "actor_restarts",
+            Some(("actor", "catalog_syncer"))
+        ),
+        1.0
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn gone_history_410_takes_a_fresh_snapshot() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(5);
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("first snapshot", || version(&store) == Some(5)).await;
+    let snapshots_before = cloud
+        .snapshot_cursors()
+        .iter()
+        .filter(|c| c.is_none())
+        .count();
+    assert_eq!(snapshots_before, 1);
+
+    cloud.upsert("product", "p00006", serde_json::json!({"n": 6}));
+    cloud.delete("product", "p00001");
+    cloud.set_horizon(6); // since=5 is now below the retained history
+    engine.sync_catalog_now().await.expect("nudge");
+    eventually("resnapshot complete", || version(&store) == Some(7)).await;
+    let fresh = cloud
+        .snapshot_cursors()
+        .iter()
+        .filter(|c| c.is_none())
+        .count();
+    assert_eq!(fresh, 2, "a second snapshot started from no cursor");
+    eventually("catalog equals cloud", || catalog_matches(&store, &cloud)).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_event_outcomes_reach_the_journal() {
+    let (store, cloud, _) = world();
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    let ok = sale_event(t, p, 1);
+    let dup = sale_event(t, p, 2);
+    let conflict = sale_event(t, p, 3);
+    let mut invalid = sale_event(t, p, 4);
+    invalid.payload.lines[0].total_minor = 499;
+    // The cloud already holds #2 (same payload) and #3 (a different payload).
+    use possync_actors::CloudApi;
+    let mut other = conflict.clone();
+    other.payload.receipt_no = "different".into();
+    cloud
+        .post_events(&[dup.clone(), other])
+        .await
+        .expect("pre-seed");
+    for ev in [ok, dup, conflict, invalid] {
+        store.enqueue(ev);
+    }
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+    eventually("all rows settled", || {
+        store
+            .journal()
+            .iter()
+            .all(|r| r.status == "synced" || r.status == "needs_attention")
+    })
+    .await;
+    let rows = store.journal();
+    assert_eq!(rows[0].status, "synced");
+    assert_eq!(rows[1].status, "synced");
+    assert_eq!(rows[2].status, "needs_attention");
+    assert_eq!(
+        rows[2].last_error_code.as_deref(),
+        Some("POS_SYNC_EVENT_DUPLICATE")
+    );
+    assert_eq!(rows[3].status, "needs_attention");
+    assert_eq!(
+        rows[3].last_error_code.as_deref(),
+        Some("POS_SYNC_EVENT_INVALID")
+    );
+    assert!(rows[3].last_error_message.is_some());
+    assert!(store.outcomes().iter().any(|o| matches!(
+        o,
+        DeliveryOutcome::Synced {
+            duplicate: true,
+            ..
+        }
+    )));
+    assert_eq!(metric(&registry, "synced_events", None), 2.0);
+    eventually("queue gauge drained", || {
+        metric(&registry, "queued_events", None) == 0.0
+    })
+    .await;
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn transient_failures_retry_and_then_deliver_exactly_once() {
+    let (store, cloud, _) = world();
+    cloud.fault_next(
+        Endpoint::PostEvents,
+        CloudFault::Fail(CloudError::Rejected {
+            status: 503,
+            code: Some(ErrorCode::PosSyncStorageFailed),
+            message: "db down".into(),
+            retry_after: None,
+            reason: None,
+        }),
+    );
+    cloud.fault_next(Endpoint::PostEvents, CloudFault::LoseAnswer);
+    cloud.fault_next(Endpoint::PostEvents, CloudFault::DropLastResult);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    for i in 1..=3 {
+        store.enqueue(sale_event(t, p, i));
+    }
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+    eventually("all synced", || store.journal_in("synced").len() == 3).await;
+    let codes: Vec<String> = store
+        .outcomes()
+        .into_iter()
+        .filter_map(|o| match o {
+            DeliveryOutcome::RetryLater { code, .. } => Some(code),
+            _ => None,
+        })
+        .collect();
+    assert!(codes.contains(&"POS_SYNC_STORAGE_FAILED".to_string()));
+    assert!(codes.contains(&"NETWORK".to_string()));
+    assert!(codes.contains(&"BAD_RESPONSE".to_string()));
+    assert!(store.journal().iter().all(|r| r.attempts == 4));
+    assert_eq!(cloud.stored_events(), 3, "the ledger holds each sale once");
+    assert_eq!(metric(&registry, "outbox_retries", None), 9.0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_before_the_next_attempt() {
+    let (store, cloud, _) = world();
+    let clock = Arc::new(ManualClock::default());
+    cloud.fault_next(
+        Endpoint::PostEvents,
+        CloudFault::Fail(CloudError::Rejected {
+            status: 429,
+            code: Some(ErrorCode::PosSyncRateLimited),
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(30)),
+            reason: None,
+        }),
+    );
+    store.enqueue(sale_event(Uuid::now_v7(), Uuid::now_v7(), 1));
+    let t0 = clock.now();
+    let engine = start(config(), &store, &cloud, clock.clone(), &Registry::new()).await;
+    eventually("first attempt failed", || {
+        store.journal_in("failed").len() == 1
+    })
+    .await;
+    let row = &store.journal()[0];
+    let due = row.next_attempt_at.expect("retry time");
+    assert!(due >= t0 + chrono::Duration::seconds(30), "{due} vs {t0}");
+    assert_eq!(
+        row.last_error_code.as_deref(),
+        Some("POS_SYNC_RATE_LIMITED")
+    );
+    // While the clock stands still the row is not due, whatever the outbox polls.
+    assert!(store
+        .claim_batch(10, clock.now())
+        .expect("claim")
+        .is_empty());
+    clock.advance(Duration::from_secs(31));
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("synced after Retry-After", || {
+        store.journal_in("synced").len() == 1
+    })
+    .await;
+    assert_eq!(cloud.calls(Endpoint::PostEvents), 2);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_need_attention_until_an_operator_retries() {
+    let (store, cloud, _) = world();
+    cloud.set_offline(true);
+    store.enqueue(sale_event(Uuid::now_v7(), Uuid::now_v7(), 1));
+    let mut cfg = config();
+    cfg.backoff.max_attempts = 3;
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    eventually("needs attention", || {
+        store.journal_in("needs_attention").len() == 1
+    })
+    .await;
+    let row = &store.journal()[0];
+    assert_eq!(row.last_error_code.as_deref(), Some(ATTEMPTS_EXHAUSTED));
+    assert_eq!(row.attempts, 3);
+    assert_eq!(cloud.calls(Endpoint::PostEvents), 3);
+    eventually("offline shown", || !engine.status().online).await;
+
+    cloud.set_offline(false);
+    assert_eq!(store.retry_all_needing_attention(), 1);
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("synced after operator retry", || {
+        store.journal_in("synced").len() == 1
+    })
+    .await;
+    eventually("online shown", || engine.status().online).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn outbox_concurrency_never_exceeds_the_limit() {
+    for limit in [1usize, 2, 3] {
+        let store = Arc::new(MemoryStore::new());
+        let cloud = Arc::new(FakeCloud::new().with_post_delay(Duration::from_millis(15)));
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        for i in 1..=24 {
+            store.enqueue(sale_event(t, p, i));
+        }
+        let mut cfg = config();
+        cfg.outbox_batch = 2;
+        cfg.outbox_concurrency = limit;
+        let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+        eventually("all synced", || store.journal_in("synced").len() == 24).await;
+        assert!(cloud.max_concurrent_posts() <= limit);
+        // the pump fills every slot before any call returns
+        assert_eq!(cloud.max_concurrent_posts(), limit);
+        assert!(cloud.post_batch_sizes().iter().all(|n| *n <= 2));
+        assert_eq!(cloud.stored_events(), 24);
+        engine.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_child_is_restarted_and_its_work_resumes() {
+    let (store, cloud, _) = world();
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    // The outbox's first claim panics inside the store (a bug, a corrupt page …).
+    store.fail_call(StoreOp::ClaimBatch, 1, StoreFault::Panic);
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+    eventually("restarted once", || {
+        engine.status().actors[&ActorKind::SalesOutbox].restarts == 1
+    })
+    .await;
+    eventually("first sale synced", || {
+        store.journal_in("synced").len() == 1
+    })
+    .await;
+    store.enqueue(sale_event(t, p, 2));
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("second sale synced", || {
+        store.journal_in("synced").len() == 2
+    })
+    .await;
+    assert_eq!(
+        metric(&registry, "actor_restarts", Some(("actor", "sales_outbox"))),
+        1.0
+    );
+    let status = engine.status();
+    assert_eq!(status.actors[&ActorKind::CatalogSyncer].restarts, 0);
+    let json = serde_json::to_value(&status).expect("status serializes");
+    assert_eq!(json["actors"]["sales_outbox"]["restarts"], 1);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_actor_that_keeps_failing_stays_down_and_shows_failed() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(2);
+    store.fail_next(StoreOp::ClaimBatch, 1000, StoreFault::Error);
+    let mut cfg = config();
+    cfg.max_restarts = 3;
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    eventually("outbox failed", || {
+        engine.status().actors[&ActorKind::SalesOutbox].state == "failed"
+    })
+    .await;
+    assert_eq!(engine.status().actors[&ActorKind::SalesOutbox].restarts, 3);
+    assert!(matches!(
+        engine.flush_outbox_now().await,
+        Err(EngineError::Unavailable(_))
+    ));
+    // the rest of the engine keeps working
+    eventually("catalog synced", || version(&store) == Some(2)).await;
+    engine.shutdown().await;
+}
+
+async fn synced_catalog(n: usize) -> (Arc<MemoryStore>, Arc<FakeCloud>, Engine) {
+    let (store, cloud, _) = world();
+    cloud.seed_products(n);
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("snapshot complete", || version(&store) == Some(n as i64)).await;
+    (store, cloud, engine)
+}
+
+#[tokio::test]
+async fn verify_reports_drift_and_changes_nothing_then_apply_repairs_it() {
+    let (store, cloud, engine) = synced_catalog(10).await;
+    // local tampering: one changed, one missing, one that the cloud never had
+    store.tamper_put(entity(
+        "product",
+        "p00002",
+        2,
+        serde_json::json!({"name": "tampered"}),
+    ));
+    store.tamper_remove("product/p00005");
+    store.tamper_put(entity("product", "zzz", 1, serde_json::json!({})));
+    let before = store.entities();
+
+    let report = engine
+        .reconcile(ReconcileAction::Verify)
+        .await
+        .expect("verify");
+    assert_eq!(report.upserts, 2, "{report:?}");
+    assert_eq!(report.deletes, 1);
+    assert_eq!(report.checked, 10);
+    assert!(!report.applied);
+    assert_eq!(report.catalog_version, Some(10));
+    assert_eq!(store.entities(), before, "verify changed nothing");
+
+    let requests = cloud.reconcile_requests();
+    assert!(requests
+        .iter()
+        .all(|(m, _, n)| *m == ReconcileMode::Verify && *n <= 4));
+    // consecutive ranges covering the whole key space
+    assert_eq!(requests[0].1.after, None);
+    assert_eq!(requests.last().map(|r| r.1.through.clone()), Some(None));
+    for w in requests.windows(2) {
+        assert_eq!(w[1].1.after, w[0].1.through);
+    }
+
+    let applied = engine
+        .reconcile(ReconcileAction::Apply)
+        .await
+        .expect("apply");
+    assert!(applied.applied);
+    assert_eq!((applied.upserts, applied.deletes), (2, 1));
+    assert!(catalog_matches(&store, &cloud));
+    let again = engine
+        .reconcile(ReconcileAction::Verify)
+        .await
+        .expect("verify");
+    assert_eq!((again.upserts, again.deletes, again.unchanged), (0, 0, 10));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn manifest_too_large_shrinks_the_range() {
+    let store = Arc::new(MemoryStore::new());
+    let cloud = Arc::new(FakeCloud::new().with_max_manifest_entries(3));
+    cloud.seed_products(10);
+    let mut cfg = config();
+    cfg.reconcile_range_entries = 8;
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    eventually("snapshot complete", || version(&store) == Some(10)).await;
+    store.tamper_remove("product/p00007");
+    let report = engine
+        .reconcile(ReconcileAction::Apply)
+        .await
+        .expect("apply");
+    assert_eq!(report.checked, 9);
+    assert_eq!(report.upserts, 1);
+    let requests = cloud.reconcile_requests();
+    assert_eq!(requests[0].2, 8, "first try at the configured size");
+    assert!(
+        requests.iter().any(|r| r.2 == 2),
+        "shrunk to fit: {requests:?}"
+    );
+    assert!(catalog_matches(&store, &cloud));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_and_joins_every_actor() {
+    let (store, cloud, engine) = synced_catalog(4).await;
+    store.enqueue(sale_event(Uuid::now_v7(), Uuid::now_v7(), 1));
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("synced", || store.journal_in("synced").len() == 1).await;
+    engine.shutdown().await;
+    // Every actor dropped its state (and with it the store and cloud handles).
+    eventually("store released", || Arc::strong_count(&store) == 1).await;
+    eventually("cloud released", || Arc::strong_count(&cloud) == 1).await;
+    let calls = cloud.calls(Endpoint::Delta);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(
+        cloud.calls(Endpoint::Delta),
+        calls,
+        "no actor polls after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_registered_in_the_given_registry() {
+    let (store, cloud, _) = world();
+    let registry = Registry::new();
+    let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
+    // labelled vectors only appear once used; the plain ones are there from the start
+    let names: Vec<String> = registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    for n in [
+        "queued_events",
+        "synced_events",
+        "delta_sync_runs",
+        "reconcile_runs",
+        "snapshot_pages",
+        "outbox_retries",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+    // a second engine on the same registry is refused, not silently unmetered
+    let second = Engine::start(
+        config(),
+        store.clone(),
+        cloud.clone(),
+        Arc::new(SystemClock),
+        &registry,
+    )
+    .await;
+    assert!(matches!(second, Err(EngineError::Metrics(_))));
+    engine.shutdown().await;
+}

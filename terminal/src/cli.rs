@@ -351,9 +351,12 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
             }
             true
         }
-        Err(CloudError::Unreachable(cause)) => {
+        // Offline enrollment is allowed: the till must be able to start selling before the
+        // shop's internet works. A transient cloud failure is treated the same way.
+        Err(e) if e.can_retry() => {
             eprintln!(
-                "warning: cloud unreachable ({cause}); enrolled offline — the token is checked on the first sync"
+                "warning: token not verified ({}: {e}); enrolled anyway — it is checked on the first sync",
+                e.code_str()
             );
             false
         }

@@ -7,6 +7,35 @@
 //! The daemon uses [`Engine`]; the sync decisions are pure functions
 //! ([`catalog::next_request`], [`outbox::outcomes_for`], [`backoff::next_delay`],
 //! [`reconcile::cut_range`]) so tests and simulations can drive them without actors.
+//!
+//! ## Decisions where the contract is silent
+//!
+//! - **Attempts.** `BackoffPolicy::max_attempts` counts deliveries of one sale. After the
+//!   `max_attempts`-th transient failure the journal row goes to `needs_attention` with the
+//!   terminal-local code [`outbox::ATTEMPTS_EXHAUSTED`] (`POS_SYNC_ATTEMPTS_EXHAUSTED`) and a
+//!   message naming the last error; an operator retry resets the count. The delay after the
+//!   n-th failure is `rand(0 ..= min(cap, base·2^(n-1)))`, never less than `Retry-After`.
+//! - **Whole-request refusals** that retrying cannot fix (400, 401, 403, 413) put every sale of
+//!   the batch into `needs_attention` with the cloud's code. An answer with the wrong number of
+//!   results (or results for other events) is not trusted and counts as a transient failure
+//!   (`BAD_RESPONSE`): resending is safe because the cloud's ledger is idempotent.
+//! - **Request size.** A claimed batch is split so that each request stays under the cloud's
+//!   1 MiB / 500-event limits; a single larger sale goes alone (and is refused with 413).
+//! - **Catalog errors** never give up: transient ones back off up to the cap and keep trying;
+//!   410 (or `resnapshot_required`), and a 400 on a stored snapshot cursor, start a fresh
+//!   snapshot.
+//! - **Reconcile** ranges hold at most `reconcile_range_entries` entries; on 413 the range is
+//!   halved and retried (the error carries no `details.max_entries` through `CloudError`, so
+//!   halving finds the limit in log2 steps). Transient errors are retried three times within a
+//!   run unless the wait would exceed 15 s; then the run fails with the cloud's code.
+//! - **Supervision.** A child that fails (error or panic, including a store panic) is restarted
+//!   with its state reloaded from the store; more than `max_restarts` (10) restarts within
+//!   `restart_window` (60 s) leaves it down, shown as `failed` in [`EngineStatus`]. Store
+//!   failures are not retried in place: they fail the actor, so the restart re-reads the store.
+//! - **Status states**: CatalogSyncer `snapshotting n/total`, `idle`,
+//!   `backing_off until <time>`, `offline, retrying until <time>`; SalesOutbox `idle`,
+//!   `sending (n batches in flight)`, `waiting (next retry at <time>)`; Reconciler `idle`,
+//!   `verifying range n`, `applying range n`; every actor `starting`, `stopped` or `failed`.
 
 pub mod backoff;
 pub mod catalog;

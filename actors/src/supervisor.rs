@@ -57,6 +57,9 @@ impl Children {
     }
 }
 
+/// How long shutdown waits for a child to finish its current message before killing it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Supervisor state: the children, and each child's recent restart times.
 pub struct SupervisorState {
     ctx: Arc<SyncContext>,
@@ -207,12 +210,14 @@ impl Actor for SyncSupervisor {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // A child finishes the message it is handling (a page, a batch) before it stops; one
+        // stuck in a long cloud call is killed after the grace period so shutdown always ends.
         myself
-            .stop_children_and_wait(
-                Some("engine shutdown".into()),
-                Some(Duration::from_secs(30)),
-            )
+            .stop_children_and_wait(Some("engine shutdown".into()), Some(SHUTDOWN_GRACE))
             .await;
+        for child in myself.get_children() {
+            let _ = child.kill_and_wait(Some(SHUTDOWN_GRACE)).await;
+        }
         for kind in ActorKind::ALL {
             state.ctx.board.set_state(kind, "stopped");
         }

@@ -8,7 +8,7 @@
 use std::future::{ready, Ready};
 use std::net::{IpAddr, Ipv4Addr};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
@@ -75,14 +75,25 @@ fn check_address(state: &AppState, req: &ServiceRequest) -> Result<(), ApiError>
 }
 
 /// Middleware of `/v1/pos/*`: address bucket, token lookup, terminal bucket. On success the
-/// [`TerminalIdentity`] is stored in the request for the [`Terminal`] extractor.
+/// [`TerminalIdentity`] is stored in the request for the [`Terminal`] extractor. A refusal is
+/// answered here as a response carrying the [`ApiError`], so outer middleware sees it.
 pub async fn terminal_guard(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let state = state(&req)?;
-    check_address(&state, &req)?;
-    let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    match admit_terminal(&req).await {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            Ok(next.call(req).await?.map_into_left_body())
+        }
+        Err(e) => Ok(req.error_response(e).map_into_right_body()),
+    }
+}
+
+async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiError> {
+    let state = state(req)?;
+    check_address(&state, req)?;
+    let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
     let db = state.db.clone();
     let identity = web::block(move || {
         let mut conn = db.conn()?;
@@ -101,10 +112,9 @@ pub async fn terminal_guard(
             .with_label_values(&["terminal"])
             .inc();
         tracing::info!(terminalId = %identity.terminal_id, branchId = %identity.branch_id, errorCode = "POS_SYNC_RATE_LIMITED", "terminal rate limited");
-        return Err(ApiError::RateLimited { retry_after_secs }.into());
+        return Err(ApiError::RateLimited { retry_after_secs });
     }
-    req.extensions_mut().insert(identity);
-    next.call(req).await
+    Ok(identity)
 }
 
 /// Middleware of `/v1/admin/*`: address bucket, then the admin token. Terminal tokens are
@@ -112,14 +122,21 @@ pub async fn terminal_guard(
 pub async fn admin_guard(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let state = state(&req)?;
-    check_address(&state, &req)?;
-    let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
-    if !constant_time_eq(&token_digest(&token), &state.admin_token_sha256) {
-        return Err(ApiError::Unauthenticated.into());
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    match admit_admin(&req) {
+        Ok(()) => Ok(next.call(req).await?.map_into_left_body()),
+        Err(e) => Ok(req.error_response(e).map_into_right_body()),
     }
-    next.call(req).await
+}
+
+fn admit_admin(req: &ServiceRequest) -> Result<(), ApiError> {
+    let state = state(req)?;
+    check_address(&state, req)?;
+    let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+    if !constant_time_eq(&token_digest(&token), &state.admin_token_sha256) {
+        return Err(ApiError::Unauthenticated);
+    }
+    Ok(())
 }
 
 /// The authenticated terminal of a `/v1/pos/*` request.

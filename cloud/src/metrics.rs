@@ -123,6 +123,20 @@ impl Metrics {
             IntCounter::new("tombstones_purged", "Tombstones removed by retention")
                 .unwrap_or_else(|_| unreachable_metric("tombstones_purged")),
         );
+        // Create every known label set up front so each series is exported (at 0) from the
+        // start: dashboards and alerts should not depend on an event having happened yet.
+        for status in ["accepted", "duplicate", "conflict", "rejected"] {
+            synced_events.with_label_values(&[status]);
+        }
+        for mode in ["verify", "plan"] {
+            reconcile_runs.with_label_values(&[mode]);
+        }
+        for bucket in ["address", "terminal"] {
+            rate_limited_total.with_label_values(&[bucket]);
+        }
+        for code in possync_protocol::ErrorCode::ALL {
+            errors_total.with_label_values(&[code.as_str()]);
+        }
         Metrics {
             registry: r,
             synced_events,
@@ -168,18 +182,13 @@ mod tests {
     #[test]
     fn every_metric_is_exposed_by_name() {
         let m = Metrics::new();
-        // Vectors only appear once a label set exists.
-        m.synced_events.with_label_values(&["accepted"]).inc();
-        m.reconcile_runs.with_label_values(&["verify"]).inc();
+        // Only the latency histogram needs traffic to have a series.
         m.http_request_duration_seconds
             .with_label_values(&["/healthz", "200"])
             .observe(0.001);
-        m.errors_total
-            .with_label_values(&["POS_SYNC_RATE_LIMITED"])
-            .inc();
-        m.rate_limited_total.with_label_values(&["address"]).inc();
-        m.ingest_batch_size.observe(3.0);
         let text = m.render();
+        assert!(text.contains("errors_total{code=\"POS_SYNC_STORAGE_FAILED\"} 0"));
+        assert!(text.contains("synced_events{status=\"conflict\"} 0"));
         for name in [
             "synced_events",
             "queued_events",

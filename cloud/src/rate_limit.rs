@@ -32,25 +32,33 @@ impl Default for RateLimit {
 }
 
 impl RateLimit {
-    /// One token every `1/per_second` seconds; a zero rate is treated as one per second so a
-    /// bad flag cannot make a bucket that never refills.
-    fn interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / f64::from(self.per_second.max(1)))
+    /// Refill schedule as `(tokens, every)`. leaky-bucket counts intervals in whole
+    /// milliseconds, so rates above 1000/s refill several tokens per millisecond. A zero rate
+    /// is treated as one per second so a bad flag cannot make a bucket that never refills.
+    fn refill(&self) -> (usize, Duration) {
+        let rate = u64::from(self.per_second.max(1));
+        if rate <= 1000 {
+            (1, Duration::from_millis(1000 / rate))
+        } else {
+            ((rate / 1000) as usize, Duration::from_millis(1))
+        }
     }
 
     fn bucket(&self) -> RateLimiter {
         let burst = self.burst.max(1) as usize;
+        let (tokens, every) = self.refill();
         RateLimiter::builder()
             .max(burst)
             .initial(burst)
-            .refill(1)
-            .interval(self.interval())
+            .refill(tokens)
+            .interval(every)
             .build()
     }
 
     /// Whole seconds (≥ 1) after which one token will be back.
     pub fn retry_after_secs(&self) -> u64 {
-        self.interval().as_secs_f64().ceil().max(1.0) as u64
+        let (tokens, every) = self.refill();
+        (every.as_secs_f64() / tokens as f64).ceil().max(1.0) as u64
     }
 }
 
@@ -187,6 +195,19 @@ mod tests {
         b.check(&1);
         b.sweep();
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn any_rate_builds_a_valid_bucket() {
+        for per_second in [0, 1, 3, 20, 999, 1000, 1001, 100_000, u32::MAX] {
+            let l = RateLimit {
+                per_second,
+                burst: 1,
+            };
+            let (tokens, every) = l.refill();
+            assert!(tokens >= 1 && every.as_millis() >= 1, "{per_second}");
+            let _ = l.bucket();
+        }
     }
 
     #[test]

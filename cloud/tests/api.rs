@@ -450,8 +450,8 @@ mod scenarios {
                 json!({"name": "Coffee", "sku": "C1"})
             ),
             entity("product", "p2", None, json!({"name": "Tea", "sku": "T1"})),
-            entity("price", "p1", Some("b1"), json!({"amount_minor": 250})),
-            entity("price", "p1", Some("b2"), json!({"amount_minor": 990})),
+            entity("price", "b1-p1", Some("b1"), json!({"amount_minor": 250})),
+            entity("price", "b2-p1", Some("b2"), json!({"amount_minor": 990})),
             entity("tax_rate", "std", None, json!({"rate_bp": 2000})),
         ]))
         .await;
@@ -493,7 +493,7 @@ mod scenarios {
         }
         assert_eq!(
             seen,
-            ["price/p1", "product/p1", "product/p2", "tax_rate/std"],
+            ["price/b1-p1", "product/p1", "product/p2", "tax_rate/std"],
             "ordered by (type, id), b2's price absent"
         );
         let b1_price = json_ok(env.get("/v1/pos/catalog/snapshot", Some(&t1)).await).await;

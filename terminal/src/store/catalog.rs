@@ -345,14 +345,16 @@ fn entity_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Entity, String)> 
 
 const ENTITY_COLUMNS: &str = "entity_type, entity_id, branch_id, version, deleted, hash, data";
 
-/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
-fn like_escape(s: &str) -> String {
+/// Escapes `*`, `?` and `[` so a user's text matches literally in a GLOB pattern.
+fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
+        match c {
+            '*' => out.push_str("[*]"),
+            '?' => out.push_str("[?]"),
+            '[' => out.push_str("[[]"),
+            other => out.push(other),
         }
-        out.push(c);
     }
     out
 }
@@ -363,41 +365,43 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
     let found: Vec<(Entity, String)> = match q {
         CatalogQuery::Barcode(b) => conn
             .prepare_cached(&format!(
-                "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_barcode
                  WHERE entity_type = 'product' AND barcode = ?1 ORDER BY entity_id LIMIT ?2"
             ))?
             .query_map(params![b, limit], entity_from_row)?
             .collect::<Result<_, _>>()?,
         CatalogQuery::Sku(s) => conn
             .prepare_cached(&format!(
-                "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_sku
                  WHERE entity_type = 'product' AND sku = ?1 ORDER BY entity_id LIMIT ?2"
             ))?
             .query_map(params![s, limit], entity_from_row)?
             .collect::<Result<_, _>>()?,
         CatalogQuery::Text(text) => {
-            let needle = like_escape(&text.trim().to_lowercase());
-            if needle.is_empty() {
+            let folded = text.trim().to_lowercase();
+            if folded.is_empty() {
                 return Ok(Vec::new());
             }
+            // Prefix: a GLOB range seek on the name index (GLOB is case-sensitive, and the
+            // column is already lower-cased, so SQLite can turn the pattern into a range).
             let mut rows: Vec<(Entity, String)> = conn
                 .prepare_cached(&format!(
-                    "SELECT {ENTITY_COLUMNS} FROM catalog_entities
-                     WHERE entity_type = 'product' AND name_fold LIKE ?1 || '%' ESCAPE '\\'
+                    "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_name
+                     WHERE entity_type = 'product' AND name_fold GLOB ?1
                      ORDER BY name_fold, entity_id LIMIT ?2"
                 ))?
-                .query_map(params![needle, limit], entity_from_row)?
+                .query_map(params![format!("{}*", glob_escape(&folded)), limit], entity_from_row)?
                 .collect::<Result<_, _>>()?;
             if rows.len() < LOOKUP_LIMIT {
+                // Substring: a scan, but of the name index (no JSON parsing per row).
                 let more: Vec<(Entity, String)> = conn
                     .prepare_cached(&format!(
-                        "SELECT {ENTITY_COLUMNS} FROM catalog_entities
+                        "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_name
                          WHERE entity_type = 'product'
-                           AND name_fold LIKE '%' || ?1 || '%' ESCAPE '\\'
-                           AND NOT name_fold LIKE ?1 || '%' ESCAPE '\\'
+                           AND instr(name_fold, ?1) > 1
                          ORDER BY name_fold, entity_id LIMIT ?2"
                     ))?
-                    .query_map(params![needle, limit - rows.len() as i64], entity_from_row)?
+                    .query_map(params![folded, limit - rows.len() as i64], entity_from_row)?
                     .collect::<Result<_, _>>()?;
                 rows.extend(more);
             }
@@ -430,8 +434,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn like_patterns_are_escaped() {
-        assert_eq!(like_escape("50%_off\\"), "50\\%\\_off\\\\");
+    fn glob_patterns_are_escaped() {
+        assert_eq!(glob_escape("a*b?[c]"), "a[*]b[?][[]c]");
     }
 
     #[test]

@@ -156,3 +156,22 @@ pub async fn expect_error(r: Response, status: u16, code: &str) -> Value {
     assert!(v["error"]["retryable"].is_boolean(), "{v}");
     v
 }
+
+impl Drop for Env {
+    /// A failing test shows the server's last log lines (the cause behind a 5xx), since the
+    /// data dir holding the log is deleted with the process.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.cloud.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("\"ERROR\"") || l.contains("\"WARN\""))
+                .collect();
+            let start = lines.len().saturating_sub(15);
+            eprintln!(
+                "--- cloud log (warnings and errors, last 15) ---\n{}",
+                lines[start..].join("\n")
+            );
+        }
+    }
+}

@@ -93,21 +93,30 @@ pub enum Decision {
 pub enum BackoffMsg {
     /// Asks when to retry after `failures` failed attempts, honouring `retry_after`.
     Decide {
+        /// Failed attempts so far (≥ 1).
         failures: u32,
+        /// The server's `Retry-After`, a floor for the delay.
         retry_after: Option<Duration>,
+        /// Where the decision goes.
         reply: RpcReplyPort<Decision>,
     },
     /// Another actor reached the cloud (`reachable = true`, any answer counts) or could not.
-    Contact { reachable: bool },
+    Contact {
+        /// Whether the cloud answered at all.
+        reachable: bool,
+    },
 }
 
 /// Typed start arguments of the [`Backoff`] actor.
 #[derive(Clone)]
 pub struct BackoffArgs {
+    /// Pacing rules.
     pub policy: BackoffPolicy,
     /// Seed of the jitter source; `None` draws one (and logs it so a run can be replayed).
     pub seed: Option<u64>,
+    /// Turns delays into retry instants.
     pub clock: Arc<dyn Clock>,
+    /// Where the online flag is shown.
     pub board: SharedBoard,
 }
 

@@ -19,9 +19,15 @@ use crate::status::ActorKind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CatalogRequest {
     /// Fetch a snapshot page; `cursor: None` starts a fresh snapshot.
-    Snapshot { cursor: Option<String> },
+    Snapshot {
+        /// Stored resume point.
+        cursor: Option<String>,
+    },
     /// Fetch changes after `since`.
-    Delta { since: i64 },
+    Delta {
+        /// Version the local catalog is complete up to.
+        since: i64,
+    },
 }
 
 /// Decides the next request: an unfinished snapshot continues from its stored cursor; a

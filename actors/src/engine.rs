@@ -163,12 +163,19 @@ impl BackoffAddress {
 /// Everything the actors share: the ports, the config, the board and the metrics.
 /// It is the typed start argument of every child, so a restarted child gets the same world.
 pub struct SyncContext {
+    /// Tunables.
     pub config: EngineConfig,
+    /// The terminal's database (the truth every actor reloads from).
     pub store: Arc<dyn LocalStore>,
+    /// The cloud sync API.
     pub cloud: Arc<dyn CloudApi>,
+    /// Time source for retry instants and claims.
     pub clock: Arc<dyn Clock>,
+    /// Status the actors publish.
     pub board: SharedBoard,
+    /// Metrics the actors update.
     pub metrics: EngineMetrics,
+    /// The live Backoff actor.
     pub backoff: BackoffAddress,
 }
 

@@ -167,8 +167,11 @@ pub enum OutboxMsg {
     /// A sent request came back. `last` marks the final request of its claimed batch, which
     /// frees one concurrency slot.
     BatchDone {
+        /// The sales that request carried.
         items: Vec<OutboxItem>,
+        /// What the cloud answered.
         result: Result<SalesEventsResponse, CloudError>,
+        /// Whether this was the batch's final request.
         last: bool,
     },
 }

@@ -32,10 +32,13 @@ pub enum ReconcileAction {
 /// The outcome of one reconcile run, summed over its ranges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
+    /// What was asked.
     pub mode: ReconcileAction,
     /// Ranges sent.
     pub ranges: usize,
+    /// Local entries compared.
     pub checked: i64,
+    /// Local entries equal to the cloud's.
     pub unchanged: i64,
     /// Entities missing locally or different from the cloud.
     pub upserts: i64,
@@ -121,8 +124,11 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(15);
 /// Messages of the [`Reconciler`].
 #[derive(Debug)]
 pub enum ReconcileMsg {
+    /// Walks every range once; the report (or the first error) goes to `reply`.
     Run {
+        /// Verify or apply.
         action: ReconcileAction,
+        /// Where the result goes (forwarded from the engine facade).
         reply: RpcReplyPort<Result<ReconcileReport, EngineError>>,
     },
 }

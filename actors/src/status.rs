@@ -15,9 +15,13 @@ use crate::ports::{CatalogPosition, OutboxCounts};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActorKind {
+    /// Pulls the catalog (snapshot, then deltas).
     CatalogSyncer,
+    /// Delivers the sales journal.
     SalesOutbox,
+    /// Verifies and repairs the local catalog on request.
     Reconciler,
+    /// Paces retries and tracks reachability.
     Backoff,
 }
 
@@ -56,6 +60,7 @@ pub struct ActorStatus {
 /// Snapshot of the whole engine, as `/status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EngineStatus {
+    /// Each supervised actor's line, keyed by its snake_case name.
     pub actors: BTreeMap<ActorKind, ActorStatus>,
     /// Whether the last call to the cloud got an answer (any HTTP answer counts).
     pub online: bool,

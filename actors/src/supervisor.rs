@@ -21,8 +21,11 @@ use crate::status::ActorKind;
 /// Messages of the [`SyncSupervisor`]; the engine facade talks only to it.
 #[derive(Debug)]
 pub enum SupervisorMsg {
+    /// Nudge the CatalogSyncer; answers whether it is running.
     SyncCatalogNow(RpcReplyPort<Result<(), EngineError>>),
+    /// Nudge the SalesOutbox; answers whether it is running.
     FlushOutboxNow(RpcReplyPort<Result<(), EngineError>>),
+    /// Run a reconcile; the reply port is forwarded to the Reconciler.
     Reconcile(
         ReconcileAction,
         RpcReplyPort<Result<ReconcileReport, EngineError>>,

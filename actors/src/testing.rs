@@ -134,6 +134,7 @@ impl Clock for ManualClock {
 
 /// The store operations faults can be injected into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // one variant per LocalStore method, named like it
 pub enum StoreOp {
     CatalogPosition,
     ApplySnapshotPage,
@@ -159,6 +160,7 @@ pub enum StoreFault {
 
 /// One `sync_journal` row of the in-memory store.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // the columns of `sync_journal`, see SPEC §6
 pub struct MemJournalRow {
     pub journal_id: JournalId,
     pub event: SaleEvent,
@@ -191,6 +193,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store: no catalog, empty journal.
     pub fn new() -> Self {
         MemoryStore::default()
     }
@@ -539,6 +542,7 @@ impl LocalStore for MemoryStore {
 
 /// The cloud endpoints faults can be scripted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // one variant per CloudApi method, named like it
 pub enum Endpoint {
     Snapshot,
     Delta,
@@ -607,6 +611,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl FakeCloud {
+    /// An empty catalog at version 0 and an empty ledger.
     pub fn new() -> Self {
         FakeCloud::default()
     }

@@ -260,18 +260,25 @@ pub fn manifest_after(
     limit: usize,
 ) -> Result<Vec<ManifestEntry>, TerminalStoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // The hash is recomputed from the stored data, not read from the `hash` column: reconcile
+    // exists to catch local drift, and a row edited behind the store's back keeps its old hash.
     let map = |r: &rusqlite::Row<'_>| {
+        let data: String = r.get(4)?;
+        let hash = match serde_json::from_str::<serde_json::Value>(&data) {
+            Ok(v) => possync_protocol::entity_hash(&v),
+            Err(_) => format!("unparseable-{}", possync_protocol::sha256_hex(data.as_bytes())),
+        };
         Ok(ManifestEntry {
             entity_type: r.get(0)?,
             id: r.get(1)?,
             version: r.get(2)?,
-            hash: r.get(3)?,
+            hash,
         })
     };
     let rows = match after {
         None => conn
             .prepare_cached(
-                "SELECT entity_type, entity_id, version, hash FROM catalog_entities
+                "SELECT entity_type, entity_id, version, hash, data FROM catalog_entities
                  ORDER BY entity_type, entity_id LIMIT ?1",
             )?
             .query_map(params![limit], map)?
@@ -279,7 +286,7 @@ pub fn manifest_after(
         Some(key) => {
             let (t, id) = split_key(key);
             conn.prepare_cached(
-                "SELECT entity_type, entity_id, version, hash FROM catalog_entities
+                "SELECT entity_type, entity_id, version, hash, data FROM catalog_entities
                  WHERE entity_type > ?1 OR (entity_type = ?1 AND entity_id > ?2)
                  ORDER BY entity_type, entity_id LIMIT ?3",
             )?

@@ -1,0 +1,163 @@
+//! End to end, real processes: a catalog change in the cloud reaches the terminal by delta
+//! (no new snapshot), and local tampering with the terminal's SQLite file is reported by
+//! verify and repaired by apply — with `local_inventory` and the sales untouched.
+
+mod e2e_support;
+
+use e2e_support::{enroll, sale_payload, terminal_cli, Cable, Cloud, Daemon, MAX_POLLS, POLL};
+use possync_terminal::store::SqliteStore;
+use serde_json::{json, Value};
+
+/// Reads one counter/gauge value (summed over labels) from Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics(daemon: &Daemon) -> String {
+    reqwest::get(format!("{}/metrics", daemon.url))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+fn product_name(db: &rusqlite::Connection, id: &str) -> Option<String> {
+    db.query_row(
+        "SELECT json_extract(data, '$.name') FROM catalog_entities \
+         WHERE entity_type = 'product' AND entity_id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
+    let cloud = Cloud::start(&[]);
+    cloud.upsert_product("p1", "SKU-1", "4000000000011", "Coffee beans");
+    cloud.upsert_product("p2", "SKU-2", "4000000000028", "Oat milk");
+    cloud.upsert_product("p3", "SKU-3", "4000000000035", "Croissant");
+    let (terminal_id, token) = cloud.process.add_terminal("b1").expect("terminal add");
+    let cable = Cable::start(&cloud.process.base_url).await;
+    let dir = tempfile::tempdir().expect("data dir");
+    enroll(dir.path(), &cable, terminal_id, &token, "b1");
+    let daemon = Daemon::start(dir.path(), &[]);
+
+    let s = daemon
+        .wait_status("first snapshot", |s| {
+            s["catalog"]["entities"] == 3 && s["catalog"]["version"].as_i64().is_some()
+        })
+        .await;
+    let v1 = s["catalog"]["version"].as_i64().expect("version");
+    let m = metrics(&daemon).await;
+    let snapshot_pages = metric(&m, "snapshot_pages");
+    assert!(snapshot_pages >= 1.0, "{m}");
+
+    // 1. One catalog change in the cloud arrives by delta, with no new snapshot.
+    cloud.upsert_product("p2", "SKU-2", "4000000000028", "Oat milk barista");
+    let mut hit = Value::Null;
+    for _ in 0..MAX_POLLS {
+        hit = daemon.get("/catalog/lookup?sku=SKU-2").await;
+        if hit["entities"][0]["data"]["name"] == "Oat milk barista" {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(
+        hit["entities"][0]["data"]["name"], "Oat milk barista",
+        "{hit}"
+    );
+    let s = daemon.status().await;
+    assert!(
+        s["catalog"]["version"].as_i64().expect("version") > v1,
+        "{s:#}"
+    );
+    let m = metrics(&daemon).await;
+    assert_eq!(
+        metric(&m, "snapshot_pages"),
+        snapshot_pages,
+        "no new snapshot: {m}"
+    );
+    assert!(metric(&m, "delta_sync_runs") >= 1.0, "{m}");
+
+    // The till's own data: local stock and one sale.
+    let store = SqliteStore::open(&dir.path().join("terminal.db")).expect("open store");
+    store.adjust_local_inventory("p1", 7).expect("stock");
+    let (code, body) = daemon
+        .post(
+            "/sales",
+            json!({"type": "sale", "payload": sale_payload(1)}),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let db = rusqlite::Connection::open(dir.path().join("terminal.db")).expect("sqlite");
+    let count = |table: &str| -> i64 {
+        db.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .expect("count")
+    };
+    let sales_before = count("sales");
+    let inventory_before: Vec<(String, i64)> = {
+        let mut st = db
+            .prepare("SELECT product_id, qty FROM local_inventory ORDER BY product_id")
+            .expect("prepare");
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    assert_eq!(sales_before, 1);
+
+    // 2. Tamper with the catalog in the SQLite file: change p1, delete p3, invent p9.
+    db.execute_batch(
+        "UPDATE catalog_entities SET data = json_set(data, '$.name', 'Tampered') \
+           WHERE entity_type = 'product' AND entity_id = 'p1';
+         DELETE FROM catalog_entities WHERE entity_type = 'product' AND entity_id = 'p3';
+         INSERT INTO catalog_entities (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at)
+           VALUES ('product', 'p9', NULL, 1, 0, 'bogus', '{\"name\":\"Ghost\"}', '2026-01-01T00:00:00.000000Z');",
+    )
+    .expect("tamper");
+
+    // 3. Verify (CLI, through the running daemon) reports it and changes nothing.
+    let (ok, out, err) = terminal_cli(dir.path(), &["reconcile", "--verify"]);
+    assert!(ok, "{out} {err}");
+    let report: Value = serde_json::from_str(&out).expect("verify json");
+    assert_eq!(report["applied"], false, "{report}");
+    assert_eq!(report["upserts"], 2, "p1 differs, p3 missing: {report}");
+    assert_eq!(report["deletes"], 1, "p9 unknown to the cloud: {report}");
+    assert_eq!(product_name(&db, "p1").as_deref(), Some("Tampered"));
+    assert_eq!(product_name(&db, "p9").as_deref(), Some("Ghost"));
+
+    // 4. Apply (status endpoint) repairs it.
+    let (code, report) = daemon.post("/reconcile", json!({"mode": "apply"})).await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["applied"], true, "{report}");
+    assert_eq!(product_name(&db, "p1").as_deref(), Some("Coffee beans"));
+    assert_eq!(product_name(&db, "p3").as_deref(), Some("Croissant"));
+    assert_eq!(product_name(&db, "p9"), None);
+    let (code, again) = daemon.post("/reconcile", json!({"mode": "verify"})).await;
+    assert_eq!(code, 200);
+    assert_eq!(again["upserts"], 0, "{again}");
+    assert_eq!(again["deletes"], 0, "{again}");
+
+    // 5. The till's own data is untouched.
+    assert_eq!(count("sales"), sales_before);
+    let inventory_after: Vec<(String, i64)> = {
+        let mut st = db
+            .prepare("SELECT product_id, qty FROM local_inventory ORDER BY product_id")
+            .expect("prepare");
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    assert_eq!(inventory_after, inventory_before);
+    assert_eq!(store.local_inventory("p1").expect("stock"), Some(7));
+}

@@ -266,7 +266,10 @@ pub fn manifest_after(
         let data: String = r.get(4)?;
         let hash = match serde_json::from_str::<serde_json::Value>(&data) {
             Ok(v) => possync_protocol::entity_hash(&v),
-            Err(_) => format!("unparseable-{}", possync_protocol::sha256_hex(data.as_bytes())),
+            Err(_) => format!(
+                "unparseable-{}",
+                possync_protocol::sha256_hex(data.as_bytes())
+            ),
         };
         Ok(ManifestEntry {
             entity_type: r.get(0)?,

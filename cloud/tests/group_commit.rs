@@ -1,0 +1,179 @@
+//! The branch ingestion actors against a real database: group commit (many requests, few
+//! transactions, each request its own outcomes), the queue bound, and restart after idle stop.
+
+use std::time::Duration;
+
+use possync_cloud::db::ledger::{IngestOutcome, IngestRequest};
+use possync_cloud::db::{terminals, Database};
+use possync_cloud::ingest::{Ingest, IngestError, IngestRegistry, IngestSettings};
+use possync_cloud::metrics::Metrics;
+use possync_testkit::pg::TestDatabase;
+use possync_testkit::sample_sale_event;
+use uuid::Uuid;
+
+enum Db {
+    Pg(TestDatabase),
+    Sqlite(tempfile::TempDir),
+}
+
+fn open(kind: &str) -> (Database, Db) {
+    let (url, keep) = match kind {
+        "pg" => {
+            let t = TestDatabase::create().expect("PostgreSQL must be reachable");
+            (t.url.clone(), Db::Pg(t))
+        }
+        _ => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            (
+                format!("sqlite://{}", dir.path().join("cloud.db").display()),
+                Db::Sqlite(dir),
+            )
+        }
+    };
+    let db = Database::connect(&url, 4).expect("connect");
+    db.run_migrations().expect("migrate");
+    (db, keep)
+}
+
+fn batch(terminal: Uuid, pos: Uuid, ids: std::ops::RangeInclusive<i64>) -> Vec<IngestRequest> {
+    ids.map(|i| {
+        let event = sample_sale_event(terminal, pos, i, "b1");
+        IngestRequest {
+            payload_hash: event.payload_hash(),
+            event,
+        }
+    })
+    .collect()
+}
+
+fn terminal(db: &Database) -> Uuid {
+    let mut conn = db.conn().expect("conn");
+    terminals::add_terminal(&mut conn, "b1", None)
+        .expect("add terminal")
+        .terminal_id
+}
+
+async fn group_commit_batches_queued_requests(kind: &str) {
+    let (db, _keep) = open(kind);
+    let metrics = Metrics::new();
+    let t = terminal(&db);
+    let pos = Uuid::now_v7();
+    let actor = actix::Actor::start(possync_cloud::ingest::BranchIngestor::new(
+        "b1".into(),
+        db.clone(),
+        metrics.clone(),
+        IngestSettings::default(),
+    ));
+    // Ten requests of three events each, all in the mailbox before the actor runs: the first
+    // starts a commit, the other nine queue behind it and share the next one.
+    let pending: Vec<_> = (0..10)
+        .map(|r| actor.send(Ingest(batch(t, pos, r * 3 + 1..=r * 3 + 3))))
+        .collect();
+    // A repeat of request 0's events inside the same group: duplicates, not new rows.
+    let repeat = actor.send(Ingest(batch(t, pos, 1..=3)));
+    for (r, p) in pending.into_iter().enumerate() {
+        let outcomes = p.await.expect("mailbox").expect("stored");
+        assert_eq!(
+            outcomes.len(),
+            3,
+            "request {r} gets exactly its own outcomes"
+        );
+        for o in outcomes {
+            assert!(
+                matches!(o, IngestOutcome::Accepted { .. }),
+                "request {r}: {o:?}"
+            );
+        }
+    }
+    let again = repeat.await.expect("mailbox").expect("stored");
+    assert!(
+        again
+            .iter()
+            .all(|o| matches!(o, IngestOutcome::Duplicate { .. })),
+        "{again:?}"
+    );
+    let commits = metrics.ingest_batch_size.get_sample_count();
+    assert!(
+        commits <= 3,
+        "11 queued requests should share a few transactions, took {commits}"
+    );
+    assert_eq!(metrics.ingest_batch_size.get_sample_sum() as i64, 33);
+    assert_eq!(metrics.queued_events.get(), 0, "nothing left waiting");
+    let mut conn = db.conn().expect("conn");
+    assert_eq!(
+        possync_cloud::db::ledger::count_sales(&mut conn, Some("b1")).expect("count"),
+        30
+    );
+}
+
+async fn full_queue_is_refused_and_nothing_stored(kind: &str) {
+    let (db, _keep) = open(kind);
+    let t = terminal(&db);
+    let registry = IngestRegistry::new(
+        db.clone(),
+        Metrics::new(),
+        IngestSettings {
+            queue_limit: 5,
+            idle_timeout: Duration::from_secs(60),
+        },
+    );
+    let err = registry
+        .ingest("b1", batch(t, Uuid::now_v7(), 1..=6))
+        .await
+        .expect_err("6 events cannot fit a queue of 5");
+    assert_eq!(err, IngestError::QueueFull { limit: 5 });
+    let mut conn = db.conn().expect("conn");
+    assert_eq!(
+        possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count"),
+        0
+    );
+}
+
+async fn idle_actor_stops_and_a_new_one_takes_over(kind: &str) {
+    let (db, _keep) = open(kind);
+    let t = terminal(&db);
+    let pos = Uuid::now_v7();
+    let metrics = Metrics::new();
+    let registry = IngestRegistry::new(
+        db.clone(),
+        metrics.clone(),
+        IngestSettings {
+            queue_limit: 100,
+            idle_timeout: Duration::from_millis(50),
+        },
+    );
+    registry
+        .ingest("b1", batch(t, pos, 1..=2))
+        .await
+        .expect("first batch");
+    assert_eq!(registry.live_actors(), 1);
+    // Wait (bounded) for the idle stop.
+    for _ in 0..200 {
+        if registry.live_actors() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(registry.live_actors(), 0, "idle actor stopped");
+    assert_eq!(metrics.branch_actors.get(), 0);
+    let outcomes = registry
+        .ingest("b1", batch(t, pos, 2..=3))
+        .await
+        .expect("a new actor serves the branch");
+    assert!(matches!(outcomes[0], IngestOutcome::Duplicate { .. }));
+    assert!(matches!(outcomes[1], IngestOutcome::Accepted { .. }));
+    assert_eq!(registry.live_actors(), 1);
+}
+
+macro_rules! both {
+    ($($name:ident),*) => {
+        mod pg { $( #[actix_web::test] async fn $name() { super::$name("pg").await } )* }
+        mod sqlite { $( #[actix_web::test] async fn $name() { super::$name("sqlite").await } )* }
+    };
+}
+
+both!(
+    group_commit_batches_queued_requests,
+    full_queue_is_refused_and_nothing_stored,
+    idle_actor_stops_and_a_new_one_takes_over
+);

@@ -1,4 +1,4 @@
-//! The legacy Google-Drive-era database migrated in place: backup, nothing lost, sales queued
+//! The legacy Google Drive era database migrated in place: backup, nothing lost, sales queued
 //! or flagged, Drive tables retired, legacy ids mapped to cloud ids by SKU after a snapshot.
 
 mod fixtures;

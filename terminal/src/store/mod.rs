@@ -1,5 +1,5 @@
 //! The terminal's local SQLite store: the catalog copy, the sales outbox (`sync_journal`), the
-//! till's own receipts and stock, and the migration from the legacy Google-Drive-era layout.
+//! till's own receipts and stock, and the migration from the legacy Google Drive era layout.
 //!
 //! Why one module owns all of it: every durability promise the terminal makes — "a sale is
 //! answered only after it is on disk", "a synced sale can never change", "sync never touches
@@ -72,7 +72,7 @@ pub struct OpenReport {
     pub applied: Vec<u32>,
     /// The safety copy taken before migrating, if anything was migrated on a non-empty file.
     pub backup_path: Option<PathBuf>,
-    /// Set when the legacy Google-Drive-era layout was converted now.
+    /// Set when the legacy Google Drive era layout was converted now.
     pub legacy: Option<LegacyReport>,
 }
 

@@ -615,6 +615,35 @@ mod tests {
             .all(|o| matches!(o, DeliveryOutcome::RetryLater { .. })));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn every_claimed_item_gets_exactly_one_outcome_in_order(
+            statuses in proptest::collection::vec(0u8..4, 1..30),
+            drop_one in proptest::bool::ANY,
+            attempts in 0u32..20,
+        ) {
+            let items: Vec<OutboxItem> = (1..=statuses.len() as i64).map(|i| item(i, attempts)).collect();
+            let mut results: Vec<EventResult> = statuses.iter().zip(1i64..).map(|(s, id)| {
+                result(id, match s { 0 => EventStatus::Accepted, 1 => EventStatus::Duplicate, 2 => EventStatus::Conflict, _ => EventStatus::Rejected })
+            }).collect();
+            if drop_one {
+                results.pop();
+            }
+            let out = outcomes_for(&items, Ok(SalesEventsResponse { results }), &mut retry_in(1));
+            proptest::prop_assert_eq!(out.len(), items.len());
+            for (o, i) in out.iter().zip(&items) {
+                let id = match o {
+                    DeliveryOutcome::Synced { journal_id, .. }
+                    | DeliveryOutcome::NeedsAttention { journal_id, .. }
+                    | DeliveryOutcome::RetryLater { journal_id, .. } => *journal_id,
+                };
+                proptest::prop_assert_eq!(id, i.journal_id);
+                // a short answer is never trusted for any item
+                proptest::prop_assert_eq!(drop_one, matches!(o, DeliveryOutcome::RetryLater { .. }));
+            }
+        }
+    }
+
     #[test]
     fn requests_respect_body_and_count_limits() {
         let items: Vec<OutboxItem> = (1..=10).map(|i| item(i, 0)).collect();

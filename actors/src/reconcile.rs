@@ -341,6 +341,40 @@ mod tests {
         assert_eq!(r, KeyRange::default());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn ranges_partition_the_manifest(n in 0u32..60, limit in 1usize..12) {
+            let all: Vec<ManifestEntry> = (1..=n).map(entry).collect();
+            let mut after: Option<String> = None;
+            let mut seen = Vec::new();
+            let mut ranges = 0;
+            loop {
+                let fetched: Vec<ManifestEntry> = all
+                    .iter()
+                    .filter(|e| after.as_deref().is_none_or(|a| format!("product/{}", e.id).as_str() > a))
+                    .take(limit + 1)
+                    .cloned()
+                    .collect();
+                let (range, entries, last) = cut_range(after.clone(), fetched, limit);
+                proptest::prop_assert!(entries.len() <= limit);
+                proptest::prop_assert_eq!(&range.after, &after);
+                for e in &entries {
+                    let key = format!("product/{}", e.id);
+                    proptest::prop_assert!(range.contains(&key));
+                }
+                seen.extend(entries);
+                ranges += 1;
+                if last {
+                    proptest::prop_assert_eq!(range.through, None);
+                    break;
+                }
+                after = range.through;
+            }
+            proptest::prop_assert_eq!(seen, all);
+            proptest::prop_assert!(ranges <= (n as usize) / limit + 1);
+        }
+    }
+
     #[test]
     fn shrinking_halves_down_to_one() {
         assert_eq!(shrink(2000), Some(1000));

@@ -583,3 +583,71 @@ async fn metrics_are_registered_in_the_given_registry() {
     assert!(matches!(second, Err(EngineError::Metrics(_))));
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn outbox_failing_after_the_cloud_stored_resends_and_the_ledger_keeps_one_copy() {
+    let (store, cloud, _) = world();
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    for i in 1..=7 {
+        store.enqueue(sale_event(t, p, i));
+    }
+    // The cloud commits the first batch, then recording its outcomes fails: the outbox dies
+    // with rows still in flight, and its restart must release and resend them.
+    store.fail_call(StoreOp::RecordOutcomes, 1, StoreFault::Error);
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("all synced", || store.journal_in("synced").len() == 7).await;
+    assert_eq!(cloud.stored_events(), 7, "each sale stored once");
+    assert_eq!(engine.status().actors[&ActorKind::SalesOutbox].restarts, 1);
+    assert!(
+        store.outcomes().iter().any(|o| matches!(
+            o,
+            DeliveryOutcome::Synced {
+                duplicate: true,
+                ..
+            }
+        )),
+        "the resent sales came back as duplicates"
+    );
+    assert_eq!(store.synced_rewrites(), 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_cloud_shows_offline_and_the_catalog_catches_up_when_it_returns() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(4);
+    cloud.set_offline(true);
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("offline shown", || {
+        let s = engine.status();
+        !s.online
+            && s.actors[&ActorKind::CatalogSyncer]
+                .state
+                .starts_with("offline")
+            && cloud.calls(Endpoint::Snapshot) >= 2
+    })
+    .await;
+    assert_eq!(
+        engine.status().actors[&ActorKind::CatalogSyncer].restarts,
+        0
+    );
+    cloud.set_offline(false);
+    eventually("snapshot complete", || version(&store) == Some(4)).await;
+    eventually("online again", || engine.status().online).await;
+    assert!(engine.status().last_contact_at.is_some());
+    engine.shutdown().await;
+}

@@ -335,3 +335,69 @@ pub(crate) fn now_utc() -> chrono::NaiveDateTime {
 
 #[cfg(test)]
 pub(crate) mod test_support;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [&str; 3] = [
+        "2026-11-25-000001_terminals",
+        "2026-11-25-000002_catalog",
+        "2026-11-25-000003_sales_ledger",
+    ];
+
+    #[test]
+    fn migrations_apply_once_then_are_a_no_op_on_both_backends() {
+        let pg = possync_testkit::pg::TestDatabase::create().expect("PostgreSQL must be reachable");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite_url = format!("sqlite://{}/nested/dir/cloud.db", dir.path().display());
+        for (url, backend) in [
+            (pg.url.as_str(), Backend::Postgres),
+            (&sqlite_url, Backend::Sqlite),
+        ] {
+            let db = Database::connect(url, 2).expect("connect");
+            assert_eq!(db.backend(), backend);
+            assert_eq!(db.run_migrations().expect("first run"), ALL);
+            assert!(db.run_migrations().expect("second run").is_empty());
+            db.ping().expect("ping");
+            let mut c = db.conn().expect("conn");
+            assert_eq!(
+                catalog::current_version(&mut c).expect("counter row exists"),
+                0
+            );
+        }
+        assert!(dir.path().join("nested/dir/cloud.db").exists());
+    }
+
+    #[test]
+    fn concurrent_migrators_apply_each_migration_once() {
+        let pg = possync_testkit::pg::TestDatabase::create().expect("PostgreSQL must be reachable");
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let url = pg.url.clone();
+                std::thread::spawn(move || {
+                    Database::connect(&url, 1)
+                        .expect("connect")
+                        .run_migrations()
+                        .expect("migrate")
+                })
+            })
+            .collect();
+        let mut applied: Vec<String> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect();
+        applied.sort();
+        assert_eq!(applied, ALL);
+    }
+
+    #[test]
+    fn unsupported_urls_are_refused() {
+        for url in ["mysql://localhost/x", "sqlite://", "cloud.db", ""] {
+            assert!(
+                matches!(Database::connect(url, 1), Err(StoreError::InvalidUrl(_))),
+                "{url:?}"
+            );
+        }
+    }
+}

@@ -40,6 +40,7 @@ pub(crate) fn sqlite() -> TestDb {
 pub(crate) fn each_backend(test: impl Fn(&Database)) {
     for make in [postgres as fn() -> TestDb, sqlite] {
         let t = make();
+        eprintln!("backend: {:?}", t.db.backend());
         test(&t.db);
     }
 }

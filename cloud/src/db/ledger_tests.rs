@@ -1,0 +1,293 @@
+//! Ledger tests, run against PostgreSQL and SQLite (the concurrency test on PostgreSQL).
+
+use super::*;
+use crate::db::test_support::{each_backend, postgres};
+use possync_protocol::{EventType, Payment, PaymentMethod, SaleLine, SalePayload, Totals};
+
+fn sale(terminal: Uuid, pos: Uuid, id: i64, receipt: &str, unit: i64) -> IngestRequest {
+    let total = 2 * unit;
+    IngestRequest::new(SaleEvent {
+        terminal_id: terminal,
+        pos_id: pos,
+        local_event_id: id,
+        branch_id: "b1".into(),
+        event_type: EventType::Sale,
+        occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
+        payload: SalePayload {
+            receipt_no: receipt.into(),
+            currency: "EUR".into(),
+            lines: vec![SaleLine {
+                product_id: "p1".into(),
+                sku: "SKU1".into(),
+                name: "Tea".into(),
+                qty: 2,
+                unit_price_minor: unit,
+                discount_minor: 0,
+                tax_minor: 0,
+                total_minor: total,
+            }],
+            totals: Totals {
+                subtotal_minor: total,
+                tax_minor: 0,
+                total_minor: total,
+            },
+            payments: vec![Payment {
+                method: PaymentMethod::Card,
+                amount_minor: total,
+            }],
+        },
+    })
+}
+
+fn accepted(o: &IngestOutcome) -> Uuid {
+    match o {
+        IngestOutcome::Accepted { cloud_event_id } => *cloud_event_id,
+        other => panic!("expected accepted, got {other:?}"),
+    }
+}
+
+#[test]
+fn accepted_then_duplicate_then_conflict() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = ingest_batch(
+            &mut c,
+            &[sale(t, p, 1, "R1", 250), sale(t, p, 2, "R2", 100)],
+        )
+        .expect("ingest");
+        let id1 = accepted(&first[0]);
+        let id2 = accepted(&first[1]);
+        assert_ne!(id1, id2);
+        assert_eq!(id1.get_version_num(), 7);
+
+        let again = ingest_batch(
+            &mut c,
+            &[
+                sale(t, p, 1, "R1", 250),
+                sale(t, p, 2, "R2-changed", 100),
+                sale(t, p, 3, "R3", 5),
+            ],
+        )
+        .expect("ingest");
+        assert_eq!(
+            again[0],
+            IngestOutcome::Duplicate {
+                cloud_event_id: id1
+            }
+        );
+        assert_eq!(
+            again[1],
+            IngestOutcome::Conflict {
+                cloud_event_id: id2
+            }
+        );
+        accepted(&again[2]);
+        assert_eq!(count_sales(&mut c, Some("b1")).expect("count"), 3);
+        assert_eq!(count_sales(&mut c, Some("b2")).expect("count"), 0);
+        assert_eq!(count_sales(&mut c, None).expect("count"), 3);
+    });
+}
+
+#[test]
+fn keys_repeated_inside_one_batch_resolve_against_the_first() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let out = ingest_batch(
+            &mut c,
+            &[
+                sale(t, p, 1, "R1", 250),
+                sale(t, p, 1, "R1", 250),
+                sale(t, p, 1, "R1-other", 250),
+            ],
+        )
+        .expect("ingest");
+        let id = accepted(&out[0]);
+        assert_eq!(out[1], IngestOutcome::Duplicate { cloud_event_id: id });
+        assert_eq!(out[2], IngestOutcome::Conflict { cloud_event_id: id });
+        assert_eq!(count_sales(&mut c, None).expect("count"), 1);
+
+        // Repeats of a key stored by an earlier batch resolve against the stored hash.
+        let out = ingest_batch(
+            &mut c,
+            &[sale(t, p, 1, "R1-other", 250), sale(t, p, 1, "R1", 250)],
+        )
+        .expect("ingest");
+        assert_eq!(out[0], IngestOutcome::Conflict { cloud_event_id: id });
+        assert_eq!(out[1], IngestOutcome::Duplicate { cloud_event_id: id });
+    });
+}
+
+#[test]
+fn the_key_includes_terminal_and_pos() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let out = ingest_batch(
+            &mut c,
+            &[
+                sale(t, p, 1, "R1", 250),
+                sale(t, Uuid::now_v7(), 1, "R1", 250),
+                sale(Uuid::now_v7(), p, 1, "R1", 250),
+            ],
+        )
+        .expect("ingest");
+        for o in &out {
+            accepted(o);
+        }
+        assert_eq!(count_sales(&mut c, None).expect("count"), 3);
+    });
+}
+
+#[test]
+fn a_full_batch_of_500_is_stored_in_chunks() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let batch: Vec<IngestRequest> = (1..=500)
+            .map(|i| sale(t, p, i, &format!("R{i}"), i))
+            .collect();
+        let out = ingest_batch(&mut c, &batch).expect("ingest");
+        assert_eq!(out.len(), 500);
+        let ids: HashSet<Uuid> = out.iter().map(accepted).collect();
+        assert_eq!(ids.len(), 500);
+        let again = ingest_batch(&mut c, &batch).expect("ingest");
+        for (a, b) in out.iter().zip(&again) {
+            assert_eq!(
+                *b,
+                IngestOutcome::Duplicate {
+                    cloud_event_id: a.cloud_event_id()
+                }
+            );
+        }
+        assert_eq!(count_sales(&mut c, None).expect("count"), 500);
+    });
+}
+
+#[test]
+fn a_failing_batch_stores_nothing() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        // local_event_id 0 bypasses validation here and violates the table's CHECK, so the
+        // database fails mid-batch.
+        let bad = sale(t, p, 0, "R0", 1);
+        let err = ingest_batch(&mut c, &[sale(t, p, 1, "R1", 1), bad]);
+        assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
+        assert_eq!(count_sales(&mut c, None).expect("count"), 0);
+        // The good event is not half-remembered: it is accepted on retry.
+        let out = ingest_batch(&mut c, &[sale(t, p, 1, "R1", 1)]).expect("ingest");
+        accepted(&out[0]);
+    });
+}
+
+#[test]
+fn the_database_refuses_to_change_or_remove_ingested_sales() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        ingest_batch(&mut c, &[sale(t, p, 1, "R1", 250)]).expect("ingest");
+        for sql in [
+            "UPDATE sales_events SET total_minor = 0",
+            "DELETE FROM sales_events",
+            "UPDATE idempotency_ledger SET payload_hash = 'x'",
+            "DELETE FROM idempotency_ledger",
+        ] {
+            let res = match &mut *c {
+                DbConn::Pg(c) => diesel::sql_query(sql).execute(c),
+                DbConn::Sqlite(c) => diesel::sql_query(sql).execute(c),
+            };
+            let err = res.expect_err(sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        assert_eq!(count_sales(&mut c, None).expect("count"), 1);
+    });
+}
+
+#[test]
+fn sync_status_reports_contiguous_prefix_and_gaps_per_pos() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let t = Uuid::now_v7();
+        let (pa, pb) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut batch: Vec<IngestRequest> = [1, 2, 3, 5, 7]
+            .into_iter()
+            .map(|i| sale(t, pa, i, &format!("A{i}"), 1))
+            .collect();
+        batch.extend((1..=4).map(|i| sale(t, pb, i, &format!("B{i}"), 1)));
+        batch.push(sale(Uuid::now_v7(), pa, 4, "other terminal", 1));
+        ingest_batch(&mut c, &batch).expect("ingest");
+
+        let status = sync_status(&mut c, t, "b1").expect("status");
+        assert_eq!(status.terminal_id, t);
+        assert_eq!(status.branch_id, "b1");
+        let mut by_pos: HashMap<Uuid, &PosIngestion> =
+            status.pos.iter().map(|p| (p.pos_id, p)).collect();
+        let a = by_pos.remove(&pa).expect("pos a");
+        assert_eq!((a.highest_contiguous, a.total_events), (3, 5));
+        assert_eq!(a.ids_above_gap, vec![5, 7]);
+        let b = by_pos.remove(&pb).expect("pos b");
+        assert_eq!((b.highest_contiguous, b.total_events), (4, 4));
+        assert!(b.ids_above_gap.is_empty());
+        assert!(by_pos.is_empty());
+
+        let none = sync_status(&mut c, Uuid::now_v7(), "b1").expect("status");
+        assert!(none.pos.is_empty());
+    });
+}
+
+#[test]
+fn sync_status_when_id_1_is_missing() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        ingest_batch(&mut c, &[sale(t, p, 2, "R2", 1), sale(t, p, 3, "R3", 1)]).expect("ingest");
+        let s = sync_status(&mut c, t, "b1").expect("status");
+        assert_eq!(s.pos[0].highest_contiguous, 0);
+        assert_eq!(s.pos[0].ids_above_gap, vec![2, 3]);
+    });
+}
+
+/// Eight connections deliver the same key at the same moment: exactly one is accepted, the
+/// other seven are duplicates naming the same `cloud_event_id`, and one row is stored.
+#[test]
+fn eight_concurrent_deliveries_of_one_key_store_it_once() {
+    const N: usize = 8;
+    for round in 0..5 {
+        let t = postgres();
+        let (terminal, pos) = (Uuid::now_v7(), Uuid::now_v7());
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                let db = t.db.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    let mut c = db.conn().expect("conn");
+                    let req = sale(terminal, pos, 1, "R1", 250);
+                    barrier.wait();
+                    ingest_batch(&mut c, &[req]).expect("ingest")[0]
+                })
+            })
+            .collect();
+        let outcomes: Vec<IngestOutcome> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        let winners: Vec<&IngestOutcome> = outcomes
+            .iter()
+            .filter(|o| matches!(o, IngestOutcome::Accepted { .. }))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+        let id = winners[0].cloud_event_id();
+        for o in &outcomes {
+            assert!(
+                *o == IngestOutcome::Accepted { cloud_event_id: id }
+                    || *o == IngestOutcome::Duplicate { cloud_event_id: id },
+                "round {round}: {o:?}"
+            );
+        }
+        let mut c = t.db.conn().expect("conn");
+        assert_eq!(count_sales(&mut c, None).expect("count"), 1);
+    }
+}

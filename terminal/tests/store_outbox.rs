@@ -398,3 +398,39 @@ fn local_inventory_belongs_to_the_till() {
     assert_eq!(store.adjust_local_inventory("p1", -7).expect("sell"), -2);
     assert_eq!(store.local_inventory("p1").expect("read"), Some(-2));
 }
+
+#[test]
+fn two_handles_on_one_file_enqueue_concurrently_without_duplicates_or_gaps() {
+    // the daemon and a `terminal sale add` each hold their own connection to the file
+    let (_dir, path) = temp_db();
+    let a = open(&path);
+    let b = open(&path);
+    let writers: Vec<_> = [a, b]
+        .into_iter()
+        .enumerate()
+        .map(|(w, store)| {
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|i| {
+                        store
+                            .enqueue_sale(
+                                EventType::Sale,
+                                Utc::now(),
+                                &payload(&format!("W{w}-{i}"), 1, 100),
+                            )
+                            .expect("enqueue under contention")
+                            .local_event_id
+                    })
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<i64> = writers
+        .into_iter()
+        .flat_map(|h| h.join().expect("writer thread"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=100).collect::<Vec<i64>>());
+    assert_eq!(count(&path, "sales"), 100);
+    assert_eq!(count(&path, "sync_journal"), 100);
+}

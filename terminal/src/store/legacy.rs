@@ -118,7 +118,11 @@ pub fn has_original_layout(conn: &Connection) -> Result<bool, TerminalStoreError
 
 /// Step 1: renames the legacy tables out of the way of this schema, in one transaction.
 pub fn retire_original_tables(conn: &mut Connection) -> Result<Vec<String>, TerminalStoreError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !has_original_layout(&tx)? {
+        // another process retired them while we waited for the write lock
+        return Ok(Vec::new());
+    }
     let drive: Vec<String> = tx
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'drive\\_%' ESCAPE '\\' ORDER BY name")?
         .query_map([], |r| r.get(0))?
@@ -277,7 +281,11 @@ pub fn convert_if_pending(
     }
     let now = Utc::now();
     let now_text = time_text(now);
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if Kv::SyncState.get(&tx, "legacy_migrated_at")?.is_some() {
+        // converted by another process while we waited for the write lock
+        return Ok(None);
+    }
     let mut report = LegacyReport::empty(LegacyOutcome::Migrated);
     report.backup_path = backup_path;
     report.retired_tables = tx

@@ -192,6 +192,10 @@ impl SqliteStore {
     pub fn open_with_report(path: &Path) -> Result<(SqliteStore, OpenReport), TerminalStoreError> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Every write transaction takes the write lock up front (BEGIN IMMEDIATE), waiting up
+        // to the busy timeout: a deferred one that read first could not upgrade while another
+        // process (daemon vs. CLI) committed in between, and would fail instead of waiting.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         // The legacy app may have used `user_version` for its own numbering: a legacy
         // layout counts as version 0 of this schema whatever the header says.
         let legacy_layout = legacy::has_original_layout(&conn)?;

@@ -108,7 +108,13 @@ pub fn apply_pending(conn: &mut Connection, target: u32) -> Result<Vec<u32>, Ter
             name: m.name,
             source,
         };
-        let tx = conn.transaction().map_err(wrap)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        // Another process may have applied it while we waited for the write lock.
+        if current_version(&tx)? >= m.version {
+            continue;
+        }
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version    INTEGER PRIMARY KEY NOT NULL,

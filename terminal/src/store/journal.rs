@@ -75,23 +75,37 @@ impl FromStr for JournalStatus {
 /// What `enqueue_sale` stored, returned only after the commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct EnqueuedSale {
+    /// This database's id (second part of the idempotency key).
     pub pos_id: Uuid,
+    /// The id the sale got (third part of the idempotency key).
     pub local_event_id: i64,
+    /// The outbox row, for `terminal outbox retry`.
     pub journal_id: i64,
 }
 
 /// One `sync_journal` row as the operator sees it (`terminal outbox list`, `GET /outbox`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JournalRow {
+    /// Row id, the handle for an operator retry.
     pub journal_id: i64,
+    /// The sale's id within this `pos_id`.
     pub local_event_id: i64,
+    /// Where the row is in its lifecycle.
     pub status: JournalStatus,
+    /// Delivery attempts so far (reset by an operator retry).
     pub attempts: i64,
+    /// When a `failed` row is due again.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Stable code of the last failure (`POS_SYNC_*`, `NETWORK`, `HTTP_503` …); for a synced
+    /// row, `POS_SYNC_EVENT_DUPLICATE` if the cloud already held it.
     pub last_error_code: Option<String>,
+    /// Human text of the last failure.
     pub last_error_message: Option<String>,
+    /// The cloud's id for the stored sale, once synced.
     pub cloud_event_id: Option<String>,
+    /// When the sale was enqueued.
     pub created_at: DateTime<Utc>,
+    /// The receipt number, so an operator recognises the sale.
     pub receipt_no: Option<String>,
 }
 
@@ -146,6 +160,7 @@ pub(crate) fn take_local_event_id(tx: &Transaction<'_>) -> Result<i64, TerminalS
 pub(crate) struct QueuedSale<'a> {
     pub pos_id: Uuid,
     pub event_type: EventType,
+    /// When the sale happened at the till.
     pub occurred_at: DateTime<Utc>,
     pub payload: &'a SalePayload,
     /// `Some((code, message))` stores the row as `needs_attention` instead of `pending`.

@@ -20,11 +20,15 @@ use super::error::TerminalStoreError;
 /// One row of the legacy `products` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegacyProduct {
+    /// Local integer id (what legacy sale lines point at).
     pub id: i64,
+    /// The key the first cloud snapshot is matched by; may be missing in old data.
     pub sku: Option<String>,
     pub barcode: Option<String>,
     pub name: String,
+    /// Tax-inclusive unit price in cents.
     pub price_cents: i64,
+    /// Units on hand as the till counted them (may be negative).
     pub stock: i64,
 }
 
@@ -33,9 +37,12 @@ pub struct LegacyProduct {
 pub struct LegacySale {
     pub id: i64,
     pub receipt_no: String,
+    /// `YYYY-MM-DD HH:MM:SS` (UTC) or RFC 3339, as the old app wrote it.
     pub created_at: String,
     pub total_cents: i64,
+    /// `[{"product_id", "qty", "price_cents", "discount_cents"?}]`, stored verbatim.
     pub lines_json: String,
+    /// Whether the old sync had uploaded it to Drive.
     pub drive_synced: bool,
 }
 
@@ -44,7 +51,9 @@ pub struct LegacySale {
 pub struct LegacyFixture {
     pub products: Vec<LegacyProduct>,
     pub sales: Vec<LegacySale>,
+    /// Stored in `drive_sync_state`; the migration keeps it, nothing uses it.
     pub drive_folder_id: String,
+    /// Stored in `drive_sync_state`.
     pub last_upload_at: String,
     /// Rows of `drive_upload_log`.
     pub uploads: i64,

@@ -79,8 +79,11 @@ pub struct OpenReport {
 /// The terminal's enrollment with the cloud: where to sync and as whom.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrollment {
+    /// Base URL of `cloud serve`, e.g. `https://sync.example.com`.
     pub cloud_url: String,
+    /// The id the cloud issued to this terminal (first part of every idempotency key).
     pub terminal_id: Uuid,
+    /// The branch this terminal sells for; it never acts for another.
     pub branch_id: String,
     /// Bearer token; never printed by `Debug`.
     pub token: String,

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cloud_cluster::CloudCluster;
+use crate::cloud_cluster::{CatalogAdmin, CloudCluster};
 use crate::sale_script::{product_id, product_price, PRODUCTS};
 use crate::terminal_fleet::CatalogRow;
 use crate::SimError;
@@ -95,10 +95,10 @@ impl CatalogChurn {
         }
     }
 
-    /// Makes one change: reprice a product, reprice a branch price, delete a product, or
-    /// bring a deleted one back. A CLI failure is counted, not fatal (the cloud may be
-    /// restarting; the catalog check at the end is what matters).
-    pub async fn step(&mut self, cloud: &CloudCluster) {
+    /// Makes one change through the admin HTTP route: reprice a product, reprice a branch
+    /// price, delete a product, or bring a deleted one back. A failure is counted, not fatal
+    /// (an instance may be restarting; the catalog check at the end is what matters).
+    pub async fn step(&mut self, cloud: &CatalogAdmin) {
         let roll = self.rng.random_range(0..10);
         let i = self.rng.random_range(0..PRODUCTS);
         let price = self.rng.random_range(50..2000);
@@ -106,23 +106,23 @@ impl CatalogChurn {
             self.deleted.remove(&i);
             self.counts.upserts += 1;
             cloud
-                .catalog_upsert("product", &product_id(i), None, &product_data(i, price))
+                .admin_upsert("product", &product_id(i), None, &product_data(i, price))
                 .await
         } else if roll < 8 && !self.branches.is_empty() {
             let b = self.branches[self.rng.random_range(0..self.branches.len())].clone();
             let j = self.rng.random_range(0..PRICES_PER_BRANCH);
             self.counts.upserts += 1;
             cloud
-                .catalog_upsert("price", &price_id(&b, j), Some(&b), &price_data(j, price))
+                .admin_upsert("price", &price_id(&b, j), Some(&b), &price_data(j, price))
                 .await
         } else if self.deleted.insert(i) {
             self.counts.deletes += 1;
-            cloud.catalog_delete("product", &product_id(i)).await
+            cloud.admin_delete("product", &product_id(i)).await
         } else {
             self.deleted.remove(&i);
             self.counts.upserts += 1;
             cloud
-                .catalog_upsert("product", &product_id(i), None, &product_data(i, price))
+                .admin_upsert("product", &product_id(i), None, &product_data(i, price))
                 .await
         };
         if let Err(e) = res {

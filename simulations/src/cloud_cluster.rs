@@ -98,6 +98,7 @@ pub struct CloudCluster {
     upstreams: Arc<Upstreams>,
     restarts: u32,
     extra_env: Vec<(String, String)>,
+    admin: reqwest::Client,
 }
 
 impl CloudCluster {
@@ -119,6 +120,11 @@ impl CloudCluster {
             upstreams: Upstreams::new(instances.max(1)),
             restarts: 0,
             extra_env,
+            admin: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| SimError::Http(e.to_string()))?,
         };
         for i in 0..cluster.instances.len() {
             cluster.start_instance(i).await?;
@@ -259,6 +265,16 @@ impl CloudCluster {
         Ok(())
     }
 
+    /// A handle on the admin HTTP API that needs no lock on the cluster (so catalog changes
+    /// continue while an instance is being restarted).
+    pub fn admin(&self) -> CatalogAdmin {
+        CatalogAdmin {
+            client: self.admin.clone(),
+            upstreams: self.upstreams.clone(),
+            token: self.admin_token.clone(),
+        }
+    }
+
     /// `cloud catalog import FILE`.
     pub async fn catalog_import(&self, file: &Path) -> Result<(), SimError> {
         let f = file.to_string_lossy().to_string();
@@ -286,6 +302,56 @@ impl CloudCluster {
                 d.kill9().await;
             }
         }
+    }
+}
+
+/// The admin routes of whichever instance is live.
+#[derive(Clone)]
+pub struct CatalogAdmin {
+    client: reqwest::Client,
+    upstreams: Arc<Upstreams>,
+    token: String,
+}
+
+impl CatalogAdmin {
+    /// `POST /v1/admin/catalog/upsert` (one entity) on a live instance, with the admin token.
+    pub async fn admin_upsert(
+        &self,
+        entity_type: &str,
+        id: &str,
+        branch: Option<&str>,
+        data: &serde_json::Value,
+    ) -> Result<(), SimError> {
+        let body = serde_json::json!({"entities": [{"type": entity_type, "id": id,
+            "branch_id": branch, "data": data}]});
+        self.admin_post("/v1/admin/catalog/upsert", &body).await
+    }
+
+    /// `POST /v1/admin/catalog/delete` (one entity) on a live instance.
+    pub async fn admin_delete(&self, entity_type: &str, id: &str) -> Result<(), SimError> {
+        let body = serde_json::json!({"entities": [{"type": entity_type, "id": id}]});
+        self.admin_post("/v1/admin/catalog/delete", &body).await
+    }
+
+    async fn admin_post(&self, path: &str, body: &serde_json::Value) -> Result<(), SimError> {
+        let base = self
+            .upstreams
+            .pick()
+            .ok_or_else(|| SimError::Http("no live cloud instance".into()))?;
+        let r = self
+            .client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| SimError::Http(format!("POST {path}: {e}")))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            return Err(SimError::Http(format!("POST {path}: {status}: {text}")));
+        }
+        Ok(())
     }
 }
 

@@ -68,7 +68,11 @@ pub struct RunReport {
     pub lost: u64,
     pub duplicated: u64,
     pub cross_branch: u64,
+    /// Rows still `needs_attention` at the end (after the operator retries).
     pub needs_attention: u64,
+    /// Rows that had exhausted their attempts during the faults and were sent again by the
+    /// harness acting as operator (`POST /outbox/retry {"all": true}`), up to three rounds.
+    pub needs_attention_released_by_operator: u64,
     pub retries: u64,
     pub catalog_converged_terminals: u64,
     pub catalog_unconverged_terminals: u64,
@@ -114,6 +118,14 @@ impl RunReport {
         line(&mut s, "duplicated", self.duplicated.to_string());
         line(&mut s, "cross_branch", self.cross_branch.to_string());
         line(&mut s, "needs_attention", self.needs_attention.to_string());
+        line(
+            &mut s,
+            "needs_attention (operator)",
+            format!(
+                "{} released by operator retry",
+                self.needs_attention_released_by_operator
+            ),
+        );
         line(&mut s, "retries", self.retries.to_string());
         line(
             &mut s,

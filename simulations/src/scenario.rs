@@ -212,16 +212,13 @@ async fn run_on(
         )
     };
     let churn = {
-        let cluster = cluster.clone();
+        let admin = cluster.lock().await.admin();
         let selling = selling.clone();
         let mut churn = CatalogChurn::new(cfg.seed, branches.clone());
         tokio::spawn(async move {
             while selling.load(Ordering::SeqCst) {
-                {
-                    let c = cluster.lock().await;
-                    churn.step(&c).await;
-                }
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                churn.step(&admin).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             churn.counts
         })
@@ -270,8 +267,11 @@ async fn run_on(
         n.lock().await.proxy.stop_faults();
     }
     let deadline = Instant::now() + cfg.quiescence_timeout;
+    let mut operator_released = 0u64;
+    let mut operator_rounds = 0u32;
     loop {
         let mut busy = 0usize;
+        let mut attention: Vec<usize> = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             let node = n.lock().await;
             match node.journal() {
@@ -282,19 +282,35 @@ async fn run_on(
                         .count();
                     if open > 0 || j.len() < acknowledged[i].len() {
                         busy += 1;
+                    } else if j.iter().any(|r| r.status == "needs_attention") {
+                        attention.push(i);
                     }
                 }
                 Err(_) => busy += 1,
             }
         }
-        if busy == 0 {
+        if busy == 0 && attention.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
-            errors.push(format!(
-                "quiescence: {busy} terminal(s) still had unsynced sales after {:?}",
-                cfg.quiescence_timeout
-            ));
+        if busy == 0 && operator_rounds < 3 {
+            // Every journal settled, some sales exhausted their attempts during the faults:
+            // do what the operator does (the status page's Retry) and wait again.
+            operator_rounds += 1;
+            for i in attention {
+                match nodes[i].lock().await.retry_needing_attention().await {
+                    Ok(n) => operator_released += n,
+                    Err(e) => errors.push(format!("terminal {i} operator retry: {e}")),
+                }
+            }
+            continue;
+        }
+        if busy == 0 || Instant::now() > deadline {
+            if busy > 0 {
+                errors.push(format!(
+                    "quiescence: {busy} terminal(s) still had unsynced sales after {:?}",
+                    cfg.quiescence_timeout
+                ));
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -407,6 +423,7 @@ async fn run_on(
                 .map(|c| c.foreign_branch_entities)
                 .sum::<u64>(),
         needs_attention: findings.needs_attention,
+        needs_attention_released_by_operator: operator_released,
         retries: per_terminal.iter().map(|t| t.retries).sum(),
         catalog_converged_terminals: converged,
         catalog_unconverged_terminals: comparisons.len() as u64 - converged,

@@ -231,6 +231,25 @@ impl TerminalNode {
         Ok(v)
     }
 
+    /// `POST /outbox/retry {"all": true}`: what an operator does about sales that need
+    /// attention. Returns how many rows went back to `pending`.
+    pub async fn retry_needing_attention(&self) -> Result<u64, SimError> {
+        let url = format!("{}/outbox/retry", self.status_url()?);
+        let r = self
+            .client
+            .post(&url)
+            .json(&serde_json::json!({ "all": true }))
+            .send()
+            .await
+            .map_err(|e| SimError::Http(e.to_string()))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.map_err(|e| SimError::Http(e.to_string()))?;
+        if !status.is_success() {
+            return Err(SimError::Http(format!("outbox retry: {status}: {v}")));
+        }
+        Ok(v["released"].as_u64().unwrap_or(0))
+    }
+
     /// The terminal's SQLite file (the one holding `sync_journal`).
     pub fn database_path(&self) -> Result<PathBuf, SimError> {
         find_terminal_db(&self.data_dir)

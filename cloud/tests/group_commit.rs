@@ -11,6 +11,8 @@ use possync_testkit::pg::TestDatabase;
 use possync_testkit::sample_sale_event;
 use uuid::Uuid;
 
+/// Keeps the database alive for the test (dropping it deletes it).
+#[allow(dead_code)]
 enum Db {
     Pg(TestDatabase),
     Sqlite(tempfile::TempDir),

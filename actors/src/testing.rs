@@ -588,6 +588,8 @@ pub struct FakeCloud {
     pub max_manifest_entries: usize,
     /// How long `post_events` holds the call open, so concurrent calls overlap observably.
     pub post_delay: Duration,
+    /// While closed, `post_events` calls wait (already counted as in flight).
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for FakeCloud {
@@ -597,6 +599,7 @@ impl Default for FakeCloud {
             offline: AtomicBool::new(false),
             max_manifest_entries: possync_protocol::DEFAULT_MANIFEST_MAX_ENTRIES,
             post_delay: Duration::ZERO,
+            gate: tokio::sync::watch::Sender::new(true),
         }
     }
 }
@@ -620,6 +623,22 @@ impl FakeCloud {
     pub fn with_post_delay(mut self, d: Duration) -> Self {
         self.post_delay = d;
         self
+    }
+
+    /// Holds every `post_events` call open until [`FakeCloud::open_gate`], so a test can see
+    /// how many calls the engine opens at once without depending on timing.
+    pub fn close_gate(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Lets held and future `post_events` calls proceed.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// `post_events` calls open right now.
+    pub fn concurrent_posts(&self) -> usize {
+        lock(&self.inner).in_flight_posts
     }
 
     /// Answers 413 to reconcile manifests above `n` entries.
@@ -878,6 +897,9 @@ impl CloudApi for FakeCloud {
             g.post_batch_sizes.push(events.len());
         }
         let _guard = InFlight(&self.inner);
+        let mut gate = self.gate.subscribe();
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = gate.wait_for(|open| *open).await;
         if !self.post_delay.is_zero() {
             tokio::time::sleep(self.post_delay).await;
         }

@@ -364,7 +364,7 @@ async fn exhausted_attempts_need_attention_until_an_operator_retries() {
 async fn outbox_concurrency_never_exceeds_the_limit() {
     for limit in [1usize, 2, 3] {
         let store = Arc::new(MemoryStore::new());
-        let cloud = Arc::new(FakeCloud::new().with_post_delay(Duration::from_millis(15)));
+        let cloud = Arc::new(FakeCloud::new().with_post_delay(Duration::from_millis(2)));
         let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
         for i in 1..=24 {
             store.enqueue(sale_event(t, p, i));
@@ -372,10 +372,21 @@ async fn outbox_concurrency_never_exceeds_the_limit() {
         let mut cfg = config();
         cfg.outbox_batch = 2;
         cfg.outbox_concurrency = limit;
+        // Hold the cloud's answers: the outbox fills every slot and no more.
+        cloud.close_gate();
         let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+        eventually("every slot in use", || cloud.concurrent_posts() == limit).await;
+        engine.flush_outbox_now().await.expect("nudge");
+        // a nudge while full claims nothing more
+        eventually("nudge handled", || {
+            engine.status().actors[&ActorKind::SalesOutbox]
+                .state
+                .starts_with("sending")
+        })
+        .await;
+        assert_eq!(store.journal_in("in_flight").len(), 2 * limit);
+        cloud.open_gate();
         eventually("all synced", || store.journal_in("synced").len() == 24).await;
-        assert!(cloud.max_concurrent_posts() <= limit);
-        // the pump fills every slot before any call returns
         assert_eq!(cloud.max_concurrent_posts(), limit);
         assert!(cloud.post_batch_sizes().iter().all(|n| *n <= 2));
         assert_eq!(cloud.stored_events(), 24);

@@ -483,3 +483,52 @@ fn catalog_sync_never_touches_sales_or_local_inventory() {
     assert_eq!(till_tables(&path), before);
     assert_eq!(store.local_inventory("p1").expect("stock"), Some(7));
 }
+
+#[test]
+fn a_stale_upsert_after_a_tombstone_does_not_resurrect_the_entity() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store
+        .apply_delta_page(&delta(vec![product("p1", 5, "S1", "111", "A")], 5))
+        .expect("create");
+    store
+        .apply_delta_page(&delta(vec![tombstone("product", "p1", 9)], 9))
+        .expect("delete");
+    // an older version arriving late (replayed page, stale reconcile plan) stays dead
+    store
+        .apply_delta_page(&delta(vec![product("p1", 7, "S1", "111", "A7")], 9))
+        .expect("stale");
+    store
+        .apply_reconcile_plan(
+            &KeyRange::default(),
+            &ReconcilePlan {
+                upserts: vec![product("p1", 8, "S1", "111", "A8")],
+                deletes: vec![],
+            },
+        )
+        .expect("stale plan");
+    assert_eq!(version_of(&store, "product", "p1"), None);
+    assert!(store
+        .lookup(CatalogQuery::Sku("S1".into()))
+        .expect("q")
+        .is_empty());
+    assert_eq!(store.catalog_stats().expect("stats").entities, 0);
+    // a newer version brings it back
+    store
+        .apply_delta_page(&delta(vec![product("p1", 10, "S1", "111", "A10")], 10))
+        .expect("recreate");
+    assert_eq!(version_of(&store, "product", "p1"), Some(10));
+    assert_eq!(
+        store.lookup(CatalogQuery::Sku("S1".into())).expect("q")[0].data["name"],
+        "A10"
+    );
+    // and a snapshot purges tombstones it supersedes
+    store
+        .apply_delta_page(&delta(vec![tombstone("product", "p1", 11)], 11))
+        .expect("delete again");
+    assert_eq!(count(&path, "catalog_entities WHERE deleted = 1"), 1);
+    store
+        .apply_snapshot_page(&snap(12, 0, vec![], None), true)
+        .expect("empty snapshot");
+    assert_eq!(count(&path, "catalog_entities"), 0);
+}

@@ -60,10 +60,24 @@ ON CONFLICT (entity_type, entity_id) DO UPDATE SET
     hash       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.hash       ELSE catalog_entities.hash       END,
     data       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.data       ELSE catalog_entities.data       END,
     updated_at = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.updated_at ELSE catalog_entities.updated_at END,
+    deleted    = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN 0                  ELSE catalog_entities.deleted    END,
     version    = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.version    ELSE catalog_entities.version    END,
     snapshot_generation = coalesce(excluded.snapshot_generation, catalog_entities.snapshot_generation)";
 
-/// Upserts one entity (or deletes it, for a tombstone) under the given rule.
+/// A tombstone replaces a row that is not newer than itself. It is kept as a `deleted = 1`
+/// row (hidden from lookups, the manifest and counts) so that a stale upsert of an older
+/// version arriving later cannot resurrect the entity; the next snapshot completion purges it.
+const TOMBSTONE_SQL: &str = "
+INSERT INTO catalog_entities
+    (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at, snapshot_generation)
+VALUES (?1, ?2, ?3, ?4, 1, ?5, 'null', ?6, ?7)
+ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+    branch_id = excluded.branch_id, version = excluded.version, deleted = 1, hash = excluded.hash,
+    data = 'null', updated_at = excluded.updated_at,
+    snapshot_generation = coalesce(excluded.snapshot_generation, catalog_entities.snapshot_generation)
+WHERE excluded.version >= catalog_entities.version";
+
+/// Upserts one entity (or records its tombstone) under the given rule.
 fn put_entity(
     tx: &Transaction<'_>,
     e: &Entity,
@@ -73,10 +87,15 @@ fn put_entity(
     map_legacy_ids: bool,
 ) -> Result<(), TerminalStoreError> {
     if e.deleted {
-        tx.prepare_cached(
-            "DELETE FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2 AND version <= ?3",
-        )?
-        .execute(params![e.entity_type, e.id, e.version])?;
+        tx.prepare_cached(TOMBSTONE_SQL)?.execute(params![
+            e.entity_type,
+            e.id,
+            e.branch_id,
+            e.version,
+            e.hash,
+            now,
+            generation,
+        ])?;
         return Ok(());
     }
     // For the reconcile rule the decision needs the local row; `?9` carries the extra
@@ -282,6 +301,7 @@ pub fn manifest_after(
         None => conn
             .prepare_cached(
                 "SELECT entity_type, entity_id, version, hash, data FROM catalog_entities
+                 WHERE deleted = 0
                  ORDER BY entity_type, entity_id LIMIT ?1",
             )?
             .query_map(params![limit], map)?
@@ -290,7 +310,7 @@ pub fn manifest_after(
             let (t, id) = split_key(key);
             conn.prepare_cached(
                 "SELECT entity_type, entity_id, version, hash, data FROM catalog_entities
-                 WHERE entity_type > ?1 OR (entity_type = ?1 AND entity_id > ?2)
+                 WHERE (entity_type > ?1 OR (entity_type = ?1 AND entity_id > ?2)) AND deleted = 0
                  ORDER BY entity_type, entity_id LIMIT ?3",
             )?
             .query_map(params![t, id, limit], map)?
@@ -376,14 +396,14 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
         CatalogQuery::Barcode(b) => conn
             .prepare_cached(&format!(
                 "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_barcode
-                 WHERE entity_type = 'product' AND barcode = ?1 ORDER BY entity_id LIMIT ?2"
+                 WHERE entity_type = 'product' AND deleted = 0 AND barcode = ?1 ORDER BY entity_id LIMIT ?2"
             ))?
             .query_map(params![b, limit], entity_from_row)?
             .collect::<Result<_, _>>()?,
         CatalogQuery::Sku(s) => conn
             .prepare_cached(&format!(
                 "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_sku
-                 WHERE entity_type = 'product' AND sku = ?1 ORDER BY entity_id LIMIT ?2"
+                 WHERE entity_type = 'product' AND deleted = 0 AND sku = ?1 ORDER BY entity_id LIMIT ?2"
             ))?
             .query_map(params![s, limit], entity_from_row)?
             .collect::<Result<_, _>>()?,
@@ -397,7 +417,7 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
             let mut rows: Vec<(Entity, String)> = conn
                 .prepare_cached(&format!(
                     "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_name
-                     WHERE entity_type = 'product' AND name_fold GLOB ?1
+                     WHERE entity_type = 'product' AND deleted = 0 AND name_fold GLOB ?1
                      ORDER BY name_fold, entity_id LIMIT ?2"
                 ))?
                 .query_map(params![format!("{}*", glob_escape(&folded)), limit], entity_from_row)?
@@ -407,7 +427,7 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
                 let more: Vec<(Entity, String)> = conn
                     .prepare_cached(&format!(
                         "SELECT {ENTITY_COLUMNS} FROM catalog_entities INDEXED BY catalog_entities_product_name
-                         WHERE entity_type = 'product'
+                         WHERE entity_type = 'product' AND deleted = 0
                            AND instr(name_fold, ?1) > 1
                          ORDER BY name_fold, entity_id LIMIT ?2"
                     ))?
@@ -429,8 +449,11 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
 
 /// Catalog summary for `/status`.
 pub fn stats(conn: &Connection) -> Result<CatalogStats, TerminalStoreError> {
-    let entities: i64 =
-        conn.query_row("SELECT count(*) FROM catalog_entities", [], |r| r.get(0))?;
+    let entities: i64 = conn.query_row(
+        "SELECT count(*) FROM catalog_entities WHERE deleted = 0",
+        [],
+        |r| r.get(0),
+    )?;
     let pos = position(conn)?;
     Ok(CatalogStats {
         version: pos.catalog_version,

@@ -130,17 +130,25 @@ impl Cloud {
             .expect("catalog upsert");
     }
 
-    /// `GET /v1/pos/sync/status` as the terminal: what the cloud holds of its sales.
+    /// `GET /v1/pos/sync/status` as the terminal: what the cloud holds of its sales. Shares
+    /// the terminal's rate-limit bucket, so a 429 is waited out.
     pub async fn sync_status(&self, token: &str) -> Value {
-        reqwest::Client::new()
-            .get(self.process.url("/v1/pos/sync/status"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("sync status")
-            .json()
-            .await
-            .expect("sync status json")
+        let mut last = Value::Null;
+        for _ in 0..MAX_POLLS {
+            let resp = reqwest::Client::new()
+                .get(self.process.url("/v1/pos/sync/status"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("sync status");
+            let status = resp.status().as_u16();
+            last = resp.json().await.expect("sync status json");
+            if status != 429 {
+                return last;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        panic!("sync status stayed rate-limited: {last}");
     }
 }
 

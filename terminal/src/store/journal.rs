@@ -313,6 +313,24 @@ pub fn stamp_identity(tx: &Transaction<'_>, e: &Enrollment) -> Result<usize, Ter
             "queued sales stamped with the new enrollment"
         );
     }
+    // Rows already stamped keep their identity: one may have reached the cloud under it (an
+    // answer lost in flight), and re-keying it would make the cloud store that sale twice.
+    let foreign: i64 = tx.query_row(
+        "SELECT count(*) FROM sync_journal
+         WHERE status <> 'synced'
+           AND (json_extract(event, '$.terminal_id') <> ?1 OR json_extract(event, '$.branch_id') <> ?2)",
+        params![e.terminal_id.to_string(), e.branch_id],
+        |r| r.get(0),
+    )?;
+    if foreign > 0 {
+        tracing::warn!(
+            terminalId = %e.terminal_id,
+            branchId = %e.branch_id,
+            unsynced = foreign,
+            errorCode = "POS_SYNC_UNAUTHORIZED",
+            "unsynced sales keep the previous enrollment's terminal/branch; the new token cannot deliver them"
+        );
+    }
     Ok(n)
 }
 

@@ -261,6 +261,148 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    use possync_protocol::{EventStatus, EventType, SalePayload};
+
+    /// A stand-in cloud: a 429 with `Retry-After` on delta, a 200 that is not JSON on
+    /// snapshot, and an events route that echoes the headers it saw into `message`.
+    async fn fake_cloud() -> (String, actix_web::dev::ServerHandle) {
+        let server = HttpServer::new(|| {
+            App::new()
+                .route(
+                    "/v1/pos/catalog/delta",
+                    web::get().to(|| async {
+                        HttpResponse::TooManyRequests()
+                            .insert_header(("retry-after", "3"))
+                            .json(ErrorEnvelope::new(
+                                ErrorCode::PosSyncRateLimited,
+                                429,
+                                "slow down",
+                            ))
+                    }),
+                )
+                .route(
+                    "/v1/pos/catalog/snapshot",
+                    web::get().to(|| async { HttpResponse::Ok().body("{\"snapshot_version\": ") }),
+                )
+                .route(
+                    "/v1/pos/sales/events",
+                    web::post().to(
+                        |req: HttpRequest, body: web::Json<SalesEventsRequest>| async move {
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            let seen = format!(
+                                "{}|{}|{}",
+                                h("authorization"),
+                                h(SYNC_ATTEMPT_HEADER),
+                                Uuid::parse_str(&h(REQUEST_ID_HEADER))
+                                    .map(|u| u.get_version_num())
+                                    .unwrap_or(0)
+                            );
+                            HttpResponse::Ok().json(SalesEventsResponse {
+                                results: body
+                                    .events
+                                    .iter()
+                                    .map(|e| possync_protocol::EventResult {
+                                        local_event_id: Some(e.local_event_id),
+                                        status: EventStatus::Accepted,
+                                        code: None,
+                                        cloud_event_id: None,
+                                        message: Some(seen.clone()),
+                                    })
+                                    .collect(),
+                            })
+                        },
+                    ),
+                )
+        })
+        .workers(1)
+        .disable_signals()
+        .bind("127.0.0.1:0")
+        .expect("bind");
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        (format!("http://{addr}"), handle)
+    }
+
+    fn client(base_url: String) -> HttpCloud {
+        HttpCloud::new(CloudTarget {
+            base_url,
+            token: "pst_secret".into(),
+        })
+        .expect("client")
+    }
+
+    fn event(id: i64) -> SaleEvent {
+        let payload: SalePayload = serde_json::from_value(serde_json::json!({
+            "receipt_no": "R1", "currency": "EUR",
+            "lines": [{"product_id": "p1", "qty": 1, "unit_price_minor": 100, "total_minor": 100}],
+            "totals": {"subtotal_minor": 100, "tax_minor": 0, "total_minor": 100},
+            "payments": [{"method": "cash", "amount_minor": 100}]
+        }))
+        .expect("payload");
+        SaleEvent {
+            terminal_id: Uuid::nil(),
+            pos_id: Uuid::nil(),
+            local_event_id: id,
+            branch_id: "b1".into(),
+            event_type: EventType::Sale,
+            occurred_at: chrono::Utc::now(),
+            payload,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn classifies_answers_and_sends_the_contract_headers() {
+        let (url, handle) = fake_cloud().await;
+        let cloud = client(url);
+
+        let e = cloud.delta(0, 100).await.expect_err("429");
+        assert_eq!(e.code_str(), "POS_SYNC_RATE_LIMITED");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        assert!(e.can_retry());
+
+        let e = cloud.snapshot(None, 100).await.expect_err("cut JSON");
+        assert!(matches!(e, CloudError::BadResponse(_)), "{e:?}");
+
+        let events = [event(1), event(2)];
+        let first = cloud.post_events(&events).await.expect("events");
+        assert_eq!(first.results.len(), 2);
+        assert_eq!(
+            first.results[0].message.as_deref(),
+            Some("Bearer pst_secret|1|7"),
+            "bearer token, first attempt, UUID v7 request id"
+        );
+        let second = cloud.post_events(&events).await.expect("events");
+        assert_eq!(
+            second.results[0].message.as_deref(),
+            Some("Bearer pst_secret|2|7")
+        );
+        handle.stop(true).await;
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_unreachable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let e = client(format!("http://127.0.0.1:{port}"))
+            .delta(0, 10)
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, CloudError::Unreachable(_)), "{e:?}");
+        assert_eq!(e.code_str(), "NETWORK");
+        assert!(e.can_retry());
+    }
+
     #[test]
     fn envelope_becomes_rejected_with_code_retry_after_and_reason() {
         let mut h = HeaderMap::new();

@@ -335,3 +335,40 @@ fn a_larger_legacy_database_keeps_every_row() {
         unsynced
     );
 }
+
+#[test]
+fn a_migration_interrupted_after_any_step_resumes_on_the_next_open() {
+    use possync_terminal::store::{legacy, schema};
+    let fixture = LegacyFixture::sample();
+    // crash after step 1 (tables retired), and after step 2 (schema created, nothing converted)
+    for stop_after_schema in [false, true] {
+        let (_dir, path) = temp_db();
+        fixture.write(&path).expect("write legacy");
+        let original_sales = dump(&path, "sales");
+        {
+            let mut conn = raw(&path);
+            legacy::retire_original_tables(&mut conn).expect("retire");
+            if stop_after_schema {
+                schema::apply_pending(&mut conn, schema::latest_version()).expect("schema");
+            }
+        }
+        let (store, report) = SqliteStore::open_with_report(&path).expect("resume");
+        let legacy = report.legacy.expect("conversion ran on resume");
+        assert_eq!(legacy.products, fixture.products.len() as i64);
+        assert_eq!(legacy.sales, fixture.sales.len() as i64);
+        assert_eq!(dump(&path, "legacy_sales"), original_sales);
+        assert_eq!(
+            count(&path, "sync_journal"),
+            fixture.unsynced_sales() as i64
+        );
+        assert_eq!(
+            store.catalog_stats().expect("stats").entities,
+            fixture.products.len() as i64
+        );
+        drop(store);
+        // and a further open does nothing more
+        let (_, again) = SqliteStore::open_with_report(&path).expect("reopen");
+        assert_eq!(again.legacy, None);
+        assert_eq!(count(&path, "sales"), fixture.sales.len() as i64);
+    }
+}

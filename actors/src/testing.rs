@@ -297,6 +297,11 @@ impl MemoryStore {
         lock(&self.inner).synced_rewrites
     }
 
+    /// The catalog position, read without consuming injected faults (for assertions).
+    pub fn position(&self) -> CatalogPosition {
+        lock(&self.inner).position.clone()
+    }
+
     /// The local catalog, by key.
     pub fn entities(&self) -> BTreeMap<String, Entity> {
         lock(&self.inner).entities.clone()
@@ -680,6 +685,11 @@ impl FakeCloud {
     /// Forgets history before `since`: deltas from older positions answer 410.
     pub fn set_horizon(&self, since: i64) {
         lock(&self.inner).horizon = since;
+    }
+
+    /// The cloud's current catalog version.
+    pub fn version(&self) -> i64 {
+        lock(&self.inner).version
     }
 
     /// The cloud's live (non-deleted) entities, by key.

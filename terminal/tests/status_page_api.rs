@@ -5,7 +5,9 @@ mod status_page_support;
 use possync_terminal::operator::ReconcileChoice;
 use possync_terminal::status::{StatusBindError, StatusServer};
 use serde_json::{json, Value};
-use status_page_support::{start_fake_server, valid_payload, FakeEngine, FakeTill, POS_ID};
+use status_page_support::{
+    start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill, POS_ID,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -260,5 +262,26 @@ async fn the_page_is_self_contained_html() {
         !html.contains("http://") && !html.contains("https://"),
         "no external assets"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_snapshot_progress_is_reported() {
+    let till = FakeTill {
+        snapshot_in_progress: true,
+        ..FakeTill::new()
+    };
+    let (server, _, _, _) = start_server_with(till);
+    let s: Value = reqwest::get(format!("{}/status", server.url()))
+        .await
+        .expect("GET /status")
+        .json()
+        .await
+        .expect("json");
+    let snap = &s["catalog"]["snapshot"];
+    assert_eq!(snap["in_progress"], true);
+    assert_eq!(snap["received"], 250);
+    assert_eq!(snap["total"], 1000);
+    assert_eq!(snap["percent"], 25.0);
     server.stop().await;
 }

@@ -7,7 +7,7 @@
 mod page;
 pub mod report;
 
-use actix_web::dev::ServerHandle;
+use actix_web::dev::{ServerHandle, Service as _};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use chrono::{DateTime, Utc};
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use thiserror::Error;
+use tracing::Instrument as _;
 
 use crate::operator::{
     JournalState, LookupQuery, ReconcileChoice, RetrySelection, SyncControl, SyncControlError,
@@ -415,6 +416,15 @@ impl StatusServer {
                 addr: addr.to_string(),
                 source,
             })?;
+        // Every request's log lines carry who this terminal is (read once: enrollment does
+        // not change while the daemon runs).
+        let (terminal_id, branch_id) = match till.identity() {
+            Ok(id) => (
+                id.terminal_id.map(|t| t.to_string()).unwrap_or_default(),
+                id.branch_id.unwrap_or_default(),
+            ),
+            Err(_) => (String::new(), String::new()),
+        };
         let shared = web::Data::new(Shared {
             till,
             engine,
@@ -422,7 +432,18 @@ impl StatusServer {
             gauges,
         });
         let server = HttpServer::new(move || {
+            let (terminal_id, branch_id) = (terminal_id.clone(), branch_id.clone());
             App::new()
+                .wrap_fn(move |req, srv| {
+                    let span = tracing::info_span!(
+                        "status_request",
+                        terminalId = %terminal_id,
+                        branchId = %branch_id,
+                        method = %req.method(),
+                        path = %req.path(),
+                    );
+                    srv.call(req).instrument(span)
+                })
                 .app_data(shared.clone())
                 .app_data(web::PayloadConfig::new(SALE_BODY_LIMIT))
                 .route("/", web::get().to(page))

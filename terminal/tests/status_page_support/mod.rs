@@ -256,7 +256,19 @@ pub fn start_fake_server() -> (
     Arc<FakeEngine>,
     prometheus::IntCounter,
 ) {
-    let till = Arc::new(FakeTill::new());
+    start_server_with(FakeTill::new())
+}
+
+/// As [`start_fake_server`] over the given till.
+pub fn start_server_with(
+    till: FakeTill,
+) -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
+    let till = Arc::new(till);
     let engine = Arc::new(FakeEngine::default());
     let registry = prometheus::Registry::new();
     let engine_metric =

@@ -188,3 +188,104 @@ impl RunReport {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault_schedule::{FaultMode, ScheduleShape};
+
+    fn report() -> RunReport {
+        let shape = ScheduleShape {
+            seed: 1,
+            terminals: 1,
+            sales_per_terminal: 1,
+            cloud_instances: 1,
+            faults: FaultMode::None,
+            backoff_cap_ms: 1000,
+        };
+        RunReport {
+            seed: 1,
+            terminals: 1,
+            branches: 1,
+            sales_per_terminal: 1,
+            cloud_instances: 1,
+            faults_mode: "none".into(),
+            sales_created: 1,
+            sales_in_cloud: 1,
+            lost: 0,
+            duplicated: 0,
+            cross_branch: 0,
+            needs_attention: 0,
+            needs_attention_released_by_operator: 0,
+            retries: 0,
+            catalog_converged_terminals: 1,
+            catalog_unconverged_terminals: 0,
+            faults_injected: BTreeMap::new(),
+            faults_planned: BTreeMap::new(),
+            catalog_changes: ChurnCounts::default(),
+            audit: AuditFindings {
+                sales_created: 1,
+                sales_in_cloud: 1,
+                ..Default::default()
+            },
+            abuse: None,
+            timings: Timings::default(),
+            per_terminal: vec![],
+            errors: vec![],
+            schedule: FaultSchedule::generate(shape),
+            run_dir: "/tmp/x".into(),
+            passed: false,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_passes_and_each_defect_fails_it() {
+        assert!(report().verdict());
+
+        let mut r = report();
+        r.audit.lost = 1;
+        assert!(!r.verdict(), "a lost sale fails the run");
+
+        let mut r = report();
+        r.catalog_unconverged_terminals = 1;
+        assert!(!r.verdict(), "an unconverged catalog fails the run");
+
+        let mut r = report();
+        r.errors.push("quiescence".into());
+        assert!(!r.verdict(), "a run error fails the run");
+
+        let mut r = report();
+        r.abuse = Some(AbuseReport::default());
+        assert!(
+            !r.verdict(),
+            "an abuser that was never limited fails the run"
+        );
+        r.abuse = Some(AbuseReport {
+            status_429: 3,
+            ..Default::default()
+        });
+        assert!(r.verdict());
+    }
+
+    #[test]
+    fn the_summary_names_every_headline_figure_and_the_replay_command() {
+        let mut r = report();
+        r.passed = r.verdict();
+        let s = r.summary();
+        for k in [
+            "sales_created",
+            "sales_in_cloud",
+            "lost",
+            "duplicated",
+            "cross_branch",
+            "needs_attention",
+            "retries",
+            "catalog converged",
+            "faults injected",
+            "verdict: PASS",
+            "--seed 1",
+        ] {
+            assert!(s.contains(k), "summary lacks {k}:\n{s}");
+        }
+    }
+}

@@ -112,6 +112,15 @@ pub fn position_state(pos: &CatalogPosition) -> String {
     }
 }
 
+/// A page the cloud returned, tagged with whether it started a fresh snapshot.
+#[derive(Debug)]
+pub enum CatalogPage {
+    /// A snapshot page; `true` when it was fetched without a cursor.
+    Snapshot(SnapshotPage, bool),
+    /// A delta page.
+    Delta(DeltaPage),
+}
+
 /// Messages of the [`CatalogSyncer`].
 #[derive(Debug)]
 pub enum CatalogMsg {
@@ -119,6 +128,24 @@ pub enum CatalogMsg {
     Tick(u64),
     /// Operator or daemon asked for a sync now.
     SyncNow,
+    /// The cloud call of the current step finished.
+    Fetched {
+        /// What was asked.
+        request: CatalogRequest,
+        /// What came back.
+        result: Result<CatalogPage, CloudError>,
+    },
+}
+
+/// The cloud call in progress. It runs as its own task so the actor stays responsive (a stop
+/// or a nudge does not wait for a slow network); dropping it — the actor stopped or failed —
+/// aborts the call.
+struct FetchTask(tokio::task::JoinHandle<()>);
+
+impl Drop for FetchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Live state: only pacing; the position lives in the store.
@@ -126,62 +153,84 @@ pub struct CatalogState {
     ctx: Arc<SyncContext>,
     generation: u64,
     failures: u32,
+    fetching: Option<FetchTask>,
+    /// A nudge arrived while a call was in progress: continue at once after it.
+    nudged: bool,
 }
 
 /// The actor that pulls the catalog.
 pub struct CatalogSyncer;
 
-enum Fetched {
-    Snapshot(SnapshotPage, bool),
-    Delta(DeltaPage),
-}
-
 impl CatalogSyncer {
     fn schedule(myself: &ActorRef<CatalogMsg>, state: &mut CatalogState, delay: Duration) {
         state.generation = state.generation.wrapping_add(1);
         let generation = state.generation;
+        let delay = if std::mem::take(&mut state.nudged) {
+            Duration::ZERO
+        } else {
+            delay
+        };
         if delay.is_zero() {
             let _ = myself.cast(CatalogMsg::Tick(generation));
         } else {
-            // The timer task outlives nothing: a stale or dead target just drops the tick.
+            // A stale or dead target just drops the tick.
             drop(myself.send_after(delay, move || CatalogMsg::Tick(generation)));
         }
     }
 
-    async fn step(
+    /// Reads the position and starts the cloud call it calls for.
+    async fn begin_step(
         myself: &ActorRef<CatalogMsg>,
         state: &mut CatalogState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
-        let cfg = &ctx.config;
         let pos = ctx.store_call(|s| s.catalog_position()).await?;
         ctx.board.set_catalog(pos.clone());
         let request = next_request(&pos);
-        let fetched = match &request {
-            CatalogRequest::Snapshot { cursor } => ctx
-                .cloud
-                .snapshot(cursor.as_deref(), cfg.snapshot_page_limit)
-                .await
-                .map(|p| Fetched::Snapshot(p, cursor.is_none())),
-            CatalogRequest::Delta { since } => ctx
-                .cloud
-                .delta(*since, cfg.delta_page_limit)
-                .await
-                .map(Fetched::Delta),
-        };
-        match fetched {
+        let me = myself.clone();
+        let cloud = ctx.cloud.clone();
+        let (snapshot_limit, delta_limit) =
+            (ctx.config.snapshot_page_limit, ctx.config.delta_page_limit);
+        let task = tokio::spawn(async move {
+            let result = match &request {
+                CatalogRequest::Snapshot { cursor } => cloud
+                    .snapshot(cursor.as_deref(), snapshot_limit)
+                    .await
+                    .map(|p| CatalogPage::Snapshot(p, cursor.is_none())),
+                CatalogRequest::Delta { since } => cloud
+                    .delta(*since, delta_limit)
+                    .await
+                    .map(CatalogPage::Delta),
+            };
+            let _ = me.cast(CatalogMsg::Fetched { request, result });
+        });
+        state.fetching = Some(FetchTask(task));
+        Ok(())
+    }
+
+    /// Stores what the call returned (or recovers from its failure) and schedules the next step.
+    async fn finish_step(
+        myself: &ActorRef<CatalogMsg>,
+        state: &mut CatalogState,
+        request: CatalogRequest,
+        result: Result<CatalogPage, CloudError>,
+    ) -> Result<(), ActorProcessingErr> {
+        state.fetching = None;
+        let ctx = state.ctx.clone();
+        let cfg = &ctx.config;
+        match result {
             Ok(page) => {
                 ctx.backoff.report_contact(true);
                 state.failures = 0;
                 let next = match page {
-                    Fetched::Snapshot(page, fresh) => {
+                    CatalogPage::Snapshot(page, fresh) => {
                         let next = after_snapshot_page(&page);
                         ctx.store_call(move |s| s.apply_snapshot_page(&page, fresh))
                             .await?;
                         ctx.metrics.snapshot_pages.inc();
                         next
                     }
-                    Fetched::Delta(page) => {
+                    CatalogPage::Delta(page) => {
                         let next = after_delta_page(&page);
                         if !page.changes.is_empty() {
                             tracing::info!(
@@ -286,6 +335,8 @@ impl Actor for CatalogSyncer {
             ctx,
             generation: 0,
             failures: 0,
+            fetching: None,
+            nudged: false,
         };
         state
             .ctx
@@ -302,11 +353,20 @@ impl Actor for CatalogSyncer {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            CatalogMsg::Tick(g) if g == state.generation => Self::step(&myself, state).await,
+            CatalogMsg::Tick(g) if g == state.generation && state.fetching.is_none() => {
+                Self::begin_step(&myself, state).await
+            }
             CatalogMsg::Tick(_) => Ok(()),
+            CatalogMsg::SyncNow if state.fetching.is_some() => {
+                state.nudged = true;
+                Ok(())
+            }
             CatalogMsg::SyncNow => {
                 Self::schedule(&myself, state, Duration::ZERO);
                 Ok(())
+            }
+            CatalogMsg::Fetched { request, result } => {
+                Self::finish_step(&myself, state, request, result).await
             }
         }
     }

@@ -662,3 +662,43 @@ async fn an_unreachable_cloud_shows_offline_and_the_catalog_catches_up_when_it_r
     assert!(engine.status().last_contact_at.is_some());
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_mid_flush_leaves_rows_in_flight_and_the_next_start_delivers_them() {
+    let (store, cloud, _) = world();
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    for i in 1..=3 {
+        store.enqueue(sale_event(t, p, i));
+    }
+    cloud.close_gate();
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("a post is open", || cloud.concurrent_posts() == 1).await;
+    engine.shutdown().await;
+    // the held call was abandoned with the actor: no task keeps the cloud or store alive
+    eventually("cloud released", || Arc::strong_count(&cloud) == 1).await;
+    eventually("store released", || Arc::strong_count(&store) == 1).await;
+    assert_eq!(store.journal_in("in_flight").len(), 3);
+
+    cloud.open_gate();
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("delivered after restart", || {
+        store.journal_in("synced").len() == 3
+    })
+    .await;
+    assert_eq!(cloud.stored_events(), 3);
+    engine.shutdown().await;
+}

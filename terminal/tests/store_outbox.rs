@@ -328,6 +328,11 @@ fn sales_queued_before_enrollment_wait_and_are_stamped_when_enrolled() {
         store.claim_batch(10, Utc::now()).expect("claim").is_empty(),
         "no identity yet"
     );
+    let mut bad = enrollment();
+    bad.branch_id = "Branch One".into();
+    let err = store.save_enrollment(&bad).expect_err("malformed branch");
+    assert_eq!(err.code(), possync_protocol::ErrorCode::PosSyncUnauthorized);
+    assert_eq!(store.enrollment().expect("read"), None, "nothing saved");
     store.save_enrollment(&enrollment()).expect("enroll");
     assert_eq!(store.enrollment().expect("read"), Some(enrollment()));
     assert!(

@@ -36,6 +36,10 @@ pub enum TerminalStoreError {
     /// A stored value does not have the shape this build wrote.
     #[error("local data is inconsistent: {0}")]
     Corrupt(String),
+    /// The enrollment names an identity the cloud could never accept (e.g. a malformed
+    /// branch id); nothing was saved. Mapped to `POS_SYNC_UNAUTHORIZED`.
+    #[error("enrollment refused: {0}")]
+    InvalidEnrollment(String),
     /// The operation needs an enrolled terminal.
     #[error("terminal is not enrolled")]
     NotEnrolled,
@@ -49,6 +53,7 @@ impl TerminalStoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             TerminalStoreError::Invalid(_) => ErrorCode::PosSyncEventInvalid,
+            TerminalStoreError::InvalidEnrollment(_) => ErrorCode::PosSyncUnauthorized,
             _ => ErrorCode::PosSyncStorageFailed,
         }
     }

@@ -275,12 +275,10 @@ impl SqliteStore {
     /// before the first delivery.
     pub fn save_enrollment(&self, e: &Enrollment) -> Result<(), TerminalStoreError> {
         if !possync_protocol::valid_branch_id(&e.branch_id) {
-            return Err(TerminalStoreError::Invalid(
-                possync_protocol::SaleInvalid::Field {
-                    field: "branch_id".into(),
-                    reason: "must be 1-64 of [a-z0-9_-]".into(),
-                },
-            ));
+            return Err(TerminalStoreError::InvalidEnrollment(format!(
+                "branch_id {:?} must be 1-64 of [a-z0-9_-]",
+                e.branch_id
+            )));
         }
         let mut conn = self.conn();
         let tx = conn.transaction()?;

@@ -34,20 +34,29 @@ const DAEMON_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Error)]
 pub enum CommandError {
     #[error(transparent)]
+    /// The local database failed or refused the input.
     Store(#[from] TerminalStoreError),
     #[error(transparent)]
+    /// A call to the cloud failed (enroll's token check).
     Cloud(#[from] CloudError),
     #[error(transparent)]
+    /// The sync engine could not start or run the command.
     Engine(#[from] EngineError),
     #[error(transparent)]
+    /// The status endpoint could not bind.
     StatusBind(#[from] StatusBindError),
     #[error(transparent)]
+    /// A till operation failed.
     Till(#[from] TillError),
     #[error("terminal is not enrolled (run `terminal enroll` first)")]
+    /// No enrollment in the database yet.
     NotEnrolled,
     #[error("{what}: {source}")]
+    /// A file or directory could not be read or written.
     Io {
+        /// What was being done, e.g. `reading sale.json`.
         what: String,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// Input the command could not use (a sale file that is not a sale).
@@ -59,7 +68,9 @@ pub enum CommandError {
     /// The running daemon answered with an error.
     #[error("daemon: {message}")]
     Daemon {
+        /// The stable code from the daemon's error envelope.
         code: Option<String>,
+        /// The daemon's message.
         message: String,
     },
 }
@@ -104,6 +115,7 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
     #[command(subcommand)]
+    /// What to do.
     pub command: Command,
 }
 
@@ -132,12 +144,16 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct EnrollArgs {
     #[arg(long)]
+    /// Base URL of the cloud, e.g. `https://cloud.example.com`.
     pub cloud_url: String,
     #[arg(long)]
+    /// The terminal's bearer token from `cloud terminal add`.
     pub token: String,
     #[arg(long)]
+    /// The terminal id from `cloud terminal add`.
     pub terminal_id: Uuid,
     #[arg(long)]
+    /// The branch the terminal belongs to.
     pub branch: String,
 }
 
@@ -208,7 +224,10 @@ pub struct ReconcileArgs {
 #[derive(Debug, Subcommand)]
 pub enum SaleCommand {
     /// Enqueues a sale from FILE (`-` for stdin): a SALE payload or a `POST /sales` body.
-    Add { file: PathBuf },
+    Add {
+        /// The sale file.
+        file: PathBuf,
+    },
 }
 
 /// `terminal outbox …`.
@@ -220,6 +239,7 @@ pub enum OutboxCommand {
         #[arg(long)]
         status: Option<String>,
         #[arg(long, default_value_t = 100)]
+        /// Most rows to print.
         limit: usize,
     },
     /// Releases needs-attention rows for another delivery.

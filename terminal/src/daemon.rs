@@ -26,8 +26,11 @@ pub const DAEMON_FILE: &str = "daemon.json";
 /// What `daemon.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonFile {
+    /// Process id of the daemon.
     pub pid: u32,
+    /// `http://127.0.0.1:PORT` of its status endpoint.
     pub status_url: String,
+    /// When it started.
     pub started_at: DateTime<Utc>,
 }
 
@@ -41,11 +44,17 @@ pub fn read_daemon_file(data_dir: &Path) -> Option<DaemonFile> {
 /// demos shorten them).
 #[derive(Debug, Clone)]
 pub struct Tuning {
+    /// Pause between catalog delta polls.
     pub delta_interval: Duration,
+    /// Sales per outbox batch (1–500).
     pub outbox_batch: usize,
+    /// Outbox batches in flight at once.
     pub outbox_concurrency: usize,
+    /// Upper bound of the first retry delay.
     pub backoff_base: Duration,
+    /// Longest retry delay (a longer `Retry-After` still wins).
     pub backoff_cap: Duration,
+    /// Deliveries before a sale needs an operator.
     pub max_attempts: u32,
 }
 
@@ -66,8 +75,11 @@ impl Default for Tuning {
 /// Everything `terminal run` needs.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
+    /// Directory holding `terminal.db`.
     pub data_dir: PathBuf,
+    /// Loopback address of the status endpoint.
     pub status_bind: String,
+    /// Engine tunables.
     pub tuning: Tuning,
 }
 

@@ -46,8 +46,11 @@ impl TillError {
 /// Who this terminal is. `terminal_id`/`branch_id` are `None` before enrollment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
+    /// This database's `pos_id`.
     pub pos_id: Uuid,
+    /// The cloud-issued terminal id, once enrolled.
     pub terminal_id: Option<Uuid>,
+    /// The terminal's branch, once enrolled.
     pub branch_id: Option<String>,
 }
 
@@ -55,7 +58,9 @@ pub struct Identity {
 /// Returned only once the sale and its journal row are committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnqueueReceipt {
+    /// The database that stored the sale.
     pub pos_id: Uuid,
+    /// The sale's number in that database; with `pos_id` and the terminal id, its idempotency key.
     pub local_event_id: i64,
 }
 
@@ -83,10 +88,15 @@ pub enum RetrySelection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JournalState {
+    /// Waiting for delivery.
     Pending,
+    /// Claimed by the outbox, answer not yet recorded.
     InFlight,
+    /// A transient failure; due again after backoff.
     Failed,
+    /// The cloud holds it. Final.
     Synced,
+    /// Rejected, conflicting or out of attempts: an operator must look.
     NeedsAttention,
 }
 
@@ -107,8 +117,11 @@ impl JournalState {
 /// How far the local catalog is, for the status page.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CatalogSummary {
+    /// Version the local copy is complete up to; `None` before the first snapshot.
     pub version: Option<i64>,
+    /// Entities held locally.
     pub entities: i64,
+    /// When the catalog last advanced.
     pub last_synced_at: Option<DateTime<Utc>>,
 }
 
@@ -149,16 +162,22 @@ pub trait Till: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReconcileChoice {
+    /// Report drift only.
     Verify,
+    /// Repair the local catalog.
     Apply,
 }
 
 /// One supervised actor as the status page shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActorView {
+    /// Actor name, e.g. `catalog_syncer`.
     pub name: String,
+    /// Human-readable state, e.g. `idle`, `offline`.
     pub state: String,
+    /// Supervisor restarts since the engine started.
     pub restarts: u32,
+    /// The last error it hit (kept after recovery).
     pub last_error: Option<String>,
 }
 
@@ -167,7 +186,9 @@ pub struct ActorView {
 pub struct EngineView {
     /// Whether the last call to the cloud got an answer.
     pub online: bool,
+    /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Each supervised actor.
     pub actors: Vec<ActorView>,
     /// The engine's own status document, passed through for tools that want more.
     pub detail: serde_json::Value,
@@ -179,6 +200,7 @@ pub struct EngineView {
 pub struct SyncControlError {
     /// The stable code of the cloud's refusal, when there was one.
     pub code: Option<ErrorCode>,
+    /// What went wrong, led by the engine's code.
     pub message: String,
 }
 

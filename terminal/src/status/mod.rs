@@ -36,15 +36,21 @@ const SALE_BODY_LIMIT: usize = possync_protocol::MAX_BODY_BYTES;
 #[derive(Debug, Error)]
 pub enum StatusBindError {
     #[error("status endpoint must bind a loopback address, not {0}")]
+    /// The bind address resolves to a non-loopback address.
     NotLoopback(String),
     #[error("bad status bind address {0:?}")]
+    /// The bind address did not parse or resolve.
     BadAddress(String),
     #[error("binding {addr}: {source}")]
+    /// The socket could not be bound.
     Bind {
+        /// The address tried.
         addr: String,
+        /// The underlying error.
         source: std::io::Error,
     },
     #[error("registering metrics: {0}")]
+    /// The store gauges could not be registered.
     Metrics(#[from] prometheus::Error),
 }
 
@@ -52,10 +58,16 @@ pub enum StatusBindError {
 #[derive(Debug, Error)]
 pub enum StatusError {
     #[error(transparent)]
+    /// A till operation failed.
     Till(#[from] TillError),
     /// The request body or query could not be understood.
     #[error("{message}")]
-    BadRequest { code: ErrorCode, message: String },
+    BadRequest {
+        /// The stable code the envelope carries.
+        code: ErrorCode,
+        /// What was wrong.
+        message: String,
+    },
     /// The engine could not run the command (e.g. the cloud is unreachable).
     #[error(transparent)]
     Engine(#[from] SyncControlError),
@@ -188,6 +200,7 @@ pub struct SaleRequest {
     /// When the sale happened; now when absent.
     #[serde(default)]
     pub occurred_at: Option<DateTime<Utc>>,
+    /// The receipt.
     pub payload: SalePayload,
 }
 

@@ -16,17 +16,25 @@ pub const NEEDS_ATTENTION_LISTED: usize = 100;
 /// The whole status document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// When the document was built.
     pub generated_at: DateTime<Utc>,
     /// Whether this came from a running daemon (live engine state) or from the database alone.
     pub daemon_running: bool,
+    /// This database's `pos_id`.
     pub pos_id: Uuid,
+    /// The enrolled terminal id.
     pub terminal_id: Option<Uuid>,
+    /// The enrolled branch.
     pub branch_id: Option<String>,
     /// Whether the cloud answered lately; `None` when no daemon runs (unknown).
     pub online: Option<bool>,
+    /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Each supervised actor's state, restarts and last error.
     pub actors: Vec<ActorView>,
+    /// The local catalog copy.
     pub catalog: CatalogReport,
+    /// The sales outbox.
     pub outbox: OutboxReport,
     /// Recent errors an operator may act on: actors' last failures and needs-attention causes.
     pub last_errors: Vec<String>,
@@ -41,19 +49,26 @@ pub struct StatusReport {
 pub struct CatalogReport {
     /// Catalog version the copy is complete up to; `None` before the first snapshot finished.
     pub version: Option<i64>,
+    /// Entities held locally.
     pub entities: i64,
+    /// When the catalog last advanced.
     pub last_synced_at: Option<DateTime<Utc>>,
     /// Seconds since the catalog last advanced.
     pub age_seconds: Option<i64>,
+    /// The first (or a forced) snapshot's progress.
     pub snapshot: SnapshotReport,
 }
 
 /// Progress of the snapshot in progress, if any.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotReport {
+    /// Whether a snapshot is running.
     pub in_progress: bool,
+    /// Catalog version the snapshot was taken at.
     pub version: Option<i64>,
+    /// Entities stored so far.
     pub received: i64,
+    /// Entities the snapshot announced.
     pub total: i64,
     /// 0–100, `None` when no total is known yet.
     pub percent: Option<f64>,
@@ -62,13 +77,19 @@ pub struct SnapshotReport {
 /// The sales outbox (`sync_journal`) by state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxReport {
+    /// Waiting for delivery.
     pub pending: i64,
+    /// Being delivered now.
     pub in_flight: i64,
+    /// Failed transiently, waiting for backoff.
     pub failed: i64,
+    /// Held by the cloud.
     pub synced: i64,
+    /// Waiting for an operator.
     pub needs_attention: i64,
     /// Everything not yet in the cloud and not waiting for an operator.
     pub queued: i64,
+    /// When the oldest undelivered sale was queued.
     pub oldest_pending_at: Option<DateTime<Utc>>,
     /// Age of the oldest undelivered sale: a queue must never stall silently.
     pub oldest_pending_age_seconds: Option<i64>,

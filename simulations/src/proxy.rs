@@ -41,6 +41,9 @@ pub struct Upstreams {
     urls: RwLock<Vec<Option<String>>>,
     next: AtomicUsize,
     outage: AtomicBool,
+    /// Sales batches (`POST /v1/pos/sales/events`) being forwarded to each instance right
+    /// now, so a cloud kill can be aimed at an instance that is mid-commit.
+    sales_in_flight: Vec<AtomicUsize>,
 }
 
 impl Upstreams {
@@ -48,6 +51,7 @@ impl Upstreams {
     pub fn new(instances: usize) -> Arc<Upstreams> {
         Arc::new(Upstreams {
             urls: RwLock::new(vec![None; instances]),
+            sales_in_flight: (0..instances).map(|_| AtomicUsize::new(0)).collect(),
             ..Default::default()
         })
     }
@@ -72,13 +76,31 @@ impl Upstreams {
 
     /// Next live instance, round-robin (`None` while every instance is down).
     pub fn pick(&self) -> Option<String> {
+        self.pick_indexed().map(|(_, url)| url)
+    }
+
+    /// As [`Upstreams::pick`], with the instance's index.
+    fn pick_indexed(&self) -> Option<(usize, String)> {
         let urls = self.urls.read().ok()?;
-        let live: Vec<&String> = urls.iter().flatten().collect();
+        let live: Vec<(usize, &String)> = urls
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.as_ref().map(|u| (i, u)))
+            .collect();
         if live.is_empty() {
             return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(live[n % live.len()].clone())
+        let (i, url) = live[n % live.len()];
+        Some((i, url.clone()))
+    }
+
+    /// Sales batches being forwarded to instance `i` at this moment.
+    pub fn sales_in_flight(&self, i: usize) -> usize {
+        self.sales_in_flight
+            .get(i)
+            .map(|c| c.load(Ordering::SeqCst))
+            .unwrap_or(0)
     }
 }
 
@@ -290,10 +312,15 @@ async fn serve_connection(stream: TcpStream, state: Arc<ProxyState>) {
 /// Sends `req` to a live cloud instance; a cloud that is down answers 502 (like a load
 /// balancer with no healthy backend).
 async fn forward(state: &ProxyState, req: &Request) -> Response {
-    let Some(base) = state.upstreams.pick() else {
+    let Some((instance, base)) = state.upstreams.pick_indexed() else {
         state.counters.bump("upstream_down");
         return Response::bare(502);
     };
+    let is_sales = req.method == "POST" && req.target.starts_with("/v1/pos/sales/events");
+    let _in_flight = is_sales
+        .then(|| state.upstreams.sales_in_flight.get(instance))
+        .flatten()
+        .map(InFlight::enter);
     let Ok(method) = reqwest::Method::from_bytes(req.method.as_bytes()) else {
         return Response::bare(400);
     };
@@ -330,6 +357,22 @@ async fn forward(state: &ProxyState, req: &Request) -> Response {
             state.counters.bump("upstream_down");
             Response::bare(502)
         }
+    }
+}
+
+/// Counts one forwarded sales batch for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(c: &'a AtomicUsize) -> InFlight<'a> {
+        c.fetch_add(1, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -247,8 +247,9 @@ async fn run_on(
     selling.store(false, Ordering::SeqCst);
     let mut injected: BTreeMap<String, u64> = BTreeMap::new();
     match cloud_faults.await {
-        Ok(Ok((kills, outages))) => {
+        Ok(Ok((kills, outages, mid_commit))) => {
             injected.insert("cloud_kill".into(), kills);
+            injected.insert("cloud_kill_with_sales_in_flight".into(), mid_commit);
             injected.insert("cloud_outage".into(), outages);
         }
         Ok(Err(e)) => errors.push(format!("cloud fault injection: {e}")),
@@ -513,21 +514,31 @@ async fn sell(
 }
 
 /// Executes the cloud-side faults when the fleet-wide sale count reaches their trigger.
-/// Returns (kills, outages) executed.
+/// Returns (kills, outages, kills that hit an instance with a sales batch in flight).
 async fn inject_cloud_faults(
     cluster: Arc<Mutex<CloudCluster>>,
     upstreams: Arc<Upstreams>,
     faults: Vec<CloudFault>,
     sold: Arc<AtomicU64>,
     selling: Arc<AtomicBool>,
-) -> Result<(u64, u64), SimError> {
-    let (mut kills, mut outages) = (0, 0);
+) -> Result<(u64, u64, u64), SimError> {
+    let (mut kills, mut outages, mut mid_commit) = (0, 0, 0);
     for f in faults {
         while sold.load(Ordering::SeqCst) < f.at_sale() && selling.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         match f {
             CloudFault::Restart { instance, .. } => {
+                // Aim at a commit: wait (briefly) until a sales batch is being forwarded to
+                // that instance, then kill it under the request.
+                let instance = instance % upstreams_len(&cluster).await;
+                let aim_until = Instant::now() + Duration::from_secs(2);
+                while upstreams.sales_in_flight(instance) == 0 && Instant::now() < aim_until {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if upstreams.sales_in_flight(instance) > 0 {
+                    mid_commit += 1;
+                }
                 cluster
                     .lock()
                     .await
@@ -545,7 +556,11 @@ async fn inject_cloud_faults(
             }
         }
     }
-    Ok((kills, outages))
+    Ok((kills, outages, mid_commit))
+}
+
+async fn upstreams_len(cluster: &Mutex<CloudCluster>) -> usize {
+    cluster.lock().await.len().max(1)
 }
 
 /// The misbehaving terminal: about ten times the default rate limit (200 requests/s) of

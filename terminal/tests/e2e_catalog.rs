@@ -147,6 +147,14 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(again["upserts"], 0, "{again}");
     assert_eq!(again["deletes"], 0, "{again}");
 
+    // `terminal status` asks the running daemon (live engine state).
+    let (ok, out, err) = terminal_cli(dir.path(), &["status"]);
+    assert!(ok, "{out} {err}");
+    let live: Value = serde_json::from_str(&out).expect("status json");
+    assert_eq!(live["daemon_running"], true, "{live:#}");
+    assert_eq!(live["online"], true, "{live:#}");
+    assert_eq!(live["catalog"]["entities"], 3, "{live:#}");
+
     // 5. The till's own data is untouched.
     assert_eq!(count("sales"), sales_before);
     let inventory_after: Vec<(String, i64)> = {

@@ -3,10 +3,12 @@
 //! verify and repaired by apply — with `local_inventory` and the sales untouched.
 
 mod e2e_support;
+mod status_page_support;
 
 use e2e_support::{enroll, sale_payload, terminal_cli, Cable, Cloud, Daemon, MAX_POLLS, POLL};
 use possync_terminal::store::SqliteStore;
 use serde_json::{json, Value};
+use status_page_support::webdriver::{start_driver, Session};
 
 /// Reads one counter/gauge value (summed over labels) from Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {
@@ -134,6 +136,28 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(report["deletes"], 1, "p9 unknown to the cloud: {report}");
     assert_eq!(product_name(&db, "p1").as_deref(), Some("Tampered"));
     assert_eq!(product_name(&db, "p9").as_deref(), Some("Ghost"));
+
+    // The operator's page in headless Chromium says the same when Verify is clicked.
+    let driver = start_driver().await;
+    let session = Session::new(&driver).await;
+    session.goto(&format!("{}/", daemon.url)).await;
+    let online = session.wait_text("#online", |t| t == "online").await;
+    assert_eq!(online, "online");
+    session.click("#verify-btn").await;
+    let shown = session
+        .wait_text("#action-result", |t| t.starts_with("Verify"))
+        .await;
+    assert!(
+        shown.starts_with("Verify: 3 entries differ (checked "),
+        "page shows: {shown}"
+    );
+    assert!(
+        shown.contains("upserts 2, deletes 1"),
+        "page shows: {shown}"
+    );
+    session.close().await;
+    drop(driver);
+    assert_eq!(product_name(&db, "p1").as_deref(), Some("Tampered"));
 
     // 4. Apply (status endpoint) repairs it.
     let (code, report) = daemon.post("/reconcile", json!({"mode": "apply"})).await;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod webdriver;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use possync_actors::{CatalogPosition, OutboxCounts};

@@ -1,0 +1,178 @@
+//! A WebDriver client just big enough for the page tests: chromedriver over plain HTTP,
+//! headless Chromium, find/click/read text. Missing binaries FAIL the test (never skip).
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// chromedriver child, killed when the test ends however it ends.
+pub struct Driver {
+    child: Child,
+    base: String,
+    _profile: tempfile::TempDir,
+    profile_path: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_binary(candidates: &[&str]) -> Option<String> {
+    candidates
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| p.to_string())
+}
+
+pub async fn start_driver() -> Driver {
+    let driver_bin = find_binary(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
+        .expect("chromedriver is missing: apt-get install -y chromium chromium-driver");
+    find_binary(&["/usr/bin/chromium", "/usr/lib/chromium/chromium"])
+        .expect("chromium is missing: apt-get install -y chromium chromium-driver");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = Command::new(driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let profile = tempfile::tempdir().expect("profile dir");
+    let profile_path = profile.path().display().to_string();
+    let driver = Driver {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        _profile: profile,
+        profile_path,
+    };
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = http.get(format!("{}/status", driver.base)).send().await {
+            if r.status().is_success() {
+                return driver;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("chromedriver did not come up on {}", driver.base);
+}
+
+pub struct Session {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Session {
+    pub async fn new(driver: &Driver) -> Session {
+        let http = reqwest::Client::new();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": find_binary(&["/usr/bin/chromium", "/usr/lib/chromium/chromium"]),
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--no-first-run",
+                         format!("--user-data-dir={}", driver.profile_path)]
+            }
+        }}});
+        let res: Value = http
+            .post(format!("{}/session", driver.base))
+            .json(&caps)
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("session json");
+        let id = res["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {res}"))
+            .to_string();
+        Session {
+            http,
+            base: format!("{}/session/{id}", driver.base),
+        }
+    }
+
+    pub async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        let req = if body.is_null() { req } else { req.json(&body) };
+        let v: Value = req
+            .send()
+            .await
+            .expect("webdriver call")
+            .json()
+            .await
+            .expect("webdriver json");
+        v["value"].clone()
+    }
+
+    pub async fn goto(&self, url: &str) {
+        self.cmd(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    pub async fn element(&self, css: &str) -> String {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v[ELEMENT_KEY]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
+    }
+
+    pub async fn click(&self, css: &str) {
+        let id = self.element(css).await;
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                &format!("/element/{id}/click"),
+                json!({}),
+            )
+            .await;
+        assert!(v.is_null(), "click {css} failed: {v}");
+    }
+
+    pub async fn text(&self, css: &str) -> String {
+        let id = self.element(css).await;
+        self.cmd(
+            reqwest::Method::GET,
+            &format!("/element/{id}/text"),
+            Value::Null,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// Polls `css`'s text until `pred` holds; returns the last text seen either way.
+    pub async fn wait_text(&self, css: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut last = String::new();
+        for _ in 0..200 {
+            last = self.text(css).await;
+            if pred(&last) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last
+    }
+
+    pub async fn close(self) {
+        let _ = self.http.delete(&self.base).send().await;
+    }
+}

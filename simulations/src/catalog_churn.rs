@@ -190,6 +190,9 @@ pub struct CatalogComparison {
     pub drift: u64,
     /// Entities scoped to another branch found on the terminal.
     pub foreign_branch_entities: u64,
+    /// Upserts + deletes the daemon's own `reconcile verify` reported at the end (`None` if
+    /// it gave no answer).
+    pub reconcile_drift: Option<u64>,
     pub converged: bool,
 }
 
@@ -219,6 +222,7 @@ pub fn compare_catalog(
         entities_truth: truth.len() as u64,
         drift,
         foreign_branch_entities: foreign,
+        reconcile_drift: None,
         converged: drift == 0 && foreign == 0,
     }
 }

@@ -363,7 +363,15 @@ async fn run_on(
             errors.push(format!("terminal {i} journal: {e}"));
             Vec::new()
         });
+        // The terminal's own verdict: reconcile `verify` against the cloud must find no drift.
         let reconcile_verify = node.reconcile("verify").await.ok();
+        if let Some(v) = &reconcile_verify {
+            let drift = v["upserts"].as_u64().unwrap_or(0) + v["deletes"].as_u64().unwrap_or(0);
+            comparisons[i].reconcile_drift = Some(drift);
+            if drift > 0 {
+                comparisons[i].converged = false;
+            }
+        }
         per_terminal.push(TerminalReport {
             index: i,
             terminal_id: node.enrollment.terminal_id.clone(),

@@ -598,6 +598,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sales_batches_in_flight_are_counted_per_instance() {
+        // An upstream that holds every request until told to answer.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let (r, mut w) = s.into_split();
+            let mut reader = BufReader::new(r);
+            let _ = read_request(&mut reader).await;
+            let _ = release_rx.await;
+            let resp = Response::bare(200);
+            let _ = write_response(&mut w, &resp).await;
+        });
+        let ups = Upstreams::new(2);
+        ups.set(1, Some(format!("http://{addr}")));
+        let proxy = FaultProxy::start(vec![], ups.clone()).await.expect("proxy");
+        let url = format!("{}/v1/pos/sales/events", proxy.url());
+        let req = tokio::spawn(async move { client().post(url).body("{}").send().await });
+        for _ in 0..500 {
+            if ups.sales_in_flight(1) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            ups.sales_in_flight(1),
+            1,
+            "the batch is in flight to instance 1"
+        );
+        assert_eq!(
+            ups.sales_in_flight(0),
+            0,
+            "instance 0 is down, nothing goes there"
+        );
+        release_tx.send(()).expect("release");
+        let resp = req.await.expect("join").expect("response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            ups.sales_in_flight(1),
+            0,
+            "done batches are no longer counted"
+        );
+    }
+
+    #[tokio::test]
     async fn stop_faults_and_outage_and_down_upstream() {
         let (proxy, hits) = proxy_with(vec![ProxyAction::DropRequest; 10]).await;
         let c = client();

@@ -14,13 +14,14 @@ use possync_protocol::{
     SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus, POS_API_PREFIX,
     REQUEST_ID_HEADER,
 };
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// Header naming which delivery attempt of a batch this is (1-based), so the cloud's logs can
@@ -54,6 +55,15 @@ pub struct HttpCloud {
     token: String,
     /// Deliveries seen per lead idempotency key in this process: the `x-sync-attempt` value.
     attempts: std::sync::Arc<Mutex<HashMap<(Uuid, i64), u32>>>,
+    metrics: Option<ClientMetrics>,
+}
+
+/// Per-route request counts by outcome and latency, so an operator can tell "the cloud is
+/// slow" from "the cloud refuses us" from "no network" on `/metrics`.
+#[derive(Debug, Clone)]
+struct ClientMetrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
 }
 
 impl HttpCloud {
@@ -80,7 +90,32 @@ impl HttpCloud {
             base_url: target.base_url.trim_end_matches('/').to_string(),
             token: target.token,
             attempts: Default::default(),
+            metrics: None,
         })
+    }
+
+    /// Registers `terminal_cloud_requests_total{route,outcome}` (outcome `ok` or the failure's
+    /// code, e.g. `NETWORK`, `POS_SYNC_RATE_LIMITED`) and `terminal_cloud_request_seconds{route}`
+    /// in `registry`, and records every request from then on.
+    pub fn with_metrics(mut self, registry: &Registry) -> Result<HttpCloud, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "terminal_cloud_requests_total",
+                "requests to the cloud sync API by route and outcome",
+            ),
+            &["route", "outcome"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "terminal_cloud_request_seconds",
+                "time to a complete cloud answer (or failure), by route",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        self.metrics = Some(ClientMetrics { requests, seconds });
+        Ok(self)
     }
 
     /// The base URL requests go to.
@@ -109,6 +144,33 @@ impl HttpCloud {
     }
 
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &'static str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        sync_attempt: Option<u32>,
+    ) -> Result<T, CloudError> {
+        let started = Instant::now();
+        let result = self
+            .call_once(method, route, query, body, sync_attempt)
+            .await;
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.code_str(),
+            };
+            m.requests
+                .with_label_values(&[route, outcome.as_str()])
+                .inc();
+            m.seconds
+                .with_label_values(&[route])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn call_once<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
         route: &str,
@@ -362,7 +424,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn classifies_answers_and_sends_the_contract_headers() {
         let (url, handle) = fake_cloud().await;
-        let cloud = client(url);
+        let registry = Registry::new();
+        let cloud = client(url).with_metrics(&registry).expect("metrics");
 
         let e = cloud.delta(0, 100).await.expect_err("429");
         assert_eq!(e.code_str(), "POS_SYNC_RATE_LIMITED");
@@ -385,6 +448,23 @@ mod tests {
             second.results[0].message.as_deref(),
             Some("Bearer pst_secret|2|7")
         );
+
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .expect("encode");
+        let text = String::from_utf8(text).expect("utf8");
+        for line in [
+            r#"terminal_cloud_requests_total{outcome="POS_SYNC_RATE_LIMITED",route="/catalog/delta"} 1"#,
+            r#"terminal_cloud_requests_total{outcome="BAD_RESPONSE",route="/catalog/snapshot"} 1"#,
+            r#"terminal_cloud_requests_total{outcome="ok",route="/sales/events"} 2"#,
+            r#"terminal_cloud_request_seconds_count{route="/sales/events"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
         handle.stop(true).await;
     }
 

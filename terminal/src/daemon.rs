@@ -6,7 +6,7 @@
 //! durability; shutdown order only makes sure no request is cut mid-answer.
 
 use chrono::{DateTime, Utc};
-use possync_actors::{BackoffPolicy, Engine, EngineConfig, SystemClock};
+use possync_actors::{BackoffPolicy, Engine, EngineConfig, EngineError, SystemClock};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,7 +110,9 @@ pub async fn start_engine(
     let cloud = HttpCloud::new(CloudTarget {
         base_url: enrollment.cloud_url.clone(),
         token: enrollment.token.clone(),
-    })?;
+    })?
+    .with_metrics(registry)
+    .map_err(EngineError::Metrics)?;
     let config = engine_config(
         enrollment.terminal_id.to_string(),
         enrollment.branch_id.clone(),

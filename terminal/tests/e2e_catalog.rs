@@ -89,6 +89,7 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
         "no new snapshot: {m}"
     );
     assert!(metric(&m, "delta_sync_runs") >= 1.0, "{m}");
+    assert!(metric(&m, "terminal_cloud_requests_total") >= 2.0, "{m}");
 
     // The till's own data: local stock and one sale.
     let store = SqliteStore::open(&dir.path().join("terminal.db")).expect("open store");

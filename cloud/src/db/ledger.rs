@@ -318,6 +318,16 @@ pub fn ingest_batch(
         first.insert(key, (i, id));
     }
 
+    // Claim keys in one global order: two transactions claiming overlapping keys then wait
+    // on each other in the same order and cannot deadlock (PostgreSQL would abort one).
+    ledger_rows.sort_unstable_by(|a, b| {
+        (&a.terminal_id, &a.pos_id, a.local_event_id).cmp(&(
+            &b.terminal_id,
+            &b.pos_id,
+            b.local_event_id,
+        ))
+    });
+
     let (claimed, earlier) = write_txn!(conn, |c, m| -> Result<Claimed, StoreError> {
         let claimed: HashSet<Key> = m::claim(c, &ledger_rows)?.into_iter().collect();
         let mut sales = Vec::with_capacity(claimed.len());

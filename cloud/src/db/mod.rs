@@ -170,7 +170,7 @@ impl std::fmt::Debug for Database {
 }
 
 impl Database {
-    /// Opens a pool of `pool_size` connections. `url` is `postgres://…`, `postgresql://…` or
+    /// Opens a pool of up to `pool_size` connections (two opened at once, the rest on demand). `url` is `postgres://…`, `postgresql://…` or
     /// `sqlite://PATH` (the parent directory and the file are created). Fails if the database
     /// cannot be reached, so a misconfigured cloud stops at start rather than at first request.
     pub fn connect(url: &str, pool_size: u32) -> Result<Database, StoreError> {
@@ -201,8 +201,12 @@ impl Database {
                 "unsupported scheme {scheme:?}; use postgres://, postgresql:// or sqlite://PATH"
             )));
         };
+        let max = pool_size.max(1);
         let pool = diesel::r2d2::Pool::builder()
-            .max_size(pool_size.max(1))
+            .max_size(max)
+            // Open connections on demand beyond a warm minimum: many cloud processes (and
+            // parallel tests) share one PostgreSQL's connection limit.
+            .min_idle(Some(max.min(2)))
             .connection_timeout(Duration::from_secs(10))
             .build(DbConnManager { target })
             .map_err(|e| StoreError::Unavailable(format!("cannot open {backend:?} pool: {e}")))?;

@@ -10,6 +10,13 @@ pub(crate) struct TestDb {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl TestDb {
+    /// The database URL (PostgreSQL tests that open their own pools use it).
+    pub(crate) fn url(&self) -> &str {
+        self._pg.as_ref().map_or("", |pg| pg.url.as_str())
+    }
+}
+
 /// Fresh, migrated PostgreSQL database.
 pub(crate) fn postgres() -> TestDb {
     let pg = possync_testkit::pg::TestDatabase::create()

@@ -65,6 +65,9 @@ pub enum CommandError {
     /// The enrolled token belongs to another terminal or branch than the one given.
     #[error("{0}")]
     WrongIdentity(String),
+    /// `terminal run` found a live daemon on the same data dir.
+    #[error("a daemon already runs on this data dir (status on {0})")]
+    AlreadyRunning(String),
     /// The running daemon answered with an error.
     #[error("daemon: {message}")]
     Daemon {
@@ -88,6 +91,7 @@ impl CommandError {
                 ErrorCode::PosSyncUnauthorized.as_str().to_string()
             }
             CommandError::Io { .. } => "IO_FAILED".to_string(),
+            CommandError::AlreadyRunning(_) => "DAEMON_ALREADY_RUNNING".to_string(),
             CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.as_str().to_string(),
             CommandError::Daemon { code, .. } => {
                 code.clone().unwrap_or_else(|| "DAEMON_FAILED".to_string())
@@ -295,6 +299,10 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
     match cli.command {
         Command::Enroll(args) => enroll(&data_dir, args).await,
         Command::Run(args) => {
+            // One engine per database: a second daemon would only race the first.
+            if let Some((_, url)) = live_daemon(&data_dir).await {
+                return Err(CommandError::AlreadyRunning(url));
+            }
             daemon::run(DaemonOptions {
                 data_dir,
                 status_bind: args.status_bind.clone(),

@@ -172,6 +172,16 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(again["upserts"], 0, "{again}");
     assert_eq!(again["deletes"], 0, "{again}");
 
+    // A second daemon on the same data dir is refused.
+    let (ok, _, err) = terminal_cli(dir.path(), &["run", "--status-bind", "127.0.0.1:0"]);
+    assert!(!ok);
+    let lines = e2e_support::human_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("error: DAEMON_ALREADY_RUNNING: "),
+        "{err}"
+    );
+
     // `terminal status` asks the running daemon (live engine state).
     let (ok, out, err) = terminal_cli(dir.path(), &["status"]);
     assert!(ok, "{out} {err}");

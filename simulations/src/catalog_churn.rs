@@ -24,8 +24,11 @@ const PRICES_PER_BRANCH: usize = 5;
 /// Catalog changes made during a run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChurnCounts {
+    /// Entities created or replaced.
     pub upserts: u64,
+    /// Entities tombstoned.
     pub deletes: u64,
+    /// Changes the cloud did not take (e.g. every instance down at that moment).
     pub failed: u64,
 }
 
@@ -81,6 +84,7 @@ pub struct CatalogChurn {
     rng: StdRng,
     branches: Vec<String>,
     deleted: BTreeSet<usize>,
+    /// What the stream did so far.
     pub counts: ChurnCounts,
 }
 
@@ -184,7 +188,9 @@ pub async fn branch_truth(cloud_url: &str, token: &str) -> Result<Vec<CatalogRow
 /// How one terminal's catalog compares with its branch's truth.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogComparison {
+    /// Live entities in the terminal's SQLite catalog.
     pub entities_terminal: u64,
+    /// Entities the branch's snapshot lists.
     pub entities_truth: u64,
     /// Keys whose version/hash differ, or present on one side only.
     pub drift: u64,
@@ -193,6 +199,7 @@ pub struct CatalogComparison {
     /// Upserts + deletes the daemon's own `reconcile verify` reported at the end (`None` if
     /// it gave no answer).
     pub reconcile_drift: Option<u64>,
+    /// No drift, no foreign entity, and the daemon's own verify agreed.
     pub converged: bool,
 }
 

@@ -83,8 +83,11 @@ impl RunDatabase {
 /// What `cloud terminal add` prints.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Enrollment {
+    /// Cloud-issued terminal id (UUID).
     pub terminal_id: String,
+    /// The branch the terminal belongs to.
     pub branch_id: String,
+    /// Bearer token for `/v1/pos/*` (shown once by the CLI).
     pub token: String,
 }
 

@@ -19,7 +19,9 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running child and the URL it announced.
 pub struct Daemon {
+    /// Name used in logs and errors (`cloud-0`, `terminal-3`).
     pub name: String,
+    /// The URL the child announced.
     pub url: String,
     child: Child,
 }
@@ -156,7 +158,9 @@ pub async fn run_command(
 /// The production binaries the run starts.
 #[derive(Debug, Clone)]
 pub struct Binaries {
+    /// The `cloud` binary.
     pub cloud: PathBuf,
+    /// The `terminal` binary.
     pub terminal: PathBuf,
 }
 

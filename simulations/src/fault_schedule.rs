@@ -48,14 +48,23 @@ pub enum ProxyAction {
     /// something the cloud already holds.
     DropResponse,
     /// Hold the request this long before forwarding.
-    Delay { ms: u64 },
+    Delay {
+        /// Milliseconds to wait.
+        ms: u64,
+    },
     /// Forward the request twice at once (a retrying load balancer) and answer with one.
     Duplicate,
     /// Answer this 5xx without forwarding (502 bare like a load balancer, 503 with the
     /// `POS_SYNC_STORAGE_FAILED` envelope like the cloud).
-    ServerError { status: u16 },
+    ServerError {
+        /// 502 or 503.
+        status: u16,
+    },
     /// Answer 429 `POS_SYNC_RATE_LIMITED` with this `Retry-After`, without forwarding.
-    RateLimited { retry_after_s: u64 },
+    RateLimited {
+        /// Seconds, as the cloud sends them.
+        retry_after_s: u64,
+    },
 }
 
 impl ProxyAction {
@@ -78,9 +87,19 @@ impl ProxyAction {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CloudFault {
     /// kill -9 one cloud process while sales flow, then start it again on the same database.
-    Restart { at_sale: u64, instance: usize },
+    Restart {
+        /// Fleet-wide sale count that triggers it.
+        at_sale: u64,
+        /// Which instance (modulo the instance count).
+        instance: usize,
+    },
     /// Every proxy drops every request for `duration_ms` (longer than the backoff cap).
-    Outage { at_sale: u64, duration_ms: u64 },
+    Outage {
+        /// Fleet-wide sale count that triggers it.
+        at_sale: u64,
+        /// How long every request is dropped.
+        duration_ms: u64,
+    },
 }
 
 impl CloudFault {
@@ -104,10 +123,15 @@ pub struct TerminalPlan {
 /// The shape of a run, which with the seed fully determines the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleShape {
+    /// Every random choice of the run derives from it.
     pub seed: u64,
+    /// Terminals in the fleet.
     pub terminals: usize,
+    /// Sales each terminal records.
     pub sales_per_terminal: u32,
+    /// `cloud serve` processes sharing the database.
     pub cloud_instances: usize,
+    /// Fault families to draw from.
     pub faults: FaultMode,
     /// Backoff cap of the terminals, in ms: the outage is scheduled to outlast it.
     pub backoff_cap_ms: u64,
@@ -116,7 +140,9 @@ pub struct ScheduleShape {
 /// Every fault of one run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultSchedule {
+    /// What the schedule was drawn for.
     pub shape: ScheduleShape,
+    /// One plan per terminal, by index.
     pub terminals: Vec<TerminalPlan>,
     /// Sorted by `at_sale`.
     pub cloud: Vec<CloudFault>,

@@ -20,14 +20,19 @@ use crate::SimError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, QueryableByName)]
 pub struct CloudSale {
     #[diesel(sql_type = Text)]
+    /// Terminal that sent it.
     pub terminal_id: String,
     #[diesel(sql_type = Text)]
+    /// Local database that recorded it.
     pub pos_id: String,
     #[diesel(sql_type = BigInt)]
+    /// Its number on that `pos_id`.
     pub local_event_id: i64,
     #[diesel(sql_type = Text)]
+    /// Branch the cloud filed it under.
     pub branch_id: String,
     #[diesel(sql_type = Text)]
+    /// Receipt number from the payload (unique per scripted sale).
     pub receipt_no: String,
 }
 
@@ -52,7 +57,9 @@ pub async fn read_cloud_sales(db_url: &str) -> Result<Vec<CloudSale>, SimError> 
 /// What one terminal did, as the audit needs it.
 #[derive(Debug, Clone, Default)]
 pub struct TerminalLedger {
+    /// Cloud-issued terminal id.
     pub terminal_id: String,
+    /// Branch it is enrolled in.
     pub branch_id: String,
     /// Receipts `POST /sales` acknowledged, with the receipt number sent.
     pub acknowledged: Vec<(Receipt, String)>,
@@ -63,11 +70,17 @@ pub struct TerminalLedger {
 /// The audit's counts, plus a few examples of each defect for the report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditFindings {
+    /// Receipts the tills acknowledged.
     pub sales_created: u64,
+    /// `sales_events` rows of the run's terminals.
     pub sales_in_cloud: u64,
+    /// Acknowledged or journaled sales the cloud lacks.
     pub lost: u64,
+    /// Extra copies in the cloud (same key, or same receipt under another key).
     pub duplicated: u64,
+    /// Cloud rows filed under a branch other than their terminal's.
     pub cross_branch: u64,
+    /// Journal rows left in `needs_attention`.
     pub needs_attention: u64,
     /// Journal rows not `synced` at the end (pending, failed, in flight, needs attention).
     pub unsynced_in_journal: u64,
@@ -78,6 +91,7 @@ pub struct AuditFindings {
     pub journaled_not_acknowledged: u64,
     /// Cloud rows of a terminal this run did not enroll.
     pub unknown_terminal_rows: u64,
+    /// Up to 20 concrete findings, for the summary.
     pub examples: Vec<String>,
 }
 

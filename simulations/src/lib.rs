@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # possync-simulations
 //!
 //! Proves, by running it, that many terminals of many branches selling at once through an
@@ -36,10 +37,20 @@ pub enum SimError {
     MissingBinary(String),
     /// A child process failed to start, or did not announce its address.
     #[error("process `{name}`: {message}")]
-    Process { name: String, message: String },
+    Process {
+        /// Which process (`cloud-0`, `terminal-3`).
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A command-line tool answered with a failure.
     #[error("`{command}` failed: {message}")]
-    Command { command: String, message: String },
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status and stderr.
+        message: String,
+    },
     /// An HTTP call of the harness itself failed.
     #[error("HTTP: {0}")]
     Http(String),

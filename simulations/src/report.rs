@@ -11,16 +11,25 @@ use crate::ledger_audit::AuditFindings;
 /// Per-terminal outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TerminalReport {
+    /// Position in the fleet (0-based).
     pub index: usize,
+    /// Cloud-issued terminal id.
     pub terminal_id: String,
+    /// Its branch.
     pub branch_id: String,
+    /// Receipts `POST /sales` returned.
     pub sales_acknowledged: u64,
+    /// Rows in its `sync_journal`.
     pub journal_rows: u64,
+    /// Rows `synced`.
     pub synced: u64,
+    /// Rows left in `needs_attention`.
     pub needs_attention: u64,
     /// Σ (attempts − 1) over the journal: deliveries beyond the first.
     pub retries: u64,
+    /// kill -9 + restart cycles of its daemon.
     pub kills: u32,
+    /// Its catalog against its branch's truth.
     pub catalog: CatalogComparison,
     /// The daemon's `POST /reconcile {"mode":"verify"}` answer at the end, if it gave one.
     pub reconcile_verify: Option<serde_json::Value>,
@@ -31,11 +40,17 @@ pub struct TerminalReport {
 /// The misbehaving terminal's outcome (`--abusive-terminal`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AbuseReport {
+    /// Cloud-issued id of the abusive terminal.
     pub terminal_id: String,
+    /// Requests it sent.
     pub requests: u64,
+    /// Answered 200.
     pub status_200: u64,
+    /// Answered 429.
     pub status_429: u64,
+    /// Answered anything else.
     pub other_status: u64,
+    /// No answer at all.
     pub transport_errors: u64,
     /// 429 answers that carried a `Retry-After` header.
     pub retry_after_seen: u64,
@@ -46,44 +61,69 @@ pub struct AbuseReport {
 /// Wall-clock time per phase, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
+    /// Database, cloud processes, catalog, enrollment, daemons.
     pub setup_ms: u64,
+    /// From the first sale to the last acknowledged one.
     pub selling_ms: u64,
+    /// From the end of the faults until every journal settled.
     pub quiescence_ms: u64,
+    /// Until every catalog matched its branch.
     pub catalog_convergence_ms: u64,
+    /// Reading the ledgers and comparing.
     pub audit_ms: u64,
+    /// The whole run.
     pub total_ms: u64,
 }
 
 /// Everything a run found.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
+    /// The run's seed (replay with it).
     pub seed: u64,
+    /// Terminals in the fleet.
     pub terminals: usize,
+    /// Branches they are spread over.
     pub branches: usize,
+    /// Sales each terminal recorded.
     pub sales_per_terminal: u32,
+    /// `cloud serve` processes.
     pub cloud_instances: usize,
+    /// `none`, `network`, `crash` or `all`.
     pub faults_mode: String,
+    /// Receipts acknowledged by the tills.
     pub sales_created: u64,
+    /// Rows of the run's terminals in `sales_events`.
     pub sales_in_cloud: u64,
+    /// Sales the cloud lacks.
     pub lost: u64,
+    /// Extra copies in the cloud.
     pub duplicated: u64,
+    /// Sales filed under another branch, plus other branches' catalog entities found on terminals.
     pub cross_branch: u64,
     /// Rows still `needs_attention` at the end (after the operator retries).
     pub needs_attention: u64,
     /// Rows that had exhausted their attempts during the faults and were sent again by the
     /// harness acting as operator (`POST /outbox/retry {"all": true}`), up to three rounds.
     pub needs_attention_released_by_operator: u64,
+    /// Deliveries beyond the first, summed over the journals.
     pub retries: u64,
+    /// Terminals whose catalog equals their branch's truth.
     pub catalog_converged_terminals: u64,
+    /// Terminals whose catalog does not.
     pub catalog_unconverged_terminals: u64,
     /// Faults actually injected, by kind (proxy actions taken, kills, restarts, outages).
     pub faults_injected: BTreeMap<String, u64>,
     /// Faults the schedule planned, by kind (proxy plans are longer than most runs need).
     pub faults_planned: BTreeMap<String, u64>,
+    /// Catalog changes made while the terminals sold.
     pub catalog_changes: ChurnCounts,
+    /// The row-by-row comparison.
     pub audit: AuditFindings,
+    /// The misbehaving terminal, when `--abusive-terminal`.
     pub abuse: Option<AbuseReport>,
+    /// Time per phase.
     pub timings: Timings,
+    /// One entry per terminal.
     pub per_terminal: Vec<TerminalReport>,
     /// Set when the run itself broke (e.g. quiescence deadline), besides the audit.
     pub errors: Vec<String>,
@@ -91,6 +131,7 @@ pub struct RunReport {
     pub schedule: FaultSchedule,
     /// Where logs and terminal databases of this run are.
     pub run_dir: String,
+    /// The verdict ([`RunReport::verdict`]).
     pub passed: bool,
 }
 

@@ -29,7 +29,9 @@ pub fn product_price(i: usize) -> i64 {
 /// One sale a terminal will record: the body of the daemon's `POST /sales`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScriptedSale {
+    /// `sale` or `refund`.
     pub event_type: EventType,
+    /// The receipt.
     pub payload: SalePayload,
     /// Pause before recording it.
     pub pause: Duration,

@@ -25,20 +25,31 @@ use crate::SimError;
 /// Everything `simulations run` takes.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// Terminals in the fleet.
     pub terminals: usize,
+    /// Branches they are spread over (`b0` …).
     pub branches: usize,
+    /// Sales each terminal records.
     pub sales: u32,
+    /// Fault families to inject.
     pub faults: FaultMode,
+    /// Seed of everything random.
     pub seed: u64,
+    /// `cloud serve` processes on the one database.
     pub cloud_instances: usize,
     /// Use this database as is; `None` = create a fresh one on `pg_server`.
     pub database_url: Option<String>,
+    /// Server on which a fresh database is created (`postgres://user@host:port`).
     pub pg_server: String,
+    /// Add the flooding terminal.
     pub abusive_terminal: bool,
     /// Mean pause between two sales of one terminal.
     pub pace_ms: u64,
+    /// Backoff and polling knobs passed to every daemon.
     pub tuning: DaemonTuning,
+    /// Longest wait for every journal to settle.
     pub quiescence_timeout: Duration,
+    /// Longest wait for every catalog to match its branch.
     pub catalog_timeout: Duration,
     /// Where logs and terminal data go; `None` = a new directory under the temp dir.
     pub run_dir: Option<PathBuf>,

@@ -18,8 +18,11 @@ use crate::SimError;
 /// Tuning passed to every daemon: short backoff so faults resolve within a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct DaemonTuning {
+    /// First retry delay bound (`POSSYNC_BACKOFF_BASE_MS`).
     pub backoff_base_ms: u64,
+    /// Longest retry delay (`POSSYNC_BACKOFF_CAP_MS`): the outage outlasts it.
     pub backoff_cap_ms: u64,
+    /// Pause between catalog delta polls (`POSSYNC_DELTA_INTERVAL_MS`).
     pub delta_interval_ms: u64,
 }
 
@@ -47,34 +50,49 @@ impl DaemonTuning {
 /// One row of a terminal's `sync_journal`, as the audit needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEntry {
+    /// The terminal database's `pos_id`.
     pub pos_id: String,
+    /// Its number on that `pos_id`.
     pub local_event_id: i64,
+    /// `pending`, `in_flight`, `failed`, `synced` or `needs_attention`.
     pub status: String,
+    /// Deliveries recorded so far.
     pub attempts: i64,
 }
 
 /// One live catalog row of a terminal.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CatalogRow {
+    /// Entity type.
     pub entity_type: String,
+    /// Entity id.
     pub id: String,
+    /// Catalog version of this copy.
     pub version: i64,
+    /// sha256 of its canonical data.
     pub hash: String,
+    /// `None` for a global entity.
     pub branch_id: Option<String>,
 }
 
 /// What `POST /sales` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Receipt {
+    /// The terminal database's `pos_id`.
     pub pos_id: String,
+    /// Number the sale got on it.
     pub local_event_id: i64,
 }
 
 /// One simulated terminal.
 pub struct TerminalNode {
+    /// Position in the fleet (0-based).
     pub index: usize,
+    /// What `cloud terminal add` issued.
     pub enrollment: Enrollment,
+    /// Its data directory (`terminal.db`, logs next to it).
     pub data_dir: PathBuf,
+    /// Its fault proxy, which it is enrolled with as cloud URL.
     pub proxy: FaultProxy,
     daemon: Option<Daemon>,
     bin: PathBuf,

@@ -2,7 +2,7 @@
 //! till may be offline) that polls `/status` and offers Retry, Reconcile and Verify.
 //!
 //! Element ids are part of the page's contract with its browser test: `online`,
-//! `catalog-version`, `catalog-age`, `snapshot`, `queue`, `oldest-pending`, `attention`,
+//! `catalog-version`, `catalog-age`, `last-contact`, `snapshot`, `queue`, `oldest-pending`, `attention`,
 //! `verify-btn`, `reconcile-btn`, `retry-all-btn`, `action-result`.
 
 /// The page, served at `GET /`.
@@ -53,7 +53,8 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   <section>
     <h2>Catalog</h2>
     <div class="big">v<span id="catalog-version">–</span></div>
-    <div><span id="catalog-entities">0</span> entities · synced <span id="catalog-age">never</span></div>
+    <div><span id="catalog-entities">0</span> entities · last change <span id="catalog-age">never</span></div>
+    <div class="muted">cloud last answered <span id="last-contact">never</span></div>
     <div id="snapshot" class="muted"></div>
   </section>
   <section>
@@ -120,6 +121,9 @@ function render(s) {
   text($("catalog-version"), c.version == null ? "–" : c.version);
   text($("catalog-entities"), c.entities);
   text($("catalog-age"), ago(c.age_seconds));
+  text($("last-contact"), s.last_contact_at
+    ? ago(Math.max(0, Math.round((Date.parse(s.generated_at) - Date.parse(s.last_contact_at)) / 1000)))
+    : (s.daemon_running ? "never" : "unknown (daemon not running)"));
   const snap = $("snapshot");
   snap.replaceChildren();
   if (c.snapshot.in_progress) {

@@ -221,6 +221,9 @@ impl RunReport {
         for e in &self.audit.examples {
             line(&mut s, "finding", e.clone());
         }
+        if !self.passed {
+            line(&mut s, "logs and terminal data", self.run_dir.clone());
+        }
         s.push_str(&format!(
             "  verdict: {}  (replay: simulations run --terminals {} --branches {} --sales {} --faults {} --seed {} --cloud-instances {})\n",
             if self.passed { "PASS" } else { "FAIL" },

@@ -86,6 +86,11 @@ async fn offline_sales_flush_exactly_once_even_across_kill_9() {
     let held = cloud.sync_status(&token).await;
     let entry = pos_entry(&held, &pos_id);
     assert_eq!(entry["total_events"], 21, "{held}");
+    assert_eq!(
+        cloud.stored_sales("b1").await,
+        21,
+        "stored rows, admin view"
+    );
     assert_eq!(entry["highest_contiguous"], 21, "{held}");
     assert_eq!(entry["ids_above_gap"], json!([]));
 
@@ -121,6 +126,11 @@ async fn offline_sales_flush_exactly_once_even_across_kill_9() {
     let held = cloud.sync_status(&token).await;
     let entry = pos_entry(&held, &pos_id);
     assert_eq!(entry["total_events"], 121, "{held}");
+    assert_eq!(
+        cloud.stored_sales("b1").await,
+        121,
+        "stored rows, admin view"
+    );
     assert_eq!(entry["highest_contiguous"], 121, "{held}");
     assert_eq!(entry["ids_above_gap"], json!([]));
     let s = daemon.status().await;

@@ -130,6 +130,25 @@ impl Cloud {
             .expect("catalog upsert");
     }
 
+    /// Sales rows the cloud stores for `branch` (admin route): duplicates would show here.
+    pub async fn stored_sales(&self, branch: &str) -> i64 {
+        let v: Value = reqwest::Client::new()
+            .get(
+                self.process
+                    .url(&format!("/v1/admin/sales/summary?branch={branch}")),
+            )
+            .bearer_auth(&self.process.admin_token)
+            .send()
+            .await
+            .expect("admin sales summary")
+            .json()
+            .await
+            .expect("summary json");
+        v["sales_events"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no sales_events in {v}"))
+    }
+
     /// `GET /v1/pos/sync/status` as the terminal: what the cloud holds of its sales. Shares
     /// the terminal's rate-limit bucket, so a 429 is waited out.
     pub async fn sync_status(&self, token: &str) -> Value {

@@ -50,6 +50,33 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     let (terminal_id, token) = cloud.process.add_terminal("b1").expect("terminal add");
     let cable = Cable::start(&cloud.process.base_url).await;
     let dir = tempfile::tempdir().expect("data dir");
+
+    // A live cloud checks the token: a wrong one, or the right one for another branch, is
+    // refused with one coded line and nothing is stored.
+    for (tok, branch) in [("pst_wrong", "b1"), (token.as_str(), "b2")] {
+        let (ok, out, err) = terminal_cli(
+            dir.path(),
+            &[
+                "enroll",
+                "--cloud-url",
+                &cable.url(),
+                "--token",
+                tok,
+                "--terminal-id",
+                &terminal_id.to_string(),
+                "--branch",
+                branch,
+            ],
+        );
+        assert!(!ok, "{out}");
+        let lines = e2e_support::human_lines(&err);
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].starts_with("error: POS_SYNC_UNAUTHORIZED: "),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("terminal.db").exists(), "nothing stored");
     enroll(dir.path(), &cable, terminal_id, &token, "b1");
     let daemon = Daemon::start(dir.path(), &[]);
 

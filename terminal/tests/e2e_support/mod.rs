@@ -213,6 +213,11 @@ pub fn enroll(data_dir: &Path, cable: &Cable, terminal_id: uuid::Uuid, token: &s
         ],
     );
     assert!(ok, "enroll failed: {out} {err}");
+    let v: Value = serde_json::from_str(&out).expect("enroll json");
+    assert_eq!(
+        v["verified"], true,
+        "the cloud is up: the token must be checked: {out} {err}"
+    );
 }
 
 /// A running `terminal run` daemon.

@@ -77,6 +77,10 @@ struct RunArgs {
     /// Keep the run directory and database even if the run passes.
     #[arg(long)]
     keep: bool,
+    /// Harness self-test: forge `accepted` for terminal 0's first sales batch (never reaching
+    /// the cloud). The run must then FAIL with lost > 0; if it passes, the audit is broken.
+    #[arg(long)]
+    sabotage: bool,
 }
 
 impl RunArgs {
@@ -101,6 +105,7 @@ impl RunArgs {
             catalog_timeout: Duration::from_secs(self.catalog_timeout_s),
             run_dir: self.run_dir.clone(),
             keep: self.keep,
+            sabotage: self.sabotage,
         }
     }
 }

@@ -127,6 +127,8 @@ struct ProxyState {
     plan: Vec<ProxyAction>,
     next: AtomicUsize,
     faults_on: AtomicBool,
+    /// Sales batches still to be answered with a forged `accepted` (harness self-test).
+    forge: AtomicUsize,
     upstreams: Arc<Upstreams>,
     counters: Arc<ProxyCounters>,
     client: reqwest::Client,
@@ -172,6 +174,7 @@ impl FaultProxy {
             plan,
             next: AtomicUsize::new(0),
             faults_on: AtomicBool::new(true),
+            forge: AtomicUsize::new(0),
             upstreams,
             counters: Arc::new(ProxyCounters::default()),
             client,
@@ -199,6 +202,13 @@ impl FaultProxy {
     /// The URL the terminal is enrolled with.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Harness self-test: answer the next `n` sales batches with a forged 200 that calls every
+    /// event `accepted`, without forwarding. The terminal then marks sales synced that the
+    /// cloud never saw — exactly the defect the audit exists to catch.
+    pub fn forge_sales_acceptance(&self, n: usize) {
+        self.state.forge.store(n, Ordering::SeqCst);
     }
 
     /// Stops injecting faults: from now on every request passes (the quiescence phase).
@@ -270,6 +280,22 @@ async fn serve_connection(stream: TcpStream, state: Arc<ProxyState>) {
             state.counters.bump("outage_drop");
             return; // close: the cloud is unreachable
         }
+        if req.method == "POST"
+            && req.target.starts_with("/v1/pos/sales/events")
+            && state
+                .forge
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            state.counters.bump("forged_acceptance");
+            if write_response(&mut write, &forged_acceptance(&req.body))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         let action = state.next_action();
         if action != ProxyAction::Pass {
             state.counters.bump(action.kind());
@@ -306,6 +332,32 @@ async fn serve_connection(stream: TcpStream, state: Arc<ProxyState>) {
         if write_response(&mut write, &resp).await.is_err() {
             return;
         }
+    }
+}
+
+/// A 200 that claims every event of the batch was `accepted` (see
+/// [`FaultProxy::forge_sales_acceptance`]).
+fn forged_acceptance(body: &[u8]) -> Response {
+    let ids: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["events"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e["local_event_id"].clone())
+        .collect();
+    let results: Vec<serde_json::Value> = ids
+        .into_iter()
+        .map(|id| {
+            serde_json::json!({"local_event_id": id, "status": "accepted", "code": null,
+                "cloud_event_id": uuid::Uuid::new_v4(), "message": null})
+        })
+        .collect();
+    Response {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::json!({ "results": results })
+            .to_string()
+            .into_bytes(),
     }
 }
 

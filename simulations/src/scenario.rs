@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub run_dir: Option<PathBuf>,
     /// Keep the run directory and database even when the run passes.
     pub keep: bool,
+    /// Harness self-test: terminal 0's proxy forges `accepted` for its first sales batch, so
+    /// those sales never reach the cloud. A correct audit must then fail the run.
+    pub sabotage: bool,
 }
 
 impl Default for RunConfig {
@@ -79,6 +82,7 @@ impl Default for RunConfig {
             catalog_timeout: Duration::from_secs(60),
             run_dir: None,
             keep: false,
+            sabotage: false,
         }
     }
 }
@@ -146,7 +150,9 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, SimError> {
     )
     .await?;
     let result = run_on(&cfg, &bins, &run_dir, &db, cluster, schedule, started).await;
-    let keep = cfg.keep || result.as_ref().map(|r| !r.passed).unwrap_or(true);
+    // A failing run keeps its database and logs for inspection — except a sabotage
+    // self-test, whose failure is the expected outcome.
+    let keep = cfg.keep || (!cfg.sabotage && result.as_ref().map(|r| !r.passed).unwrap_or(true));
     if !keep {
         if let Err(e) = db.drop_database().await {
             tracing::warn!(error = %e, "could not drop the run database");
@@ -188,6 +194,10 @@ async fn run_on(
             &cfg.tuning,
         )
         .await?;
+        if cfg.sabotage && i == 0 {
+            tracing::warn!("self-test: terminal 0's first sales batch will be forged as accepted");
+            node.proxy.forge_sales_acceptance(1);
+        }
         nodes.push(Arc::new(Mutex::new(node)));
     }
     let abuser: Option<Enrollment> = if cfg.abusive_terminal {

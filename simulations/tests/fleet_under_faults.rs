@@ -119,3 +119,34 @@ fn an_abusive_terminal_is_rate_limited_while_the_others_sell() {
     assert_eq!(r["lost"], 0, "{stdout}");
     assert_eq!(code, 0, "{stdout}");
 }
+
+#[test]
+fn the_audit_catches_a_sale_the_network_lied_about() {
+    // The proxy of terminal 0 forges "accepted" for its first sales batch without forwarding
+    // it: the terminal marks those sales synced, the cloud never saw them. If this run passed,
+    // every green run above would prove nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_path = dir.path().join("report.json");
+    let (code, r, stdout) = run_simulation(
+        &[
+            "--terminals",
+            "2",
+            "--branches",
+            "1",
+            "--sales",
+            "10",
+            "--faults",
+            "none",
+            "--seed",
+            "99",
+            "--sabotage",
+        ],
+        &report_path,
+    );
+    assert_eq!(code, 1, "a forged acceptance must fail the run:\n{stdout}");
+    assert_eq!(r["sales_created"], 20, "{stdout}");
+    let lost = r["lost"].as_u64().unwrap_or(0);
+    assert!(lost >= 1, "the forged batch must count as lost:\n{stdout}");
+    assert_eq!(r["sales_in_cloud"].as_u64(), Some(20 - lost), "{stdout}");
+    assert_eq!(r["passed"], false);
+}

@@ -44,6 +44,20 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
         vec![possync_terminal::operator::ReconcileChoice::Verify]
     );
 
+    // Reconcile applies and says what it repaired.
+    session.click("#reconcile-btn").await;
+    let result = session
+        .wait_text("#action-result", |t| t.starts_with("Reconcile"))
+        .await;
+    assert_eq!(
+        result,
+        "Reconcile applied: repaired 2 entries (checked 2, unchanged 0, upserts 1, deletes 1, catalog v42)"
+    );
+    assert_eq!(
+        engine.reconciles.lock().expect("reconciles").last(),
+        Some(&possync_terminal::operator::ReconcileChoice::Apply)
+    );
+
     // Retry on the needs-attention row releases it.
     session.click("#attention .retry-btn").await;
     let result = session

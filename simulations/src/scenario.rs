@@ -592,46 +592,82 @@ async fn upstreams_len(cluster: &Mutex<CloudCluster>) -> usize {
     cluster.lock().await.len().max(1)
 }
 
-/// The misbehaving terminal: about ten times the default rate limit (200 requests/s) of
-/// delta polls straight at the cloud, for as long as the others sell (at least 3 s).
+/// Concurrent request loops of the misbehaving terminal: enough that it stays far over its
+/// limit even when a loaded machine makes every answer slow.
+const ABUSE_WORKERS: usize = 8;
+
+/// The misbehaving terminal: [`ABUSE_WORKERS`] loops of delta polls straight at the cloud, each
+/// at up to 200 requests/s (ten times the default limit on its own), for as long as the others
+/// sell and at least 3 s.
 async fn hammer(e: Enrollment, upstreams: Arc<Upstreams>, selling: Arc<AtomicBool>) -> AbuseReport {
-    let mut rep = AbuseReport {
-        terminal_id: e.terminal_id.clone(),
-        ..Default::default()
-    };
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
     {
         Ok(c) => c,
-        Err(_) => return rep,
+        Err(_) => {
+            return AbuseReport {
+                terminal_id: e.terminal_id,
+                ..Default::default()
+            }
+        }
     };
     let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    while selling.load(Ordering::SeqCst) || start.elapsed() < Duration::from_secs(3) {
-        tick.tick().await;
-        let Some(url) = upstreams.pick() else {
-            continue;
-        };
-        rep.requests += 1;
-        match client
-            .get(format!("{url}/v1/pos/catalog/delta?since=0&limit=1"))
-            .bearer_auth(&e.token)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().as_u16() == 429 => {
-                rep.status_429 += 1;
-                if let Some(v) = r.headers().get("retry-after") {
-                    rep.retry_after_seen += 1;
-                    if rep.first_retry_after_s.is_none() {
-                        rep.first_retry_after_s = v.to_str().ok().and_then(|s| s.parse().ok());
+    let workers: Vec<_> = (0..ABUSE_WORKERS)
+        .map(|_| {
+            let (client, upstreams, selling, token) = (
+                client.clone(),
+                upstreams.clone(),
+                selling.clone(),
+                e.token.clone(),
+            );
+            tokio::spawn(async move {
+                let mut rep = AbuseReport::default();
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                while selling.load(Ordering::SeqCst) || start.elapsed() < Duration::from_secs(3) {
+                    tick.tick().await;
+                    let Some(url) = upstreams.pick() else {
+                        continue;
+                    };
+                    rep.requests += 1;
+                    match client
+                        .get(format!("{url}/v1/pos/catalog/delta?since=0&limit=1"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().as_u16() == 429 => {
+                            rep.status_429 += 1;
+                            if let Some(v) = r.headers().get("retry-after") {
+                                rep.retry_after_seen += 1;
+                                if rep.first_retry_after_s.is_none() {
+                                    rep.first_retry_after_s =
+                                        v.to_str().ok().and_then(|s| s.parse().ok());
+                                }
+                            }
+                        }
+                        Ok(r) if r.status().is_success() => rep.status_200 += 1,
+                        Ok(_) => rep.other_status += 1,
+                        Err(_) => rep.transport_errors += 1,
                     }
                 }
-            }
-            Ok(r) if r.status().is_success() => rep.status_200 += 1,
-            Ok(_) => rep.other_status += 1,
-            Err(_) => rep.transport_errors += 1,
+                rep
+            })
+        })
+        .collect();
+    let mut rep = AbuseReport {
+        terminal_id: e.terminal_id,
+        ..Default::default()
+    };
+    for w in workers {
+        if let Ok(part) = w.await {
+            rep.requests += part.requests;
+            rep.status_200 += part.status_200;
+            rep.status_429 += part.status_429;
+            rep.other_status += part.other_status;
+            rep.transport_errors += part.transport_errors;
+            rep.retry_after_seen += part.retry_after_seen;
+            rep.first_retry_after_s = rep.first_retry_after_s.or(part.first_retry_after_s);
         }
     }
     rep

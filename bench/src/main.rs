@@ -1,0 +1,468 @@
+//! `bench-terminal` (run by `scripts/bench-terminal`): the terminal's three performance
+//! promises measured in one run on this machine, each beside the raw limit measured in the
+//! same run. It prints figures and never fails on speed; it fails only when something does
+//! not work (PostgreSQL unreachable, a binary missing, a request refused).
+//!
+//! 1. **Snapshot**: a real `cloud serve` (fresh PostgreSQL database, or embedded SQLite) is
+//!    seeded with N products by `cloud catalog import`; an empty, enrolled terminal runs
+//!    `terminal run`, and the clock runs from spawning it until its `/status` shows the
+//!    snapshot's catalog version with all N entities. Beside it: the transfer (every snapshot
+//!    page fetched over HTTP by the same terminal token, nothing stored) and the raw insert
+//!    (the same rows bulk-inserted into an empty file with the terminal's schema in one
+//!    transaction). Ratio = snapshot ÷ (raw insert + transfer).
+//! 2. **Sale enqueue**: `POST /sales` on the daemon and `SqliteStore::enqueue_sale` in-process,
+//!    beside a plain `INSERT` committed with `synchronous=FULL` in WAL (one transaction each)
+//!    into a scratch file in the same directory; the three series are interleaved in rounds so
+//!    disk noise from other work on the machine falls on all of them alike. Measured with the
+//!    cloud up (the outbox delivers as the till sells) and again with the cloud stopped.
+//! 3. **Memory**: the daemon's peak RSS (`VmHWM`) after holding the catalog and the sales.
+//!
+//! The cloud runs with its rate limits raised so the snapshot measures sync, not the limiter
+//! (at the default 20 requests/s, 100 pages alone take ≥ 3 s).
+
+mod catalog;
+mod daemon;
+mod enqueue;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use possync_testkit::cloud::CloudProcess;
+use possync_testkit::pg::TestDatabase;
+
+use stats::{ms, ratio, summarize, Summary};
+
+/// Targets from the terminal issue: printed beside the figures, never enforced.
+const SNAPSHOT_TARGET_RATIO: f64 = 2.0;
+const ENQUEUE_TARGET_RATIO: f64 = 2.0;
+const RSS_TARGET_MIB: f64 = 64.0;
+/// How often `/status` is polled while the snapshot runs (the resolution of that figure).
+const STATUS_POLL: Duration = Duration::from_millis(50);
+/// Give up on the snapshot after this long (a broken build, not a slow one).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
+/// Rounds the enqueue series are interleaved in.
+const ENQUEUE_ROUNDS: usize = 10;
+
+/// Which database the cloud runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CloudDb {
+    /// A fresh PostgreSQL database on 127.0.0.1:5432 (or `POSSYNC_TEST_PG_URL`).
+    Postgres,
+    /// The cloud's embedded SQLite.
+    Sqlite,
+}
+
+/// Terminal benchmark: snapshot to offline-ready, sale-enqueue latency, daemon memory.
+#[derive(Debug, Parser)]
+#[command(name = "bench-terminal")]
+struct Options {
+    /// Catalog entities seeded into the cloud.
+    #[arg(long, default_value_t = 100_000)]
+    entities: usize,
+    /// Sales per enqueue series and cloud state (cloud up, cloud stopped).
+    #[arg(long, default_value_t = 2000)]
+    sales: usize,
+    /// The cloud's database.
+    #[arg(long, value_enum, default_value_t = CloudDb::Postgres)]
+    cloud_db: CloudDb,
+    /// Directory under which the terminal's data dir and the scratch files are created (a
+    /// fresh temporary directory inside it, removed afterwards).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() {
+    let opts = Options::parse();
+    if let Err(e) = run(&opts) {
+        eprintln!("bench-terminal failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Everything measured, for the report.
+struct Figures {
+    import: Duration,
+    snapshot: Duration,
+    daemon_started: Duration,
+    transfer_passes: Vec<catalog::TransferPass>,
+    raw_insert: Duration,
+    online: EnqueueFigures,
+    offline: EnqueueFigures,
+    after_snapshot: daemon::Memory,
+    at_end: daemon::Memory,
+}
+
+struct EnqueueFigures {
+    raw: Summary,
+    store: Summary,
+    daemon: Summary,
+}
+
+fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.entities == 0 || opts.sales < ENQUEUE_ROUNDS {
+        bail!("--entities must be > 0 and --sales at least {ENQUEUE_ROUNDS}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let work_root = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&work_root)?;
+    let work = tempfile::Builder::new()
+        .prefix("bench-terminal-")
+        .tempdir_in(&work_root)
+        .context("creating the work dir")?;
+    let started_at = chrono::Utc::now();
+    println!(
+        "bench-terminal — {}",
+        started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    println!("machine: {}", machine_line());
+    println!(
+        "cloud db: {:?}; entities: {}; sales per series: {}; work dir: {}",
+        opts.cloud_db,
+        opts.entities,
+        opts.sales,
+        work.path().display()
+    );
+
+    // --- cloud, seeded --------------------------------------------------------------------
+    let pg = match opts.cloud_db {
+        CloudDb::Postgres => Some(TestDatabase::create()?),
+        CloudDb::Sqlite => None,
+    };
+    let unlimited = "1000000";
+    let mut cloud = CloudProcess::start_with(
+        pg.as_ref().map(|d| d.url.as_str()),
+        &[
+            "--rate-per-second",
+            unlimited,
+            "--rate-burst",
+            unlimited,
+            "--address-rate-per-second",
+            unlimited,
+            "--address-rate-burst",
+            unlimited,
+        ],
+    )?;
+    let import_file = work.path().join("catalog.jsonl");
+    catalog::write_import_file(&import_file, opts.entities)?;
+    let path_arg = import_file.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = cloud.cli(&["catalog", "import", &path_arg])?;
+    let import = t0.elapsed();
+    let imported: serde_json::Value = serde_json::from_str(out.trim())?;
+    if imported["imported"].as_u64() != Some(opts.entities as u64) {
+        bail!("cloud catalog import answered {out:?}");
+    }
+    println!(
+        "seeded: {} entities by `cloud catalog import` in {}",
+        opts.entities,
+        ms(import)
+    );
+    let branch = "b1";
+    let (terminal_id, token) = cloud.add_terminal(branch)?;
+    let client = reqwest::Client::builder().build()?;
+
+    // --- baselines: transfer (also warms the cloud's caches) and raw insert ------------------
+    let first = rt.block_on(catalog::fetch_all_pages(
+        &client,
+        &cloud.base_url,
+        &token,
+        true,
+    ))?;
+    if first.entities != opts.entities {
+        bail!(
+            "snapshot listed {} entities, expected {}",
+            first.entities,
+            opts.entities
+        );
+    }
+    let snapshot_version = first.snapshot_version;
+    let rows = catalog::raw_rows(&first.kept)?;
+    let raw_insert = catalog::raw_insert(&work.path().join("raw-catalog.db"), &rows)?;
+    drop(rows);
+    let mut transfer_passes = vec![catalog::TransferPass {
+        kept: Vec::new(),
+        ..first
+    }];
+
+    // --- the terminal: empty, enrolled, then `terminal run` until offline-ready --------------
+    let data_dir = work.path().join("terminal");
+    std::fs::create_dir_all(&data_dir)?;
+    daemon::enroll(&data_dir, &cloud.base_url, terminal_id, &token, branch)?;
+    let t0 = Instant::now();
+    let terminal = daemon::Daemon::start(&data_dir)?;
+    let daemon_started = t0.elapsed();
+    rt.block_on(wait_offline_ready(
+        &client,
+        &terminal.url,
+        snapshot_version,
+        opts.entities,
+        t0,
+    ))?;
+    let snapshot = t0.elapsed();
+    let after_snapshot = terminal.memory()?;
+    transfer_passes.push(rt.block_on(catalog::fetch_all_pages(
+        &client,
+        &cloud.base_url,
+        &token,
+        false,
+    ))?);
+
+    // --- sale enqueue, cloud up then cloud stopped ---------------------------------------------
+    let online = enqueue_series(
+        &rt,
+        &client,
+        &terminal.url,
+        &data_dir,
+        "online",
+        1,
+        opts.sales,
+    )?;
+    cloud.kill()?;
+    let offline = enqueue_series(
+        &rt,
+        &client,
+        &terminal.url,
+        &data_dir,
+        "offline",
+        1 + opts.sales as i64,
+        opts.sales,
+    )?;
+    let at_end = terminal.memory()?;
+    drop(terminal);
+
+    report(
+        opts,
+        &Figures {
+            import,
+            snapshot,
+            daemon_started,
+            transfer_passes,
+            raw_insert,
+            online,
+            offline,
+            after_snapshot,
+            at_end,
+        },
+    );
+    Ok(())
+}
+
+/// Polls `/status` until the catalog is complete at `version` with `entities` rows.
+async fn wait_offline_ready(
+    client: &reqwest::Client,
+    status_url: &str,
+    version: i64,
+    entities: usize,
+    since: Instant,
+) -> anyhow::Result<()> {
+    let mut last = serde_json::Value::Null;
+    while since.elapsed() < SNAPSHOT_TIMEOUT {
+        if let Ok(resp) = client.get(format!("{status_url}/status")).send().await {
+            if let Ok(v) = resp.json::<serde_json::Value>().await {
+                let c = &v["catalog"];
+                let ready = c["version"].as_i64().is_some_and(|have| have >= version)
+                    && c["entities"].as_u64() == Some(entities as u64)
+                    && c["snapshot"]["in_progress"] != true;
+                if ready {
+                    return Ok(());
+                }
+                last = v;
+            }
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    }
+    bail!("the terminal was not offline-ready after {SNAPSHOT_TIMEOUT:?}; last status: {last}")
+}
+
+/// The three enqueue series in interleaved rounds, each writing into the same directory.
+fn enqueue_series(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    status_url: &str,
+    dir: &Path,
+    label: &str,
+    first_daemon_sale: i64,
+    n: usize,
+) -> anyhow::Result<EnqueueFigures> {
+    let per_round = n.div_ceil(ENQUEUE_ROUNDS);
+    let (mut raw, mut store, mut daemon) = (Vec::new(), Vec::new(), Vec::new());
+    let raw_path = dir.join(format!("scratch-fsync-{label}.db"));
+    let store_path = dir.join(format!("scratch-store-{label}.db"));
+    let mut next = first_daemon_sale;
+    for _ in 0..ENQUEUE_ROUNDS {
+        raw.extend(enqueue::raw_fsync_insert(&raw_path, per_round)?);
+        store.extend(enqueue::store_enqueue(&store_path, per_round)?);
+        daemon.extend(rt.block_on(enqueue::daemon_post_sales(
+            client, status_url, next, per_round,
+        ))?);
+        next += per_round as i64;
+    }
+    Ok(EnqueueFigures {
+        raw: summarize(raw),
+        store: summarize(store),
+        daemon: summarize(daemon),
+    })
+}
+
+fn machine_line() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or_else(
+            || "? GiB".into(),
+            |kib| format!("{:.1} GiB", kib as f64 / 1048576.0),
+        );
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} RAM, load average at start {load}")
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "meets target"
+    } else {
+        "MISSES target"
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn report(opts: &Options, f: &Figures) {
+    let transfer = f
+        .transfer_passes
+        .iter()
+        .map(|p| p.http)
+        .min()
+        .unwrap_or_default();
+    let parse = f
+        .transfer_passes
+        .iter()
+        .map(|p| p.parse)
+        .min()
+        .unwrap_or_default();
+    let floor = f.raw_insert + transfer;
+    let snap_ratio = ratio(f.snapshot, floor);
+    let pages = f.transfer_passes.first().map_or(0, |p| p.pages);
+    let bytes = f.transfer_passes.first().map_or(0, |p| p.bytes);
+
+    println!();
+    println!(
+        "== (a) empty terminal → offline-ready, {} entities ==",
+        opts.entities
+    );
+    println!(
+        "snapshot (spawn `terminal run` → /status at the catalog version): {}",
+        ms(f.snapshot)
+    );
+    println!(
+        "  of which daemon start-up until its status endpoint answered: {}",
+        ms(f.daemon_started)
+    );
+    println!(
+        "transfer (all {pages} pages over HTTP, {:.1} MiB of JSON, nothing stored): {} (passes: {})",
+        bytes as f64 / 1048576.0,
+        ms(transfer),
+        f.transfer_passes
+            .iter()
+            .map(|p| ms(p.http))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  JSON parsing of those pages (not in the floor): {}",
+        ms(parse)
+    );
+    println!(
+        "raw insert (same rows, terminal schema, one transaction): {}",
+        ms(f.raw_insert)
+    );
+    println!(
+        "ratio snapshot / (raw insert + transfer) = {} / {} = {snap_ratio:.2}  (target ≤ {SNAPSHOT_TARGET_RATIO:.1}: {})",
+        ms(f.snapshot),
+        ms(floor),
+        verdict(snap_ratio <= SNAPSHOT_TARGET_RATIO)
+    );
+    println!("(seeding by `cloud catalog import`: {})", ms(f.import));
+
+    for (label, e) in [
+        (
+            "cloud up: the outbox delivers while the till sells",
+            &f.online,
+        ),
+        ("cloud stopped: selling offline", &f.offline),
+    ] {
+        println!();
+        println!(
+            "== (b) sale enqueue, {} sales per series — {label} ==",
+            e.daemon.count
+        );
+        for (name, s) in [
+            ("raw fsync'd INSERT (WAL, synchronous=FULL)", &e.raw),
+            ("SqliteStore::enqueue_sale (in-process)", &e.store),
+            ("POST /sales on the daemon (HTTP, loopback)", &e.daemon),
+        ] {
+            println!(
+                "{name:<46} p50 {}  p99 {}  mean {}  max {}",
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.mean),
+                ms(s.max)
+            );
+        }
+        for (name, s) in [("enqueue_sale", &e.store), ("POST /sales", &e.daemon)] {
+            let r99 = ratio(s.p99, e.raw.p99);
+            println!(
+                "{name:<13} p99 / raw p99 = {r99:.2}, p50 / raw p50 = {:.2}  (target p99 ≤ {ENQUEUE_TARGET_RATIO:.1}×: {})",
+                ratio(s.p50, e.raw.p50),
+                verdict(r99 <= ENQUEUE_TARGET_RATIO)
+            );
+        }
+    }
+
+    let peak = mib(f.at_end.peak_kib.max(f.after_snapshot.peak_kib));
+    println!();
+    println!("== (c) daemon memory ==");
+    println!(
+        "after the snapshot: VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+        mib(f.after_snapshot.peak_kib),
+        mib(f.after_snapshot.current_kib)
+    );
+    println!(
+        "after the sales:    VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+        mib(f.at_end.peak_kib),
+        mib(f.at_end.current_kib)
+    );
+    println!(
+        "peak RSS {peak:.1} MiB  (target ≤ {RSS_TARGET_MIB:.0} MiB: {})",
+        verdict(peak <= RSS_TARGET_MIB)
+    );
+}

@@ -117,6 +117,12 @@ async fn offline_sales_flush_exactly_once_even_across_kill_9() {
         synced_at_kill < 121,
         "the flush finished before the kill ({synced_at_kill}); the test did not test a mid-flush crash"
     );
+    // The crashed daemon left a stale daemon.json: `terminal status` notices and reads the DB.
+    assert!(dir.path().join("daemon.json").exists());
+    let (ok, out, err) = terminal_cli(dir.path(), &["status"]);
+    assert!(ok, "{out} {err}");
+    let crashed: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    assert_eq!(crashed["daemon_running"], false);
     daemon.restart();
     daemon
         .wait_status("queue flushed after restart", |s| {

@@ -78,7 +78,7 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     }
     assert!(!dir.path().join("terminal.db").exists(), "nothing stored");
     enroll(dir.path(), &cable, terminal_id, &token, "b1");
-    let daemon = Daemon::start(dir.path(), &[]);
+    let mut daemon = Daemon::start(dir.path(), &[]);
 
     let s = daemon
         .wait_status("first snapshot", |s| {
@@ -230,4 +230,21 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     };
     assert_eq!(inventory_after, inventory_before);
     assert_eq!(store.local_inventory("p1").expect("stock"), Some(7));
+
+    // 6. With no daemon, `terminal reconcile` runs its own short-lived engine.
+    let exit = daemon.terminate();
+    assert!(exit.success(), "daemon exit {exit:?}");
+    db.execute(
+        "UPDATE catalog_entities SET data = json_set(data, '$.name', 'Again') \
+         WHERE entity_type = 'product' AND entity_id = 'p2'",
+        [],
+    )
+    .expect("tamper again");
+    let (ok, out, err) = terminal_cli(dir.path(), &["reconcile", "--apply"]);
+    assert!(ok, "{out} {err}");
+    let report: Value = serde_json::from_str(&out).expect("apply json");
+    assert_eq!(report["applied"], true, "{report}");
+    assert_eq!(report["upserts"], 1, "{report}");
+    assert_eq!(product_name(&db, "p2").as_deref(), Some("Oat milk barista"));
+    assert_eq!(count("sales"), sales_before);
 }

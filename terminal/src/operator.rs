@@ -27,6 +27,9 @@ pub enum TillError {
     /// The terminal has no enrollment yet (`terminal enroll` first).
     #[error("terminal is not enrolled (run `terminal enroll` first)")]
     NotEnrolled,
+    /// The stored enrollment is unusable (re-enroll the terminal).
+    #[error("enrollment: {0}")]
+    Enrollment(String),
     /// The thing asked for does not exist (e.g. an unknown journal id).
     #[error("not found: {0}")]
     NotFound(String),
@@ -38,7 +41,7 @@ impl TillError {
         match self {
             TillError::Invalid(_) | TillError::NotFound(_) => ErrorCode::PosSyncEventInvalid,
             TillError::Storage(_) => ErrorCode::PosSyncStorageFailed,
-            TillError::NotEnrolled => ErrorCode::PosSyncUnauthorized,
+            TillError::NotEnrolled | TillError::Enrollment(_) => ErrorCode::PosSyncUnauthorized,
         }
     }
 }

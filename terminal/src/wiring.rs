@@ -23,6 +23,7 @@ impl From<TerminalStoreError> for TillError {
         match e {
             TerminalStoreError::Invalid(i) => TillError::Invalid(i.to_string()),
             TerminalStoreError::NotEnrolled => TillError::NotEnrolled,
+            TerminalStoreError::InvalidEnrollment(m) => TillError::Enrollment(m),
             other => TillError::Storage(other.to_string()),
         }
     }

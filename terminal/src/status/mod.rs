@@ -92,7 +92,9 @@ impl ResponseError for StatusError {
         match self {
             StatusError::Till(TillError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             StatusError::Till(TillError::NotFound(_)) => StatusCode::NOT_FOUND,
-            StatusError::Till(TillError::NotEnrolled) => StatusCode::CONFLICT,
+            StatusError::Till(TillError::NotEnrolled | TillError::Enrollment(_)) => {
+                StatusCode::CONFLICT
+            }
             StatusError::Till(TillError::Storage(_)) | StatusError::Worker => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -45,6 +45,8 @@ const STATUS_POLL: Duration = Duration::from_millis(50);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Rounds the enqueue series are interleaved in.
 const ENQUEUE_ROUNDS: usize = 10;
+/// Give up waiting for the outbox to deliver a round's sales after this long.
+const OUTBOX_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Which database the cloud runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -99,6 +101,8 @@ struct EnqueueFigures {
     raw: Summary,
     store: Summary,
     daemon: Summary,
+    /// Sales the daemon records as held by the cloud at the end of the series (cloud up only).
+    delivered: i64,
 }
 
 fn run(opts: &Options) -> anyhow::Result<()> {
@@ -214,25 +218,15 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     ))?);
 
     // --- sale enqueue, cloud up then cloud stopped ---------------------------------------------
-    let online = enqueue_series(
-        &rt,
-        &client,
-        &terminal.url,
-        &data_dir,
-        "online",
-        1,
-        opts.sales,
-    )?;
+    let till = TillUnderTest {
+        rt: &rt,
+        client: &client,
+        status_url: &terminal.url,
+        dir: &data_dir,
+    };
+    let online = enqueue_series(&till, "online", 1, opts.sales, true)?;
     cloud.kill()?;
-    let offline = enqueue_series(
-        &rt,
-        &client,
-        &terminal.url,
-        &data_dir,
-        "offline",
-        1 + opts.sales as i64,
-        opts.sales,
-    )?;
+    let offline = enqueue_series(&till, "offline", 1 + opts.sales as i64, opts.sales, false)?;
     let at_end = terminal.memory()?;
     drop(terminal);
 
@@ -280,21 +274,56 @@ async fn wait_offline_ready(
     bail!("the terminal was not offline-ready after {SNAPSHOT_TIMEOUT:?}; last status: {last}")
 }
 
+/// Polls `/status` until the outbox holds nothing undelivered; returns how many sales the
+/// daemon records as held by the cloud.
+async fn wait_outbox_drained(client: &reqwest::Client, status_url: &str) -> anyhow::Result<i64> {
+    let since = Instant::now();
+    let mut last = serde_json::Value::Null;
+    while since.elapsed() < OUTBOX_DRAIN_TIMEOUT {
+        if let Ok(resp) = client.get(format!("{status_url}/status")).send().await {
+            if let Ok(v) = resp.json::<serde_json::Value>().await {
+                if v["outbox"]["queued"].as_i64() == Some(0) {
+                    return Ok(v["outbox"]["synced"].as_i64().unwrap_or(0));
+                }
+                last = v;
+            }
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    }
+    bail!("the outbox did not drain in {OUTBOX_DRAIN_TIMEOUT:?}; last status: {last}")
+}
+
+/// Where the enqueue series run: the daemon's endpoint and its data directory.
+#[derive(Clone, Copy)]
+struct TillUnderTest<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: &'a reqwest::Client,
+    status_url: &'a str,
+    dir: &'a Path,
+}
+
 /// The three enqueue series in interleaved rounds, each writing into the same directory.
+/// With the cloud up (`drain`), each round waits (untimed) for the outbox to deliver the
+/// round's sales, so no series pays for the previous one's delivery traffic on the disk.
 fn enqueue_series(
-    rt: &tokio::runtime::Runtime,
-    client: &reqwest::Client,
-    status_url: &str,
-    dir: &Path,
+    till: &TillUnderTest<'_>,
     label: &str,
     first_daemon_sale: i64,
     n: usize,
+    drain: bool,
 ) -> anyhow::Result<EnqueueFigures> {
+    let TillUnderTest {
+        rt,
+        client,
+        status_url,
+        dir,
+    } = *till;
     let per_round = n.div_ceil(ENQUEUE_ROUNDS);
     let (mut raw, mut store, mut daemon) = (Vec::new(), Vec::new(), Vec::new());
     let raw_path = dir.join(format!("scratch-fsync-{label}.db"));
     let store_path = dir.join(format!("scratch-store-{label}.db"));
     let mut next = first_daemon_sale;
+    let mut delivered = 0;
     for _ in 0..ENQUEUE_ROUNDS {
         raw.extend(enqueue::raw_fsync_insert(&raw_path, per_round)?);
         store.extend(enqueue::store_enqueue(&store_path, per_round)?);
@@ -302,11 +331,15 @@ fn enqueue_series(
             client, status_url, next, per_round,
         ))?);
         next += per_round as i64;
+        if drain {
+            delivered = rt.block_on(wait_outbox_drained(client, status_url))?;
+        }
     }
     Ok(EnqueueFigures {
         raw: summarize(raw),
         store: summarize(store),
         daemon: summarize(daemon),
+        delivered,
     })
 }
 
@@ -436,6 +469,12 @@ fn report(opts: &Options, f: &Figures) {
                 ms(s.p99),
                 ms(s.mean),
                 ms(s.max)
+            );
+        }
+        if e.delivered > 0 {
+            println!(
+                "(the daemon's outbox delivered {} sales to the cloud between rounds, untimed)",
+                e.delivered
             );
         }
         for (name, s) in [("enqueue_sale", &e.store), ("POST /sales", &e.daemon)] {

@@ -20,77 +20,79 @@ pub fn sample_payload(n: i64) -> SalePayload {
     possync_testkit::sample_sale_event(uuid::Uuid::nil(), uuid::Uuid::nil(), n.max(1), "b1").payload
 }
 
-/// Opens a fresh terminal store at `path` and times `n` calls of `SqliteStore::enqueue_sale`.
-pub fn store_enqueue(path: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let store = SqliteStore::open(path)?;
-    let payloads: Vec<SalePayload> = (1..=n as i64).map(sample_payload).collect();
-    let mut samples = Vec::with_capacity(n);
-    for p in &payloads {
-        let t0 = Instant::now();
-        store.enqueue_sale(EventType::Sale, Utc::now(), p)?;
-        samples.push(t0.elapsed());
-    }
-    Ok(samples)
+/// Times one `SqliteStore::enqueue_sale` of `payload`.
+pub fn store_enqueue(store: &SqliteStore, payload: &SalePayload) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    store.enqueue_sale(EventType::Sale, Utc::now(), payload)?;
+    Ok(t0.elapsed())
 }
 
-/// Times `n` single-row INSERTs (autocommit: one transaction each) of a sale-sized JSON text
-/// into a scratch file at `path` in WAL mode with `synchronous=FULL`.
-pub fn raw_fsync_insert(path: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let conn = rusqlite::Connection::open(path)?;
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        bail!("scratch file is not in WAL mode ({mode})");
-    }
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS raw_sales (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)",
-    )?;
-    let payloads: Vec<String> = (1..=n as i64)
-        .map(|i| serde_json::to_string(&sample_payload(i)))
-        .collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare("INSERT INTO raw_sales (payload) VALUES (?1)")?;
-    let mut samples = Vec::with_capacity(n);
-    for p in &payloads {
-        let t0 = Instant::now();
-        stmt.execute([p])?;
-        samples.push(t0.elapsed());
-    }
-    Ok(samples)
+/// A scratch SQLite file in WAL mode with `synchronous=FULL` and one plain table: the floor
+/// under every durable enqueue.
+pub struct RawFsyncTable {
+    conn: rusqlite::Connection,
 }
 
-/// Times `n` `POST /sales` calls to a running daemon's status endpoint, one at a time, each
-/// measured until the `201` answer (sent only after the commit) is read.
-pub async fn daemon_post_sales(
+impl RawFsyncTable {
+    /// Creates (or reopens) the scratch file at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<RawFsyncTable> {
+        let conn = rusqlite::Connection::open(path)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            bail!("scratch file is not in WAL mode ({mode})");
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS raw_sales (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)",
+        )?;
+        Ok(RawFsyncTable { conn })
+    }
+
+    /// Times one single-row INSERT of `payload_json`, autocommit (its own transaction).
+    pub fn insert(&self, payload_json: &str) -> anyhow::Result<Duration> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO raw_sales (payload) VALUES (?1)")?;
+        let t0 = Instant::now();
+        stmt.execute([payload_json])?;
+        Ok(t0.elapsed())
+    }
+
+    /// Rows stored so far.
+    pub fn count(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM raw_sales", [], |r| r.get(0))?)
+    }
+}
+
+/// Times one `POST /sales` of `payload` to a running daemon's status endpoint, until its
+/// `201` answer (sent only after the commit) is read.
+pub async fn daemon_post_sale(
     client: &reqwest::Client,
     status_url: &str,
-    first: i64,
-    n: usize,
-) -> anyhow::Result<Vec<Duration>> {
-    let bodies: Vec<Vec<u8>> = (first..first + n as i64)
-        .map(|i| serde_json::to_vec(&serde_json::json!({ "payload": sample_payload(i) })))
-        .collect::<Result<_, _>>()?;
-    let url = format!("{status_url}/sales");
-    let mut samples = Vec::with_capacity(n);
-    for body in bodies {
-        let t0 = Instant::now();
-        let resp = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .context("POST /sales")?;
-        let status = resp.status();
-        let answer = resp.bytes().await.context("reading POST /sales answer")?;
-        samples.push(t0.elapsed());
-        if status.as_u16() != 201 {
-            bail!(
-                "POST /sales answered {status}: {}",
-                String::from_utf8_lossy(&answer)
-            );
-        }
+    payload: &SalePayload,
+) -> anyhow::Result<Duration> {
+    let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
+    let t0 = Instant::now();
+    let resp = client
+        .post(format!("{status_url}/sales"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .context("POST /sales")?;
+    let status = resp.status();
+    let answer = resp.bytes().await.context("reading POST /sales answer")?;
+    let elapsed = t0.elapsed();
+    if status.as_u16() != 201 {
+        bail!(
+            "POST /sales answered {status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
     }
-    Ok(samples)
+    Ok(elapsed)
 }
 
 #[cfg(test)]
@@ -98,27 +100,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn both_series_store_every_row() {
+    fn both_local_series_store_every_row() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(
-            store_enqueue(&dir.path().join("t.db"), 5)
-                .expect("enqueue")
-                .len(),
-            5
-        );
-        let store = SqliteStore::open(&dir.path().join("t.db")).expect("reopen");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let raw = RawFsyncTable::open(&dir.path().join("raw.db")).expect("raw");
+        for i in 1..=5 {
+            let p = sample_payload(i);
+            store_enqueue(&store, &p).expect("enqueue");
+            raw.insert(&serde_json::to_string(&p).expect("json"))
+                .expect("insert");
+        }
         assert_eq!(store.list_journal(None, 100).expect("journal").len(), 5);
-        assert_eq!(
-            raw_fsync_insert(&dir.path().join("raw.db"), 4)
-                .expect("raw")
-                .len(),
-            4
-        );
-        let conn = rusqlite::Connection::open(dir.path().join("raw.db")).expect("open");
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM raw_sales", [], |r| r.get(0))
-            .expect("count");
-        assert_eq!(n, 4);
+        assert_eq!(raw.count().expect("count"), 5);
+        let reopened = RawFsyncTable::open(&dir.path().join("raw.db")).expect("reopen");
+        assert_eq!(reopened.count().expect("count"), 5, "rows are durable");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!    transaction). Ratio = snapshot ÷ (raw insert + transfer).
 //! 2. **Sale enqueue**: `POST /sales` on the daemon and `SqliteStore::enqueue_sale` in-process,
 //!    beside a plain `INSERT` committed with `synchronous=FULL` in WAL (one transaction each)
-//!    into a scratch file in the same directory; the three series are interleaved in rounds so
+//!    into a scratch file in the same directory; the three series are interleaved sale by sale so
 //!    disk noise from other work on the machine falls on all of them alike. Measured with the
 //!    cloud up (the outbox delivers as the till sells) and again with the cloud stopped.
 //! 3. **Memory**: the daemon's peak RSS (`VmHWM`) after holding the catalog and the sales.
@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
+use possync_protocol::SalePayload;
+use possync_terminal::store::SqliteStore;
 use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
 
@@ -43,9 +45,7 @@ const RSS_TARGET_MIB: f64 = 64.0;
 const STATUS_POLL: Duration = Duration::from_millis(50);
 /// Give up on the snapshot after this long (a broken build, not a slow one).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
-/// Rounds the enqueue series are interleaved in.
-const ENQUEUE_ROUNDS: usize = 10;
-/// Give up waiting for the outbox to deliver a round's sales after this long.
+/// Give up waiting for the outbox to deliver the sales after this long.
 const OUTBOX_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Which database the cloud runs on.
@@ -107,8 +107,8 @@ struct EnqueueFigures {
 }
 
 fn run(opts: &Options) -> anyhow::Result<()> {
-    if opts.entities == 0 || opts.sales < ENQUEUE_ROUNDS {
-        bail!("--entities must be > 0 and --sales at least {ENQUEUE_ROUNDS}");
+    if opts.entities == 0 || opts.sales == 0 {
+        bail!("--entities and --sales must be > 0");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -313,13 +313,15 @@ struct TillUnderTest<'a> {
     dir: &'a Path,
 }
 
-/// The three enqueue series in interleaved rounds, each writing into the same directory.
-/// With the cloud up (`drain`), each round waits (untimed) for the outbox to deliver the
-/// round's sales, so no series pays for the previous one's delivery traffic on the disk.
+/// The three enqueue series interleaved sale by sale (raw insert, in-process enqueue, daemon
+/// POST, then the next sale), each writing into the same directory, so whatever else the
+/// disk is doing at a moment falls on all three alike. With the cloud up (`drain`), the
+/// daemon's outbox delivers while the series run; at the end the benchmark waits (untimed)
+/// for it to finish and reports how many sales the cloud holds.
 fn enqueue_series(
     till: &TillUnderTest<'_>,
     label: &str,
-    first_daemon_sale: i64,
+    first_sale: i64,
     n: usize,
     drain: bool,
 ) -> anyhow::Result<EnqueueFigures> {
@@ -329,26 +331,35 @@ fn enqueue_series(
         status_url,
         dir,
     } = *till;
-    let per_round = n.div_ceil(ENQUEUE_ROUNDS);
-    let (mut raw, mut store, mut daemon) = (Vec::new(), Vec::new(), Vec::new());
-    let raw_path = dir.join(format!("scratch-fsync-{label}.db"));
-    let store_path = dir.join(format!("scratch-store-{label}.db"));
-    let mut next = first_daemon_sale;
-    let mut delivered = 0;
-    for _ in 0..ENQUEUE_ROUNDS {
-        raw.extend(enqueue::raw_fsync_insert(&raw_path, per_round)?);
-        store.extend(enqueue::store_enqueue(&store_path, per_round)?);
-        daemon.extend(rt.block_on(enqueue::daemon_post_sales(
-            client, status_url, next, per_round,
-        ))?);
-        next += per_round as i64;
-        if drain {
-            delivered = rt.block_on(wait_outbox_drained(client, status_url))?;
-        }
+    let raw_table = enqueue::RawFsyncTable::open(&dir.join(format!("scratch-fsync-{label}.db")))?;
+    let store = SqliteStore::open(&dir.join(format!("scratch-store-{label}.db")))?;
+    let payloads: Vec<(SalePayload, String)> = (first_sale..first_sale + n as i64)
+        .map(|i| {
+            let p = enqueue::sample_payload(i);
+            serde_json::to_string(&p).map(|json| (p, json))
+        })
+        .collect::<Result<_, _>>()?;
+    let (mut raw, mut local, mut daemon) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (payload, json) in &payloads {
+        raw.push(raw_table.insert(json)?);
+        local.push(enqueue::store_enqueue(&store, payload)?);
+        daemon.push(rt.block_on(enqueue::daemon_post_sale(client, status_url, payload))?);
     }
+    if raw_table.count()? < n as i64 {
+        bail!("the raw table lost rows");
+    }
+    let delivered = if drain {
+        rt.block_on(wait_outbox_drained(client, status_url))?
+    } else {
+        0
+    };
     Ok(EnqueueFigures {
         raw: summarize(raw),
-        store: summarize(store),
+        store: summarize(local),
         daemon: summarize(daemon),
         delivered,
     })
@@ -488,7 +499,7 @@ fn report(opts: &Options, f: &Figures) {
         }
         if e.delivered > 0 {
             println!(
-                "(the daemon's outbox delivered {} sales to the cloud between rounds, untimed)",
+                "(the cloud holds {} of the daemon's sales: the outbox delivered while the till sold)",
                 e.delivered
             );
         }

@@ -130,11 +130,14 @@ pub trait LocalStore: Send + Sync + 'static {
     ) -> Result<Vec<ManifestEntry>, StoreError>;
 
     /// Applies one reconcile range's plan in one transaction: upserts and deletes, catalog
-    /// tables only.
+    /// tables only. `cloud_version` is the catalog version the cloud computed the plan at: a
+    /// local row newer than that arrived by a delta while reconcile ran and is kept, so a
+    /// reconcile racing the `CatalogSyncer` can never undo a newer change.
     fn apply_reconcile_plan(
         &self,
         range: &KeyRange,
         plan: &ReconcilePlan,
+        cloud_version: i64,
     ) -> Result<(), StoreError>;
 
     /// Moves every `in_flight` row back to `pending` (crash recovery at start-up: the cloud's

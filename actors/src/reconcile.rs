@@ -185,7 +185,8 @@ impl Reconciler {
                     if action == ReconcileAction::Apply {
                         let plan = resp.plan.clone();
                         let r = range.clone();
-                        ctx.store_call(move |s| s.apply_reconcile_plan(&r, &plan))
+                        let at = resp.catalog_version;
+                        ctx.store_call(move |s| s.apply_reconcile_plan(&r, &plan, at))
                             .await?;
                     }
                     report.add(&resp.summary, resp.catalog_version);

@@ -413,6 +413,7 @@ impl LocalStore for MemoryStore {
         &self,
         range: &KeyRange,
         plan: &ReconcilePlan,
+        cloud_version: i64,
     ) -> Result<(), StoreError> {
         let mut g = self.check(StoreOp::ApplyReconcilePlan)?;
         for e in &plan.upserts {
@@ -425,8 +426,13 @@ impl LocalStore for MemoryStore {
             g.entities.insert(key, e.clone());
         }
         for d in &plan.deletes {
-            g.entities
-                .remove(EntityKey::new(&d.entity_type, &d.id).as_str());
+            let key = EntityKey::new(&d.entity_type, &d.id);
+            if g.entities
+                .get(key.as_str())
+                .is_some_and(|e| e.version <= cloud_version)
+            {
+                g.entities.remove(key.as_str());
+            }
         }
         Ok(())
     }

@@ -337,6 +337,8 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
         .expect("tamper version");
     conn.execute("INSERT INTO catalog_entities (entity_type, entity_id, version, hash, data, updated_at) VALUES ('product', 'rogue', 1, 'h', '{}', 't')", [])
         .expect("rogue row");
+    conn.execute("INSERT INTO catalog_entities (entity_type, entity_id, version, hash, data, updated_at) VALUES ('product', 'forged', 999, 'h', '{}', 't')", [])
+        .expect("rogue row with a version the cloud never issued");
     // a legitimate delta made p4 newer than what the (older) plan carries
     store
         .apply_delta_page(&delta(vec![product("p4", 21, "S4", "444", "D21")], 21))
@@ -352,11 +354,23 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
                     product("p2", 11, "S2", "222", "B"),
                     product("p4", 13, "S4", "444", "D"),
                 ],
-                deletes: vec![EntityRef {
-                    entity_type: "product".into(),
-                    id: "rogue".into(),
-                }],
+                deletes: vec![
+                    EntityRef {
+                        entity_type: "product".into(),
+                        id: "rogue".into(),
+                    },
+                    EntityRef {
+                        entity_type: "product".into(),
+                        id: "forged".into(),
+                    },
+                    // the plan predates the delta that brought p4 at 21: keep p4
+                    EntityRef {
+                        entity_type: "product".into(),
+                        id: "p4".into(),
+                    },
+                ],
             },
+            13,
         )
         .expect("apply");
     assert_eq!(
@@ -371,6 +385,7 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
         "newer delta kept"
     );
     assert_eq!(version_of(&store, "product", "rogue"), None);
+    assert_eq!(version_of(&store, "product", "forged"), None);
     assert_eq!(till_tables(&path), (sales, stock));
 }
 
@@ -478,6 +493,7 @@ fn catalog_sync_never_touches_sales_or_local_inventory() {
                     id: "p1".into(),
                 }],
             },
+            7,
         )
         .expect("reconcile");
     assert_eq!(till_tables(&path), before);
@@ -505,6 +521,7 @@ fn a_stale_upsert_after_a_tombstone_does_not_resurrect_the_entity() {
                 upserts: vec![product("p1", 8, "S1", "111", "A8")],
                 deletes: vec![],
             },
+            8,
         )
         .expect("stale plan");
     assert_eq!(version_of(&store, "product", "p1"), None);

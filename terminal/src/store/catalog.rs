@@ -325,6 +325,7 @@ pub fn apply_reconcile_plan(
     conn: &mut Connection,
     range: &KeyRange,
     plan: &ReconcilePlan,
+    cloud_version: i64,
 ) -> Result<(), TerminalStoreError> {
     let now = time_text(Utc::now());
     let tx = conn.transaction()?;
@@ -348,10 +349,18 @@ pub fn apply_reconcile_plan(
         )?;
     }
     for d in &plan.deletes {
+        // A row newer than the plan's version came by a delta while reconcile ran: keep it.
+        // A row newer than anything the till has received is forged: remove it.
         tx.prepare_cached(
-            "DELETE FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2",
+            "DELETE FROM catalog_entities \
+             WHERE entity_type = ?1 AND entity_id = ?2 AND (version <= ?3 OR version > ?4)",
         )?
-        .execute(params![d.entity_type, d.id])?;
+        .execute(params![
+            d.entity_type,
+            d.id,
+            cloud_version,
+            local_catalog_version
+        ])?;
     }
     tx.commit()?;
     Ok(())

@@ -417,11 +417,13 @@ impl LocalStore for SqliteStore {
         &self,
         range: &KeyRange,
         plan: &ReconcilePlan,
+        cloud_version: i64,
     ) -> Result<(), StoreError> {
         Ok(catalog::apply_reconcile_plan(
             &mut self.conn(),
             range,
             plan,
+            cloud_version,
         )?)
     }
 

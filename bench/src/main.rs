@@ -96,6 +96,8 @@ struct Figures {
     offline: EnqueueFigures,
     after_snapshot: daemon::Memory,
     at_end: daemon::Memory,
+    /// The daemon's outbox counts after selling offline (how many sales it already tried).
+    offline_outbox: serde_json::Value,
 }
 
 struct EnqueueFigures {
@@ -237,6 +239,15 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let online = enqueue_series(&till, "online", 1, opts.sales, true)?;
     cloud.kill()?;
     let offline = enqueue_series(&till, "offline", 1 + opts.sales as i64, opts.sales, false)?;
+    let offline_outbox = rt.block_on(async {
+        let v: serde_json::Value = client
+            .get(format!("{}/status", terminal.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(v["outbox"].clone())
+    })?;
     let at_end = terminal.memory()?;
     drop(terminal);
 
@@ -253,6 +264,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             offline,
             after_snapshot,
             at_end,
+            offline_outbox,
         },
     );
     Ok(())
@@ -512,6 +524,12 @@ fn report(opts: &Options, f: &Figures) {
             );
         }
     }
+
+    let o = &f.offline_outbox;
+    println!(
+        "outbox after selling offline: pending {}, in flight {}, failed (tried, waiting to retry) {}",
+        o["pending"], o["in_flight"], o["failed"]
+    );
 
     let peak = mib(f.at_end.peak_kib.max(f.after_snapshot.peak_kib));
     println!();

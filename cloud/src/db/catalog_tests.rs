@@ -77,6 +77,37 @@ fn upsert_numbers_changes_and_skips_no_ops() {
 }
 
 #[test]
+fn a_key_written_twice_in_one_call_ends_in_its_last_state() {
+    each_backend(|db| {
+        let mut c = conn(db);
+        let out = upsert_entities(
+            &mut c,
+            &[
+                write("product", "p1", None, json!({"v": 1})),
+                write("product", "p2", None, json!({"v": 1})),
+                write("product", "p1", None, json!({"v": 2})),
+            ],
+        )
+        .expect("upsert");
+        let versions: Vec<i64> = out.iter().map(|e| e.version).collect();
+        assert_eq!(versions, vec![1, 2, 3]);
+        let page = delta_page(&mut c, "b1", 0, 10).expect("delta");
+        let seen: Vec<(String, i64, serde_json::Value)> = page
+            .changes
+            .into_iter()
+            .map(|e| (e.id, e.version, e.data))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("p2".to_string(), 2, json!({"v": 1})),
+                ("p1".to_string(), 3, json!({"v": 2})),
+            ]
+        );
+    });
+}
+
+#[test]
 fn invalid_writes_and_scope_changes_are_refused_without_effect() {
     each_backend(|db| {
         let mut c = conn(db);

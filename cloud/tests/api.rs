@@ -47,6 +47,7 @@ on_both_backends!(
     concurrent_duplicates_over_separate_connections_store_once,
     cli_catalog_commands_feed_the_snapshot,
     responses_are_gzipped_when_accepted,
+    crash_and_restart_keep_every_acknowledged_sale,
 );
 
 fn entity(t: &str, id: &str, branch: Option<&str>, data: Value) -> Value {
@@ -954,5 +955,44 @@ mod scenarios {
         );
         let plain = client.get(env.url("/metrics")).send().await.expect("sent");
         assert!(plain.headers().get("content-encoding").is_none());
+    }
+
+    pub async fn crash_and_restart_keep_every_acknowledged_sale(b: Backend) {
+        let mut env = Env::start(b);
+        let (tid, token) = env.terminal("b1");
+        let pos = Uuid::now_v7();
+        let events: Vec<_> = (1..=20)
+            .map(|i| sample_sale_event(tid, pos, i, "b1"))
+            .collect();
+        let first = json_ok(
+            env.post_json("/v1/pos/sales/events", Some(&token), &events_body(&events))
+                .await,
+        )
+        .await;
+        // kill -9 right after the answer, then start again on the same database.
+        env.cloud.kill().expect("kill -9");
+        env.cloud.restart().expect("restart");
+        let again = json_ok(
+            env.post_json("/v1/pos/sales/events", Some(&token), &events_body(&events))
+                .await,
+        )
+        .await;
+        for (a, b) in first["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .zip(again["results"].as_array().expect("results"))
+        {
+            assert_eq!(a["status"], "accepted");
+            assert_eq!(
+                b["status"], "duplicate",
+                "acknowledged sales survived the crash"
+            );
+            assert_eq!(a["cloud_event_id"], b["cloud_event_id"]);
+        }
+        assert_eq!(env.sales_count().await, 20);
+        // SIGTERM is a clean shutdown.
+        let status = env.cloud.terminate().expect("terminate");
+        assert!(status.success(), "graceful shutdown exits 0: {status}");
     }
 }

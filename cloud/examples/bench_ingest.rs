@@ -8,7 +8,7 @@
 //!    per batch, same concurrency): the raw limit of this machine's PostgreSQL for this data.
 //! 3. Prints the ratio of the two.
 //!
-//! Flags: `--terminals N` (8), `--batches N` per terminal (40), `--batch-size N` (100),
+//! Flags: `--terminals N` (8), `--batches N` per terminal (80), `--batch-size N` (100),
 //! `--terminals-per-branch N` (2).
 
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ struct Options {
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
         terminals: 8,
-        batches: 40,
+        batches: 80,
         batch_size: 100,
         per_branch: 2,
     };

@@ -80,7 +80,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `terminal run --status-bind 127.0.0.1:0` on `data_dir` with its default tuning
-    /// (logs at `warn` into `daemon.log` in the data dir) and waits for its `status on` line.
+    /// and the log level of the environment (`POSSYNC_LOG`/`RUST_LOG`; the daemon's own default
+    /// is `info`), logging into `daemon.log` in the data dir, and waits for its `status on` line.
     pub fn start(data_dir: &Path) -> anyhow::Result<Daemon> {
         let log = std::fs::File::create(data_dir.join("daemon.log"))
             .context("creating the daemon log")?;
@@ -88,7 +89,6 @@ impl Daemon {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["run", "--status-bind", "127.0.0.1:0"])
-            .env("POSSYNC_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -48,6 +48,7 @@ on_both_backends!(
     cli_catalog_commands_feed_the_snapshot,
     responses_are_gzipped_when_accepted,
     crash_and_restart_keep_every_acknowledged_sale,
+    delta_reader_sees_every_change_of_concurrent_writers,
 );
 
 fn entity(t: &str, id: &str, branch: Option<&str>, data: Value) -> Value {
@@ -994,5 +995,72 @@ mod scenarios {
         // SIGTERM is a clean shutdown.
         let status = env.cloud.terminate().expect("terminate");
         assert!(status.success(), "graceful shutdown exits 0: {status}");
+    }
+
+    pub async fn delta_reader_sees_every_change_of_concurrent_writers(b: Backend) {
+        let env = std::sync::Arc::new(Env::start(b));
+        let (_, t1) = env.terminal("b1");
+        let admin = env.cloud.admin_token.clone();
+        let writers_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+        // Four writers, each upserting 25 distinct entities one request at a time.
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let (env, admin) = (env.clone(), admin.clone());
+            writers.push(tokio::spawn(async move {
+                for i in 0..25 {
+                    let r = env
+                        .post_json(
+                            "/v1/admin/catalog/upsert",
+                            Some(&admin),
+                            &json!({"entities": [entity("product", &format!("w{w}-{i:02}"), None, json!({"n": i}))]}),
+                        )
+                        .await;
+                    json_ok(r).await;
+                }
+            }));
+        }
+        // A reader follows the delta while they write, then once more after they finish.
+        let reader = {
+            let (env, done) = (env.clone(), writers_done.clone());
+            tokio::spawn(async move {
+                let mut since = 0i64;
+                let mut seen = std::collections::HashSet::new();
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    loop {
+                        let p = json_ok(
+                            env.get(
+                                &format!("/v1/pos/catalog/delta?since={since}&limit=7"),
+                                Some(&t1),
+                            )
+                            .await,
+                        )
+                        .await;
+                        for k in keys_of(&p["changes"]) {
+                            seen.insert(k);
+                        }
+                        since = p["next_since"].as_i64().expect("next_since");
+                        if !p["has_more"].as_bool().expect("has_more") {
+                            break;
+                        }
+                    }
+                    if finished {
+                        return seen;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for w in writers {
+            w.await.expect("writer");
+        }
+        writers_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = reader.await.expect("reader");
+        let missing: Vec<String> = (0..4)
+            .flat_map(|w| (0..25).map(move |i| format!("product/w{w}-{i:02}")))
+            .filter(|k| !seen.contains(k))
+            .collect();
+        assert!(missing.is_empty(), "the delta cursor skipped {missing:?}");
     }
 }

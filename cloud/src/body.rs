@@ -17,8 +17,9 @@ pub fn is_json(req: &HttpRequest) -> bool {
         .and_then(|v| v.split(';').next())
         .map(|m| {
             let m = m.trim();
+            let b = m.as_bytes();
             m.eq_ignore_ascii_case("application/json")
-                || (m.len() > 5 && m[m.len() - 5..].eq_ignore_ascii_case("+json"))
+                || (b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json"))
         })
         .unwrap_or(false)
 }

@@ -5,8 +5,10 @@
 //!
 //! 1. **Snapshot**: a real `cloud serve` (fresh PostgreSQL database, or embedded SQLite) is
 //!    seeded with N products by `cloud catalog import`; an empty, enrolled terminal runs
-//!    `terminal run`, and the clock runs from spawning it until its `/status` shows the
-//!    snapshot's catalog version with all N entities. Beside it: the transfer (every snapshot
+//!    `terminal run`, and the clock runs from spawning it until the catalog is complete: the
+//!    daemon's own completion stamp (`catalog.last_synced_at`, written by the snapshot's last
+//!    page), confirmed by `/status` showing the snapshot's version with all N entities (polled
+//!    every 250 ms; each poll counts the catalog, so polling faster would slow what it measures). Beside it: the transfer (every snapshot
 //!    page fetched over HTTP by the same terminal token, nothing stored) and the raw insert
 //!    (the same rows bulk-inserted into an empty file with the terminal's schema in one
 //!    transaction). Ratio = snapshot ÷ (raw insert + transfer).
@@ -41,8 +43,9 @@ use stats::{ms, ratio, summarize, Summary};
 const SNAPSHOT_TARGET_RATIO: f64 = 2.0;
 const ENQUEUE_TARGET_RATIO: f64 = 2.0;
 const RSS_TARGET_MIB: f64 = 64.0;
-/// How often `/status` is polled while the snapshot runs (the resolution of that figure).
-const STATUS_POLL: Duration = Duration::from_millis(50);
+/// How often `/status` is polled (each call counts the catalog, so polling often would slow
+/// the snapshot it measures; the figure comes from the daemon's own completion stamp).
+const STATUS_POLL: Duration = Duration::from_millis(250);
 /// Give up on the snapshot after this long (a broken build, not a slow one).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Give up waiting for the outbox to deliver the sales after this long.
@@ -87,7 +90,7 @@ fn main() {
 /// Everything measured, for the report.
 struct Figures {
     import: Duration,
-    snapshot: Duration,
+    readiness: Readiness,
     daemon_started: Duration,
     transfer_passes: Vec<catalog::TransferPass>,
     transfer_identity: catalog::TransferPass,
@@ -201,17 +204,17 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let data_dir = work.path().join("terminal");
     std::fs::create_dir_all(&data_dir)?;
     daemon::enroll(&data_dir, &cloud.base_url, terminal_id, &token, branch)?;
+    let spawned_at = chrono::Utc::now();
     let t0 = Instant::now();
     let terminal = daemon::Daemon::start(&data_dir)?;
     let daemon_started = t0.elapsed();
-    rt.block_on(wait_offline_ready(
+    let readiness = rt.block_on(wait_offline_ready(
         &client,
         &terminal.url,
         snapshot_version,
         opts.entities,
-        t0,
+        (t0, spawned_at),
     ))?;
-    let snapshot = t0.elapsed();
     let after_snapshot = terminal.memory()?;
     transfer_passes.push(rt.block_on(catalog::fetch_all_pages(
         &client,
@@ -255,7 +258,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         opts,
         &Figures {
             import,
-            snapshot,
+            readiness,
             daemon_started,
             transfer_passes,
             transfer_identity,
@@ -270,24 +273,59 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What waiting for offline-ready saw.
+struct Readiness {
+    /// When the poll first saw the catalog complete (up to one poll interval late).
+    observed: Duration,
+    /// The daemon's own completion stamp (`catalog.last_synced_at`, written in the snapshot's
+    /// last page transaction) minus the wall time `terminal run` was spawned at.
+    stamped: Option<Duration>,
+    /// `/status` calls made while waiting, and their latencies (each one counts the catalog,
+    /// so they compete with the snapshot for the store: this says by how much).
+    polls: Summary,
+}
+
+impl Readiness {
+    /// The figure to report: the daemon's stamp when it is consistent with the observation
+    /// (not after it), else the observation.
+    fn snapshot(&self) -> Duration {
+        match self.stamped {
+            Some(s) if s <= self.observed => s,
+            _ => self.observed,
+        }
+    }
+}
+
 /// Polls `/status` until the catalog is complete at `version` with `entities` rows.
 async fn wait_offline_ready(
     client: &reqwest::Client,
     status_url: &str,
     version: i64,
     entities: usize,
-    since: Instant,
-) -> anyhow::Result<()> {
+    since: (Instant, chrono::DateTime<chrono::Utc>),
+) -> anyhow::Result<Readiness> {
     let mut last = serde_json::Value::Null;
-    while since.elapsed() < SNAPSHOT_TIMEOUT {
+    let mut polls = Vec::new();
+    while since.0.elapsed() < SNAPSHOT_TIMEOUT {
+        let t0 = Instant::now();
         if let Ok(resp) = client.get(format!("{status_url}/status")).send().await {
             if let Ok(v) = resp.json::<serde_json::Value>().await {
+                polls.push(t0.elapsed());
                 let c = &v["catalog"];
                 let ready = c["version"].as_i64().is_some_and(|have| have >= version)
                     && c["entities"].as_u64() == Some(entities as u64)
                     && c["snapshot"]["in_progress"] != true;
                 if ready {
-                    return Ok(());
+                    let observed = since.0.elapsed();
+                    let stamped = c["last_synced_at"]
+                        .as_str()
+                        .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                        .and_then(|t| (t - since.1).to_std().ok());
+                    return Ok(Readiness {
+                        observed,
+                        stamped,
+                        polls: summarize(polls),
+                    });
                 }
                 last = v;
             }
@@ -437,7 +475,8 @@ fn report(opts: &Options, f: &Figures) {
         .min()
         .unwrap_or_default();
     let floor = f.raw_insert + transfer;
-    let snap_ratio = ratio(f.snapshot, floor);
+    let snapshot = f.readiness.snapshot();
+    let snap_ratio = ratio(snapshot, floor);
     let pages = f.transfer_passes.first().map_or(0, |p| p.pages);
     let bytes = f.transfer_passes.first().map_or(0, |p| p.bytes);
 
@@ -447,12 +486,20 @@ fn report(opts: &Options, f: &Figures) {
         opts.entities
     );
     println!(
-        "snapshot (spawn `terminal run` → /status at the catalog version): {}",
-        ms(f.snapshot)
+        "snapshot (spawn `terminal run` → catalog complete, by the daemon's own stamp): {}",
+        ms(snapshot)
     );
     println!(
         "  of which daemon start-up until its status endpoint answered: {}",
         ms(f.daemon_started)
+    );
+    println!(
+        "  seen complete on /status after {} ({} polls every {}, each {} p50 / {} max)",
+        ms(f.readiness.observed),
+        f.readiness.polls.count,
+        ms(STATUS_POLL),
+        ms(f.readiness.polls.p50),
+        ms(f.readiness.polls.max)
     );
     println!(
         "transfer (all {pages} pages over HTTP, {:.1} MiB of JSON, nothing stored): {} (passes: {})",
@@ -478,7 +525,7 @@ fn report(opts: &Options, f: &Figures) {
     );
     println!(
         "ratio snapshot / (raw insert + transfer) = {} / {} = {snap_ratio:.2}  (target ≤ {SNAPSHOT_TARGET_RATIO:.1}: {})",
-        ms(f.snapshot),
+        ms(snapshot),
         ms(floor),
         verdict(snap_ratio <= SNAPSHOT_TARGET_RATIO)
     );

@@ -211,7 +211,13 @@ impl SalesOutbox {
                 let n = requests.len();
                 for (i, items) in requests.into_iter().enumerate() {
                     let events: Vec<SaleEvent> = items.iter().map(|i| i.event.clone()).collect();
-                    let result = cloud.post_events(&events).await;
+                    let attempt = items
+                        .iter()
+                        .map(|i| i.attempts)
+                        .max()
+                        .unwrap_or(0)
+                        .saturating_add(1);
+                    let result = cloud.post_events(&events, attempt).await;
                     let _ = me.cast(OutboxMsg::BatchDone {
                         items,
                         result,

@@ -222,7 +222,14 @@ pub trait CloudApi: Send + Sync + 'static {
     async fn snapshot(&self, cursor: Option<&str>, limit: u32) -> Result<SnapshotPage, CloudError>;
     async fn delta(&self, since: i64, limit: u32) -> Result<DeltaPage, CloudError>;
     async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError>;
-    async fn post_events(&self, events: &[SaleEvent]) -> Result<SalesEventsResponse, CloudError>;
+    /// Posts one batch. `sync_attempt` is the delivery attempt of the batch (1 for a first
+    /// delivery, from the journal's attempt counts, so it survives restarts); the cloud logs it
+    /// as `syncAttempt`.
+    async fn post_events(
+        &self,
+        events: &[SaleEvent],
+        sync_attempt: u32,
+    ) -> Result<SalesEventsResponse, CloudError>;
 }
 
 /// Wall-clock time, injectable so simulations and tests control it.

@@ -905,7 +905,11 @@ impl CloudApi for FakeCloud {
         })
     }
 
-    async fn post_events(&self, events: &[SaleEvent]) -> Result<SalesEventsResponse, CloudError> {
+    async fn post_events(
+        &self,
+        events: &[SaleEvent],
+        _sync_attempt: u32,
+    ) -> Result<SalesEventsResponse, CloudError> {
         {
             let mut g = lock(&self.inner);
             g.in_flight_posts += 1;
@@ -1016,11 +1020,11 @@ mod tests {
         let cloud = FakeCloud::new();
         let ev = sale_event(Uuid::nil(), Uuid::nil(), 1);
         let first = cloud
-            .post_events(std::slice::from_ref(&ev))
+            .post_events(std::slice::from_ref(&ev), 1)
             .await
             .expect("post");
         let again = cloud
-            .post_events(std::slice::from_ref(&ev))
+            .post_events(std::slice::from_ref(&ev), 1)
             .await
             .expect("post");
         assert_eq!(first.results[0].status, EventStatus::Accepted);
@@ -1031,7 +1035,7 @@ mod tests {
         );
         let mut changed = ev.clone();
         changed.payload.receipt_no = "other".into();
-        let c = cloud.post_events(&[changed]).await.expect("post");
+        let c = cloud.post_events(&[changed], 1).await.expect("post");
         assert_eq!(c.results[0].status, EventStatus::Conflict);
         assert_eq!(cloud.stored_events(), 1);
     }

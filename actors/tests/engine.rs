@@ -205,7 +205,7 @@ async fn per_event_outcomes_reach_the_journal() {
     let mut other = conflict.clone();
     other.payload.receipt_no = "different".into();
     cloud
-        .post_events(&[dup.clone(), other])
+        .post_events(&[dup.clone(), other], 1)
         .await
         .expect("pre-seed");
     for ev in [ok, dup, conflict, invalid] {

@@ -19,8 +19,6 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -33,8 +31,6 @@ pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a whole request may take (a 1000-entity snapshot page on a slow link included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on the in-memory delivery counter, so a long-running daemon cannot grow it forever.
-const ATTEMPT_MEMORY: usize = 10_000;
 
 /// Where a cloud is and how this terminal authenticates to it.
 #[derive(Debug, Clone)]
@@ -53,8 +49,6 @@ pub struct HttpCloud {
     client: reqwest::Client,
     base_url: String,
     token: String,
-    /// Deliveries seen per lead idempotency key in this process: the `x-sync-attempt` value.
-    attempts: std::sync::Arc<Mutex<HashMap<(Uuid, i64), u32>>>,
     metrics: Option<ClientMetrics>,
 }
 
@@ -89,7 +83,6 @@ impl HttpCloud {
             client,
             base_url: target.base_url.trim_end_matches('/').to_string(),
             token: target.token,
-            attempts: Default::default(),
             metrics: None,
         })
     }
@@ -128,19 +121,6 @@ impl HttpCloud {
     pub async fn sync_status(&self) -> Result<SyncStatus, CloudError> {
         self.call::<(), SyncStatus>(Method::GET, "/sync/status", &[], None, None)
             .await
-    }
-
-    /// Counts this delivery of the batch led by `events[0]` and returns its 1-based number.
-    fn next_attempt(&self, events: &[SaleEvent]) -> Option<u32> {
-        let lead = events.first()?;
-        let key = (lead.pos_id, lead.local_event_id);
-        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= ATTEMPT_MEMORY && !map.contains_key(&key) {
-            map.clear();
-        }
-        let n = map.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        Some(*n)
     }
 
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -308,8 +288,12 @@ impl CloudApi for HttpCloud {
             .await
     }
 
-    async fn post_events(&self, events: &[SaleEvent]) -> Result<SalesEventsResponse, CloudError> {
-        let attempt = self.next_attempt(events);
+    async fn post_events(
+        &self,
+        events: &[SaleEvent],
+        sync_attempt: u32,
+    ) -> Result<SalesEventsResponse, CloudError> {
+        let attempt = Some(sync_attempt);
         let body = SalesEventsRequest {
             events: events.to_vec(),
         };
@@ -436,14 +420,14 @@ mod tests {
         assert!(matches!(e, CloudError::BadResponse(_)), "{e:?}");
 
         let events = [event(1), event(2)];
-        let first = cloud.post_events(&events).await.expect("events");
+        let first = cloud.post_events(&events, 1).await.expect("events");
         assert_eq!(first.results.len(), 2);
         assert_eq!(
             first.results[0].message.as_deref(),
             Some("Bearer pst_secret|1|7"),
             "bearer token, first attempt, UUID v7 request id"
         );
-        let second = cloud.post_events(&events).await.expect("events");
+        let second = cloud.post_events(&events, 2).await.expect("events");
         assert_eq!(
             second.results[0].message.as_deref(),
             Some("Bearer pst_secret|2|7")

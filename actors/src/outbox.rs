@@ -184,6 +184,14 @@ pub struct OutboxState {
     in_flight: usize,
     tasks: JoinSet<()>,
     generation: u64,
+    /// After a transient failure (cloud unreachable, 5xx, 429), no new claims before this time:
+    /// sales recorded meanwhile wait as `pending` instead of each paying a doomed request and
+    /// a failure write. Cleared by the next answer that is not a transient failure.
+    held_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// For a hold caused by an unreachable cloud: when it began. Any answer from the cloud
+    /// after that (e.g. to the `CatalogSyncer`'s delta poll) means it is back, and lifts the
+    /// hold early so queued sales flush without waiting out the backoff.
+    held_since_unreachable: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The actor that drains the sales journal.
@@ -196,6 +204,31 @@ impl SalesOutbox {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
+        if let Some(until) = state.held_until {
+            let now = ctx.now();
+            let cloud_back = state.held_since_unreachable.is_some_and(|since| {
+                ctx.board
+                    .snapshot()
+                    .last_contact_at
+                    .is_some_and(|at| at > since)
+            });
+            if now < until && !cloud_back {
+                Self::refresh_counts(&ctx).await?;
+                if state.in_flight == 0 {
+                    ctx.board.set_state(
+                        ActorKind::SalesOutbox,
+                        format!("backing off until {}", until.to_rfc3339()),
+                    );
+                }
+                let wait = (until - now).to_std().unwrap_or(Duration::ZERO);
+                state.generation = state.generation.wrapping_add(1);
+                let g = state.generation;
+                drop(myself.send_after(wait.min(cfg.outbox_idle_poll), move || OutboxMsg::Wake(g)));
+                return Ok(());
+            }
+            state.held_until = None;
+            state.held_since_unreachable = None;
+        }
         while state.in_flight < cfg.outbox_concurrency {
             let now = ctx.now();
             let limit = cfg.outbox_batch;
@@ -274,6 +307,7 @@ impl SalesOutbox {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
+        let unreachable = matches!(&result, Err(CloudError::Unreachable(_)));
         if let Err(CloudError::Unreachable(_)) = &result {
             ctx.backoff.report_contact(false);
         } else {
@@ -307,6 +341,8 @@ impl SalesOutbox {
         };
         let outcomes = outcomes_for(&items, result, &mut lookup);
         Self::log_outcomes(cfg, &items, &outcomes);
+        state.held_until = hold_after(&outcomes, needs_retry);
+        state.held_since_unreachable = (state.held_until.is_some() && unreachable).then_some(now);
         let (mut synced, mut retries) = (0u64, 0u64);
         for o in &outcomes {
             match o {
@@ -363,6 +399,24 @@ impl SalesOutbox {
     }
 }
 
+/// When the outbox may claim again after a batch: the earliest retry time of a transiently
+/// failed batch, or `None` (claim freely) after any other answer.
+pub fn hold_after(
+    outcomes: &[DeliveryOutcome],
+    transient_failure: bool,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    if !transient_failure {
+        return None;
+    }
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            DeliveryOutcome::RetryLater { not_before, .. } => Some(*not_before),
+            _ => None,
+        })
+        .min()
+}
+
 impl Actor for SalesOutbox {
     type Msg = OutboxMsg;
     type State = OutboxState;
@@ -379,6 +433,8 @@ impl Actor for SalesOutbox {
             in_flight: 0,
             tasks: JoinSet::new(),
             generation: 0,
+            held_until: None,
+            held_since_unreachable: None,
         })
     }
 
@@ -467,6 +523,35 @@ mod tests {
                 },
             },
         }
+    }
+
+    #[test]
+    fn a_transient_failure_holds_claims_until_the_earliest_retry() {
+        let t = |s: i64| {
+            Utc.timestamp_opt(1_800_000_000 + s, 0)
+                .single()
+                .expect("time")
+        };
+        let retry = |id: i64, at: i64| DeliveryOutcome::RetryLater {
+            journal_id: id,
+            not_before: t(at),
+            code: "NETWORK".into(),
+            message: "down".into(),
+        };
+        let synced = DeliveryOutcome::Synced {
+            journal_id: 3,
+            cloud_event_id: None,
+            duplicate: false,
+        };
+        assert_eq!(hold_after(&[retry(1, 9), retry(2, 4)], true), Some(t(4)));
+        assert_eq!(hold_after(&[synced.clone()], false), None);
+        // attempts exhausted everywhere: nothing left to wait for
+        let gave_up = DeliveryOutcome::NeedsAttention {
+            journal_id: 1,
+            code: ATTEMPTS_EXHAUSTED.into(),
+            message: "gave up".into(),
+        };
+        assert_eq!(hold_after(&[gave_up], true), None);
     }
 
     fn result(id: i64, status: EventStatus) -> EventResult {

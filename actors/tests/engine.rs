@@ -241,7 +241,11 @@ async fn per_event_outcomes_reach_the_journal() {
             ..
         }
     )));
-    assert_eq!(metric(&registry, "synced_events", None), 2.0);
+    // the counter moves right after the journal write, so wait for it rather than race it
+    eventually("synced counter", || {
+        metric(&registry, "synced_events", None) == 2.0
+    })
+    .await;
     eventually("queue gauge drained", || {
         metric(&registry, "queued_events", None) == 0.0
     })
@@ -328,6 +332,82 @@ async fn retry_after_is_honoured_before_the_next_attempt() {
     })
     .await;
     assert_eq!(cloud.calls(Endpoint::PostEvents), 2);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn while_the_cloud_is_down_new_sales_wait_for_the_backoff_instead_of_each_failing() {
+    let (store, cloud, _) = world();
+    let clock = Arc::new(ManualClock::default());
+    cloud.set_offline(true);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    let mut cfg = config();
+    cfg.backoff = BackoffPolicy {
+        base: Duration::from_secs(10),
+        cap: Duration::from_secs(60),
+        max_attempts: 12,
+    };
+    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
+    eventually("first attempt failed", || {
+        store.journal_in("failed").len() == 1
+    })
+    .await;
+    let calls_while_down = cloud.calls(Endpoint::PostEvents);
+    for i in 2..=21 {
+        store.enqueue(sale_event(t, p, i));
+        engine.flush_outbox_now().await.expect("nudge");
+    }
+    eventually("outbox reports the hold", || {
+        engine.status().actors[&ActorKind::SalesOutbox]
+            .state
+            .starts_with("backing off")
+    })
+    .await;
+    // The clock stands still inside the backoff: the nudges claim nothing and send nothing.
+    assert_eq!(cloud.calls(Endpoint::PostEvents), calls_while_down);
+    assert_eq!(store.journal_in("pending").len(), 20);
+
+    cloud.set_offline(false);
+    clock.advance(Duration::from_secs(61));
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("all delivered", || store.journal_in("synced").len() == 21).await;
+    assert_eq!(cloud.stored_events(), 21);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_answer_from_the_cloud_lifts_the_outbox_hold_early() {
+    let (store, cloud, _) = world();
+    cloud.seed_products(2);
+    let clock = Arc::new(ManualClock::default());
+    cloud.set_offline(true);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    let mut cfg = config();
+    cfg.backoff = BackoffPolicy {
+        base: Duration::from_secs(3600),
+        cap: Duration::from_secs(3600),
+        max_attempts: 12,
+    };
+    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
+    eventually("first attempt failed", || {
+        store.journal_in("failed").len() == 1
+    })
+    .await;
+    for i in 2..=4 {
+        store.enqueue(sale_event(t, p, i));
+    }
+    // The cloud returns; a catalog call gets an answer well inside the outbox's hold.
+    cloud.set_offline(false);
+    clock.advance(Duration::from_secs(1));
+    engine.sync_catalog_now().await.expect("nudge catalog");
+    eventually("catalog synced", || version(&store) == Some(2)).await;
+    engine.flush_outbox_now().await.expect("nudge outbox");
+    eventually("queued sales delivered", || {
+        store.journal_in("synced").len() == 3
+    })
+    .await;
     engine.shutdown().await;
 }
 

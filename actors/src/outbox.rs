@@ -544,7 +544,7 @@ mod tests {
             duplicate: false,
         };
         assert_eq!(hold_after(&[retry(1, 9), retry(2, 4)], true), Some(t(4)));
-        assert_eq!(hold_after(&[synced.clone()], false), None);
+        assert_eq!(hold_after(std::slice::from_ref(&synced), false), None);
         // attempts exhausted everywhere: nothing left to wait for
         let gave_up = DeliveryOutcome::NeedsAttention {
             journal_id: 1,

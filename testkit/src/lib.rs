@@ -73,6 +73,34 @@ pub fn sample_sale_event(
     }
 }
 
+/// A valid one-line cash sale: `qty` × `unit` minor units of coffee, no discount or tax.
+pub fn one_line_payload(receipt_no: &str, qty: i64, unit: i64) -> SalePayload {
+    let total = qty * unit;
+    SalePayload {
+        receipt_no: receipt_no.to_string(),
+        currency: "EUR".into(),
+        lines: vec![SaleLine {
+            product_id: "p-coffee".into(),
+            sku: "SKU-COFFEE".into(),
+            name: "Coffee".into(),
+            qty,
+            unit_price_minor: unit,
+            discount_minor: 0,
+            tax_minor: 0,
+            total_minor: total,
+        }],
+        totals: Totals {
+            subtotal_minor: total,
+            tax_minor: 0,
+            total_minor: total,
+        },
+        payments: vec![Payment {
+            method: PaymentMethod::Cash,
+            amount_minor: total,
+        }],
+    }
+}
+
 /// The same sale with different money: same idempotency key, different payload hash (a
 /// `conflict` when the first one is already stored).
 pub fn conflicting_sale_event(original: &SaleEvent) -> SaleEvent {

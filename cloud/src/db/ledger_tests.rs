@@ -2,10 +2,9 @@
 
 use super::*;
 use crate::db::test_support::{each_backend, postgres};
-use possync_protocol::{EventType, Payment, PaymentMethod, SaleLine, SalePayload, Totals};
+use possync_protocol::EventType;
 
 fn sale(terminal: Uuid, pos: Uuid, id: i64, receipt: &str, unit: i64) -> IngestRequest {
-    let total = 2 * unit;
     IngestRequest::new(SaleEvent {
         terminal_id: terminal,
         pos_id: pos,
@@ -13,29 +12,7 @@ fn sale(terminal: Uuid, pos: Uuid, id: i64, receipt: &str, unit: i64) -> IngestR
         branch_id: "b1".into(),
         event_type: EventType::Sale,
         occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
-        payload: SalePayload {
-            receipt_no: receipt.into(),
-            currency: "EUR".into(),
-            lines: vec![SaleLine {
-                product_id: "p1".into(),
-                sku: "SKU1".into(),
-                name: "Tea".into(),
-                qty: 2,
-                unit_price_minor: unit,
-                discount_minor: 0,
-                tax_minor: 0,
-                total_minor: total,
-            }],
-            totals: Totals {
-                subtotal_minor: total,
-                tax_minor: 0,
-                total_minor: total,
-            },
-            payments: vec![Payment {
-                method: PaymentMethod::Card,
-                amount_minor: total,
-            }],
-        },
+        payload: possync_testkit::one_line_payload(receipt, 2, unit),
     })
 }
 

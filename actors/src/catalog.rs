@@ -302,7 +302,10 @@ impl CatalogSyncer {
                         };
                         ctx.board.set_state(
                             ActorKind::CatalogSyncer,
-                            format!("{label} until {}", when.to_rfc3339()),
+                            format!(
+                                "{label} until {}",
+                                when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                            ),
                         );
                         tracing::warn!(
                             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,

@@ -217,7 +217,10 @@ impl SalesOutbox {
                 if state.in_flight == 0 {
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
-                        format!("backing off until {}", until.to_rfc3339()),
+                        format!(
+                            "backing off until {}",
+                            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
                     );
                 }
                 let wait = (until - now).to_std().unwrap_or(Duration::ZERO);
@@ -277,7 +280,10 @@ impl SalesOutbox {
                     delay = delay.min(until);
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
-                        format!("waiting (next retry at {})", due.to_rfc3339()),
+                        format!(
+                            "waiting (next retry at {})",
+                            due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
                     );
                 }
                 None => ctx.board.set_state(ActorKind::SalesOutbox, "idle"),

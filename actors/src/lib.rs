@@ -37,6 +37,8 @@
 //!   `sending (n batches in flight)`, `waiting (next retry at <time>)`; Reconciler `idle`,
 //!   `verifying range n`, `applying range n`; every actor `starting`, `stopped` or `failed`.
 
+#![warn(missing_docs)]
+
 pub mod backoff;
 pub mod catalog;
 pub mod engine;

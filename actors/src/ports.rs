@@ -23,8 +23,10 @@ pub type JournalId = i64;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("local database: {0}")]
+    /// SQLite (or the test store) refused or failed the operation.
     Database(String),
     #[error("local data is inconsistent: {0}")]
+    /// Stored data contradicts itself (e.g. a journal row whose event does not parse).
     Corrupt(String),
 }
 
@@ -46,6 +48,7 @@ pub struct CatalogPosition {
     pub snapshot_version: Option<i64>,
     /// Entities stored so far / announced by the snapshot, for progress display.
     pub snapshot_received: i64,
+    /// Entities the in-progress snapshot announced in total (0 before its first page).
     pub snapshot_total: i64,
     /// When the catalog last advanced (snapshot finished or delta applied).
     pub last_synced_at: Option<DateTime<Utc>>,
@@ -54,7 +57,9 @@ pub struct CatalogPosition {
 /// One sale waiting in the outbox, claimed for delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxItem {
+    /// The `sync_journal` row this item came from.
     pub journal_id: JournalId,
+    /// The sale exactly as it was stored at enqueue: its bytes never change between deliveries.
     pub event: SaleEvent,
     /// Delivery attempts made before this one.
     pub attempts: u32,
@@ -65,21 +70,31 @@ pub struct OutboxItem {
 pub enum DeliveryOutcome {
     /// `accepted` or `duplicate`: the cloud holds it. Row → `synced`.
     Synced {
+        /// The delivered row.
         journal_id: JournalId,
+        /// The cloud's id for the sale (the first one, for a duplicate).
         cloud_event_id: Option<String>,
+        /// Whether the cloud already held it (an earlier delivery's answer was lost).
         duplicate: bool,
     },
     /// `conflict`, `rejected`, or attempts exhausted. Row → `needs_attention`.
     NeedsAttention {
+        /// The row that needs an operator.
         journal_id: JournalId,
+        /// Stable code: the cloud's, or `POS_SYNC_ATTEMPTS_EXHAUSTED`.
         code: String,
+        /// What happened, for the status page.
         message: String,
     },
     /// Transient failure. Row → `failed`, due again at `not_before`.
     RetryLater {
+        /// The row to retry.
         journal_id: JournalId,
+        /// Not to be claimed again before this time (backoff, `Retry-After`).
         not_before: DateTime<Utc>,
+        /// Code of the failure (`NETWORK`, `POS_SYNC_STORAGE_FAILED`, …).
         code: String,
+        /// The failure, for the status page.
         message: String,
     },
 }
@@ -87,10 +102,15 @@ pub enum DeliveryOutcome {
 /// Counts of `sync_journal` rows by state, and the age of the oldest undelivered sale.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxCounts {
+    /// Recorded, never sent yet.
     pub pending: i64,
+    /// Claimed and being sent now.
     pub in_flight: i64,
+    /// Sent, failed transiently, waiting for their retry time.
     pub failed: i64,
+    /// Held by the cloud: final.
     pub synced: i64,
+    /// Waiting for an operator (rejected, conflict, or attempts exhausted).
     pub needs_attention: i64,
     /// `occurred_at`/enqueue time of the oldest row not yet synced nor needing attention.
     pub oldest_pending_at: Option<DateTime<Utc>>,
@@ -167,9 +187,13 @@ pub enum CloudError {
     /// The cloud answered with an error envelope (or a non-2xx without one: `code` is `None`).
     #[error("cloud answered {status}: {message}")]
     Rejected {
+        /// HTTP status of the answer.
         status: u16,
+        /// The envelope's stable code, when the body carried one.
         code: Option<ErrorCode>,
+        /// The envelope's message, or an excerpt of the body.
         message: String,
+        /// `Retry-After`, when the answer carried one.
         retry_after: Option<Duration>,
         /// `details.reason`, e.g. `resnapshot_required`.
         reason: Option<String>,
@@ -219,8 +243,11 @@ impl CloudError {
 /// The cloud sync API as the engine uses it (`/v1/pos/*`, authenticated as this terminal).
 #[async_trait]
 pub trait CloudApi: Send + Sync + 'static {
+    /// `GET /v1/pos/catalog/snapshot`: one page; no cursor starts a new snapshot.
     async fn snapshot(&self, cursor: Option<&str>, limit: u32) -> Result<SnapshotPage, CloudError>;
+    /// `GET /v1/pos/catalog/delta`: changes after `since`.
     async fn delta(&self, since: i64, limit: u32) -> Result<DeltaPage, CloudError>;
+    /// `POST /v1/pos/catalog/reconcile`: one key range's verification or repair plan.
     async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError>;
     /// Posts one batch. `sync_attempt` is the delivery attempt of the batch (1 for a first
     /// delivery, from the journal's attempt counts, so it survives restarts); the cloud logs it
@@ -234,6 +261,7 @@ pub trait CloudApi: Send + Sync + 'static {
 
 /// Wall-clock time, injectable so simulations and tests control it.
 pub trait Clock: Send + Sync + 'static {
+    /// The current time (UTC).
     fn now(&self) -> DateTime<Utc>;
 }
 

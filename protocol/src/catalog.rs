@@ -20,15 +20,19 @@ pub const DEFAULT_MANIFEST_MAX_ENTRIES: usize = 2000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entity {
     #[serde(rename = "type")]
+    /// Entity type, e.g. `product`, `category`, `tax_rate`, `price` (`[a-z][a-z_]*`).
     pub entity_type: String,
+    /// Id, unique within its type across all branches.
     pub id: String,
     /// The catalog version of the change that produced this state.
     pub version: i64,
+    /// A tombstone: the entity was deleted at `version` (delta pages only).
     pub deleted: bool,
     /// `None` for global entities, `Some(branch)` for entities of one branch.
     pub branch_id: Option<String>,
     /// [`entity_hash`] of `data`; empty data for tombstones hashes `null`.
     pub hash: String,
+    /// The document itself; its shape belongs to the type, not to the sync engine.
     pub data: serde_json::Value,
 }
 
@@ -42,18 +46,26 @@ impl Entity {
 /// `GET /v1/pos/catalog/snapshot` page.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotPage {
+    /// The catalog version the snapshot was started at; deltas continue from it.
     pub snapshot_version: i64,
+    /// Entities this branch sees in the snapshot, for progress display.
     pub total: i64,
+    /// This page, ordered by `(type, id)`.
     pub entities: Vec<Entity>,
+    /// Where the next page starts; `None` on the last page.
     pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/pos/catalog/delta` page.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeltaPage {
+    /// Changes after `since`, in version order, tombstones included.
     pub changes: Vec<Entity>,
+    /// The `since` of the next request.
     pub next_since: i64,
+    /// Whether more changes are waiting right now.
     pub has_more: bool,
+    /// The newest catalog version at the time of the answer.
     pub catalog_version: i64,
 }
 
@@ -61,14 +73,18 @@ pub struct DeltaPage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReconcileMode {
+    /// Report drift only; change nothing.
     Verify,
+    /// Return the plan that repairs the range.
     Plan,
 }
 
 /// A half-open key range `(after, through]`; `None` bounds are open.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRange {
+    /// Exclusive lower bound (`type/id`); `None` = from the start.
     pub after: Option<String>,
+    /// Inclusive upper bound (`type/id`); `None` = to the end.
     pub through: Option<String>,
 }
 
@@ -91,27 +107,38 @@ impl KeyRange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestEntry {
     #[serde(rename = "type")]
+    /// Entity type.
     pub entity_type: String,
+    /// Entity id.
     pub id: String,
+    /// The version the terminal holds.
     pub version: i64,
+    /// The hash of the data the terminal holds (recomputed from it, so local edits show).
     pub hash: String,
 }
 
 /// `POST /v1/pos/catalog/reconcile` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReconcileRequest {
+    /// Verify or plan.
     pub mode: ReconcileMode,
     #[serde(default)]
+    /// The key range the manifest covers.
     pub range: KeyRange,
+    /// What the terminal holds in the range, at most the server's entry limit.
     pub entries: Vec<ManifestEntry>,
 }
 
 /// Counts of what reconcile found in the range.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileSummary {
+    /// Keys compared (local entries and the cloud's keys in the range).
     pub checked: i64,
+    /// Keys equal on both sides.
     pub unchanged: i64,
+    /// Entities missing locally or different from the cloud.
     pub upserts: i64,
+    /// Local entities the cloud does not hold for this branch.
     pub deletes: i64,
 }
 
@@ -119,23 +146,31 @@ pub struct ReconcileSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityRef {
     #[serde(rename = "type")]
+    /// Entity type.
     pub entity_type: String,
+    /// Entity id.
     pub id: String,
 }
 
 /// The changes that make the terminal's range equal the cloud's truth.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReconcilePlan {
+    /// Entities to store as they are.
     pub upserts: Vec<Entity>,
+    /// Keys to remove.
     pub deletes: Vec<EntityRef>,
 }
 
 /// `POST /v1/pos/catalog/reconcile` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReconcileResponse {
+    /// The catalog version the plan was computed at.
     pub catalog_version: i64,
+    /// The range the answer covers (echoed).
     pub range: KeyRange,
+    /// What reconcile found.
     pub summary: ReconcileSummary,
+    /// The repair (empty in `verify` mode).
     pub plan: ReconcilePlan,
 }
 
@@ -145,9 +180,11 @@ pub struct ReconcileResponse {
 pub struct EntityKey(String);
 
 impl EntityKey {
+    /// The key of `type/id`.
     pub fn new(entity_type: &str, id: &str) -> Self {
         EntityKey(format!("{entity_type}/{id}"))
     }
+    /// The key as a string.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -91,16 +91,21 @@ impl fmt::Display for ErrorCode {
 /// The body of every non-2xx response: `{"error": {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorEnvelope {
+    /// What went wrong.
     pub error: ErrorBody,
 }
 
 /// What went wrong, for a machine (`code`, `retryable`, `details`) and a person (`message`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// The stable code.
     pub code: ErrorCode,
+    /// For people; never parsed.
     pub message: String,
+    /// Whether the same request may succeed later unchanged.
     pub retryable: bool,
     #[serde(default)]
+    /// Machine-readable specifics, e.g. `max_entries`, `reason`, `retry_after_secs`.
     pub details: serde_json::Value,
 }
 

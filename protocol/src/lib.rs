@@ -6,6 +6,8 @@
 //!
 //! This crate does no I/O.
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod error;
 pub mod sales;

@@ -20,6 +20,7 @@ pub const MAX_LINES_PER_SALE: usize = 500;
 /// The body of `POST /v1/pos/sales/events`, as a terminal sends it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SalesEventsRequest {
+    /// At most 500 events and 1 MiB per request.
     pub events: Vec<SaleEvent>,
 }
 
@@ -27,12 +28,16 @@ pub struct SalesEventsRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventType {
+    /// A sale.
     Sale,
+    /// A refund (quantities may be negative).
     Refund,
+    /// A void of an earlier sale.
     Void,
 }
 
 impl EventType {
+    /// The wire spelling.
     pub const fn as_str(self) -> &'static str {
         match self {
             EventType::Sale => "sale",
@@ -45,13 +50,20 @@ impl EventType {
 /// One sales event. `(terminal_id, pos_id, local_event_id)` is its idempotency key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaleEvent {
+    /// The terminal the cloud issued the token to.
     pub terminal_id: Uuid,
+    /// The local database that recorded the sale.
     pub pos_id: Uuid,
+    /// Strictly increasing per `pos_id`, assigned in the transaction that stored the sale.
     pub local_event_id: i64,
+    /// The terminal's branch.
     pub branch_id: String,
     #[serde(rename = "type")]
+    /// Sale, refund or void.
     pub event_type: EventType,
+    /// When the sale happened at the till (RFC 3339 UTC).
     pub occurred_at: DateTime<Utc>,
+    /// The receipt.
     pub payload: SalePayload,
 }
 
@@ -72,35 +84,51 @@ impl SaleEvent {
 /// A receipt: lines, totals and payments, money in integer minor units.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SalePayload {
+    /// The receipt number printed for the customer.
     pub receipt_no: String,
+    /// ISO 4217 code, e.g. `EUR`.
     pub currency: String,
+    /// 1–500 lines.
     pub lines: Vec<SaleLine>,
+    /// Receipt totals.
     pub totals: Totals,
+    /// How it was paid; the amounts sum to `totals.total_minor`.
     pub payments: Vec<Payment>,
 }
 
 /// One receipt line. `total_minor = qty * unit_price_minor - discount_minor`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaleLine {
+    /// The catalog id of the product sold.
     pub product_id: String,
     #[serde(default)]
+    /// The SKU at the time of sale.
     pub sku: String,
     #[serde(default)]
+    /// The name printed on the receipt.
     pub name: String,
+    /// Quantity; never 0, negative only in refunds.
     pub qty: i64,
+    /// Price of one unit, minor units.
     pub unit_price_minor: i64,
     #[serde(default)]
+    /// Discount on the line, minor units.
     pub discount_minor: i64,
     #[serde(default)]
+    /// Tax included in the line, minor units.
     pub tax_minor: i64,
+    /// `qty * unit_price_minor - discount_minor`.
     pub total_minor: i64,
 }
 
 /// Receipt totals; `total_minor` equals the sum of line totals and of payments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
+    /// Total before tax, minor units.
     pub subtotal_minor: i64,
+    /// Tax, minor units.
     pub tax_minor: i64,
+    /// What the customer pays, minor units.
     pub total_minor: i64,
 }
 
@@ -108,15 +136,20 @@ pub struct Totals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentMethod {
+    /// Cash.
     Cash,
+    /// Card.
     Card,
+    /// Anything else (voucher, transfer, …).
     Other,
 }
 
 /// One payment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {
+    /// How.
     pub method: PaymentMethod,
+    /// How much, minor units.
     pub amount_minor: i64,
 }
 
@@ -137,35 +170,46 @@ pub enum EventStatus {
 /// One entry of the `results` array, in request order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventResult {
+    /// The event's `local_event_id` (`None` if a rejected event had none).
     pub local_event_id: Option<i64>,
+    /// What happened to the event.
     pub status: EventStatus,
+    /// `POS_SYNC_EVENT_DUPLICATE` or `POS_SYNC_EVENT_INVALID` where it applies.
     pub code: Option<ErrorCode>,
+    /// The cloud's id of the stored sale (the first one, for duplicates and conflicts).
     pub cloud_event_id: Option<Uuid>,
+    /// Why, for rejected and conflicting events.
     pub message: Option<String>,
 }
 
 /// `POST /v1/pos/sales/events` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SalesEventsResponse {
+    /// One result per event, in request order.
     pub results: Vec<EventResult>,
 }
 
 /// `GET /v1/pos/sync/status`: per `pos_id`, how far ingestion got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncStatus {
+    /// The terminal asking.
     pub terminal_id: Uuid,
+    /// Its branch.
     pub branch_id: String,
+    /// One entry per `pos_id` this terminal has used.
     pub pos: Vec<PosIngestion>,
 }
 
 /// Ingestion progress of one `pos_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PosIngestion {
+    /// The local database.
     pub pos_id: Uuid,
     /// Highest `n` such that every `local_event_id` in `1..=n` is stored.
     pub highest_contiguous: i64,
     /// Stored ids above `highest_contiguous` — their presence means lower ids are missing.
     pub ids_above_gap: Vec<i64>,
+    /// Events stored for this `pos_id`.
     pub total_events: i64,
 }
 
@@ -173,8 +217,15 @@ pub struct PosIngestion {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SaleInvalid {
     #[error("{field}: {reason}")]
-    Field { field: String, reason: String },
+    /// A field failed its schema rule.
+    Field {
+        /// Path of the field, e.g. `lines[2].qty`.
+        field: String,
+        /// The rule it broke.
+        reason: String,
+    },
     #[error("arithmetic: {0}")]
+    /// Money does not add up, or overflows.
     Arithmetic(String),
 }
 

@@ -8,6 +8,8 @@
 //! hold handlers; [`ingest`] holds the per-branch ingestion actors with group commit; [`db`]
 //! is storage (Diesel, PostgreSQL or SQLite); [`cli`] and [`server`] run the binary.
 
+#![warn(missing_docs)]
+
 pub mod admin_routes;
 pub mod app;
 pub mod auth;

@@ -10,6 +10,8 @@
 //! - [`wiring`]: the operator ports implemented over the store and the engine.
 //! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod cloud_client;
 pub mod daemon;

@@ -60,9 +60,13 @@ const LOOKUP_CHUNK: usize = 500;
 /// One entity to create or replace.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EntityWrite {
+    /// Entity type (`[a-z][a-z_]*`).
     pub entity_type: String,
+    /// Entity id, unique within its type.
     pub id: String,
+    /// `None` for global entities; a branch's own otherwise. Fixed once written.
     pub branch_id: Option<String>,
+    /// The document.
     pub data: serde_json::Value,
 }
 
@@ -80,13 +84,19 @@ pub enum CatalogError {
     BadSince(String),
     /// `since` is below the tombstone horizon: deletes it has not seen were purged.
     #[error("since is older than the retained history (horizon {horizon}); resnapshot required")]
-    ResnapshotRequired { horizon: i64 },
+    ResnapshotRequired {
+        /// Highest version whose tombstone was purged: cursors below it cannot continue.
+        horizon: i64,
+    },
     /// The manifest or its range is malformed (bad key, entry outside the range, duplicate).
     #[error("bad manifest: {0}")]
     BadManifest(String),
     /// The manifest holds more entries than allowed; the terminal must split its range.
     #[error("manifest has more than {max_entries} entries")]
-    ManifestTooLarge { max_entries: usize },
+    ManifestTooLarge {
+        /// The entry limit, for `details.max_entries`.
+        max_entries: usize,
+    },
     /// An entity write is malformed or would change a key's branch scope.
     #[error("invalid entity: {0}")]
     InvalidEntity(String),

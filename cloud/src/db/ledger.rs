@@ -43,7 +43,9 @@ pub const MAX_IDS_ABOVE_GAP: usize = 1000;
 /// already run `validate_event` and checked the key against the token.
 #[derive(Debug, Clone)]
 pub struct IngestRequest {
+    /// The validated event.
     pub event: SaleEvent,
+    /// `SaleEvent::payload_hash`, compared on redelivery.
     pub payload_hash: String,
 }
 
@@ -62,11 +64,20 @@ impl IngestRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IngestOutcome {
     /// Stored now, for the first time, under this new id.
-    Accepted { cloud_event_id: Uuid },
+    Accepted {
+        /// The new sale's id.
+        cloud_event_id: Uuid,
+    },
     /// Stored before with the same payload; the first ingestion's id.
-    Duplicate { cloud_event_id: Uuid },
+    Duplicate {
+        /// The first ingestion's id.
+        cloud_event_id: Uuid,
+    },
     /// Stored before with a different payload; the first stays and its id is returned.
-    Conflict { cloud_event_id: Uuid },
+    Conflict {
+        /// The first ingestion's id (it stays).
+        cloud_event_id: Uuid,
+    },
 }
 
 impl IngestOutcome {

@@ -36,7 +36,9 @@ const MIGRATION_LOCK_KEY: i64 = 0x0070_6f73_7379_6e63; // "possync"
 /// Which database engine a [`Database`] talks to; a few statements differ between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// PostgreSQL: production.
     Postgres,
+    /// SQLite: the embedded default.
     Sqlite,
 }
 
@@ -74,7 +76,9 @@ impl From<diesel::ConnectionError> for StoreError {
 /// A connection to either backend. Functions in this module take `&mut DbConn` so the service
 /// can hold one pooled connection across several calls.
 pub enum DbConn {
+    /// A PostgreSQL connection.
     Pg(PgConnection),
+    /// An SQLite connection.
     Sqlite(SqliteConnection),
 }
 

@@ -20,7 +20,9 @@ pub const TOKEN_PREFIX: &str = "pst_";
 /// Who a valid token belongs to: the only identity a terminal request can act as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminalIdentity {
+    /// The terminal the token belongs to.
     pub terminal_id: Uuid,
+    /// Its branch: every request is scoped to it.
     pub branch_id: String,
 }
 
@@ -28,18 +30,26 @@ pub struct TerminalIdentity {
 /// because only its hash is kept.
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuedTerminal {
+    /// The new terminal's id.
     pub terminal_id: Uuid,
+    /// Its branch.
     pub branch_id: String,
+    /// The bearer token, shown once; only its sha256 is stored.
     pub token: String,
 }
 
 /// A terminal as admin views list it; holds no token material.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TerminalRecord {
+    /// Terminal id.
     pub terminal_id: Uuid,
+    /// Branch.
     pub branch_id: String,
+    /// Operator's label.
     pub name: Option<String>,
+    /// When it was enrolled.
     pub created_at: DateTime<Utc>,
+    /// When its token was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
 }
 

@@ -18,21 +18,31 @@ pub enum TerminalStoreError {
     /// A numbered schema migration failed; the database stays at the previous version.
     #[error("schema migration {version} ({name}) failed: {source}")]
     Migration {
+        /// The migration's number.
         version: u32,
+        /// The migration's name.
         name: &'static str,
+        /// What SQLite said.
         #[source]
         source: rusqlite::Error,
     },
     /// The safety copy taken before migrating could not be written; nothing was migrated.
     #[error("backup to {path} failed: {source}")]
     Backup {
+        /// Where the copy was to go.
         path: String,
+        /// What SQLite said.
         #[source]
         source: rusqlite::Error,
     },
     /// The database was written by a newer build than this one.
     #[error("database schema version {found} is newer than this build knows ({known})")]
-    TooNew { found: u32, known: u32 },
+    TooNew {
+        /// The file's schema version.
+        found: u32,
+        /// The newest version this build knows.
+        known: u32,
+    },
     /// A stored value does not have the shape this build wrote.
     #[error("local data is inconsistent: {0}")]
     Corrupt(String),

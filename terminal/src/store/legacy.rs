@@ -45,6 +45,7 @@ pub enum LegacyOutcome {
 /// Counts of a legacy conversion, so an operator can check nothing was lost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LegacyReport {
+    /// What the migration did.
     pub outcome: LegacyOutcome,
     /// The safety copy of the legacy file.
     pub backup_path: Option<PathBuf>,

@@ -24,7 +24,9 @@ pub struct LegacyProduct {
     pub id: i64,
     /// The key the first cloud snapshot is matched by; may be missing in old data.
     pub sku: Option<String>,
+    /// EAN barcode, if the product had one.
     pub barcode: Option<String>,
+    /// Display name.
     pub name: String,
     /// Tax-inclusive unit price in cents.
     pub price_cents: i64,
@@ -35,10 +37,13 @@ pub struct LegacyProduct {
 /// One row of the legacy `sales` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegacySale {
+    /// Legacy integer id.
     pub id: i64,
+    /// Receipt number.
     pub receipt_no: String,
     /// `YYYY-MM-DD HH:MM:SS` (UTC) or RFC 3339, as the old app wrote it.
     pub created_at: String,
+    /// Total in cents.
     pub total_cents: i64,
     /// `[{"product_id", "qty", "price_cents", "discount_cents"?}]`, stored verbatim.
     pub lines_json: String,
@@ -49,7 +54,9 @@ pub struct LegacySale {
 /// A whole legacy database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegacyFixture {
+    /// Products to write.
     pub products: Vec<LegacyProduct>,
+    /// Sales to write.
     pub sales: Vec<LegacySale>,
     /// Stored in `drive_sync_state`; the migration keeps it, nothing uses it.
     pub drive_folder_id: String,

@@ -160,7 +160,7 @@ pub enum StoreFault {
 
 /// One `sync_journal` row of the in-memory store.
 #[derive(Debug, Clone, PartialEq)]
-#[allow(missing_docs)] // the columns of `sync_journal`, see SPEC §6
+#[allow(missing_docs)] // the columns of `sync_journal`, see docs/local-schema.md
 pub struct MemJournalRow {
     pub journal_id: JournalId,
     pub event: SaleEvent,

@@ -1,4 +1,4 @@
-//! The `cloud` command line (SPEC §4). Every command that fails returns a [`CliError`] whose
+//! The `cloud` command line (README, Commands). Every command that fails returns a [`CliError`] whose
 //! one-line text names the stable code or the cause; `main` prints it and exits non-zero.
 
 use std::path::{Path, PathBuf};

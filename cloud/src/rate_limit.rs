@@ -22,7 +22,7 @@ pub struct RateLimit {
 }
 
 impl Default for RateLimit {
-    /// SPEC §3 defaults: 20 requests/s, burst 40.
+    /// docs/rate-limits.md defaults: 20 requests/s, burst 40.
     fn default() -> Self {
         RateLimit {
             per_second: 20,

@@ -1,4 +1,4 @@
-//! The `terminal` command line (SPEC §4): enroll, run the daemon, and the operator commands
+//! The `terminal` command line (README, Commands): enroll, run the daemon, and the operator commands
 //! that work with or without a running daemon.
 //!
 //! Commands that change local data (`sale add`, `outbox retry`, `migrate`) write the database
@@ -123,7 +123,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands of SPEC §4.
+/// The subcommands of README, Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stores this terminal's enrollment (checks the token if the cloud is reachable).

@@ -219,7 +219,7 @@ fn describe(e: &reqwest::Error) -> String {
     out
 }
 
-/// Turns a non-2xx answer into [`CloudError::Rejected`], reading the SPEC error envelope when
+/// Turns a non-2xx answer into [`CloudError::Rejected`], reading the API error envelope when
 /// there is one.
 fn rejection(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> CloudError {
     let retry_after = headers

@@ -87,7 +87,7 @@ pub enum RetrySelection {
     AllNeedingAttention,
 }
 
-/// The states a `sync_journal` row moves through (SPEC §6).
+/// The states a `sync_journal` row moves through (docs/local-schema.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JournalState {

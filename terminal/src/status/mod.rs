@@ -1,4 +1,4 @@
-//! The loopback status endpoint (SPEC §5): JSON status, the operator's HTML page, offline
+//! The loopback status endpoint (docs/terminal-operations.md): JSON status, the operator's HTML page, offline
 //! catalog lookup, atomic sale enqueue, outbox listing and retry, reconcile, and metrics.
 //!
 //! It binds loopback addresses only: it can enqueue sales and repair the catalog, and it has
@@ -54,7 +54,7 @@ pub enum StatusBindError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// A failed request, answered with the SPEC error envelope.
+/// A failed request, answered with the API error envelope.
 #[derive(Debug, Error)]
 pub enum StatusError {
     #[error(transparent)]

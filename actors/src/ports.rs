@@ -18,7 +18,8 @@ use thiserror::Error;
 /// Primary key of a `sync_journal` row (its SQLite rowid).
 pub type JournalId = i64;
 
-/// A failure of the local store. The engine never retries these blindly: the supervisor
+/// A failure of the local store (stable code `POS_SYNC_STORAGE_FAILED`, mapped in
+/// `EngineError::code`). The engine never retries these blindly: the supervisor
 /// restarts the actor, which reloads its state from the store.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -28,11 +29,6 @@ pub enum StoreError {
     #[error("local data is inconsistent: {0}")]
     /// Stored data contradicts itself (e.g. a journal row whose event does not parse).
     Corrupt(String),
-}
-
-impl StoreError {
-    /// Local storage failures surface as `POS_SYNC_STORAGE_FAILED`.
-    pub const CODE: ErrorCode = ErrorCode::PosSyncStorageFailed;
 }
 
 /// The catalog sync position the store keeps in `sync_state`.

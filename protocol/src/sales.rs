@@ -230,9 +230,6 @@ pub enum SaleInvalid {
 }
 
 impl SaleInvalid {
-    /// The stable code every validation failure carries.
-    pub const CODE: ErrorCode = ErrorCode::PosSyncEventInvalid;
-
     fn field(field: impl Into<String>, reason: impl Into<String>) -> Self {
         SaleInvalid::Field {
             field: field.into(),

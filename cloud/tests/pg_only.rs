@@ -4,7 +4,6 @@
 mod common;
 
 use common::{expect_error, json_ok, Backend, Env, NO_LIMITS};
-use diesel::{Connection, PgConnection, RunQueryDsl};
 use possync_testkit::cloud::CloudProcess;
 use possync_testkit::{events_body, sample_sale_event};
 use serde_json::Value;
@@ -67,19 +66,7 @@ async fn two_processes_on_one_database_store_each_sale_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_gone_answers_503_storage_failed_and_readyz_fails() {
-    let env = Env::start_with(
-        Backend::Pg,
-        &[
-            "--rate-per-second",
-            "100000",
-            "--rate-burst",
-            "100000",
-            "--address-rate-per-second",
-            "100000",
-            "--address-rate-burst",
-            "100000",
-        ],
-    );
+    let env = Env::start(Backend::Pg);
     let (tid, token) = env.terminal("b1");
     json_ok(env.get("/readyz", None).await).await;
     let ok = sample_sale_event(tid, Uuid::now_v7(), 1, "b1");
@@ -91,12 +78,7 @@ async fn database_gone_answers_503_storage_failed_and_readyz_fails() {
 
     // Drop the database under the running server.
     let pg = env.pg.as_ref().expect("pg");
-    let admin_url = std::env::var(possync_testkit::pg::ADMIN_URL_ENV)
-        .unwrap_or_else(|_| possync_testkit::pg::DEFAULT_ADMIN_URL.to_string());
-    let mut admin = PgConnection::establish(&admin_url).expect("admin connection");
-    diesel::sql_query(format!("DROP DATABASE {} WITH (FORCE)", pg.name()))
-        .execute(&mut admin)
-        .expect("drop database");
+    pg.drop_now().expect("drop database");
 
     expect_error(
         env.get("/readyz", None).await,

@@ -49,19 +49,27 @@ impl TestDatabase {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Drops the database now, disconnecting whoever uses it: how a test makes the database
+    /// disappear under a running server. Dropping the value afterwards is then a no-op.
+    pub fn drop_now(&self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::establish(&self.admin_url)
+            .with_context(|| format!("PostgreSQL is unreachable at {}", self.admin_url))?;
+        diesel::sql_query(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .with_context(|| format!("DROP DATABASE {} on {}", self.name, self.admin_url))?;
+        Ok(())
+    }
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Best effort: a leftover test database is harmless, and a panic here would hide the
         // test's own failure.
-        if let Ok(mut admin) = PgConnection::establish(&self.admin_url) {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut admin);
-        }
+        let _ = self.drop_now();
     }
 }
 

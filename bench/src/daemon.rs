@@ -6,39 +6,19 @@
 //! daemon's — its HTTP client, its actors, its allocator — and peak RSS is only meaningful
 //! for a process that holds nothing but the terminal.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Child, Command};
 
 use anyhow::{anyhow, bail, Context as _};
+use possync_testkit::process::{locate_binary, spawn_announcing};
 
 /// Environment variable naming the `terminal` binary explicitly.
 pub const TERMINAL_BIN_ENV: &str = "POSSYNC_TERMINAL_BIN";
 
-/// How long to wait for the daemon's `status on` line.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `$POSSYNC_TERMINAL_BIN`, else `terminal` next to this executable (both are built into the
-/// same cargo profile directory).
+/// `$POSSYNC_TERMINAL_BIN`, else `terminal` in the cargo profile directory this executable
+/// was built into (both are built into the same one).
 pub fn terminal_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var(TERMINAL_BIN_ENV) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("locating the benchmark executable")?;
-    let candidate = exe
-        .parent()
-        .map(|d| d.join(format!("terminal{}", std::env::consts::EXE_SUFFIX)))
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        bail!(
-            "{} not found (cargo build --release -p possync-terminal, or set {TERMINAL_BIN_ENV})",
-            candidate.display()
-        )
-    }
+    locate_binary("terminal", TERMINAL_BIN_ENV)
 }
 
 /// Runs `terminal enroll` against the cloud for the given identity.
@@ -83,39 +63,12 @@ impl Daemon {
     /// and the log level of the environment (`POSSYNC_LOG`/`RUST_LOG`; the daemon's own default
     /// is `info`), logging into `daemon.log` in the data dir, and waits for its `status on` line.
     pub fn start(data_dir: &Path) -> anyhow::Result<Daemon> {
-        let log = std::fs::File::create(data_dir.join("daemon.log"))
-            .context("creating the daemon log")?;
-        let mut child = Command::new(terminal_binary()?)
-            .arg("--data-dir")
+        let mut cmd = Command::new(terminal_binary()?);
+        cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["run", "--status-bind", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting terminal run")?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("status on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(url) => Ok(Daemon { child, url }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(data_dir.join("daemon.log")).unwrap_or_default();
-                bail!("terminal run did not start; log:\n{log}")
-            }
-        }
+            .args(["run", "--status-bind", "127.0.0.1:0"]);
+        let (child, url) = spawn_announcing(cmd, "status on ", &data_dir.join("daemon.log"))?;
+        Ok(Daemon { child, url })
     }
 
     /// The daemon's process id.

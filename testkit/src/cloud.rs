@@ -6,42 +6,20 @@
 //! `target/<profile>/cloud`). Build it first (`cargo build -p possync-cloud`); the cloud
 //! crate's own tests get it built by cargo automatically.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Child, Command};
 
 use anyhow::{anyhow, bail, Context as _};
 use uuid::Uuid;
 
+use crate::process::{locate_binary, spawn_announcing};
+
 /// Environment variable naming the `cloud` binary explicitly.
 pub const CLOUD_BIN_ENV: &str = "POSSYNC_CLOUD_BIN";
 
-/// How long to wait for the `listening on` line before giving up.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Locates the `cloud` binary (see the module doc).
 pub fn cloud_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var(CLOUD_BIN_ENV) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let mut dir = exe.parent().map(Path::to_path_buf);
-    while let Some(d) = dir {
-        let candidate = d.join(format!("cloud{}", std::env::consts::EXE_SUFFIX));
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-        if d.file_name().is_some_and(|n| n == "target") {
-            break;
-        }
-        dir = d.parent().map(Path::to_path_buf);
-    }
-    bail!(
-        "the cloud binary was not found next to {} (run `cargo build -p possync-cloud` or set {CLOUD_BIN_ENV})",
-        exe.display()
-    )
+    locate_binary("cloud", CLOUD_BIN_ENV)
 }
 
 /// A running `cloud serve` child process, killed on drop.
@@ -96,60 +74,13 @@ impl CloudProcess {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .context("opening the cloud log file")?;
         let mut cmd = self.command();
         cmd.args(["serve", "--bind", "127.0.0.1:0"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log));
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(url) = line.strip_prefix("listening on ") {
-                        let _ = tx.send(url.trim().to_string());
-                        sent = true;
-                    }
-                }
-                // Keep draining so the child never blocks on a full pipe.
-            }
-        });
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(url) => {
-                self.base_url = url;
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                let tail: String = log
-                    .lines()
-                    .rev()
-                    .take(20)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                bail!("cloud serve did not start (exit {status:?}); log tail:\n{tail}")
-            }
-        }
+            .args(&self.extra_args);
+        let (child, url) = spawn_announcing(cmd, "listening on ", &self.log_path())?;
+        self.base_url = url;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Where the child's stderr (JSON logs) goes.

@@ -7,11 +7,11 @@
 
 use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
+use possync_testkit::process::spawn_announcing;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -242,44 +242,15 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data_dir.join("daemon.log"))
-            .expect("daemon log");
-        let mut child = Command::new(TERMINAL_BIN)
-            .arg("--data-dir")
+        let mut cmd = Command::new(TERMINAL_BIN);
+        cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .args(["run", "--status-bind", "127.0.0.1:0"])
-            .args(self.args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start terminal run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("status on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(url) => {
-                self.url = url;
-                self.child = Some(child);
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log =
-                    std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default();
-                panic!("terminal run did not start; log:\n{log}");
-            }
-        }
+            .args(self.args());
+        let (child, url) = spawn_announcing(cmd, "status on ", &self.data_dir.join("daemon.log"))
+            .unwrap_or_else(|e| panic!("terminal run did not start: {e:#}"));
+        self.url = url;
+        self.child = Some(child);
     }
 
     /// Test defaults (short intervals, attempts that never run out), overridden by `extra`.

@@ -12,6 +12,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
+use possync_testkit::process::locate_binary;
+
 use crate::SimError;
 
 /// How long a child may take to announce its address.
@@ -165,26 +167,12 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// `POSSYNC_CLOUD_BIN` / `POSSYNC_TERMINAL_BIN` if set, else `cloud` and `terminal` next
-    /// to the running executable (or one directory up, for test binaries in `deps/`).
+    /// `POSSYNC_CLOUD_BIN` / `POSSYNC_TERMINAL_BIN` if set, else `cloud` and `terminal` in
+    /// the cargo profile directory the running executable was built into (see
+    /// [`possync_testkit::process::locate_binary`]).
     pub fn locate() -> Result<Binaries, SimError> {
-        let exe = std::env::current_exe().map_err(|e| SimError::Io(e.to_string()))?;
-        let dir = exe
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| SimError::Io("executable has no directory".into()))?;
-        let find = |name: &str, var: &str| -> Result<PathBuf, SimError> {
-            if let Ok(p) = std::env::var(var) {
-                return Ok(PathBuf::from(p));
-            }
-            let mut candidates = vec![dir.join(name)];
-            if let Some(up) = dir.parent() {
-                candidates.push(up.join(name));
-            }
-            candidates
-                .into_iter()
-                .find(|p| p.is_file())
-                .ok_or_else(|| SimError::MissingBinary(format!("{name} next to {}", dir.display())))
+        let find = |name: &str, var: &str| {
+            locate_binary(name, var).map_err(|e| SimError::MissingBinary(format!("{e:#}")))
         };
         Ok(Binaries {
             cloud: find("cloud", "POSSYNC_CLOUD_BIN")?,

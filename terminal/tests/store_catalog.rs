@@ -335,6 +335,10 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
         .expect("tamper data");
     conn.execute("UPDATE catalog_entities SET version = 999, data = json_set(data, '$.name', 'FORGED') WHERE entity_id = 'p2'", [])
         .expect("tamper version");
+    // p3's version forged upwards but still within the plan's version: indistinguishable from
+    // the cloud's own numbering, so only the plan's version can tell it is not the cloud's row
+    conn.execute("UPDATE catalog_entities SET version = 13, data = json_set(data, '$.name', 'BUMPED') WHERE entity_id = 'p3'", [])
+        .expect("tamper version below the plan's");
     conn.execute("INSERT INTO catalog_entities (entity_type, entity_id, version, hash, data, updated_at) VALUES ('product', 'rogue', 1, 'h', '{}', 't')", [])
         .expect("rogue row");
     conn.execute("INSERT INTO catalog_entities (entity_type, entity_id, version, hash, data, updated_at) VALUES ('product', 'forged', 999, 'h', '{}', 't')", [])
@@ -352,6 +356,7 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
                 upserts: vec![
                     product("p1", 10, "S1", "111", "A"),
                     product("p2", 11, "S2", "222", "B"),
+                    product("p3", 12, "S3", "333", "C"),
                     product("p4", 13, "S4", "444", "D"),
                 ],
                 deletes: vec![
@@ -379,6 +384,8 @@ fn reconcile_repairs_tampering_but_never_undoes_a_newer_delta() {
     );
     let p2 = &store.lookup(CatalogQuery::Sku("S2".into())).expect("q")[0];
     assert_eq!((p2.version, p2.data["name"].as_str()), (11, Some("B")));
+    let p3 = &store.lookup(CatalogQuery::Sku("S3".into())).expect("q")[0];
+    assert_eq!((p3.version, p3.data["name"].as_str()), (12, Some("C")));
     assert_eq!(
         store.lookup(CatalogQuery::Sku("S4".into())).expect("q")[0].version,
         21,

@@ -44,25 +44,44 @@ pub struct CatalogStats {
 enum Overwrite {
     /// Snapshot and delta: only a strictly newer version replaces the row.
     IfNewer,
-    /// Reconcile: the plan is the cloud's truth for the range, so it also replaces a row of the
-    /// same version (tampered data) and a row claiming a version beyond the catalog version
-    /// this terminal ever reached (tampered version). It never replaces a row a delta made
-    /// legitimately newer.
-    Reconcile { local_catalog_version: i64 },
+    /// Reconcile: the plan is the cloud's truth at `cloud_version`, so it also replaces any
+    /// row whose version is not beyond that (tampered data, or a version forged below it) and
+    /// any row claiming a version beyond the catalog version this terminal ever reached (a
+    /// version forged above it). A row between the two came by a delta while reconcile ran
+    /// and is kept. Plan deletes follow the same rule.
+    Reconcile {
+        cloud_version: i64,
+        local_catalog_version: i64,
+    },
+}
+
+impl Overwrite {
+    /// The `(cloud_version, local_catalog_version)` bounds bound to `?9`/`?10` of
+    /// [`UPSERT_SQL`]; `NULL` for [`Overwrite::IfNewer`], which makes the extra terms null
+    /// (false), leaving only the newer-version test.
+    fn bounds(self) -> (Option<i64>, Option<i64>) {
+        match self {
+            Overwrite::IfNewer => (None, None),
+            Overwrite::Reconcile {
+                cloud_version,
+                local_catalog_version,
+            } => (Some(cloud_version), Some(local_catalog_version)),
+        }
+    }
 }
 
 const UPSERT_SQL: &str = "
-INSERT INTO catalog_entities
+INSERT INTO catalog_entities AS c
     (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at, snapshot_generation)
 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8)
 ON CONFLICT (entity_type, entity_id) DO UPDATE SET
-    branch_id  = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.branch_id  ELSE catalog_entities.branch_id  END,
-    hash       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.hash       ELSE catalog_entities.hash       END,
-    data       = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.data       ELSE catalog_entities.data       END,
-    updated_at = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.updated_at ELSE catalog_entities.updated_at END,
-    deleted    = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN 0                  ELSE catalog_entities.deleted    END,
-    version    = CASE WHEN (excluded.version > catalog_entities.version OR ?9) THEN excluded.version    ELSE catalog_entities.version    END,
-    snapshot_generation = coalesce(excluded.snapshot_generation, catalog_entities.snapshot_generation)";
+    branch_id  = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN excluded.branch_id  ELSE c.branch_id  END,
+    hash       = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN excluded.hash       ELSE c.hash       END,
+    data       = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN excluded.data       ELSE c.data       END,
+    updated_at = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN excluded.updated_at ELSE c.updated_at END,
+    deleted    = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN 0                  ELSE c.deleted    END,
+    version    = CASE WHEN (excluded.version > c.version OR c.version <= ?9 OR c.version > ?10) THEN excluded.version    ELSE c.version    END,
+    snapshot_generation = coalesce(excluded.snapshot_generation, c.snapshot_generation)";
 
 /// A tombstone replaces a row that is not newer than itself. It is kept as a `deleted = 1`
 /// row (hidden from lookups, the manifest and counts) so that a stale upsert of an older
@@ -98,27 +117,8 @@ fn put_entity(
         ])?;
         return Ok(());
     }
-    // For the reconcile rule the decision needs the local row; `?9` carries the extra
-    // condition as a boolean computed here, so one statement serves every rule.
-    let force: bool = match rule {
-        Overwrite::IfNewer => false,
-        Overwrite::Reconcile {
-            local_catalog_version,
-        } => {
-            let local: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT version FROM catalog_entities WHERE entity_type = ?1 AND entity_id = ?2",
-                )?
-                .query_row(params![e.entity_type, e.id], |r| r.get(0))
-                .map(Some)
-                .or_else(|err| match err {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    other => Err(other),
-                })?;
-            local.is_some_and(|v| e.version >= v || v > local_catalog_version)
-        }
-    };
     let data = serde_json::to_string(&e.data)?;
+    let (cloud_version, local_catalog_version) = rule.bounds();
     tx.prepare_cached(UPSERT_SQL)?.execute(params![
         e.entity_type,
         e.id,
@@ -128,7 +128,8 @@ fn put_entity(
         data,
         now,
         generation,
-        force,
+        cloud_version,
+        local_catalog_version,
     ])?;
     if map_legacy_ids && e.entity_type == "product" && !e.id.starts_with("legacy-") {
         if let Some(sku) = e
@@ -341,6 +342,7 @@ pub fn apply_reconcile_plan(
             &tx,
             e,
             Overwrite::Reconcile {
+                cloud_version,
                 local_catalog_version,
             },
             None,
@@ -349,8 +351,8 @@ pub fn apply_reconcile_plan(
         )?;
     }
     for d in &plan.deletes {
-        // A row newer than the plan's version came by a delta while reconcile ran: keep it.
-        // A row newer than anything the till has received is forged: remove it.
+        // The `Overwrite::Reconcile` rule: a row between the plan's version and the local
+        // catalog version came by a delta while reconcile ran and stays.
         tx.prepare_cached(
             "DELETE FROM catalog_entities \
              WHERE entity_type = ?1 AND entity_id = ?2 AND (version <= ?3 OR version > ?4)",

@@ -20,7 +20,6 @@ use crate::body::{is_json, read_limited};
 use crate::db::ledger::{self, IngestOutcome, IngestRequest};
 use crate::db::terminals::TerminalIdentity;
 use crate::error::ApiError;
-use crate::ingest::IngestError;
 
 /// Header a terminal may send with the attempt number of this delivery, for logs.
 pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
@@ -218,27 +217,20 @@ pub async fn post_events(
         });
     }
 
-    // Keys needed for the answer and the log lines, before the batch moves to the actor.
-    let keys: Vec<(i64, Uuid)> = batch
-        .iter()
-        .map(|r| (r.event.local_event_id, r.event.pos_id))
-        .collect();
+    // The ids needed for the answer, before the batch moves to the actor.
+    let local_ids: Vec<i64> = batch.iter().map(|r| r.event.local_event_id).collect();
     let outcomes = state
         .ingest
         .ingest(&who.branch_id, batch)
         .await
         .map_err(|e| {
             tracing::error!(terminalId = %who.terminal_id, branchId = %who.branch_id,
-                syncAttempt = sync_attempt, errorCode = "POS_SYNC_STORAGE_FAILED",
-                requestId = %request_id, cause = %e, events = keys.len(), "sales ingestion failed");
-            match e {
-                IngestError::QueueFull { .. } => ApiError::StorageFailed(e.to_string()),
-                IngestError::Storage(m) => ApiError::StorageFailed(m),
-                IngestError::Interrupted => ApiError::StorageFailed(e.to_string()),
-            }
+                syncAttempt = sync_attempt, errorCode = ErrorCode::PosSyncStorageFailed.as_str(),
+                requestId = %request_id, cause = %e, events = local_ids.len(), "sales ingestion failed");
+            ApiError::StorageFailed(e.to_string())
         })?;
-    for ((pos, outcome), (local_id, _)) in positions.iter().zip(outcomes).zip(keys.iter()) {
-        results[*pos] = Some(from_outcome(*local_id, outcome));
+    for ((pos, outcome), local_id) in positions.iter().zip(outcomes).zip(local_ids) {
+        results[*pos] = Some(from_outcome(local_id, outcome));
     }
 
     let mut out = Vec::with_capacity(results.len());
@@ -325,25 +317,7 @@ mod tests {
     }
 
     fn event_json(terminal: Uuid, branch: &str, id: i64) -> serde_json::Value {
-        let e = possync_protocol::SaleEvent {
-            terminal_id: terminal,
-            pos_id: Uuid::nil(),
-            local_event_id: id,
-            branch_id: branch.into(),
-            event_type: possync_protocol::EventType::Sale,
-            occurred_at: chrono::Utc::now(),
-            payload: possync_protocol::SalePayload {
-                receipt_no: "R".into(),
-                currency: "EUR".into(),
-                lines: vec![],
-                totals: possync_protocol::Totals {
-                    subtotal_minor: 0,
-                    tax_minor: 0,
-                    total_minor: 0,
-                },
-                payments: vec![],
-            },
-        };
+        let e = possync_testkit::sample_sale_event(terminal, Uuid::nil(), id, branch);
         serde_json::to_value(e).expect("json")
     }
 

@@ -347,7 +347,7 @@ impl SalesOutbox {
         };
         let outcomes = outcomes_for(&items, result, &mut lookup);
         Self::log_outcomes(cfg, &items, &outcomes);
-        state.held_until = hold_after(&outcomes, needs_retry);
+        state.held_until = hold_after(&outcomes);
         state.held_since_unreachable = (state.held_until.is_some() && unreachable).then_some(now);
         let (mut synced, mut retries) = (0u64, 0u64);
         for o in &outcomes {
@@ -406,14 +406,9 @@ impl SalesOutbox {
 }
 
 /// When the outbox may claim again after a batch: the earliest retry time of a transiently
-/// failed batch, or `None` (claim freely) after any other answer.
-pub fn hold_after(
-    outcomes: &[DeliveryOutcome],
-    transient_failure: bool,
-) -> Option<chrono::DateTime<chrono::Utc>> {
-    if !transient_failure {
-        return None;
-    }
+/// failed batch (only a transient failure yields `RetryLater`), or `None` (claim freely) after
+/// any other answer.
+pub fn hold_after(outcomes: &[DeliveryOutcome]) -> Option<chrono::DateTime<chrono::Utc>> {
     outcomes
         .iter()
         .filter_map(|o| match o {
@@ -549,15 +544,15 @@ mod tests {
             cloud_event_id: None,
             duplicate: false,
         };
-        assert_eq!(hold_after(&[retry(1, 9), retry(2, 4)], true), Some(t(4)));
-        assert_eq!(hold_after(std::slice::from_ref(&synced), false), None);
+        assert_eq!(hold_after(&[retry(1, 9), retry(2, 4)]), Some(t(4)));
+        assert_eq!(hold_after(std::slice::from_ref(&synced)), None);
         // attempts exhausted everywhere: nothing left to wait for
         let gave_up = DeliveryOutcome::NeedsAttention {
             journal_id: 1,
             code: ATTEMPTS_EXHAUSTED.into(),
             message: "gave up".into(),
         };
-        assert_eq!(hold_after(&[gave_up], true), None);
+        assert_eq!(hold_after(&[gave_up]), None);
     }
 
     fn result(id: i64, status: EventStatus) -> EventResult {

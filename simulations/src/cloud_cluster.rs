@@ -38,9 +38,7 @@ impl RunDatabase {
             let mut c = PgConnection::establish(&a).map_err(|e| {
                 SimError::Postgres(format!("cannot reach {a}: {e} (is PostgreSQL running?)"))
             })?;
-            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
-                .execute(&mut c)
-                .map_err(|e| SimError::Postgres(format!("drop {n}: {e}")))?;
+            drop_if_exists(&mut c, &n)?;
             diesel::sql_query(format!("CREATE DATABASE \"{n}\""))
                 .execute(&mut c)
                 .map_err(|e| SimError::Postgres(format!("create {n}: {e}")))?;
@@ -70,14 +68,20 @@ impl RunDatabase {
         tokio::task::spawn_blocking(move || -> Result<(), SimError> {
             let mut c = PgConnection::establish(&admin)
                 .map_err(|e| SimError::Postgres(format!("cannot reach {admin}: {e}")))?;
-            diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut c)
-                .map_err(|e| SimError::Postgres(format!("drop {name}: {e}")))?;
-            Ok(())
+            drop_if_exists(&mut c, &name)
         })
         .await
         .map_err(|e| SimError::Postgres(e.to_string()))?
     }
+}
+
+/// `DROP DATABASE IF EXISTS name WITH (FORCE)`: clears a leftover before a run and removes the
+/// run's database after it, disconnecting any cloud still attached.
+fn drop_if_exists(c: &mut PgConnection, name: &str) -> Result<(), SimError> {
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(c)
+        .map_err(|e| SimError::Postgres(format!("drop {name}: {e}")))?;
+    Ok(())
 }
 
 /// What `cloud terminal add` prints.

@@ -209,12 +209,8 @@ pub async fn post_events(
             results[i] = Some(rejected(Some(event.local_event_id), e.to_string()));
             continue;
         }
-        let payload_hash = event.payload_hash();
         positions.push(i);
-        batch.push(IngestRequest {
-            event,
-            payload_hash,
-        });
+        batch.push(IngestRequest::new(event));
     }
 
     // The ids needed for the answer, before the batch moves to the actor.

@@ -38,14 +38,8 @@ fn open(kind: &str) -> (Database, Db) {
 }
 
 fn batch(terminal: Uuid, pos: Uuid, ids: std::ops::RangeInclusive<i64>) -> Vec<IngestRequest> {
-    ids.map(|i| {
-        let event = sample_sale_event(terminal, pos, i, "b1");
-        IngestRequest {
-            payload_hash: event.payload_hash(),
-            event,
-        }
-    })
-    .collect()
+    ids.map(|i| IngestRequest::new(sample_sale_event(terminal, pos, i, "b1")))
+        .collect()
 }
 
 fn terminal(db: &Database) -> Uuid {

@@ -47,7 +47,6 @@ pub fn sample_sale_event(
             total_minor: 200,
         },
     ];
-    let total: i64 = lines.iter().map(|l| l.total_minor).sum();
     SaleEvent {
         terminal_id,
         pos_id,
@@ -58,30 +57,15 @@ pub fn sample_sale_event(
             .timestamp_opt(1_700_000_000 + local_event_id, 0)
             .single()
             .unwrap_or_else(Utc::now),
-        payload: SalePayload {
-            receipt_no: format!("R-{local_event_id:06}"),
-            currency: "EUR".into(),
-            lines,
-            totals: Totals {
-                subtotal_minor: total,
-                tax_minor: 0,
-                total_minor: total,
-            },
-            payments: vec![Payment {
-                method: PaymentMethod::Cash,
-                amount_minor: total,
-            }],
-        },
+        payload: cash_payload(format!("R-{local_event_id:06}"), lines),
     }
 }
 
 /// A valid one-line cash sale: `qty` × `unit` minor units of coffee, no discount or tax.
 pub fn one_line_payload(receipt_no: &str, qty: i64, unit: i64) -> SalePayload {
-    let total = qty * unit;
-    SalePayload {
-        receipt_no: receipt_no.to_string(),
-        currency: "EUR".into(),
-        lines: vec![SaleLine {
+    cash_payload(
+        receipt_no.to_string(),
+        vec![SaleLine {
             product_id: "p-coffee".into(),
             sku: "SKU-COFFEE".into(),
             name: "Coffee".into(),
@@ -89,8 +73,19 @@ pub fn one_line_payload(receipt_no: &str, qty: i64, unit: i64) -> SalePayload {
             unit_price_minor: unit,
             discount_minor: 0,
             tax_minor: 0,
-            total_minor: total,
+            total_minor: qty * unit,
         }],
+    )
+}
+
+/// A EUR sale of `lines` whose totals are the sum of the lines, paid in one cash payment: the
+/// arithmetic every sample must get right, written once.
+fn cash_payload(receipt_no: String, lines: Vec<SaleLine>) -> SalePayload {
+    let total: i64 = lines.iter().map(|l| l.total_minor).sum();
+    SalePayload {
+        receipt_no,
+        currency: "EUR".into(),
+        lines,
         totals: Totals {
             subtotal_minor: total,
             tax_minor: 0,
@@ -160,6 +155,17 @@ mod tests {
         let c = conflicting_sale_event(&a);
         assert_eq!(validate_event(&c), Ok(()));
         assert_ne!(a.payload_hash(), c.payload_hash());
+    }
+
+    #[test]
+    fn one_line_payload_passes_validation_with_its_total() {
+        let p = one_line_payload("R-000001", 3, 120);
+        assert_eq!(
+            possync_protocol::validate_payload(EventType::Sale, &p),
+            Ok(())
+        );
+        assert_eq!(p.totals.total_minor, 360);
+        assert_eq!(p.payments[0].amount_minor, 360);
     }
 
     #[test]

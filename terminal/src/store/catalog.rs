@@ -458,13 +458,13 @@ pub fn lookup(conn: &Connection, q: &CatalogQuery) -> Result<Vec<Entity>, Termin
         .collect()
 }
 
+/// Live entities; answered from the `catalog_entities_live` index (this runs on every
+/// `/status` and `/metrics` request, under the store's one connection).
+const COUNT_LIVE_SQL: &str = "SELECT count(*) FROM catalog_entities WHERE deleted = 0";
+
 /// Catalog summary for `/status`.
 pub fn stats(conn: &Connection) -> Result<CatalogStats, TerminalStoreError> {
-    let entities: i64 = conn.query_row(
-        "SELECT count(*) FROM catalog_entities WHERE deleted = 0",
-        [],
-        |r| r.get(0),
-    )?;
+    let entities: i64 = conn.query_row(COUNT_LIVE_SQL, [], |r| r.get(0))?;
     let pos = position(conn)?;
     Ok(CatalogStats {
         version: pos.catalog_version,
@@ -480,6 +480,25 @@ mod tests {
     #[test]
     fn glob_patterns_are_escaped() {
         assert_eq!(glob_escape("a*b?[c]"), "a[*]b[?][[]c]");
+    }
+
+    #[test]
+    fn the_live_entity_count_reads_the_partial_index_not_the_table() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        crate::store::schema::apply_pending(&mut conn, crate::store::schema::latest_version())
+            .expect("schema");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {COUNT_LIVE_SQL}"))
+            .expect("explain")
+            .query_map([], |r| r.get::<_, String>(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("catalog_entities_live")),
+            "plan: {plan:?}"
+        );
     }
 
     #[test]

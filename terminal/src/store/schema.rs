@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_pos_tables",
         sql: include_str!("../../../migrations/terminal/0002_pos_tables.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_live_catalog_index",
+        sql: include_str!("../../../migrations/terminal/0003_live_catalog_index.sql"),
+    },
 ];
 
 /// The schema version a fully migrated database has.
@@ -174,13 +179,13 @@ mod tests {
         assert!(!table_exists(&conn, "sales").expect("q"));
         assert_eq!(
             apply_pending(&mut conn, latest_version()).expect("rest"),
-            vec![2]
+            (2..=latest_version()).collect::<Vec<_>>()
         );
         assert!(table_exists(&conn, "sales").expect("q"));
         let n: i64 = conn
             .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(n, 2);
+        assert_eq!(n, i64::from(latest_version()));
         assert!(apply_pending(&mut conn, latest_version())
             .expect("again")
             .is_empty());

@@ -1,37 +1,33 @@
 //! Child processes that announce their address on stdout (`listening on http://…`,
 //! `status on http://…`), as `cloud serve` and `terminal run` do.
 //!
-//! The harness reads the announcement to learn the port (everything binds port 0, so runs
-//! never collide), then keeps copying the child's output into a log file in the run
-//! directory: when a run fails, those files say why.
+//! Starting one and reading its announcement is [`possync_testkit::process::spawn_announcing`]
+//! (everything binds port 0, so runs never collide); the child's stderr goes into a log file
+//! in the run directory: when a run fails, those files say why.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use possync_testkit::process::locate_binary;
+use possync_testkit::process::{locate_binary, spawn_announcing};
 
 use crate::SimError;
 
-/// How long a child may take to announce its address.
-const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A running child and the URL it announced.
+/// A running child and the URL it announced; killed (SIGKILL) and reaped on drop.
 pub struct Daemon {
     /// Name used in logs and errors (`cloud-0`, `terminal-3`).
     pub name: String,
     /// The URL the child announced.
     pub url: String,
-    child: Child,
+    child: std::process::Child,
 }
 
 impl Daemon {
     /// Starts `bin args…` with `env`, waits for a stdout line starting with `announce`
-    /// (e.g. `"listening on "`) and returns the URL that follows it. stdout and stderr are
-    /// appended to `log`.
+    /// (e.g. `"listening on "`) and returns the URL that follows it. stderr is appended to
+    /// `log`.
     pub async fn spawn(
         name: &str,
         bin: &Path,
@@ -44,67 +40,16 @@ impl Daemon {
             name: name.to_string(),
             message,
         };
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| fail(format!("log {}: {e}", log.display())))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| fail(format!("spawn {}: {e}", bin.display())))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| fail("no stdout pipe".into()))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut out = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .await
-            .map_err(|e| fail(format!("log {}: {e}", log.display())))?;
-        let found = tokio::time::timeout(ANNOUNCE_TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = out.write_all(format!("{line}\n").as_bytes()).await;
-                if let Some(pos) = line.find(announce) {
-                    return Some(line[pos + announce.len()..].trim().to_string());
-                }
-            }
-            None
-        })
-        .await;
-        let url = match found {
-            Ok(Some(url)) => url,
-            Ok(None) => {
-                let status = child.wait().await.ok();
-                return Err(fail(format!(
-                    "exited ({status:?}) without announcing `{announce}`; see {}",
-                    log.display()
-                )));
-            }
-            Err(_) => {
-                let _ = child.start_kill();
-                return Err(fail(format!(
-                    "did not announce `{announce}` within {ANNOUNCE_TIMEOUT:?}; see {}",
-                    log.display()
-                )));
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = out.write_all(format!("{line}\n").as_bytes()).await;
-            }
-        });
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        let announce = announce.to_string();
+        let log = log.to_path_buf();
+        // Waiting for the announcement blocks a thread; keep it off the runtime's workers.
+        let (child, url) =
+            tokio::task::spawn_blocking(move || spawn_announcing(cmd, &announce, &log))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(format!("{e:#}")))?;
         Ok(Daemon {
             name: name.to_string(),
             url,
@@ -113,14 +58,21 @@ impl Daemon {
     }
 
     /// kill -9, then reap. No shutdown hook runs: this is the crash the fault schedule asks for.
-    pub async fn kill9(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+    pub async fn kill9(self) {
+        // Dropping kills and reaps; reaping blocks, so it runs off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 
     /// OS process id, for logs.
-    pub fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -60,14 +60,38 @@ pub enum IngestError {
     Interrupted,
 }
 
-/// A batch of validated events of one branch, answered in the same order.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<IngestOutcome>, IngestError>")]
-pub struct Ingest(pub Vec<IngestRequest>);
+/// What a branch actor answers for one batch: its outcomes in request order, or why none.
+pub type IngestResult = Result<Vec<IngestOutcome>, IngestError>;
 
-struct Waiting {
+/// A batch of validated events of one branch, with the channel its answer goes back on.
+///
+/// The reply travels inside the message (rather than as actix's response) so that a message
+/// a stopped actor never received comes back whole from `try_send` and can be re-sent to its
+/// replacement, without the registry keeping a copy of every batch just in case.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ingest {
     batch: Vec<IngestRequest>,
-    reply: oneshot::Sender<Result<Vec<IngestOutcome>, IngestError>>,
+    reply: oneshot::Sender<IngestResult>,
+}
+
+impl Ingest {
+    /// The message for `batch`, and where its answer arrives.
+    pub fn new(batch: Vec<IngestRequest>) -> (Ingest, IngestAnswer) {
+        let (reply, answer) = oneshot::channel();
+        (Ingest { batch, reply }, IngestAnswer(answer))
+    }
+}
+
+/// The pending answer to one [`Ingest`].
+pub struct IngestAnswer(oneshot::Receiver<IngestResult>);
+
+impl IngestAnswer {
+    /// Waits for the answer; an actor that went away without answering (shutdown, crash, or a
+    /// message dropped unread from its mailbox) yields [`IngestError::Interrupted`].
+    pub async fn get(self) -> IngestResult {
+        self.0.await.unwrap_or(Err(IngestError::Interrupted))
+    }
 }
 
 /// The actor that serialises one branch's ingestion.
@@ -76,7 +100,7 @@ pub struct BranchIngestor {
     db: Database,
     metrics: Metrics,
     settings: IngestSettings,
-    queue: Vec<Waiting>,
+    queue: Vec<Ingest>,
     /// Events queued plus events in the running commit.
     waiting_events: usize,
     committing: bool,
@@ -150,11 +174,7 @@ impl BranchIngestor {
 }
 
 /// Hands each waiting request its own slice of the group's outcomes (or the group's error).
-fn distribute(
-    result: Result<Vec<IngestOutcome>, IngestError>,
-    sizes: &[usize],
-    replies: Vec<oneshot::Sender<Result<Vec<IngestOutcome>, IngestError>>>,
-) {
+fn distribute(result: IngestResult, sizes: &[usize], replies: Vec<oneshot::Sender<IngestResult>>) {
     match result {
         Ok(outcomes) => {
             let mut rest = outcomes.into_iter();
@@ -205,27 +225,25 @@ impl Actor for BranchIngestor {
 }
 
 impl Handler<Ingest> for BranchIngestor {
-    type Result = ResponseFuture<Result<Vec<IngestOutcome>, IngestError>>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Ingest, ctx: &mut Self::Context) -> Self::Result {
-        let n = msg.0.len();
+    fn handle(&mut self, msg: Ingest, ctx: &mut Self::Context) {
+        let n = msg.batch.len();
         self.last_active = Instant::now();
+        // The requester may have gone (client hung up); nothing is lost by not answering it.
         if n == 0 {
-            return Box::pin(async { Ok(Vec::new()) });
+            let _ = msg.reply.send(Ok(Vec::new()));
+            return;
         }
         if self.waiting_events + n > self.settings.queue_limit {
             let limit = self.settings.queue_limit;
-            return Box::pin(async move { Err(IngestError::QueueFull { limit }) });
+            let _ = msg.reply.send(Err(IngestError::QueueFull { limit }));
+            return;
         }
-        let (tx, rx) = oneshot::channel();
-        self.queue.push(Waiting {
-            batch: msg.0,
-            reply: tx,
-        });
+        self.queue.push(msg);
         self.waiting_events += n;
         self.metrics.queued_events.add(n as i64);
         self.commit_next(ctx);
-        Box::pin(async move { rx.await.unwrap_or(Err(IngestError::Interrupted)) })
     }
 }
 
@@ -269,28 +287,32 @@ impl IngestRegistry {
     }
 
     /// Ingests `batch` (all of `branch_id`) through that branch's actor and waits for its
-    /// group commit. A dead actor (idle-stopped or crashed) is replaced once and the batch
-    /// re-sent; that is safe because a batch an actor never received was never stored.
-    pub async fn ingest(
-        &self,
-        branch_id: &str,
-        batch: Vec<IngestRequest>,
-    ) -> Result<Vec<IngestOutcome>, IngestError> {
+    /// group commit. A dead actor (idle-stopped or crashed) hands the message back unread; it
+    /// is replaced once and the message re-sent, which is safe because a batch an actor never
+    /// received was never stored.
+    pub async fn ingest(&self, branch_id: &str, batch: Vec<IngestRequest>) -> IngestResult {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let addr = self.addr(branch_id, false);
-        match addr.send(Ingest(batch.clone())).await {
-            Ok(r) => r,
-            Err(MailboxError::Closed) => {
-                tracing::warn!(branchId = %branch_id, "branch actor was gone; starting a new one");
-                let addr = self.addr(branch_id, true);
-                addr.send(Ingest(batch))
-                    .await
-                    .unwrap_or(Err(IngestError::Interrupted))
+        let (mut msg, answer) = Ingest::new(batch);
+        for replace_dead in [false, true] {
+            let addr = self.addr(branch_id, replace_dead);
+            match addr.try_send(msg) {
+                Ok(()) => return answer.get().await,
+                // A full mailbox: wait for room (the actor drains it quickly; it only queues).
+                Err(SendError::Full(m)) => {
+                    return match addr.send(m).await {
+                        Ok(()) => answer.get().await,
+                        Err(_) => Err(IngestError::Interrupted),
+                    };
+                }
+                Err(SendError::Closed(m)) => {
+                    tracing::warn!(branchId = %branch_id, "branch actor was gone; starting a new one");
+                    msg = m;
+                }
             }
-            Err(MailboxError::Timeout) => Err(IngestError::Interrupted),
         }
+        Err(IngestError::Interrupted)
     }
 
     /// Number of branch actors currently registered and alive.

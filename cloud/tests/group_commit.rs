@@ -62,13 +62,18 @@ async fn group_commit_batches_queued_requests(kind: &str) {
     ));
     // Ten requests of three events each, all in the mailbox before the actor runs: the first
     // starts a commit, the other nine queue behind it and share the next one.
+    let send = |b| {
+        let (msg, answer) = Ingest::new(b);
+        actor.do_send(msg);
+        answer
+    };
     let pending: Vec<_> = (0..10)
-        .map(|r| actor.send(Ingest(batch(t, pos, r * 3 + 1..=r * 3 + 3))))
+        .map(|r| send(batch(t, pos, r * 3 + 1..=r * 3 + 3)))
         .collect();
     // A repeat of request 0's events inside the same group: duplicates, not new rows.
-    let repeat = actor.send(Ingest(batch(t, pos, 1..=3)));
+    let repeat = send(batch(t, pos, 1..=3));
     for (r, p) in pending.into_iter().enumerate() {
-        let outcomes = p.await.expect("mailbox").expect("stored");
+        let outcomes = p.get().await.expect("stored");
         assert_eq!(
             outcomes.len(),
             3,
@@ -81,7 +86,7 @@ async fn group_commit_batches_queued_requests(kind: &str) {
             );
         }
     }
-    let again = repeat.await.expect("mailbox").expect("stored");
+    let again = repeat.get().await.expect("stored");
     assert!(
         again
             .iter()

@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use anyhow::{anyhow, bail, Context as _};
 use uuid::Uuid;
 
-use crate::process::{locate_binary, spawn_announcing};
+use crate::process::{locate_binary, spawn_announcing, terminate};
 
 /// Environment variable naming the `cloud` binary explicitly.
 pub const CLOUD_BIN_ENV: &str = "POSSYNC_CLOUD_BIN";
@@ -162,15 +162,7 @@ impl CloudProcess {
             .child
             .take()
             .ok_or_else(|| anyhow!("cloud is not running"))?;
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .context("sending SIGTERM")?;
-        if !status.success() {
-            bail!("kill -TERM failed: {status}");
-        }
-        child.wait().context("waiting for cloud to exit")
+        terminate(&mut child)
     }
 
     /// Kills the process (if running) and starts it again on the same database and data dir.

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -103,6 +103,20 @@ pub fn spawn_announcing(
     }
 }
 
+/// Asks `child` to stop with SIGTERM (the graceful path a service manager takes) and waits
+/// for it to exit. std only offers SIGKILL, so the signal is sent with `kill -TERM`.
+pub fn terminate(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .context("sending SIGTERM")?;
+    if !status.success() {
+        bail!("kill -TERM {} failed: {status}", child.id());
+    }
+    child.wait().context("waiting for the child to exit")
+}
+
 /// The last [`LOG_TAIL_LINES`] lines of `log` (empty if it cannot be read): enough to say why
 /// a child did not start without flooding the failure message.
 fn log_tail(log: &Path) -> String {
@@ -144,6 +158,20 @@ mod tests {
             .to_string();
         assert!(err.contains("did not announce `status on`"), "{err}");
         assert!(err.contains("boom: bad flag"), "{err}");
+    }
+
+    #[test]
+    fn terminate_delivers_sigterm_and_returns_the_exit_status() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "trap 'exit 7' TERM; echo 'status on http://t'; while :; do sleep 0.05; done",
+        ]);
+        let (mut child, _) =
+            spawn_announcing(cmd, "status on ", &dir.path().join("x.log")).expect("announced");
+        let status = terminate(&mut child).expect("terminated");
+        assert_eq!(status.code(), Some(7), "the TERM trap ran: {status}");
     }
 
     #[test]

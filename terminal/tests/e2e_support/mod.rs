@@ -7,7 +7,7 @@
 
 use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
-use possync_testkit::process::spawn_announcing;
+use possync_testkit::process::{spawn_announcing, terminate};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -282,13 +282,7 @@ impl Daemon {
     /// SIGTERM and wait: the graceful path.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("daemon running");
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status()
-            .expect("kill -TERM");
-        assert!(ok.success());
-        c.wait().expect("wait daemon")
+        terminate(&mut c).expect("SIGTERM the daemon")
     }
 
     /// Starts it again on the same data dir (new port).

@@ -416,6 +416,11 @@ impl LocalStore for MemoryStore {
         cloud_version: i64,
     ) -> Result<(), StoreError> {
         let mut g = self.check(StoreOp::ApplyReconcilePlan)?;
+        // The port's rule: a row between the plan's version and the local catalog version came
+        // by a delta while reconcile ran and is kept; any other row is the plan's to replace.
+        let local_catalog_version = g.position.catalog_version.unwrap_or(i64::MAX);
+        let replaceable =
+            |l: &Entity| l.version <= cloud_version || l.version > local_catalog_version;
         for e in &plan.upserts {
             let key = e.key().to_string();
             if !range.contains(&key) {
@@ -423,14 +428,13 @@ impl LocalStore for MemoryStore {
                     "plan upsert {key} outside its range"
                 )));
             }
-            g.entities.insert(key, e.clone());
+            if g.entities.get(&key).is_none_or(replaceable) {
+                g.entities.insert(key, e.clone());
+            }
         }
         for d in &plan.deletes {
             let key = EntityKey::new(&d.entity_type, &d.id);
-            if g.entities
-                .get(key.as_str())
-                .is_some_and(|e| e.version <= cloud_version)
-            {
+            if g.entities.get(key.as_str()).is_some_and(replaceable) {
                 g.entities.remove(key.as_str());
             }
         }

@@ -303,11 +303,7 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                         path: file.clone(),
                         source,
                     })?;
-                    let writes = parse_import(&text)?;
-                    let mut stored = 0usize;
-                    for chunk in writes.chunks(1000) {
-                        stored += catalog::upsert_entities(&mut conn, chunk)?.len();
-                    }
+                    let stored = catalog::import_entities(&mut conn, &parse_import(&text)?)?;
                     println!("{}", serde_json::json!({"imported": stored}));
                 }
                 CatalogCommand::Upsert {

@@ -842,85 +842,21 @@ pub fn horizon(conn: &mut DbConn) -> Result<i64, CatalogError> {
     Ok(h)
 }
 
-fn flush_import(
-    conn: &mut DbConn,
-    batch: &mut Vec<EntityWrite>,
-    summary: &mut ImportSummary,
-) -> Result<(), CatalogError> {
-    if batch.is_empty() {
-        return Ok(());
+/// Upserts `writes` for `cloud catalog import`, in transactions of [`IMPORT_BATCH`]. A failing
+/// batch stops the import; batches before it stay committed, so re-running the fixed file is
+/// safe (unchanged entities are no-ops). Returns how many entities are stored (written or
+/// already equal).
+pub fn import_entities(conn: &mut DbConn, writes: &[EntityWrite]) -> Result<usize, CatalogError> {
+    let mut stored = 0;
+    for chunk in writes.chunks(IMPORT_BATCH) {
+        stored += upsert_entities(conn, chunk)?.len();
     }
-    let before = current_version(conn)?;
-    let written = upsert_entities(conn, batch)?;
-    summary.changed += written.iter().filter(|e| e.version > before).count();
-    batch.clear();
-    Ok(())
-}
-
-/// One line of a catalog import file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportLine {
-    #[serde(rename = "type")]
-    entity_type: String,
-    id: String,
-    #[serde(default)]
-    branch_id: Option<String>,
-    data: serde_json::Value,
-}
-
-/// What [`import_entities`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ImportSummary {
-    /// Lines read (blank lines skipped).
-    pub lines: usize,
-    /// Entities whose write produced a new version.
-    pub changed: usize,
-    /// Catalog version after the import.
-    pub catalog_version: i64,
-}
-
-/// Imports JSON lines `{"type", "id", "branch_id"?, "data"}` (for `cloud catalog import`), in
-/// transactions of [`IMPORT_BATCH`] entities. A malformed line stops the import with an error
-/// naming its line number; batches before it stay committed, so re-running the fixed file is
-/// safe (unchanged entities are no-ops).
-pub fn import_entities(
-    conn: &mut DbConn,
-    input: impl std::io::BufRead,
-) -> Result<ImportSummary, CatalogError> {
-    let mut summary = ImportSummary::default();
-    let mut batch: Vec<EntityWrite> = Vec::with_capacity(IMPORT_BATCH);
-    for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| {
-            CatalogError::InvalidEntity(format!("line {}: cannot read: {e}", n + 1))
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        summary.lines += 1;
-        let parsed: ImportLine = serde_json::from_str(&line)
-            .map_err(|e| CatalogError::InvalidEntity(format!("line {}: {e}", n + 1)))?;
-        let write = EntityWrite {
-            entity_type: parsed.entity_type,
-            id: parsed.id,
-            branch_id: parsed.branch_id,
-            data: parsed.data,
-        };
-        check_write(&write)
-            .map_err(|e| CatalogError::InvalidEntity(format!("line {}: {e}", n + 1)))?;
-        batch.push(write);
-        if batch.len() >= IMPORT_BATCH {
-            flush_import(conn, &mut batch, &mut summary)?;
-        }
-    }
-    flush_import(conn, &mut batch, &mut summary)?;
     if let DbConn::Pg(c) = conn {
         // Fresh statistics right away, so snapshot and delta pages over a just-imported
         // catalog are planned as index scans instead of waiting for autovacuum.
         diesel::sql_query("ANALYZE catalog_entities").execute(c)?;
     }
-    summary.catalog_version = current_version(conn)?;
-    Ok(summary)
+    Ok(stored)
 }
 
 #[cfg(test)]

@@ -597,35 +597,48 @@ fn reconcile_respects_the_range_and_rejects_bad_manifests() {
     });
 }
 
+fn product(id: String, n: usize) -> EntityWrite {
+    EntityWrite {
+        entity_type: "product".into(),
+        id,
+        branch_id: None,
+        data: json!({ "n": n }),
+    }
+}
+
 #[test]
-fn import_reads_json_lines_in_batches_and_names_bad_lines() {
+fn import_commits_in_batches_and_a_reimport_changes_nothing() {
     each_backend(|db| {
         let mut c = conn(db);
-        let mut text = String::new();
-        for i in 0..(IMPORT_BATCH + 5) {
-            text.push_str(&format!(
-                "{{\"type\":\"product\",\"id\":\"p{i}\",\"data\":{{\"n\":{i}}}}}\n"
-            ));
-        }
-        text.push('\n');
-        text.push_str("{\"type\":\"price\",\"id\":\"x\",\"branch_id\":\"b1\",\"data\":{}}\n");
-        let s = import_entities(&mut c, text.as_bytes()).expect("import");
-        assert_eq!(s.lines, IMPORT_BATCH + 6);
-        assert_eq!(s.changed, IMPORT_BATCH + 6);
-        assert_eq!(s.catalog_version, (IMPORT_BATCH + 6) as i64);
-        // Re-import: nothing changes.
-        let again = import_entities(&mut c, text.as_bytes()).expect("import");
-        assert_eq!(again.changed, 0);
-        assert_eq!(again.catalog_version, s.catalog_version);
+        let mut writes: Vec<EntityWrite> = (0..IMPORT_BATCH + 5)
+            .map(|i| product(format!("p{i}"), i))
+            .collect();
+        writes.push(EntityWrite {
+            entity_type: "price".into(),
+            id: "x".into(),
+            branch_id: Some("b1".into()),
+            data: json!({}),
+        });
+        let all = IMPORT_BATCH + 6;
+        assert_eq!(import_entities(&mut c, &writes).expect("import"), all);
+        assert_eq!(current_version(&mut c).expect("version"), all as i64);
+        // Re-import: every entity is still stored, none changes.
+        assert_eq!(import_entities(&mut c, &writes).expect("re-import"), all);
+        assert_eq!(current_version(&mut c).expect("version"), all as i64);
 
-        let err = import_entities(
-            &mut c,
-            "{\"type\":\"product\",\"id\":\"ok\",\"data\":{}}\n{oops\n".as_bytes(),
+        // A bad entity in the second batch: the first batch stays committed.
+        let mut more: Vec<EntityWrite> = (0..IMPORT_BATCH)
+            .map(|i| product(format!("q{i}"), i))
+            .collect();
+        more.push(EntityWrite {
+            entity_type: "Not A Type".into(),
+            ..product("bad".into(), 0)
+        });
+        assert!(import_entities(&mut c, &more).is_err());
+        assert_eq!(
+            current_version(&mut c).expect("version"),
+            (all + IMPORT_BATCH) as i64
         );
-        match err {
-            Err(CatalogError::InvalidEntity(m)) => assert!(m.starts_with("line 2:"), "{m}"),
-            other => panic!("expected a line error, got {other:?}"),
-        }
     });
 }
 

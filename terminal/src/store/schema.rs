@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_live_catalog_index",
         sql: include_str!("../../../migrations/terminal/0003_live_catalog_index.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_journal_counts",
+        sql: include_str!("../../../migrations/terminal/0004_journal_counts.sql"),
+    },
 ];
 
 /// The schema version a fully migrated database has.
@@ -189,6 +194,48 @@ mod tests {
         assert!(apply_pending(&mut conn, latest_version())
             .expect("again")
             .is_empty());
+    }
+
+    #[test]
+    fn journal_counts_start_from_the_rows_already_there_and_follow_every_change() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        apply_pending(&mut conn, 3).expect("v3");
+        conn.execute_batch(
+            "INSERT INTO sync_journal (pos_id, local_event_id, event_type, event, status, created_at, updated_at)
+             VALUES ('p', 1, 'sale', '{}', 'synced', 't', 't'), ('p', 2, 'sale', '{}', 'synced', 't', 't'),
+                    ('p', 3, 'sale', '{}', 'failed', 't', 't'), ('p', 4, 'sale', '{}', 'pending', 't', 't');",
+        )
+        .expect("rows before the migration");
+        apply_pending(&mut conn, latest_version()).expect("rest");
+        conn.execute_batch(
+            "INSERT INTO sync_journal (pos_id, local_event_id, event_type, event, status, created_at, updated_at)
+             VALUES ('p', 5, 'sale', '{}', 'pending', 't', 't');
+             UPDATE sync_journal SET status = 'in_flight' WHERE local_event_id IN (3, 4);
+             UPDATE sync_journal SET status = 'needs_attention' WHERE local_event_id = 3;
+             UPDATE sync_journal SET attempts = 1 WHERE local_event_id = 5;
+             DELETE FROM sync_journal WHERE local_event_id = 4;",
+        )
+        .expect("changes after it");
+        let read = |sql: &str| -> Vec<(String, i64)> {
+            conn.prepare(sql)
+                .expect("prepare")
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        let kept = read("SELECT status, n FROM sync_journal_counts WHERE n > 0 ORDER BY status");
+        let actual =
+            read("SELECT status, count(*) FROM sync_journal GROUP BY status ORDER BY status");
+        assert_eq!(kept, actual);
+        assert_eq!(
+            actual,
+            vec![
+                ("needs_attention".to_string(), 1),
+                ("pending".to_string(), 1),
+                ("synced".to_string(), 2)
+            ]
+        );
     }
 
     #[test]

@@ -184,14 +184,20 @@ pub struct OutboxState {
     in_flight: usize,
     tasks: JoinSet<()>,
     generation: u64,
-    /// After a transient failure (cloud unreachable, 5xx, 429), no new claims before this time:
-    /// sales recorded meanwhile wait as `pending` instead of each paying a doomed request and
-    /// a failure write. Cleared by the next answer that is not a transient failure.
-    held_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// After a transient failure (cloud unreachable, 5xx, 429), no new claims until the hold
+    /// ends: sales recorded meanwhile wait as `pending` instead of each paying a doomed request
+    /// and a failure write. Cleared by the next answer that is not a transient failure.
+    hold: Option<Hold>,
+}
+
+/// A pause in claiming after a transient failure.
+struct Hold {
+    /// The earliest retry time of the failed batch.
+    until: chrono::DateTime<chrono::Utc>,
     /// For a hold caused by an unreachable cloud: when it began. Any answer from the cloud
     /// after that (e.g. to the `CatalogSyncer`'s delta poll) means it is back, and lifts the
     /// hold early so queued sales flush without waiting out the backoff.
-    held_since_unreachable: Option<chrono::DateTime<chrono::Utc>>,
+    since_unreachable: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The actor that drains the sales journal.
@@ -204,9 +210,9 @@ impl SalesOutbox {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
-        if let Some(until) = state.held_until {
-            let now = ctx.now();
-            let cloud_back = state.held_since_unreachable.is_some_and(|since| {
+        if let Some(hold) = &state.hold {
+            let (until, now) = (hold.until, ctx.now());
+            let cloud_back = hold.since_unreachable.is_some_and(|since| {
                 ctx.board
                     .snapshot()
                     .last_contact_at
@@ -229,8 +235,7 @@ impl SalesOutbox {
                 drop(myself.send_after(wait.min(cfg.outbox_idle_poll), move || OutboxMsg::Wake(g)));
                 return Ok(());
             }
-            state.held_until = None;
-            state.held_since_unreachable = None;
+            state.hold = None;
         }
         while state.in_flight < cfg.outbox_concurrency {
             let now = ctx.now();
@@ -314,11 +319,7 @@ impl SalesOutbox {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
         let unreachable = matches!(&result, Err(CloudError::Unreachable(_)));
-        if let Err(CloudError::Unreachable(_)) = &result {
-            ctx.backoff.report_contact(false);
-        } else {
-            ctx.backoff.report_contact(true);
-        }
+        ctx.backoff.report_contact(!unreachable);
         if let Err(e) = &result {
             ctx.board.set_error(ActorKind::SalesOutbox, e.to_string());
         }
@@ -347,8 +348,10 @@ impl SalesOutbox {
         };
         let outcomes = outcomes_for(&items, result, &mut lookup);
         Self::log_outcomes(cfg, &items, &outcomes);
-        state.held_until = hold_after(&outcomes);
-        state.held_since_unreachable = (state.held_until.is_some() && unreachable).then_some(now);
+        state.hold = hold_after(&outcomes).map(|until| Hold {
+            until,
+            since_unreachable: unreachable.then_some(now),
+        });
         let (mut synced, mut retries) = (0u64, 0u64);
         for o in &outcomes {
             match o {
@@ -434,8 +437,7 @@ impl Actor for SalesOutbox {
             in_flight: 0,
             tasks: JoinSet::new(),
             generation: 0,
-            held_until: None,
-            held_since_unreachable: None,
+            hold: None,
         })
     }
 

@@ -183,7 +183,7 @@ impl Reconciler {
                     ctx.backoff.report_contact(true);
                     failures = 0;
                     if action == ReconcileAction::Apply {
-                        let plan = resp.plan.clone();
+                        let plan = resp.plan;
                         let r = range.clone();
                         let at = resp.catalog_version;
                         ctx.store_call(move |s| s.apply_reconcile_plan(&r, &plan, at))

@@ -33,24 +33,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-/// One entity in `POST /v1/admin/catalog/upsert`.
-#[derive(Debug, Deserialize)]
-pub struct EntityInput {
-    /// Entity type, e.g. `product`.
-    #[serde(rename = "type")]
-    pub entity_type: String,
-    /// Entity id.
-    pub id: String,
-    /// `null`/absent for a global entity, else its branch.
-    #[serde(default)]
-    pub branch_id: Option<String>,
-    /// The document.
-    pub data: serde_json::Value,
-}
-
 #[derive(Debug, Deserialize)]
 struct UpsertBody {
-    entities: Vec<EntityInput>,
+    entities: Vec<EntityWrite>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,16 +96,7 @@ pub async fn catalog_upsert(
             "at most {MAX_ADMIN_ENTITIES} entities per request"
         )));
     }
-    let writes: Vec<EntityWrite> = body
-        .entities
-        .into_iter()
-        .map(|e| EntityWrite {
-            entity_type: e.entity_type,
-            id: e.id,
-            branch_id: e.branch_id,
-            data: e.data,
-        })
-        .collect();
+    let writes = body.entities;
     let db = state.db.clone();
     let stored = web::block(move || {
         let mut conn = db.conn()?;

@@ -400,14 +400,10 @@ pub fn parse_import(text: &str) -> Result<Vec<EntityWrite>, CliError> {
 }
 
 fn parse_json_line(line_no: usize, line: &str) -> Result<EntityWrite, CliError> {
-    let input: crate::admin_routes::EntityInput =
+    let mut write: EntityWrite =
         serde_json::from_str(line).map_err(|e| CliError::Input(format!("line {line_no}: {e}")))?;
-    Ok(EntityWrite {
-        entity_type: input.entity_type,
-        id: input.id,
-        branch_id: input.branch_id.filter(|b| !b.is_empty()),
-        data: input.data,
-    })
+    write.branch_id = write.branch_id.filter(|b| !b.is_empty());
+    Ok(write)
 }
 
 /// One CSV record: three plain fields, then the data field (the rest of the line, optionally

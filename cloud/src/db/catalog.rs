@@ -57,14 +57,18 @@ pub const IMPORT_BATCH: usize = 1000;
 /// How many keys one `IN (…)` lookup binds, well under both backends' parameter limits.
 const LOOKUP_CHUNK: usize = 500;
 
-/// One entity to create or replace.
-#[derive(Debug, Clone, PartialEq)]
+/// One entity to create or replace; also the JSON shape of one entity in
+/// `POST /v1/admin/catalog/upsert` and in an import file's JSON lines.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EntityWrite {
     /// Entity type (`[a-z][a-z_]*`).
+    #[serde(rename = "type")]
     pub entity_type: String,
     /// Entity id, unique within its type.
     pub id: String,
-    /// `None` for global entities; a branch's own otherwise. Fixed once written.
+    /// `None` (`null` or absent) for global entities; a branch's own otherwise. Fixed once
+    /// written.
+    #[serde(default)]
     pub branch_id: Option<String>,
     /// The document.
     pub data: serde_json::Value,

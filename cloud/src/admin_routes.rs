@@ -18,10 +18,10 @@ pub async fn healthz() -> HttpResponse {
 
 /// `GET /readyz`: the database answers; otherwise 503 so a load balancer stops routing here.
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let db = state.db.clone();
-    web::block(move || db.ping())
+    state
+        .db
+        .run(|conn| crate::db::select_one(conn).map_err(StoreError::from))
         .await
-        .map_err(|e| ApiError::StorageFailed(e.to_string()))?
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
 }
@@ -97,14 +97,11 @@ pub async fn catalog_upsert(
         )));
     }
     let writes = body.entities;
-    let db = state.db.clone();
-    let stored = web::block(move || {
-        let mut conn = db.conn()?;
-        catalog::upsert_entities(&mut conn, &writes)
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(admin_catalog_error)?;
+    let stored = state
+        .db
+        .run(move |conn| catalog::upsert_entities(conn, &writes))
+        .await
+        .map_err(admin_catalog_error)?;
     tracing::info!(entities = stored.len(), "admin catalog upsert");
     Ok(HttpResponse::Ok().json(serde_json::json!({ "entities": stored })))
 }
@@ -126,28 +123,22 @@ pub async fn catalog_delete(
         .into_iter()
         .map(|k| (k.entity_type, k.id))
         .collect();
-    let db = state.db.clone();
-    let deleted = web::block(move || {
-        let mut conn = db.conn()?;
-        catalog::delete_entities(&mut conn, &keys)
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(admin_catalog_error)?;
+    let deleted = state
+        .db
+        .run(move |conn| catalog::delete_entities(conn, &keys))
+        .await
+        .map_err(admin_catalog_error)?;
     tracing::info!(entities = deleted.len(), "admin catalog delete");
     Ok(HttpResponse::Ok().json(serde_json::json!({ "entities": deleted })))
 }
 
 /// `GET /v1/admin/terminals`: enrolled terminals (no token material).
 pub async fn terminals(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let db = state.db.clone();
-    let list = web::block(move || {
-        let mut conn = db.conn()?;
-        terminals::list_terminals(&mut conn)
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    let list = state
+        .db
+        .run(terminals::list_terminals)
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "terminals": list })))
 }
 
@@ -164,15 +155,12 @@ pub async fn sales_summary(
     let q = web::Query::<SummaryQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::InvalidBody(format!("bad query string: {e}")))?
         .into_inner();
-    let db = state.db.clone();
     let branch = q.branch.clone();
-    let count = web::block(move || {
-        let mut conn = db.conn()?;
-        ledger::count_sales(&mut conn, branch.as_deref())
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    let count = state
+        .db
+        .run(move |conn| ledger::count_sales(conn, branch.as_deref()))
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({ "branch_id": q.branch, "sales_events": count })),

@@ -94,15 +94,12 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
     let state = state(req)?;
     check_address(&state, req)?;
     let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
-    let db = state.db.clone();
-    let identity = web::block(move || {
-        let mut conn = db.conn()?;
-        terminals::authenticate(&mut conn, &token)
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .ok_or(ApiError::Unauthenticated)?;
+    let identity = state
+        .db
+        .run(move |conn| terminals::authenticate(conn, &token))
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?
+        .ok_or(ApiError::Unauthenticated)?;
     if let Admission::Refused { retry_after_secs } =
         state.terminal_buckets.check(&identity.terminal_id)
     {

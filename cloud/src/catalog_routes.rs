@@ -91,14 +91,11 @@ pub async fn snapshot(
     let limit = page_limit(&q, route)?;
     let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
     let branch = terminal.0.branch_id.clone();
-    let db = state.db.clone();
-    let page = web::block(move || {
-        let mut conn = db.conn()?;
-        catalog::snapshot_page(&mut conn, &branch, cursor.as_deref(), limit)
-    })
-    .await
-    .map_err(|e| route.server_failure(e.to_string()))?
-    .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+    let page = state
+        .db
+        .run(move |conn| catalog::snapshot_page(conn, &branch, cursor.as_deref(), limit))
+        .await
+        .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
     state.metrics.snapshot_pages.inc();
     tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
         snapshotVersion = page.snapshot_version, entities = page.entities.len(), "snapshot page");
@@ -125,14 +122,11 @@ pub async fn delta(
         },
     };
     let branch = terminal.0.branch_id.clone();
-    let db = state.db.clone();
-    let page = web::block(move || {
-        let mut conn = db.conn()?;
-        catalog::delta_page(&mut conn, &branch, since, limit)
-    })
-    .await
-    .map_err(|e| route.server_failure(e.to_string()))?
-    .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+    let page = state
+        .db
+        .run(move |conn| catalog::delta_page(conn, &branch, since, limit))
+        .await
+        .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
     state.metrics.delta_sync_runs.inc();
     tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
         since, changes = page.changes.len(), catalogVersion = page.catalog_version, "delta page");
@@ -173,14 +167,11 @@ pub async fn reconcile(
     }
     let mode = manifest.mode;
     let branch = terminal.0.branch_id.clone();
-    let db = state.db.clone();
-    let answer = web::block(move || {
-        let mut conn = db.conn()?;
-        catalog::reconcile(&mut conn, &branch, &manifest, max_entries)
-    })
-    .await
-    .map_err(|e| route.server_failure(e.to_string()))?
-    .map_err(|e| route.map(e, max_bytes))?;
+    let answer = state
+        .db
+        .run(move |conn| catalog::reconcile(conn, &branch, &manifest, max_entries))
+        .await
+        .map_err(|e| route.map(e, max_bytes))?;
     let mode_label = match mode {
         ReconcileMode::Verify => "verify",
         ReconcileMode::Plan => "plan",

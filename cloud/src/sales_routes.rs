@@ -257,15 +257,11 @@ pub async fn sync_status(
     terminal: Terminal,
 ) -> Result<HttpResponse, ApiError> {
     let who = terminal.0;
-    let db = state.db.clone();
-    let branch = who.branch_id.clone();
-    let status = web::block(move || {
-        let mut conn = db.conn()?;
-        ledger::sync_status(&mut conn, who.terminal_id, &branch)
-    })
-    .await
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?
-    .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    let status = state
+        .db
+        .run(move |conn| ledger::sync_status(conn, who.terminal_id, &who.branch_id))
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
     Ok(HttpResponse::Ok().json(status))
 }
 

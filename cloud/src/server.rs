@@ -117,21 +117,17 @@ async fn purge_tombstones(
     let mut tick = actix_web::rt::time::interval(interval);
     loop {
         tick.tick().await;
-        let db = db.clone();
-        let result = web::block(move || {
-            let mut conn = db.conn()?;
-            catalog::purge_tombstones(&mut conn, retention)
-        })
-        .await;
-        match result {
-            Ok(Ok(n)) => {
+        match db
+            .run(move |conn| catalog::purge_tombstones(conn, retention))
+            .await
+        {
+            Ok(n) => {
                 metrics.tombstones_purged.inc_by(n as u64);
                 if n > 0 {
                     tracing::info!(purged = n, "tombstones purged");
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "tombstone purge failed"),
-            Err(e) => tracing::warn!(error = %e, "tombstone purge task failed"),
+            Err(e) => tracing::warn!(error = %e, "tombstone purge failed"),
         }
     }
 }

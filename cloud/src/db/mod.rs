@@ -8,8 +8,8 @@
 //! takes its write lock up front (`BEGIN IMMEDIATE`) instead of upgrading a read lock, which
 //! would fail with `SQLITE_BUSY` under concurrent writers.
 //!
-//! Every function here is blocking. The HTTP layer calls them inside `web::block` /
-//! `spawn_blocking`, never on an async worker thread.
+//! Every function here is blocking. The HTTP layer calls them through [`Database::run`] (or,
+//! in the ingestion actors, `spawn_blocking`), never on an async worker thread.
 
 pub mod catalog;
 pub mod ledger;
@@ -158,7 +158,7 @@ fn apply_pending<DB: diesel::backend::Backend>(
     Ok(names)
 }
 
-fn select_one(conn: &mut DbConn) -> Result<(), diesel::result::Error> {
+pub(crate) fn select_one(conn: &mut DbConn) -> Result<(), diesel::result::Error> {
     match conn {
         DbConn::Pg(c) => diesel::sql_query("SELECT 1").execute(c).map(|_| ()),
         DbConn::Sqlite(c) => diesel::sql_query("SELECT 1").execute(c).map(|_| ()),
@@ -250,6 +250,30 @@ impl Database {
                 c.immediate_transaction(|c| apply_pending(c, SQLITE_MIGRATIONS).map_err(migrate))
             }
         }
+    }
+
+    /// Runs `f` on a pooled connection on the blocking thread pool, never on an async worker:
+    /// how the HTTP layer reaches storage. A pool or thread-pool failure arrives as
+    /// [`StoreError::Unavailable`], converted into the caller's error type.
+    pub async fn run<T, E>(
+        &self,
+        f: impl FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db.conn()?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| {
+            E::from(StoreError::Unavailable(format!(
+                "blocking task failed: {e}"
+            )))
+        })?
     }
 
     /// Takes a connection from the pool (waits up to 10 s for a free one).

@@ -18,7 +18,7 @@ use possync_cloud::db::Database;
 use possync_protocol::SaleEvent;
 use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
-use possync_testkit::sample_sale_event;
+use possync_testkit::{events_body, sample_sale_event};
 use uuid::Uuid;
 
 struct Options {
@@ -62,7 +62,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// One terminal's workload: its token and its batches as ready-to-send JSON bodies.
+/// One terminal's workload: its token and its batches of events (the same rows feed the HTTP
+/// run as JSON bodies and the raw run as SQL).
 struct Workload {
     token: String,
     events: Vec<Vec<SaleEvent>>,
@@ -173,9 +174,7 @@ async fn main() -> anyhow::Result<()> {
             let b = w
                 .events
                 .iter()
-                .map(|batch| {
-                    serde_json::to_vec(&serde_json::json!({ "events": batch })).unwrap_or_default()
-                })
+                .map(|batch| serde_json::to_vec(&events_body(batch)).unwrap_or_default())
                 .collect();
             (w.token.clone(), b)
         })

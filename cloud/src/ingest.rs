@@ -266,12 +266,14 @@ impl IngestRegistry {
         }
     }
 
-    fn addr(&self, branch_id: &str, replace_dead: bool) -> Addr<BranchIngestor> {
+    /// The branch's live actor, or a new one if it has none or its actor's mailbox is closed
+    /// (a closed mailbox never reopens, so `connected()` is exactly "a send would come back
+    /// `Closed`"). Under the lock, so concurrent callers that met the same dead actor agree
+    /// on one replacement.
+    fn addr(&self, branch_id: &str) -> Addr<BranchIngestor> {
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(addr) = actors.get(branch_id) {
-            if addr.connected() && !replace_dead {
-                return addr.clone();
-            }
+        if let Some(addr) = actors.get(branch_id).filter(|a| a.connected()) {
+            return addr.clone();
         }
         // Drop addresses of actors that stopped, so the map does not grow with old branches.
         actors.retain(|_, a| a.connected());
@@ -295,8 +297,8 @@ impl IngestRegistry {
             return Ok(Vec::new());
         }
         let (mut msg, answer) = Ingest::new(batch);
-        for replace_dead in [false, true] {
-            let addr = self.addr(branch_id, replace_dead);
+        for _ in 0..2 {
+            let addr = self.addr(branch_id);
             match addr.try_send(msg) {
                 Ok(()) => return answer.get().await,
                 // A full mailbox: wait for room (the actor drains it quickly; it only queues).

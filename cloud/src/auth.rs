@@ -20,9 +20,6 @@ use crate::db::terminals::{self, TerminalIdentity};
 use crate::error::ApiError;
 use crate::rate_limit::Admission;
 
-/// Longest bearer token we bother looking up; anything longer cannot be one we issued.
-const MAX_TOKEN_LEN: usize = 512;
-
 /// sha256 of a token, so admin tokens are compared digest-to-digest in constant time.
 pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -40,7 +37,10 @@ fn bearer(req: &ServiceRequest) -> Option<String> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.len() > MAX_TOKEN_LEN {
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || token.is_empty()
+        || token.len() > terminals::MAX_TOKEN_LEN
+    {
         return None;
     }
     Some(token.to_string())

@@ -81,6 +81,10 @@ fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("corrupt terminal id {s:?} in database: {e}")))
 }
 
+/// Longest bearer token (terminal or admin) worth looking up; anything longer cannot be one we
+/// issued, and refusing it early keeps hashing bounded.
+pub const MAX_TOKEN_LEN: usize = 512;
+
 /// sha256 hex of a token, the form stored and looked up.
 fn token_hash(token: &str) -> String {
     possync_protocol::sha256_hex(token.as_bytes())
@@ -172,7 +176,7 @@ pub fn authenticate(
     conn: &mut DbConn,
     token: &str,
 ) -> Result<Option<TerminalIdentity>, StoreError> {
-    if !token.starts_with(TOKEN_PREFIX) || token.len() > 256 {
+    if !token.starts_with(TOKEN_PREFIX) || token.len() > MAX_TOKEN_LEN {
         return Ok(None);
     }
     let hash = token_hash(token);

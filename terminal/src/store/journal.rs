@@ -166,6 +166,9 @@ pub(crate) struct QueuedSale<'a> {
     /// `Some((code, message))` stores the row as `needs_attention` instead of `pending`.
     pub needs_attention: Option<(String, String)>,
     pub legacy_sale_id: Option<i64>,
+    /// The terminal's enrollment, read once by the caller (`None` before enrollment: the
+    /// event is stamped later by [`stamp_identity`]).
+    pub enrollment: Option<&'a Enrollment>,
 }
 
 /// Inserts a receipt and its journal row in the caller's transaction.
@@ -174,12 +177,11 @@ pub(crate) fn insert_queued_sale(
     s: &QueuedSale<'_>,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
     let now = time_text(Utc::now());
-    let enrollment = read_enrollment(tx)?;
     let local_event_id = take_local_event_id(tx)?;
     let event = event_json(
         s.pos_id,
         local_event_id,
-        enrollment.as_ref(),
+        s.enrollment,
         s.event_type,
         s.occurred_at,
         s.payload,
@@ -268,6 +270,7 @@ pub fn enqueue(
     payload: &SalePayload,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
     let tx = conn.transaction()?;
+    let enrollment = read_enrollment(&tx)?;
     let done = insert_queued_sale(
         &tx,
         &QueuedSale {
@@ -277,9 +280,9 @@ pub fn enqueue(
             payload,
             needs_attention: None,
             legacy_sale_id: None,
+            enrollment: enrollment.as_ref(),
         },
     )?;
-    let enrollment = read_enrollment(&tx)?;
     tx.commit()?;
     tracing::info!(
         terminalId = %enrollment.as_ref().map(|e| e.terminal_id.to_string()).unwrap_or_default(),

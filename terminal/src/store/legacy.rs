@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::error::TerminalStoreError;
 use super::journal::{insert_queued_sale, insert_sale_record, QueuedSale};
 use super::schema::table_exists;
-use super::{time_text, Kv, SqliteStore};
+use super::{read_enrollment, time_text, Kv, SqliteStore};
 
 /// Currency of legacy amounts: the old layout stored bare cents without a currency.
 pub const LEGACY_CURRENCY: &str = "EUR";
@@ -374,6 +374,7 @@ pub fn convert_if_pending(
         .prepare("SELECT id, receipt_no, created_at, total_cents, lines_json, drive_synced FROM legacy_sales ORDER BY id")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
         .collect::<Result<_, _>>()?;
+    let enrollment = read_enrollment(&tx)?;
     for (id, receipt_no, created_at, total, lines_json, drive_synced) in rows {
         let c = convert_sale(
             id,
@@ -417,6 +418,7 @@ pub fn convert_if_pending(
                 payload: &c.payload,
                 needs_attention,
                 legacy_sale_id: Some(id),
+                enrollment: enrollment.as_ref(),
             },
         )?;
     }

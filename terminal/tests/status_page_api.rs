@@ -22,6 +22,8 @@ async fn status_reports_catalog_queue_actors_and_attention() {
         .expect("json");
     assert_eq!(s["daemon_running"], true);
     assert_eq!(s["online"], false);
+    assert!(s["offline_since"].is_string(), "the outage is shown: {s}");
+    assert!(s["offline_seconds"].as_i64().expect("outage length") >= 5_399);
     assert_eq!(s["pos_id"], POS_ID);
     assert_eq!(s["branch_id"], "b1");
     assert_eq!(s["catalog"]["version"], 42);

@@ -21,6 +21,11 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
     let version = session.wait_text("#catalog-version", |t| t == "42").await;
     assert_eq!(version, "42");
     assert_eq!(session.text("#online").await, "offline");
+    let outage = session.text("#outage").await;
+    assert!(
+        outage.contains("cloud unreachable since") && outage.contains("1 h ago"),
+        "outage line: {outage:?}"
+    );
     assert_eq!(session.text("#queued").await, "1");
     let oldest = session.text("#oldest-pending").await;
     assert!(

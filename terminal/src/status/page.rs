@@ -39,6 +39,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   progress { width: 100%; }
   #action-result { white-space: pre-wrap; font-size: 14px; min-height: 1.4em; }
   #action-result.error { color: var(--bad); }
+  #outage { color: var(--bad); font-weight: 600; }
   .wide { grid-column: 1 / -1; }
 </style>
 </head>
@@ -59,6 +60,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   </section>
   <section>
     <h2>Sales queue</h2>
+    <div id="outage" hidden></div>
     <div class="big"><span id="queued">0</span> waiting</div>
     <div id="queue" class="muted"></div>
     <div id="oldest-pending"></div>
@@ -114,6 +116,12 @@ function render(s) {
   if (s.online === true) { online.className = "pill ok"; text(online, "online"); }
   else if (s.online === false) { online.className = "pill bad"; text(online, "offline"); }
   else { online.className = "pill unknown"; text(online, "unknown"); }
+  const outage = $("outage");
+  if (s.offline_since) {
+    outage.hidden = false;
+    text(outage, "cloud unreachable since " + new Date(s.offline_since).toLocaleString() +
+      " (" + ago(s.offline_seconds) + "): sales are recorded and will be sent by themselves when it is back");
+  } else { outage.hidden = true; text(outage, ""); }
   text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id);
   text($("updated"), "updated " + new Date(s.generated_at).toLocaleTimeString());
 

@@ -218,6 +218,7 @@ impl SyncControl for FakeEngine {
         EngineView {
             online: false,
             last_contact_at: None,
+            offline_since: Some(chrono::Utc::now() - chrono::Duration::minutes(90)),
             actors: vec![
                 ActorView {
                     name: "CatalogSyncer".into(),

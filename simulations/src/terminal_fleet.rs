@@ -24,9 +24,24 @@ pub struct DaemonTuning {
     pub backoff_cap_ms: u64,
     /// Pause between catalog delta polls (`POSSYNC_DELTA_INTERVAL_MS`).
     pub delta_interval_ms: u64,
+    /// Failures blamed on a sale before it needs an operator (`POSSYNC_MAX_ATTEMPTS`). Kept
+    /// small so the run's outage outlasts the whole budget several times over.
+    pub max_attempts: u32,
 }
 
 impl DaemonTuning {
+    /// The longest time `max_attempts` failed deliveries can take: the sum of the backoff
+    /// ceilings. An outage longer than this used to park sales for an operator.
+    pub fn attempt_budget_ms(&self) -> u64 {
+        (1..=self.max_attempts.min(64))
+            .map(|i| {
+                self.backoff_base_ms
+                    .saturating_mul(1u64 << (i - 1).min(62))
+                    .min(self.backoff_cap_ms)
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+
     /// The environment variables the daemon reads for these knobs.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
@@ -42,6 +57,7 @@ impl DaemonTuning {
                 "POSSYNC_DELTA_INTERVAL_MS".into(),
                 self.delta_interval_ms.to_string(),
             ),
+            ("POSSYNC_MAX_ATTEMPTS".into(), self.max_attempts.to_string()),
             ("RUST_LOG".into(), "info".into()),
         ]
     }
@@ -382,6 +398,25 @@ pub fn read_catalog(db: &Path) -> Result<Vec<CatalogRow>, SimError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attempt_budget_sums_the_capped_ceilings() {
+        let t = DaemonTuning {
+            backoff_base_ms: 50,
+            backoff_cap_ms: 1000,
+            delta_interval_ms: 500,
+            max_attempts: 4,
+        };
+        assert_eq!(t.attempt_budget_ms(), 50 + 100 + 200 + 400);
+        let long = DaemonTuning {
+            max_attempts: 12,
+            ..t
+        };
+        assert_eq!(
+            long.attempt_budget_ms(),
+            50 + 100 + 200 + 400 + 800 + 7 * 1000
+        );
+    }
 
     #[test]
     fn reads_journal_and_catalog_from_the_terminal_schema() {

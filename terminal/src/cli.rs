@@ -182,8 +182,9 @@ pub struct RunArgs {
     /// Longest retry delay, in milliseconds.
     #[arg(long, env = "POSSYNC_BACKOFF_CAP_MS")]
     pub backoff_cap_ms: Option<u64>,
-    /// Deliveries before a sale needs an operator.
-    #[arg(long)]
+    /// Failures blamed on one sale (it failed alone while the cloud stored others) before it
+    /// needs an operator. Failures without an answer from the cloud never count.
+    #[arg(long, env = "POSSYNC_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
 }
 

@@ -14,13 +14,16 @@ use possync_terminal::operator::{
     ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
     ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
 };
-use possync_terminal::status::StatusServer;
+use possync_terminal::status::{LocalApiConfig, StatusServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 pub const POS_ID: &str = "0194b7a2-6c1e-7f00-8000-000000000001";
+/// The local API token of the fake endpoints (a real daemon reads its data dir's).
+pub const LOCAL_TOKEN: &str =
+    "ltk_00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// A till whose journal is a list of JSON rows and whose catalog is two products.
 pub struct FakeTill {
@@ -270,6 +273,19 @@ pub fn start_server_with(
     Arc<FakeEngine>,
     prometheus::IntCounter,
 ) {
+    start_server_allowing(till, &[])
+}
+
+/// As [`start_server_with`], answering also to the `--allowed-host` names `allowed_hosts`.
+pub fn start_server_allowing(
+    till: FakeTill,
+    allowed_hosts: &[&str],
+) -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
     let till = Arc::new(till);
     let engine = Arc::new(FakeEngine::default());
     let registry = prometheus::Registry::new();
@@ -278,8 +294,18 @@ pub fn start_server_with(
     registry
         .register(Box::new(engine_metric.clone()))
         .expect("register");
-    let server = StatusServer::start("127.0.0.1:0", till.clone(), engine.clone(), registry)
-        .expect("status server starts");
+    let access = LocalApiConfig {
+        local_token: LOCAL_TOKEN.to_string(),
+        allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
+    };
+    let server = StatusServer::start(
+        "127.0.0.1:0",
+        access,
+        till.clone(),
+        engine.clone(),
+        registry,
+    )
+    .expect("status server starts");
     (server, till, engine, engine_metric)
 }
 

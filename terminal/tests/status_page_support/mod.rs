@@ -319,3 +319,51 @@ pub fn valid_payload(receipt: &str) -> Value {
         "payments": [{"method": "cash", "amount_minor": 500}]
     })
 }
+
+/// Serves `html` to every request on a free loopback port until the runtime ends: a web page
+/// of another origin than the status endpoint's (the attacker's page in the browser tests).
+/// Returns its `http://127.0.0.1:PORT` URL.
+pub async fn serve_page_elsewhere(html: String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind page server");
+    let url = format!(
+        "http://{}",
+        listener.local_addr().expect("page server addr")
+    );
+    let html = Arc::new(html);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                // Read the request head; its content does not matter.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{}",
+                    html.len(),
+                    html
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// The value of the first sample of `name` (with its labels, e.g. `x{reason="origin"}`) in
+/// Prometheus text, or 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

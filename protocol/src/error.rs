@@ -60,6 +60,19 @@ impl ErrorCode {
         ErrorCode::PosLocalUnsupportedMediaType,
     ];
 
+    /// The codes only the till's loopback API answers (never the cloud).
+    pub const LOCAL_API: [ErrorCode; 4] = [
+        ErrorCode::PosLocalHostNotAllowed,
+        ErrorCode::PosLocalOriginNotAllowed,
+        ErrorCode::PosLocalUnauthorized,
+        ErrorCode::PosLocalUnsupportedMediaType,
+    ];
+
+    /// Whether only the till's loopback API answers this code.
+    pub fn is_local_api(self) -> bool {
+        ErrorCode::LOCAL_API.contains(&self)
+    }
+
     /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -1,4 +1,5 @@
-//! The nine stable error codes of the sync API and the JSON envelope that carries them.
+//! The stable error codes of the sync API (nine, from the contract) and of the till's loopback
+//! API (four, `POS_LOCAL_*`), and the JSON envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -28,11 +29,22 @@ pub enum ErrorCode {
     PosSyncEventDuplicate,
     /// The database could not commit; nothing of the request was stored.
     PosSyncStorageFailed,
+    /// Till loopback API: the request's `Host` is not one the daemon answers to (403) — the
+    /// mark of DNS rebinding, or of a name the operator did not allow with `--allowed-host`.
+    PosLocalHostNotAllowed,
+    /// Till loopback API: the request comes from a web page of another origin (403), even
+    /// when it carries a valid token.
+    PosLocalOriginNotAllowed,
+    /// Till loopback API: a state-changing request without a valid local token (401), or with
+    /// the operator page's token on a route that token does not open (403).
+    PosLocalUnauthorized,
+    /// Till loopback API: a `POST` body that is not declared `application/json` (415).
+    PosLocalUnsupportedMediaType,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -42,7 +54,24 @@ impl ErrorCode {
         ErrorCode::PosSyncEventInvalid,
         ErrorCode::PosSyncEventDuplicate,
         ErrorCode::PosSyncStorageFailed,
+        ErrorCode::PosLocalHostNotAllowed,
+        ErrorCode::PosLocalOriginNotAllowed,
+        ErrorCode::PosLocalUnauthorized,
+        ErrorCode::PosLocalUnsupportedMediaType,
     ];
+
+    /// The codes only the till's loopback API answers (never the cloud).
+    pub const LOCAL_API: [ErrorCode; 4] = [
+        ErrorCode::PosLocalHostNotAllowed,
+        ErrorCode::PosLocalOriginNotAllowed,
+        ErrorCode::PosLocalUnauthorized,
+        ErrorCode::PosLocalUnsupportedMediaType,
+    ];
+
+    /// Whether only the till's loopback API answers this code.
+    pub fn is_local_api(self) -> bool {
+        ErrorCode::LOCAL_API.contains(&self)
+    }
 
     /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
     pub const fn as_str(self) -> &'static str {
@@ -56,6 +85,10 @@ impl ErrorCode {
             ErrorCode::PosSyncEventInvalid => "POS_SYNC_EVENT_INVALID",
             ErrorCode::PosSyncEventDuplicate => "POS_SYNC_EVENT_DUPLICATE",
             ErrorCode::PosSyncStorageFailed => "POS_SYNC_STORAGE_FAILED",
+            ErrorCode::PosLocalHostNotAllowed => "POS_LOCAL_HOST_NOT_ALLOWED",
+            ErrorCode::PosLocalOriginNotAllowed => "POS_LOCAL_ORIGIN_NOT_ALLOWED",
+            ErrorCode::PosLocalUnauthorized => "POS_LOCAL_UNAUTHORIZED",
+            ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
         }
     }
 
@@ -77,7 +110,11 @@ impl ErrorCode {
             ErrorCode::PosSyncUnauthorized
             | ErrorCode::PosCatalogManifestTooLarge
             | ErrorCode::PosSyncEventInvalid
-            | ErrorCode::PosSyncEventDuplicate => false,
+            | ErrorCode::PosSyncEventDuplicate
+            | ErrorCode::PosLocalHostNotAllowed
+            | ErrorCode::PosLocalOriginNotAllowed
+            | ErrorCode::PosLocalUnauthorized
+            | ErrorCode::PosLocalUnsupportedMediaType => false,
         }
     }
 }
@@ -155,6 +192,9 @@ mod tests {
         assert!(!ErrorCode::PosSyncUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosCatalogManifestTooLarge.can_retry(413));
         assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
+        assert!(!ErrorCode::PosLocalHostNotAllowed.can_retry(403));
+        assert!(!ErrorCode::PosLocalUnauthorized.can_retry(401));
+        assert!(!ErrorCode::PosLocalUnsupportedMediaType.can_retry(415));
     }
 
     #[test]

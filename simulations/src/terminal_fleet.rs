@@ -115,6 +115,8 @@ pub struct TerminalNode {
     log: PathBuf,
     env: Vec<(String, String)>,
     client: reqwest::Client,
+    /// The daemon's local API token (`terminal local-token`), for its `POST` routes.
+    local_token: String,
     /// kill -9 + restart cycles so far.
     pub kills: u32,
 }
@@ -146,6 +148,15 @@ impl TerminalNode {
             data_dir.to_string_lossy().into_owned(),
         ];
         run_command(bin, &args, &env).await?;
+        let token_args: Vec<String> = vec![
+            "local-token".into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        let local_token = run_command(bin, &token_args, &env)
+            .await?
+            .trim()
+            .to_string();
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))
@@ -161,6 +172,7 @@ impl TerminalNode {
             bin: bin.to_path_buf(),
             env,
             client,
+            local_token,
             kills: 0,
         };
         node.start().await?;
@@ -221,6 +233,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(body)
             .send()
             .await
@@ -253,6 +266,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(&serde_json::json!({ "mode": mode }))
             .send()
             .await
@@ -272,6 +286,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(&serde_json::json!({ "all": true }))
             .send()
             .await

@@ -1,4 +1,4 @@
-//! The nine stable error codes of the sync API and the JSON envelope that carries them.
+//! The stable error codes of the sync API and the JSON envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -28,11 +28,15 @@ pub enum ErrorCode {
     PosSyncEventDuplicate,
     /// The database could not commit; nothing of the request was stored.
     PosSyncStorageFailed,
+    /// The event's `pos_id` is bound to another device (a cloned disk or a restored backup):
+    /// per-event status `conflict`, nothing stored. The till moves its unsent sales to a new
+    /// `pos_id` and delivers them again; never an operator's job.
+    PosSyncPosCloned,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -42,6 +46,7 @@ impl ErrorCode {
         ErrorCode::PosSyncEventInvalid,
         ErrorCode::PosSyncEventDuplicate,
         ErrorCode::PosSyncStorageFailed,
+        ErrorCode::PosSyncPosCloned,
     ];
 
     /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
@@ -56,6 +61,7 @@ impl ErrorCode {
             ErrorCode::PosSyncEventInvalid => "POS_SYNC_EVENT_INVALID",
             ErrorCode::PosSyncEventDuplicate => "POS_SYNC_EVENT_DUPLICATE",
             ErrorCode::PosSyncStorageFailed => "POS_SYNC_STORAGE_FAILED",
+            ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
         }
     }
 
@@ -77,7 +83,8 @@ impl ErrorCode {
             ErrorCode::PosSyncUnauthorized
             | ErrorCode::PosCatalogManifestTooLarge
             | ErrorCode::PosSyncEventInvalid
-            | ErrorCode::PosSyncEventDuplicate => false,
+            | ErrorCode::PosSyncEventDuplicate
+            | ErrorCode::PosSyncPosCloned => false,
         }
     }
 }
@@ -155,6 +162,8 @@ mod tests {
         assert!(!ErrorCode::PosSyncUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosCatalogManifestTooLarge.can_retry(413));
         assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
+        // Resending under the same pos_id cannot succeed; the till forks instead.
+        assert!(!ErrorCode::PosSyncPosCloned.can_retry(200));
     }
 
     #[test]

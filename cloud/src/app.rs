@@ -177,6 +177,7 @@ pub fn build(
                         .route(web::post().to(catalog_routes::reconcile)),
                 )
                 .route("/sales/events", web::post().to(sales_routes::post_events))
+                .route("/sales/held", web::get().to(sales_routes::held_keys))
                 .route("/sync/status", web::get().to(sales_routes::sync_status)),
         )
         .service(

@@ -110,6 +110,16 @@ pub enum TerminalCommand {
         /// The terminal id.
         id: Uuid,
     },
+    /// Issue a new token for the same terminal (id, branch and sales keys stay); prints
+    /// `{"terminal_id","branch_id","token","grace_seconds"}`. The till takes it with
+    /// `terminal token set TOKEN`.
+    Rotate {
+        /// The terminal id.
+        id: Uuid,
+        /// Seconds the old token keeps working (0: refused from the next request).
+        #[arg(long, default_value_t = 0)]
+        grace_seconds: u64,
+    },
     /// List terminals as JSON lines.
     List,
 }
@@ -284,6 +294,29 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                         return Err(CliError::Input(format!(
                             "terminal {id} is unknown or already revoked"
                         )));
+                    }
+                }
+                TerminalCommand::Rotate { id, grace_seconds } => {
+                    if *grace_seconds > terminals::MAX_ROTATION_GRACE_SECS {
+                        return Err(CliError::Input(format!(
+                            "--grace-seconds must be at most {}",
+                            terminals::MAX_ROTATION_GRACE_SECS
+                        )));
+                    }
+                    let grace = Duration::from_secs(*grace_seconds);
+                    match terminals::rotate_terminal(&mut conn, *id, Some(grace))? {
+                        Some(issued) => {
+                            let mut line = serde_json::to_value(&issued)
+                                .map_err(|e| CliError::Input(format!("output: {e}")))?;
+                            line["grace_seconds"] = (*grace_seconds).into();
+                            println!("{line}");
+                        }
+                        None => {
+                            return Err(CliError::Input(format!(
+                                "terminal {id} is unknown or revoked (a revoked terminal is \
+                                 retired: enroll the till as a new terminal)"
+                            )))
+                        }
                     }
                 }
                 TerminalCommand::List => {

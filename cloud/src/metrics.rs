@@ -32,6 +32,10 @@ pub struct Metrics {
     pub ingest_batch_size: Histogram,
     /// Tombstones removed by the retention task.
     pub tombstones_purged: IntCounter,
+    /// Signs that one `pos_id` is used by two databases (a cloned disk, a restored backup), by
+    /// how it showed: `device` (a second device nonce; the events were refused with
+    /// `POS_SYNC_POS_CLONED`) or `payload` (a key came again with a different payload).
+    pub pos_identity_conflicts: IntCounterVec,
 }
 
 /// Registration can only fail on duplicate names, which is a programming error caught by the
@@ -123,6 +127,17 @@ impl Metrics {
             IntCounter::new("tombstones_purged", "Tombstones removed by retention")
                 .unwrap_or_else(|_| unreachable_metric("tombstones_purged")),
         );
+        let pos_identity_conflicts = reg(
+            &r,
+            counter_vec(
+                "pos_identity_conflicts",
+                "Events showing one pos_id used by two databases, by how it showed",
+                &["reason"],
+            ),
+        );
+        for reason in ["device", "payload"] {
+            pos_identity_conflicts.with_label_values(&[reason]);
+        }
         // Create every known label set up front so each series is exported (at 0) from the
         // start: dashboards and alerts should not depend on an event having happened yet.
         for status in ["accepted", "duplicate", "conflict", "rejected"] {
@@ -153,6 +168,7 @@ impl Metrics {
             branch_actors,
             ingest_batch_size,
             tombstones_purged,
+            pos_identity_conflicts,
         }
     }
 
@@ -204,6 +220,7 @@ mod tests {
             "branch_actors",
             "ingest_batch_size_bucket",
             "tombstones_purged",
+            "pos_identity_conflicts",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,15 +1,23 @@
-//! `POST /v1/pos/sales/events` and `GET /v1/pos/sync/status`: exactly-once sales ingestion.
+//! `POST /v1/pos/sales/events`, `GET /v1/pos/sync/status` and `GET /v1/pos/sales/held`:
+//! exactly-once sales ingestion.
 //!
 //! The body is first read as `{"events": [any JSON]}` so that one malformed event is rejected
 //! on its own while the others still count. Before anything is stored, every raw event is
 //! checked to name the token's terminal and branch: one stranger fails the whole request with
 //! 403 and nothing stored. Valid events then go, as one batch, through the branch's ingestion
 //! actor (group commit).
+//!
+//! A request carrying `x-device-nonce` first binds its `pos_id`s to that device
+//! ([`crate::db::devices`]); events of a `pos_id` owned by another device are answered
+//! `conflict` with `POS_SYNC_POS_CLONED` and never reach the ledger, so a cloned disk or a
+//! restored backup cannot even collide with the original's keys.
+
+use std::collections::{BTreeSet, HashMap};
 
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use possync_protocol::{
     validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SalesEventsRequest,
-    SalesEventsResponse,
+    SalesEventsResponse, DEVICE_NONCE_HEADER, MAX_HELD_KEYS_PER_PAGE,
 };
 use serde::Deserialize;
 use uuid::Uuid;
@@ -17,6 +25,7 @@ use uuid::Uuid;
 use crate::app::{AppState, RequestId};
 use crate::auth::Terminal;
 use crate::body::{is_json, read_limited};
+use crate::db::devices;
 use crate::db::ledger::{self, IngestOutcome, IngestRequest};
 use crate::db::terminals::TerminalIdentity;
 use crate::error::ApiError;
@@ -114,6 +123,40 @@ fn rejected(local_event_id: Option<i64>, message: String) -> EventResult {
     }
 }
 
+/// The answer for an event whose `pos_id` belongs to another device: nothing stored.
+fn cloned(local_event_id: i64) -> EventResult {
+    EventResult {
+        local_event_id: Some(local_event_id),
+        status: EventStatus::Conflict,
+        code: Some(ErrorCode::PosSyncPosCloned),
+        cloud_event_id: None,
+        message: Some(
+            "this pos_id belongs to another device (cloned disk or restored backup); \
+             nothing was stored: deliver the sale under a new pos_id"
+                .to_string(),
+        ),
+    }
+}
+
+/// The `x-device-nonce` header: `None` when absent (older terminals are not checked), an
+/// error when present but malformed.
+fn device_nonce(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get(DEVICE_NONCE_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|v| devices::valid_nonce(v))
+        .map(|v| Some(v.to_string()))
+        .ok_or_else(|| {
+            ApiError::InvalidBody(format!(
+                "{DEVICE_NONCE_HEADER} must be 1-{} of [A-Za-z0-9-]",
+                devices::MAX_NONCE_LEN
+            ))
+        })
+}
+
 fn from_outcome(local_event_id: i64, outcome: IngestOutcome) -> EventResult {
     let (status, code, id, message) = match outcome {
         IngestOutcome::Accepted { cloud_event_id } => {
@@ -181,6 +224,7 @@ pub async fn post_events(
     )
     .await?;
     let parsed = parse_events(&body, &who, limits.max_events)?;
+    let nonce = device_nonce(&req)?;
 
     let sync_attempt: u32 = req
         .headers()
@@ -213,6 +257,43 @@ pub async fn post_events(
         batch.push(IngestRequest::new(event));
     }
 
+    if let Some(nonce) = nonce {
+        let pos_ids: BTreeSet<Uuid> = batch.iter().map(|r| r.event.pos_id).collect();
+        let terminal_id = who.terminal_id;
+        let foreign = state
+            .db
+            .run(move |conn| devices::claim_pos_ids(conn, terminal_id, &pos_ids, &nonce))
+            .await
+            .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+        if !foreign.is_empty() {
+            let mut kept = Vec::with_capacity(batch.len());
+            let mut kept_positions = Vec::with_capacity(batch.len());
+            let mut refused = 0u64;
+            for (req, pos) in batch.into_iter().zip(positions) {
+                if foreign.contains(&req.event.pos_id) {
+                    results[pos] = Some(cloned(req.event.local_event_id));
+                    refused += 1;
+                } else {
+                    kept.push(req);
+                    kept_positions.push(pos);
+                }
+            }
+            state
+                .metrics
+                .pos_identity_conflicts
+                .with_label_values(&["device"])
+                .inc_by(refused);
+            for pos_id in &foreign {
+                tracing::warn!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+                    posId = %pos_id, syncAttempt = sync_attempt,
+                    errorCode = ErrorCode::PosSyncPosCloned.as_str(), requestId = %request_id,
+                    "pos_id is bound to another device: cloned disk or restored backup; the till is told to fork");
+            }
+            batch = kept;
+            positions = kept_positions;
+        }
+    }
+
     // The ids needed for the answer, before the batch moves to the actor.
     let local_ids: Vec<i64> = batch.iter().map(|r| r.event.local_event_id).collect();
     let outcomes = state
@@ -226,6 +307,20 @@ pub async fn post_events(
             ApiError::StorageFailed(e.to_string())
         })?;
     for ((pos, outcome), local_id) in positions.iter().zip(outcomes).zip(local_ids) {
+        if let IngestOutcome::Conflict { cloud_event_id } = outcome {
+            // Same key, different payload: two databases share this pos_id (a disk image
+            // cloned before device nonces, or a till restored from a backup).
+            state
+                .metrics
+                .pos_identity_conflicts
+                .with_label_values(&["payload"])
+                .inc();
+            tracing::warn!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+                eventId = local_id, syncAttempt = sync_attempt,
+                errorCode = ErrorCode::PosSyncEventDuplicate.as_str(), requestId = %request_id,
+                cloudEventId = %cloud_event_id,
+                "key ingested before with a different payload: the pos_id is used by two databases");
+        }
         results[*pos] = Some(from_outcome(local_id, outcome));
     }
 
@@ -263,6 +358,46 @@ pub async fn sync_status(
         .await
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
     Ok(HttpResponse::Ok().json(status))
+}
+
+/// `GET /v1/pos/sales/held?pos_id=UUID[&after=N][&limit=N]`: which keys of a `pos_id` the
+/// cloud holds (see [`ledger::held_keys`]).
+pub async fn held_keys(
+    state: web::Data<AppState>,
+    _terminal: Terminal,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::InvalidBody(format!("query: {e}")))?;
+    let pos_id = query
+        .get("pos_id")
+        .and_then(|p| Uuid::parse_str(p).ok())
+        .ok_or_else(|| ApiError::InvalidBody("pos_id must be a UUID".into()))?;
+    let after = match query.get("after") {
+        None => 0,
+        Some(a) => a
+            .parse::<i64>()
+            .ok()
+            .filter(|a| *a >= 0)
+            .ok_or_else(|| ApiError::InvalidBody("after must be an integer >= 0".into()))?,
+    };
+    let limit = match query.get("limit") {
+        None => MAX_HELD_KEYS_PER_PAGE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX_HELD_KEYS_PER_PAGE).contains(l))
+            .ok_or_else(|| {
+                ApiError::InvalidBody(format!("limit must be 1-{MAX_HELD_KEYS_PER_PAGE}"))
+            })?,
+    };
+    let page = state
+        .db
+        .run(move |conn| ledger::held_keys(conn, pos_id, after, limit))
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(page))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The stable error codes of the sync API (nine, from the contract) and of the till's loopback
-//! API (four, `POS_LOCAL_*`), and the JSON envelope that carries them.
+//! The stable error codes of the sync API (the contract's nine, plus `POS_SYNC_POS_CLONED`) and
+//! of the till's loopback API (four, `POS_LOCAL_*`), and the JSON envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -29,6 +29,10 @@ pub enum ErrorCode {
     PosSyncEventDuplicate,
     /// The database could not commit; nothing of the request was stored.
     PosSyncStorageFailed,
+    /// The event's `pos_id` is bound to another device (a cloned disk or a restored backup):
+    /// per-event status `conflict`, nothing stored. The till moves its unsent sales to a new
+    /// `pos_id` and delivers them again; never an operator's job.
+    PosSyncPosCloned,
     /// Till loopback API: the request's `Host` is not one the daemon answers to (403) — the
     /// mark of DNS rebinding, or of a name the operator did not allow with `--allowed-host`.
     PosLocalHostNotAllowed,
@@ -44,7 +48,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -54,6 +58,7 @@ impl ErrorCode {
         ErrorCode::PosSyncEventInvalid,
         ErrorCode::PosSyncEventDuplicate,
         ErrorCode::PosSyncStorageFailed,
+        ErrorCode::PosSyncPosCloned,
         ErrorCode::PosLocalHostNotAllowed,
         ErrorCode::PosLocalOriginNotAllowed,
         ErrorCode::PosLocalUnauthorized,
@@ -89,6 +94,7 @@ impl ErrorCode {
             ErrorCode::PosLocalOriginNotAllowed => "POS_LOCAL_ORIGIN_NOT_ALLOWED",
             ErrorCode::PosLocalUnauthorized => "POS_LOCAL_UNAUTHORIZED",
             ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
         }
     }
 
@@ -114,7 +120,8 @@ impl ErrorCode {
             | ErrorCode::PosLocalHostNotAllowed
             | ErrorCode::PosLocalOriginNotAllowed
             | ErrorCode::PosLocalUnauthorized
-            | ErrorCode::PosLocalUnsupportedMediaType => false,
+            | ErrorCode::PosLocalUnsupportedMediaType
+            | ErrorCode::PosSyncPosCloned => false,
         }
     }
 }
@@ -192,6 +199,8 @@ mod tests {
         assert!(!ErrorCode::PosSyncUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosCatalogManifestTooLarge.can_retry(413));
         assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
+        // Resending under the same pos_id cannot succeed; the till forks instead.
+        assert!(!ErrorCode::PosSyncPosCloned.can_retry(200));
         assert!(!ErrorCode::PosLocalHostNotAllowed.can_retry(403));
         assert!(!ErrorCode::PosLocalUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosLocalUnsupportedMediaType.can_retry(415));

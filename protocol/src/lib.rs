@@ -20,3 +20,7 @@ pub use sales::*;
 pub const POS_API_PREFIX: &str = "/v1/pos";
 /// Header every response carries so a log line on either side can be matched to the other.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header a terminal sends with every sales request: a random id of the device that holds the
+/// database, so the cloud can tell two devices sharing one `pos_id` (a cloned disk, a restored
+/// backup) apart. See [`ErrorCode::PosSyncPosCloned`].
+pub const DEVICE_NONCE_HEADER: &str = "x-device-nonce";

@@ -213,6 +213,38 @@ pub struct PosIngestion {
     pub total_events: i64,
 }
 
+/// Most keys in one `GET /v1/pos/sales/held` page.
+pub const MAX_HELD_KEYS_PER_PAGE: usize = 1000;
+
+/// `GET /v1/pos/sales/held?pos_id=…&after=…&limit=…`: the keys the cloud holds for one
+/// `pos_id`, under any terminal, in `local_event_id` order.
+///
+/// A till asks before it moves unsent sales to a new key (re-enrollment under a new terminal,
+/// or a fork after a clone or restore): a sale whose old key is held with the same payload hash
+/// already reached the cloud and is marked synced instead of being sent again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldKeysPage {
+    /// The `pos_id` asked about.
+    pub pos_id: Uuid,
+    /// At most `limit` keys with `local_event_id > after`, ascending.
+    pub keys: Vec<HeldKey>,
+    /// `after` for the next page; `None` when this page is the last.
+    pub next_after: Option<i64>,
+}
+
+/// One held key of a `pos_id` and the hash of what is stored under it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldKey {
+    /// The terminal the sale was delivered as.
+    pub terminal_id: Uuid,
+    /// Its `local_event_id`.
+    pub local_event_id: i64,
+    /// [`SaleEvent::payload_hash`] of the stored delivery.
+    pub payload_hash: String,
+    /// The cloud's id of the stored sale.
+    pub cloud_event_id: Uuid,
+}
+
 /// Why an event failed validation. Every variant maps to `POS_SYNC_EVENT_INVALID`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SaleInvalid {

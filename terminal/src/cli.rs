@@ -149,6 +149,22 @@ pub enum Command {
     /// Prints the local API token POS software sends as `Authorization: Bearer` (generated
     /// into `<data-dir>/local-api.token` on first use).
     LocalToken,
+    /// The enrollment's token: `token set TOKEN` after `cloud terminal rotate`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `terminal token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Replaces the token of the current enrollment (same terminal, branch, pos_id, journal
+    /// and catalog); checks it with the cloud when reachable. Sales parked because the old
+    /// token was refused are released, and a running daemon uses the new token from its next
+    /// request.
+    Set {
+        /// The token printed by `cloud terminal rotate`.
+        token: String,
+    },
 }
 
 /// `terminal enroll`.
@@ -197,6 +213,10 @@ pub struct RunArgs {
     /// needs an operator. Failures without an answer from the cloud never count.
     #[arg(long, env = "POSSYNC_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// Pause between carry-over passes (fork after a clone or restore, re-key after a
+    /// re-enrollment), in milliseconds.
+    #[arg(long, env = "POSSYNC_CARRY_OVER_INTERVAL_MS")]
+    pub carry_over_interval_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -219,6 +239,9 @@ impl RunArgs {
         }
         if let Some(n) = self.max_attempts {
             t.max_attempts = n;
+        }
+        if let Some(ms) = self.carry_over_interval_ms {
+            t.carry_over_interval = Duration::from_millis(ms.max(1));
         }
         t
     }
@@ -367,6 +390,7 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
             println!("{token}");
             Ok(())
         }
+        Command::Token(TokenCommand::Set { token }) => token_set(&data_dir, token).await,
     }
 }
 
@@ -419,17 +443,93 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
         branch_id: args.branch,
         token: args.token,
     };
-    let saved = store.clone();
-    let to_save = enrollment.clone();
-    tokio::task::spawn_blocking(move || saved.save_enrollment(&to_save))
-        .await
-        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+    let outcome = save_and_settle(&store, &enrollment, verified).await?;
     print_json(&serde_json::json!({
         "terminal_id": enrollment.terminal_id,
         "branch_id": enrollment.branch_id,
         "cloud_url": enrollment.cloud_url,
         "pos_id": store.pos_id(),
         "verified": verified,
+        "forked_to": outcome.saved.forked_to,
+        "released": outcome.saved.released,
+        "carried_over": outcome.carried,
+    }))
+}
+
+/// What saving an enrollment changed, for the command's output.
+struct EnrollmentOutcome {
+    saved: crate::store::EnrollmentSaved,
+    /// The carry-over pass run right away (`None` when the cloud was not reachable: the
+    /// daemon's pass does it later).
+    carried: Option<crate::carry_over::SettleReport>,
+}
+
+/// Saves the enrollment, then (cloud reachable) carries unsent sales of an earlier identity
+/// over at once, so they flush with the next delivery.
+async fn save_and_settle(
+    store: &SqliteStore,
+    enrollment: &Enrollment,
+    reachable: bool,
+) -> Result<EnrollmentOutcome, CommandError> {
+    let saved = store.clone();
+    let to_save = enrollment.clone();
+    let saved = tokio::task::spawn_blocking(move || saved.save_enrollment(&to_save))
+        .await
+        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+    let carried = if reachable {
+        let cloud = daemon::cloud_for(store, enrollment)?;
+        match crate::carry_over::settle(store, &cloud).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!(
+                    "warning: carry-over deferred to the daemon ({}: {e})",
+                    e.code()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(EnrollmentOutcome { saved, carried })
+}
+
+async fn token_set(data_dir: &Path, token: String) -> Result<(), CommandError> {
+    let store = open_store(data_dir)?;
+    let current = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
+    let cloud = HttpCloud::new(CloudTarget {
+        base_url: current.cloud_url.clone(),
+        token: token.clone(),
+    })?;
+    let verified = match cloud.sync_status().await {
+        Ok(s) => {
+            if s.terminal_id != current.terminal_id || s.branch_id != current.branch_id {
+                return Err(CommandError::WrongIdentity(format!(
+                    "the token belongs to terminal {} of branch {}, not this till's {} of {}; \
+                     use `terminal enroll` to enroll as another terminal",
+                    s.terminal_id, s.branch_id, current.terminal_id, current.branch_id
+                )));
+            }
+            true
+        }
+        Err(e) if e.can_retry() => {
+            eprintln!(
+                "warning: token not verified ({}: {e}); saved anyway — it is checked on the first sync",
+                e.code_str()
+            );
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let enrollment = Enrollment { token, ..current };
+    let outcome = save_and_settle(&store, &enrollment, verified).await?;
+    print_json(&serde_json::json!({
+        "terminal_id": enrollment.terminal_id,
+        "branch_id": enrollment.branch_id,
+        "pos_id": store.pos_id(),
+        "verified": verified,
+        "released": outcome.saved.released,
+        "carried_over": outcome.carried,
     }))
 }
 

@@ -10,15 +10,16 @@
 use async_trait::async_trait;
 use possync_actors::{CloudApi, CloudError};
 use possync_protocol::{
-    DeltaPage, ErrorCode, ErrorEnvelope, ReconcileRequest, ReconcileResponse, SaleEvent,
-    SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus, POS_API_PREFIX,
-    REQUEST_ID_HEADER,
+    DeltaPage, ErrorCode, ErrorEnvelope, HeldKeysPage, ReconcileRequest, ReconcileResponse,
+    SaleEvent, SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus,
+    DEVICE_NONCE_HEADER, POS_API_PREFIX, REQUEST_ID_HEADER,
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -33,7 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a cloud is and how this terminal authenticates to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudTarget {
     /// Base URL, e.g. `https://cloud.example.com` (no trailing `/v1`).
     pub base_url: String,
@@ -44,12 +45,27 @@ pub struct CloudTarget {
 /// `reqwest`-backed client of the cloud sync API.
 ///
 /// Cloning is cheap and shares the connection pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpCloud {
     client: reqwest::Client,
-    base_url: String,
-    token: String,
+    /// Shared by every clone, so a reloaded token serves the whole engine at once.
+    target: Arc<RwLock<CloudTarget>>,
+    /// Reads the enrollment saved now (e.g. by `terminal token set` in another process).
+    reload: Option<TargetSource>,
+    device_nonce: Option<String>,
     metrics: Option<ClientMetrics>,
+}
+
+/// Reads the current [`CloudTarget`] from where the enrollment is kept; blocking.
+pub type TargetSource = Arc<dyn Fn() -> Option<CloudTarget> + Send + Sync>;
+
+impl std::fmt::Debug for HttpCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCloud")
+            .field("base_url", &self.base_url())
+            .field("device_nonce", &self.device_nonce)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Per-route request counts by outcome and latency, so an operator can tell "the cloud is
@@ -81,10 +97,59 @@ impl HttpCloud {
             .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
         Ok(HttpCloud {
             client,
-            base_url: target.base_url.trim_end_matches('/').to_string(),
-            token: target.token,
+            target: Arc::new(RwLock::new(CloudTarget {
+                base_url: target.base_url.trim_end_matches('/').to_string(),
+                token: target.token,
+            })),
+            reload: None,
+            device_nonce: None,
             metrics: None,
         })
+    }
+
+    /// Sends `x-device-nonce` with every sales request, so the cloud can tell a second
+    /// database using this `pos_id` (a cloned disk, a restored backup) from this one.
+    pub fn with_device_nonce(mut self, nonce: Uuid) -> HttpCloud {
+        self.device_nonce = Some(nonce.to_string());
+        self
+    }
+
+    /// On a `POS_SYNC_UNAUTHORIZED` answer, re-reads the target from `source` and, if the
+    /// token or URL changed since (a rotation taken with `terminal token set`, a re-enrollment
+    /// while the daemon runs), retries the request once with the new one.
+    pub fn with_reload(mut self, source: TargetSource) -> HttpCloud {
+        self.reload = Some(source);
+        self
+    }
+
+    fn current(&self) -> CloudTarget {
+        self.target
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Takes a newer target from the reload source; `true` if it differs from `used`.
+    async fn reloaded(&self, used: &CloudTarget) -> bool {
+        let Some(source) = self.reload.clone() else {
+            return false;
+        };
+        let fresh = match tokio::task::spawn_blocking(move || source()).await {
+            Ok(Some(t)) => CloudTarget {
+                base_url: t.base_url.trim_end_matches('/').to_string(),
+                token: t.token,
+            },
+            _ => return false,
+        };
+        if fresh == *used {
+            return false;
+        }
+        tracing::info!(cloud = %fresh.base_url, "enrollment changed since the last request; using the new token");
+        *self
+            .target
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        true
     }
 
     /// Registers `terminal_cloud_requests_total{route,outcome}` (outcome `ok` or the failure's
@@ -112,8 +177,24 @@ impl HttpCloud {
     }
 
     /// The base URL requests go to.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
+    pub fn base_url(&self) -> String {
+        self.current().base_url
+    }
+
+    /// `GET /v1/pos/sales/held`: the keys the cloud holds for `pos_id` above `after`.
+    pub async fn held_keys(
+        &self,
+        pos_id: Uuid,
+        after: i64,
+        limit: usize,
+    ) -> Result<HeldKeysPage, CloudError> {
+        let q = [
+            ("pos_id", pos_id.to_string()),
+            ("after", after.to_string()),
+            ("limit", limit.to_string()),
+        ];
+        self.call::<(), _>(Method::GET, "/sales/held", &q, None, None)
+            .await
     }
 
     /// `GET /v1/pos/sync/status`: used by `terminal enroll` to prove the token works and names
@@ -132,9 +213,23 @@ impl HttpCloud {
         sync_attempt: Option<u32>,
     ) -> Result<T, CloudError> {
         let started = Instant::now();
-        let result = self
-            .call_once(method, route, query, body, sync_attempt)
+        let used = self.current();
+        let mut result = self
+            .call_once(&used, method.clone(), route, query, body, sync_attempt)
             .await;
+        if matches!(
+            &result,
+            Err(CloudError::Rejected {
+                code: Some(ErrorCode::PosSyncUnauthorized),
+                ..
+            })
+        ) && self.reloaded(&used).await
+        {
+            let fresh = self.current();
+            result = self
+                .call_once(&fresh, method, route, query, body, sync_attempt)
+                .await;
+        }
         if let Some(m) = &self.metrics {
             let outcome = match &result {
                 Ok(_) => "ok".to_string(),
@@ -152,24 +247,28 @@ impl HttpCloud {
 
     async fn call_once<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
+        target: &CloudTarget,
         method: Method,
         route: &str,
         query: &[(&str, String)],
         body: Option<&B>,
         sync_attempt: Option<u32>,
     ) -> Result<T, CloudError> {
-        let url = format!("{}{}{}", self.base_url, POS_API_PREFIX, route);
+        let url = format!("{}{}{}", target.base_url, POS_API_PREFIX, route);
         let request_id = Uuid::now_v7().to_string();
         let mut req = self
             .client
             .request(method.clone(), &url)
-            .bearer_auth(&self.token)
+            .bearer_auth(&target.token)
             .header(REQUEST_ID_HEADER, &request_id);
         if !query.is_empty() {
             req = req.query(query);
         }
         if let Some(attempt) = sync_attempt {
             req = req.header(SYNC_ATTEMPT_HEADER, attempt.to_string());
+            if let Some(nonce) = &self.device_nonce {
+                req = req.header(DEVICE_NONCE_HEADER, nonce);
+            }
         }
         if let Some(body) = body {
             req = req.json(body);
@@ -304,7 +403,7 @@ impl CloudApi for HttpCloud {
     async fn probe(&self) -> Result<(), CloudError> {
         // `/readyz` needs no token and answers 200 only when the cloud's database does; the
         // body is not read beyond the status (any 2xx means back).
-        let url = format!("{}/readyz", self.base_url);
+        let url = format!("{}/readyz", self.base_url());
         let resp = self
             .client
             .get(&url)

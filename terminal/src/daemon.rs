@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+use crate::carry_over;
 use crate::cli::CommandError;
 use crate::cloud_client::{CloudTarget, HttpCloud};
 use crate::status::{LocalApiConfig, StatusServer};
-use crate::store::SqliteStore;
+use crate::store::{Enrollment, SqliteStore};
 use crate::wiring::{EngineControl, StoreTill};
 
 /// Name of the file, in the data dir, where a running daemon says where its status endpoint
@@ -56,7 +57,12 @@ pub struct Tuning {
     pub backoff_cap: Duration,
     /// Deliveries before a sale needs an operator.
     pub max_attempts: u32,
+    /// Pause between carry-over passes (fork after a clone, re-key after a re-enrollment).
+    pub carry_over_interval: Duration,
 }
+
+/// Default pause between carry-over passes: a pass with nothing to do is one local query.
+pub const DEFAULT_CARRY_OVER_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -68,6 +74,7 @@ impl Default for Tuning {
             backoff_base: e.backoff.base,
             backoff_cap: e.backoff.cap,
             max_attempts: e.backoff.max_attempts,
+            carry_over_interval: DEFAULT_CARRY_OVER_INTERVAL,
         }
     }
 }
@@ -102,32 +109,84 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
     }
 }
 
+/// The cloud client of an enrolled store: its device nonce on every sales request, and the
+/// enrollment re-read from the store when the cloud refuses the token (so a `terminal token
+/// set` reaches a running daemon without a restart).
+pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, CommandError> {
+    let source = store.clone();
+    Ok(HttpCloud::new(CloudTarget {
+        base_url: enrollment.cloud_url.clone(),
+        token: enrollment.token.clone(),
+    })?
+    .with_device_nonce(store.device_nonce())
+    .with_reload(Arc::new(move || {
+        source.enrollment().ok().flatten().map(|e| CloudTarget {
+            base_url: e.cloud_url,
+            token: e.token,
+        })
+    })))
+}
+
 /// Starts the engine for an enrolled store (used by `run` and by a one-off `reconcile`).
 pub async fn start_engine(
     store: &SqliteStore,
     tuning: &Tuning,
     registry: &prometheus::Registry,
 ) -> Result<Engine, CommandError> {
+    start_engine_with_cloud(store, tuning, registry)
+        .await
+        .map(|(engine, _)| engine)
+}
+
+/// [`start_engine`], also returning the engine's cloud client (its clones share the token).
+pub async fn start_engine_with_cloud(
+    store: &SqliteStore,
+    tuning: &Tuning,
+    registry: &prometheus::Registry,
+) -> Result<(Engine, HttpCloud), CommandError> {
     let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
-    let cloud = HttpCloud::new(CloudTarget {
-        base_url: enrollment.cloud_url.clone(),
-        token: enrollment.token.clone(),
-    })?
-    .with_metrics(registry)
-    .map_err(EngineError::Metrics)?;
+    let cloud = cloud_for(store, &enrollment)?
+        .with_metrics(registry)
+        .map_err(EngineError::Metrics)?;
     let config = engine_config(
         enrollment.terminal_id.to_string(),
         enrollment.branch_id.clone(),
         tuning,
     );
-    Ok(Engine::start(
+    let engine = Engine::start(
         config,
         Arc::new(store.clone()),
-        Arc::new(cloud),
+        Arc::new(cloud.clone()),
         Arc::new(SystemClock),
         registry,
     )
-    .await?)
+    .await?;
+    Ok((engine, cloud))
+}
+
+/// Runs a carry-over pass every `interval` until aborted. A failed pass (cloud unreachable,
+/// token refused) changes nothing and is tried again on the next tick.
+async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match carry_over::settle(&store, &cloud).await {
+            Ok(r) if r.forked_to.is_some() || r.carried != Default::default() => {
+                tracing::warn!(
+                    posId = ?r.forked_to,
+                    rekeyed = r.carried.rekeyed,
+                    alreadyHeld = r.carried.already_held,
+                    skipped = r.carried.skipped,
+                    "till identity settled"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(errorCode = %e.code(), error = %e, "carry-over pass failed; retried on the next tick");
+            }
+        }
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -156,7 +215,11 @@ pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
             "terminal daemon starting"
         );
         let registry = prometheus::Registry::new();
-        let engine = start_engine(&store, &opts.tuning, &registry).await?;
+        let (engine, cloud) = start_engine_with_cloud(&store, &opts.tuning, &registry).await?;
+        let carrier = tokio::spawn(
+            carry_over_loop(store.clone(), cloud, opts.tuning.carry_over_interval)
+                .in_current_span(),
+        );
         let control = Arc::new(EngineControl::new(engine));
         let server = match StatusServer::start(
             &opts.status_bind,
@@ -170,6 +233,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
         ) {
             Ok(s) => s,
             Err(e) => {
+                carrier.abort();
                 control.shutdown().await;
                 return Err(e.into());
             }
@@ -194,6 +258,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
 
         let signal = wait_for_signal().await;
         tracing::info!(signal, "shutting down");
+        carrier.abort();
         server.stop().await;
         control.shutdown().await;
         let _ = std::fs::remove_file(&daemon_file);

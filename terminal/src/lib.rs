@@ -6,6 +6,7 @@
 //! - [`data_dir`]: the data directory's permissions and the local API token.
 //! - [`store`]: the rusqlite store (sync tables, outbox, legacy migration).
 //! - [`cloud_client`]: the HTTP implementation of the engine's `CloudApi`.
+//! - [`carry_over`]: moving unsent sales to a new key space (re-enrollment, clone, restore).
 //! - [`operator`]: what the status endpoint and CLI need from the till and the engine.
 //! - [`status`]: the loopback status endpoint and its HTML page.
 //! - [`wiring`]: the operator ports implemented over the store and the engine.
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod carry_over;
 pub mod cli;
 pub mod cloud_client;
 pub mod daemon;

@@ -133,6 +133,12 @@ pub struct CatalogSummary {
 pub trait Till: Send + Sync + 'static {
     /// `pos_id` and, once enrolled, terminal and branch.
     fn identity(&self) -> Result<Identity, TillError>;
+
+    /// Recent changes of the key space (forks after a clone or restore, re-enrollments,
+    /// carry-overs), oldest first. Tills that never change identity have none.
+    fn identity_changes(&self) -> Result<Vec<crate::store::IdentityChange>, TillError> {
+        Ok(Vec::new())
+    }
     /// Validates, then stores the sale and its journal row in one transaction; returns after
     /// commit.
     fn enqueue_sale(

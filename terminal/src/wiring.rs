@@ -62,6 +62,10 @@ impl Till for StoreTill {
         })
     }
 
+    fn identity_changes(&self) -> Result<Vec<crate::store::IdentityChange>, TillError> {
+        Ok(self.store.identity_changes()?)
+    }
+
     fn enqueue_sale(
         &self,
         event_type: EventType,

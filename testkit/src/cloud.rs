@@ -136,6 +136,27 @@ impl CloudProcess {
         Ok((id, token))
     }
 
+    /// Issues a new token for a terminal via `cloud terminal rotate` (old token refused after
+    /// `grace_seconds`); returns the new token.
+    pub fn rotate_terminal(&self, terminal_id: Uuid, grace_seconds: u64) -> anyhow::Result<String> {
+        let out = self.cli(&[
+            "terminal",
+            "rotate",
+            &terminal_id.to_string(),
+            "--grace-seconds",
+            &grace_seconds.to_string(),
+        ])?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
+        if v["terminal_id"].as_str() != Some(terminal_id.to_string().as_str()) {
+            bail!("rotate answered for another terminal: {out:?}");
+        }
+        Ok(v["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {out:?}"))?
+            .to_string())
+    }
+
     /// Revokes a terminal via `cloud terminal revoke`.
     pub fn revoke_terminal(&self, terminal_id: Uuid) -> anyhow::Result<()> {
         self.cli(&["terminal", "revoke", &terminal_id.to_string()])

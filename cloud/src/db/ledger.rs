@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use possync_protocol::{PosIngestion, SaleEvent, SyncStatus};
+use possync_protocol::{HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SyncStatus};
 use uuid::Uuid;
 
 use super::schema::{idempotency_ledger, sales_events};
@@ -201,6 +201,23 @@ for_each_backend! {
             .filter(l::pos_id.eq(pos))
             .order(l::local_event_id.asc())
             .select(l::local_event_id)
+            .load(c)
+    }
+
+    /// Keys of one `pos_id` above `after`, any terminal, ascending by local id.
+    pub(super) fn held_of_pos(
+        c: &mut Conn,
+        pos: &str,
+        after: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<(String, i64, String, String)>> {
+        use idempotency_ledger::dsl as l;
+        l::idempotency_ledger
+            .filter(l::pos_id.eq(pos))
+            .filter(l::local_event_id.gt(after))
+            .order((l::local_event_id.asc(), l::terminal_id.asc()))
+            .limit(limit)
+            .select((l::terminal_id, l::local_event_id, l::payload_hash, l::cloud_event_id))
             .load(c)
     }
 
@@ -449,6 +466,50 @@ pub fn sync_status(
         terminal_id,
         branch_id: branch_id.to_string(),
         pos,
+    })
+}
+
+/// The keys held for one `pos_id` (under any terminal) with `local_event_id > after`, at most
+/// `limit` (capped at [`possync_protocol::MAX_HELD_KEYS_PER_PAGE`]), through the
+/// `(pos_id, local_event_id)` index.
+///
+/// Any terminal may ask about any `pos_id`: a `pos_id` is a random UUID that only the database
+/// which created it knows, and the answer holds ids and hashes, never a receipt. This is what
+/// lets a till re-enrolled under a new terminal (or branch) learn which of its unsent sales
+/// reached the cloud under the old identity.
+pub fn held_keys(
+    conn: &mut DbConn,
+    pos_id: Uuid,
+    after: i64,
+    limit: usize,
+) -> Result<HeldKeysPage, StoreError> {
+    let limit = limit.clamp(1, possync_protocol::MAX_HELD_KEYS_PER_PAGE);
+    let pos = pos_id.to_string();
+    // One page more than asked tells whether another page follows.
+    let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+    let mut rows = with_conn!(conn, |c, m| m::held_of_pos(c, &pos, after, fetch))?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let keys = rows
+        .into_iter()
+        .map(|(t, local_event_id, payload_hash, id)| {
+            Ok(HeldKey {
+                terminal_id: parse_id(&t)?,
+                local_event_id,
+                payload_hash,
+                cloud_event_id: parse_id(&id)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let next_after = if more {
+        keys.last().map(|k| k.local_event_id)
+    } else {
+        None
+    };
+    Ok(HeldKeysPage {
+        pos_id,
+        keys,
+        next_after,
     })
 }
 

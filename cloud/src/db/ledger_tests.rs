@@ -329,3 +329,47 @@ fn overlapping_batches_in_opposite_orders_do_not_deadlock() {
     let mut c = t.db.conn().expect("conn");
     assert_eq!(count_sales(&mut c, None).expect("count"), ROUNDS * KEYS);
 }
+
+#[test]
+fn held_keys_list_one_pos_across_terminals_in_pages() {
+    each_backend(|db| {
+        let mut conn = db.conn().expect("conn");
+        let (old_terminal, new_terminal) = (Uuid::now_v7(), Uuid::now_v7());
+        let (pos, other_pos) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut batch: Vec<IngestRequest> = (1..=3)
+            .map(|i| sale(old_terminal, pos, i, &format!("R{i}"), 100))
+            .collect();
+        batch.push(sale(new_terminal, pos, 4, "R4", 100));
+        batch.push(sale(old_terminal, other_pos, 1, "X1", 100));
+        let hashes: Vec<String> = batch.iter().map(|r| r.payload_hash.clone()).collect();
+        let outcomes = ingest_batch(&mut conn, &batch).expect("ingest");
+
+        let page = held_keys(&mut conn, pos, 0, 2).expect("page 1");
+        assert_eq!(page.pos_id, pos);
+        assert_eq!(
+            page.keys
+                .iter()
+                .map(|k| k.local_event_id)
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(page.next_after, Some(2));
+        assert_eq!(page.keys[0].terminal_id, old_terminal);
+        assert_eq!(page.keys[0].payload_hash, hashes[0]);
+        assert_eq!(page.keys[0].cloud_event_id, accepted(&outcomes[0]));
+
+        let page = held_keys(&mut conn, pos, 2, 2).expect("page 2");
+        assert_eq!(
+            page.keys
+                .iter()
+                .map(|k| (k.terminal_id, k.local_event_id))
+                .collect::<Vec<_>>(),
+            vec![(old_terminal, 3), (new_terminal, 4)]
+        );
+        assert_eq!(page.next_after, None);
+        assert!(held_keys(&mut conn, Uuid::new_v4(), 0, 10)
+            .expect("unknown pos")
+            .keys
+            .is_empty());
+    });
+}

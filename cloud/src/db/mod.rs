@@ -12,6 +12,7 @@
 //! in the ingestion actors, `spawn_blocking`), never on an async worker thread.
 
 pub mod catalog;
+pub mod devices;
 pub mod ledger;
 pub mod schema;
 pub mod terminals;
@@ -381,10 +382,11 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 3] = [
+    const ALL: [&str; 4] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
+        "2026-11-29-000004_till_identity",
     ];
 
     #[test]

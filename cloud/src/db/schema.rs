@@ -15,6 +15,18 @@ diesel::table! {
         token_hash -> Text,
         created_at -> Timestamp,
         revoked_at -> Nullable<Timestamp>,
+        previous_token_hash -> Nullable<Text>,
+        previous_token_expires_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    /// The device (`x-device-nonce`) each `pos_id` is bound to, first come.
+    pos_devices (pos_id) {
+        pos_id -> Text,
+        terminal_id -> Text,
+        device_nonce -> Text,
+        first_seen_at -> Timestamp,
     }
 }
 
@@ -75,6 +87,7 @@ diesel::table! {
 
 diesel::allow_tables_to_appear_in_same_query!(
     terminals,
+    pos_devices,
     catalog_counter,
     catalog_entities,
     idempotency_ledger,

@@ -4,6 +4,12 @@
 //! leaked one is recognisable in logs and secret scanners. Only its sha256 is stored: a
 //! database dump does not let anyone act as a terminal. Lookup is by that hash, through the
 //! unique index, so authentication costs one indexed read.
+//!
+//! Rotation gives a terminal a new token and keeps its identity (terminal id, branch, every
+//! idempotency key it ever used). The replaced token either stops at once or, with a grace,
+//! keeps working until `previous_token_expires_at` so a till can be switched over without a
+//! window in which it can deliver nothing. A second rotation replaces the remembered previous
+//! token, so at most two tokens of one terminal ever work at the same time.
 
 use base64::Engine as _;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -12,7 +18,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::schema::terminals;
-use super::{for_each_backend, now_utc, with_conn, DbConn, StoreError};
+use super::{for_each_backend, now_utc, with_conn, write_txn, DbConn, StoreError};
 
 /// Prefix of every terminal token.
 pub const TOKEN_PREFIX: &str = "pst_";
@@ -62,6 +68,8 @@ struct TerminalRow {
     token_hash: String,
     created_at: NaiveDateTime,
     revoked_at: Option<NaiveDateTime>,
+    previous_token_hash: Option<String>,
+    previous_token_expires_at: Option<NaiveDateTime>,
 }
 
 impl TerminalRow {
@@ -90,6 +98,19 @@ fn token_hash(token: &str) -> String {
     possync_protocol::sha256_hex(token.as_bytes())
 }
 
+/// A new random token: 32 bytes from the thread-local CSPRNG, base64url, prefixed.
+fn new_token() -> String {
+    let secret: [u8; 32] = rand::random();
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    )
+}
+
+/// Longest grace a rotated-out token may keep working: a switch-over takes minutes, and a
+/// leaked token must not stay usable for long.
+pub const MAX_ROTATION_GRACE_SECS: u64 = 24 * 3600;
+
 for_each_backend! {
     pub(super) fn insert(c: &mut Conn, row: &TerminalRow) -> QueryResult<usize> {
         diesel::insert_into(terminals::table).values(row).execute(c)
@@ -112,6 +133,49 @@ for_each_backend! {
             .select((terminals::terminal_id, terminals::branch_id))
             .first(c)
             .optional()
+    }
+
+    /// A rotated-out token still inside its grace.
+    pub(super) fn by_previous_hash(
+        c: &mut Conn,
+        hash: &str,
+        now: NaiveDateTime,
+    ) -> QueryResult<Option<(String, String)>> {
+        terminals::table
+            .filter(terminals::previous_token_hash.eq(hash))
+            .filter(terminals::previous_token_expires_at.gt(now))
+            .filter(terminals::revoked_at.is_null())
+            .select((terminals::terminal_id, terminals::branch_id))
+            .first(c)
+            .optional()
+    }
+
+    /// Replaces the token of a live terminal; the old one is remembered until `grace_until`
+    /// (or forgotten at once when that is `None`).
+    pub(super) fn rotate(
+        c: &mut Conn,
+        id: &str,
+        new_hash: &str,
+        grace_until: Option<NaiveDateTime>,
+    ) -> QueryResult<usize> {
+        let live = terminals::table
+            .filter(terminals::terminal_id.eq(id))
+            .filter(terminals::revoked_at.is_null());
+        let previous = match grace_until {
+            Some(_) => terminals::table
+                .filter(terminals::terminal_id.eq(id))
+                .select(terminals::token_hash)
+                .first::<String>(c)
+                .optional()?,
+            None => None,
+        };
+        diesel::update(live)
+            .set((
+                terminals::token_hash.eq(new_hash),
+                terminals::previous_token_hash.eq(previous),
+                terminals::previous_token_expires_at.eq(grace_until),
+            ))
+            .execute(c)
     }
 
     pub(super) fn all(c: &mut Conn) -> QueryResult<Vec<TerminalRow>> {
@@ -141,11 +205,7 @@ pub fn add_terminal(
         }
     }
     let terminal_id = Uuid::now_v7();
-    let secret: [u8; 32] = rand::random();
-    let token = format!(
-        "{TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-    );
+    let token = new_token();
     let row = TerminalRow {
         terminal_id: terminal_id.to_string(),
         branch_id: branch_id.to_string(),
@@ -153,6 +213,8 @@ pub fn add_terminal(
         token_hash: token_hash(&token),
         created_at: now_utc(),
         revoked_at: None,
+        previous_token_hash: None,
+        previous_token_expires_at: None,
     };
     with_conn!(conn, |c, m| m::insert(c, &row))?;
     Ok(IssuedTerminal {
@@ -170,8 +232,52 @@ pub fn revoke_terminal(conn: &mut DbConn, terminal_id: Uuid) -> Result<bool, Sto
     Ok(n > 0)
 }
 
+/// Issues a new token for a live terminal, keeping its identity: terminal id, branch and every
+/// idempotency key stay, so sales the till has not sent yet flush under the new token. The
+/// old token is refused from the next request, or after `grace` when one is given (at most
+/// [`MAX_ROTATION_GRACE_SECS`]). `None` if the terminal is unknown or revoked: a revoked
+/// terminal is retired for good, and a till that needs to sell again is enrolled anew.
+pub fn rotate_terminal(
+    conn: &mut DbConn,
+    terminal_id: Uuid,
+    grace: Option<std::time::Duration>,
+) -> Result<Option<IssuedTerminal>, StoreError> {
+    let grace_until = match grace.filter(|g| !g.is_zero()) {
+        None => None,
+        Some(g) if g.as_secs() > MAX_ROTATION_GRACE_SECS => {
+            return Err(StoreError::InvalidInput(format!(
+                "grace must be at most {MAX_ROTATION_GRACE_SECS} seconds"
+            )))
+        }
+        Some(g) => {
+            let g = chrono::Duration::from_std(g)
+                .map_err(|e| StoreError::InvalidInput(format!("grace: {e}")))?;
+            Some(now_utc() + g)
+        }
+    };
+    let id = terminal_id.to_string();
+    let token = new_token();
+    let hash = token_hash(&token);
+    let rotated = write_txn!(conn, |c, m| -> Result<Option<String>, StoreError> {
+        if m::rotate(c, &id, &hash, grace_until)? == 0 {
+            return Ok(None);
+        }
+        let branch: String = terminals::table
+            .filter(terminals::terminal_id.eq(&id))
+            .select(terminals::branch_id)
+            .first(c)?;
+        Ok(Some(branch))
+    })?;
+    Ok(rotated.map(|branch_id| IssuedTerminal {
+        terminal_id,
+        branch_id,
+        token,
+    }))
+}
+
 /// Resolves a bearer token to its terminal; `None` if unknown or revoked (the caller answers
-/// 401 either way, without saying which).
+/// 401 either way, without saying which). A token replaced by a rotation counts only while
+/// its grace lasts.
 pub fn authenticate(
     conn: &mut DbConn,
     token: &str,
@@ -180,7 +286,10 @@ pub fn authenticate(
         return Ok(None);
     }
     let hash = token_hash(token);
-    let found = with_conn!(conn, |c, m| m::by_hash(c, &hash))?;
+    let found = match with_conn!(conn, |c, m| m::by_hash(c, &hash))? {
+        Some(f) => Some(f),
+        None => with_conn!(conn, |c, m| m::by_previous_hash(c, &hash, now_utc()))?,
+    };
     found
         .map(|(id, branch_id)| {
             Ok(TerminalIdentity {
@@ -252,6 +361,93 @@ mod tests {
             assert!(!rows[0]
                 .token_hash
                 .contains(&issued.token[TOKEN_PREFIX.len()..]));
+        });
+    }
+
+    #[test]
+    fn rotation_keeps_the_identity_and_refuses_the_old_token_at_once() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            let first = add_terminal(&mut conn, "b1", Some("till")).expect("add");
+            let rotated = rotate_terminal(&mut conn, first.terminal_id, None)
+                .expect("rotate")
+                .expect("live terminal");
+            assert_eq!(rotated.terminal_id, first.terminal_id);
+            assert_eq!(rotated.branch_id, "b1");
+            assert_ne!(rotated.token, first.token);
+            assert_eq!(authenticate(&mut conn, &first.token).expect("auth"), None);
+            assert_eq!(
+                authenticate(&mut conn, &rotated.token).expect("auth"),
+                Some(TerminalIdentity {
+                    terminal_id: first.terminal_id,
+                    branch_id: "b1".into()
+                })
+            );
+            assert_eq!(list_terminals(&mut conn).expect("list").len(), 1);
+            assert!(rotate_terminal(&mut conn, Uuid::now_v7(), None)
+                .expect("unknown")
+                .is_none());
+            assert!(revoke_terminal(&mut conn, first.terminal_id).expect("revoke"));
+            assert!(rotate_terminal(&mut conn, first.terminal_id, None)
+                .expect("revoked")
+                .is_none());
+        });
+    }
+
+    #[test]
+    fn a_grace_keeps_the_old_token_until_it_ends_and_only_one_old_token() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            let first = add_terminal(&mut conn, "b1", None).expect("add");
+            let hour = std::time::Duration::from_secs(3600);
+            let second = rotate_terminal(&mut conn, first.terminal_id, Some(hour))
+                .expect("rotate")
+                .expect("live");
+            assert!(authenticate(&mut conn, &first.token)
+                .expect("auth")
+                .is_some());
+            assert!(authenticate(&mut conn, &second.token)
+                .expect("auth")
+                .is_some());
+            // A second rotation forgets the first token even though its grace had not ended.
+            let third = rotate_terminal(&mut conn, first.terminal_id, Some(hour))
+                .expect("rotate")
+                .expect("live");
+            assert_eq!(authenticate(&mut conn, &first.token).expect("auth"), None);
+            assert!(authenticate(&mut conn, &second.token)
+                .expect("auth")
+                .is_some());
+            assert!(authenticate(&mut conn, &third.token)
+                .expect("auth")
+                .is_some());
+            // A grace that has ended no longer authenticates.
+            let fourth = rotate_terminal(
+                &mut conn,
+                first.terminal_id,
+                Some(std::time::Duration::from_millis(1)),
+            )
+            .expect("rotate")
+            .expect("live");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(authenticate(&mut conn, &third.token).expect("auth"), None);
+            assert!(authenticate(&mut conn, &fourth.token)
+                .expect("auth")
+                .is_some());
+            // Revocation ends the grace too.
+            let fifth = rotate_terminal(&mut conn, first.terminal_id, Some(hour))
+                .expect("rotate")
+                .expect("live");
+            assert!(revoke_terminal(&mut conn, first.terminal_id).expect("revoke"));
+            assert_eq!(authenticate(&mut conn, &fourth.token).expect("auth"), None);
+            assert_eq!(authenticate(&mut conn, &fifth.token).expect("auth"), None);
+            assert!(matches!(
+                rotate_terminal(
+                    &mut conn,
+                    first.terminal_id,
+                    Some(std::time::Duration::from_secs(MAX_ROTATION_GRACE_SECS + 1))
+                ),
+                Err(StoreError::InvalidInput(_))
+            ));
         });
     }
 

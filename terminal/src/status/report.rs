@@ -26,6 +26,10 @@ pub struct StatusReport {
     pub terminal_id: Option<Uuid>,
     /// The enrolled branch.
     pub branch_id: Option<String>,
+    /// Recent changes of the key space: forks after a cloned disk or restored backup,
+    /// re-enrollments, carry-overs of unsent sales (oldest first).
+    #[serde(default)]
+    pub identity_changes: Vec<crate::store::IdentityChange>,
     /// Whether the cloud answered lately; `None` when no daemon runs (unknown).
     pub online: Option<bool>,
     /// When the cloud last answered.
@@ -146,6 +150,7 @@ pub fn build_report(
         pos_id: identity.pos_id,
         terminal_id: identity.terminal_id,
         branch_id: identity.branch_id,
+        identity_changes: till.identity_changes()?,
         online: engine.map(|e| e.online),
         last_contact_at: engine.and_then(|e| e.last_contact_at),
         offline_since: engine.and_then(|e| e.offline_since),

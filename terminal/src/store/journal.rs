@@ -264,13 +264,14 @@ pub(crate) fn insert_sale_record(
 /// One transaction: next id, receipt, journal row. The payload was validated by the caller.
 pub fn enqueue(
     conn: &mut Connection,
-    pos_id: Uuid,
     event_type: EventType,
     occurred_at: DateTime<Utc>,
     payload: &SalePayload,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
     let tx = conn.transaction()?;
     let enrollment = read_enrollment(&tx)?;
+    // Read in the transaction: a fork (perhaps by another process) may have changed it.
+    let pos_id = super::identity::pos_id(&tx)?;
     let done = insert_queued_sale(
         &tx,
         &QueuedSale {
@@ -330,8 +331,7 @@ pub fn stamp_identity(tx: &Transaction<'_>, e: &Enrollment) -> Result<usize, Ter
             terminalId = %e.terminal_id,
             branchId = %e.branch_id,
             unsynced = foreign,
-            errorCode = "POS_SYNC_UNAUTHORIZED",
-            "unsynced sales keep the previous enrollment's terminal/branch; the new token cannot deliver them"
+            "unsynced sales keep the previous enrollment's keys until the carry-over asks the cloud which of them it holds"
         );
     }
     Ok(n)
@@ -356,17 +356,30 @@ pub fn claim_batch(
     let now_text = time_text(now);
     let stamp = time_text(Utc::now());
     let tx = conn.transaction()?;
+    // Only the current key space: a row stamped with another terminal, branch or pos_id waits
+    // for its carry-over (the cloud would refuse it as a stranger, with its whole batch).
+    let Some(ks) = super::identity::key_space(&tx)? else {
+        return Ok(Vec::new());
+    };
     type ClaimedRow = (i64, String, i64, i64, i64, Option<String>);
     let rows: Vec<ClaimedRow> = tx
         .prepare_cached(
             "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at
              FROM sync_journal
              WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
-               AND json_extract(event, '$.terminal_id') IS NOT NULL
+               AND pos_id = ?3
+               AND json_extract(event, '$.terminal_id') = ?4
+               AND json_extract(event, '$.branch_id') = ?5
              ORDER BY local_event_id LIMIT ?2",
         )?
         .query_map(
-            params![now_text, i64::try_from(limit).unwrap_or(i64::MAX)],
+            params![
+                now_text,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                ks.pos_id.to_string(),
+                ks.terminal_id.to_string(),
+                ks.branch_id
+            ],
             |r| {
                 Ok((
                     r.get(0)?,

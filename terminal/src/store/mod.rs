@@ -12,6 +12,7 @@
 
 mod catalog;
 mod error;
+pub mod identity;
 mod journal;
 pub mod legacy;
 pub mod legacy_fixture;
@@ -19,6 +20,9 @@ pub mod schema;
 
 pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
 pub use error::TerminalStoreError;
+pub use identity::{
+    CarryCandidate, CarryDecision, CarryOverCounts, ChangeReason, IdentityChange, KeySpace,
+};
 pub use journal::{EnqueuedSale, JournalRow, JournalStatus, RetryTarget};
 pub use legacy::{migrate_legacy, LegacyOutcome, LegacyReport};
 
@@ -50,7 +54,11 @@ pub struct SqliteStore {
 
 struct Inner {
     conn: Mutex<Connection>,
-    pos_id: Uuid,
+    /// The `pos_id` at open, shown only if the database cannot be read; the stored one is the
+    /// truth (a fork or re-enrollment changes it, possibly in another process).
+    pos_id_at_open: Uuid,
+    /// This device's nonce (see [`identity::ensure_device_nonce`]).
+    device_nonce: Uuid,
     path: PathBuf,
 }
 
@@ -58,7 +66,7 @@ impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
             .field("path", &self.inner.path)
-            .field("pos_id", &self.inner.pos_id)
+            .field("pos_id", &self.inner.pos_id_at_open)
             .finish()
     }
 }
@@ -98,6 +106,15 @@ impl fmt::Debug for Enrollment {
             .field("token", &"<redacted>")
             .finish()
     }
+}
+
+/// What [`SqliteStore::save_enrollment`] changed besides the enrollment itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EnrollmentSaved {
+    /// The new `pos_id`, when the till was enrolled as another terminal or branch.
+    pub forked_to: Option<Uuid>,
+    /// Sales parked with `POS_SYNC_UNAUTHORIZED` released for delivery.
+    pub released: usize,
 }
 
 /// Formats a time the way every column of this database stores it: RFC 3339 UTC with
@@ -229,6 +246,7 @@ impl SqliteStore {
         let applied = schema::apply_pending(&mut conn, schema::latest_version())?;
         let pos_id = ensure_pos_id(&conn)?;
         let legacy = legacy::convert_if_pending(&mut conn, pos_id, backup_path.clone())?;
+        let device_nonce = identity::ensure_device_nonce(&mut conn, path)?;
         let report = OpenReport {
             from_version,
             applied,
@@ -238,16 +256,52 @@ impl SqliteStore {
         let store = SqliteStore {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
-                pos_id,
+                pos_id_at_open: pos_id,
+                device_nonce,
                 path: path.to_path_buf(),
             }),
         };
         Ok((store, report))
     }
 
-    /// This database's `pos_id`, generated once when it was created.
+    /// The `pos_id` new sales are stamped with: generated when the database was created, and
+    /// replaced by a fork or a re-enrollment as another terminal (see [`identity`]).
     pub fn pos_id(&self) -> Uuid {
-        self.inner.pos_id
+        identity::pos_id(&self.conn()).unwrap_or(self.inner.pos_id_at_open)
+    }
+
+    /// This device's nonce, sent with every sales request (`x-device-nonce`).
+    pub fn device_nonce(&self) -> Uuid {
+        self.inner.device_nonce
+    }
+
+    /// The key space new sales are stamped with and the outbox delivers; `None` before
+    /// enrollment.
+    pub fn key_space(&self) -> Result<Option<KeySpace>, TerminalStoreError> {
+        identity::key_space(&self.conn())
+    }
+
+    /// The last [`identity::CHANGES_KEPT`] changes of the key space, oldest first.
+    pub fn identity_changes(&self) -> Result<Vec<IdentityChange>, TerminalStoreError> {
+        identity::changes(&self.conn())
+    }
+
+    /// Forks to a new `pos_id` if the cloud said the current one is used by another database.
+    pub fn fork_if_needed(&self) -> Result<Option<Uuid>, TerminalStoreError> {
+        identity::fork(&mut self.conn())
+    }
+
+    /// Unsent rows of earlier key spaces, waiting to be carried over.
+    pub fn carry_candidates(&self) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+        identity::carry_candidates(&self.conn())
+    }
+
+    /// Applies a carry-over (one transaction; rows changed since they were read are skipped).
+    pub fn apply_carry_over(
+        &self,
+        decisions: &[CarryDecision],
+    ) -> Result<CarryOverCounts, TerminalStoreError> {
+        identity::apply_carry_over(&mut self.conn(), decisions)
     }
 
     /// Path of the database file.
@@ -273,7 +327,13 @@ impl SqliteStore {
     /// Saves the enrollment, and stamps its terminal and branch into sales queued before the
     /// terminal was enrolled (e.g. converted legacy sales), so their idempotency key is fixed
     /// before the first delivery.
-    pub fn save_enrollment(&self, e: &Enrollment) -> Result<(), TerminalStoreError> {
+    ///
+    /// Enrolling again as the same terminal and branch (a rotated token, a new cloud URL)
+    /// keeps the `pos_id`, the journal and the catalog, and releases sales parked only because
+    /// the old token was refused. Enrolling as another terminal or branch starts a new `pos_id`
+    /// in the same transaction; the unsent sales of the old identity then wait for a
+    /// carry-over (see [`identity`]).
+    pub fn save_enrollment(&self, e: &Enrollment) -> Result<EnrollmentSaved, TerminalStoreError> {
         if !possync_protocol::valid_branch_id(&e.branch_id) {
             return Err(TerminalStoreError::InvalidEnrollment(format!(
                 "branch_id {:?} must be 1-64 of [a-z0-9_-]",
@@ -282,10 +342,21 @@ impl SqliteStore {
         }
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let previous = read_enrollment(&tx)?;
+        let forked_to = match previous {
+            Some(p) if p.terminal_id != e.terminal_id || p.branch_id != e.branch_id => {
+                Some(identity::fork_in(&tx, ChangeReason::Reenrolled)?)
+            }
+            _ => None,
+        };
         Kv::SyncState.set(&tx, "enrollment", &serde_json::to_string(e)?)?;
         journal::stamp_identity(&tx, e)?;
+        let released = identity::release_unauthorized(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(EnrollmentSaved {
+            forked_to,
+            released,
+        })
     }
 
     /// Validates the sale with the shared protocol rules, then in ONE transaction takes the
@@ -299,13 +370,7 @@ impl SqliteStore {
     ) -> Result<EnqueuedSale, TerminalStoreError> {
         possync_protocol::validate_payload(event_type, payload)?;
         let mut conn = self.conn();
-        journal::enqueue(
-            &mut conn,
-            self.inner.pos_id,
-            event_type,
-            occurred_at,
-            payload,
-        )
+        journal::enqueue(&mut conn, event_type, occurred_at, payload)
     }
 
     /// Offline catalog lookup over product entities (at most [`LOOKUP_LIMIT`] results).

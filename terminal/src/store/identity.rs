@@ -1,0 +1,474 @@
+//! The till's identity in its own database: the key space its sales are delivered under, the
+//! device nonce, and the moves of unsent sales from one key space to another.
+//!
+//! A sale's idempotency key is `(terminal_id, pos_id, local_event_id)`. The *key space* is the
+//! pair `(terminal, branch, pos_id)` that new sales are stamped with; the outbox delivers only
+//! rows of the current key space (a row of another would be refused as a stranger, 403, and
+//! take its whole batch down with it). The key space changes in two ways:
+//!
+//! - **re-enrollment as another terminal or branch** ([`fork_in`] from `save_enrollment`): the
+//!   new token cannot deliver the old terminal's keys;
+//! - **a fork** ([`fork`]) when the cloud says this `pos_id` is used by another database
+//!   (`POS_SYNC_POS_CLONED`, or a conflict: same key, different payload) — a cloned disk or a
+//!   restored backup.
+//!
+//! Either way a fresh `pos_id` starts at `local_event_id` 1, and the unsent rows of the old key
+//! space wait for a *carry-over*: the till asks the cloud which of their old keys it already
+//! holds with the same payload hash (those are marked synced — the cloud has that very sale)
+//! and re-keys the rest into the current key space, numbered in their original order.
+//! [`apply_carry_over`] re-keys a row only if it is still exactly as it was when the cloud was
+//! asked (same status, attempts and `updated_at`), so a row whose delivery was meanwhile
+//! answered is never re-keyed on stale information — that is what keeps a sale from being
+//! stored under both keys.
+//!
+//! The device nonce is regenerated whenever the database file is not the file that created it
+//! (another inode or device, another machine id): a copied data directory or a restored backup
+//! then presents a nonce the cloud has not bound its `pos_id` to.
+
+use chrono::{DateTime, Utc};
+use possync_protocol::SaleEvent;
+use rusqlite::{params, Connection, Transaction};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use uuid::Uuid;
+
+use super::error::TerminalStoreError;
+use super::journal::take_local_event_id;
+use super::{read_enrollment, time_text, Kv};
+
+/// How many identity changes the store remembers for the status page.
+pub const CHANGES_KEPT: usize = 20;
+
+/// Journal codes that say "the sale is fine, its key is not": such rows go back to `pending`
+/// when they are re-keyed. Any other `needs_attention` row (e.g. `POS_SYNC_EVENT_INVALID`)
+/// keeps its state and code under the new key, so an operator retry can deliver it.
+const KEY_PROBLEMS: &[&str] = &[
+    "POS_SYNC_UNAUTHORIZED",
+    "POS_SYNC_POS_CLONED",
+    "POS_SYNC_EVENT_DUPLICATE",
+    "POS_SYNC_ATTEMPTS_EXHAUSTED",
+];
+
+/// The key space new sales are stamped with and the outbox delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpace {
+    /// The enrolled terminal.
+    pub terminal_id: Uuid,
+    /// Its branch.
+    pub branch_id: String,
+    /// The current `pos_id`.
+    pub pos_id: Uuid,
+}
+
+/// Why a till's key space changed, recorded for the status page and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeReason {
+    /// Enrolled as another terminal or branch.
+    Reenrolled,
+    /// The cloud bound this `pos_id` to another device (`POS_SYNC_POS_CLONED`).
+    Cloned,
+    /// The cloud holds one of this `pos_id`'s keys with another payload (restored backup or an
+    /// image cloned before device nonces).
+    Conflict,
+    /// Unsent sales of an earlier key space were moved into the current one.
+    CarryOver,
+}
+
+/// One change of the till's key space, newest last in [`changes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityChange {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// Why.
+    pub reason: ChangeReason,
+    /// The `pos_id` before (for a carry-over: where the rows came from).
+    pub from_pos_id: Uuid,
+    /// The `pos_id` after.
+    pub to_pos_id: Uuid,
+    /// Rows re-keyed (carry-over only).
+    pub rekeyed: usize,
+    /// Rows the cloud already held under the old key, marked synced (carry-over only).
+    pub already_held: usize,
+}
+
+/// An unsent row of an earlier key space, as it was when read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CarryCandidate {
+    /// The row.
+    pub journal_id: i64,
+    /// The `pos_id` it was stamped with.
+    pub pos_id: Uuid,
+    /// Its old `local_event_id`.
+    pub local_event_id: i64,
+    /// The terminal it was stamped with (`None`: queued before any enrollment, never sent).
+    pub terminal_id: Option<Uuid>,
+    /// `SaleEvent::payload_hash` of the stored event (`None` when never sendable).
+    pub payload_hash: Option<String>,
+    /// Guard: the row is re-keyed only if these are unchanged.
+    pub status: String,
+    /// Guard.
+    pub attempts: i64,
+    /// Guard.
+    pub updated_at: String,
+}
+
+/// What the carry-over decided for one candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CarryDecision {
+    /// The cloud holds this very sale under the old key: mark the row synced.
+    AlreadyHeld {
+        /// The row, as read.
+        row: CarryCandidate,
+        /// The cloud's id of the stored sale.
+        cloud_event_id: Uuid,
+    },
+    /// Not in the cloud under the old key (or another sale is): give it a key of the current
+    /// key space.
+    Rekey {
+        /// The row, as read.
+        row: CarryCandidate,
+    },
+}
+
+/// What [`apply_carry_over`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CarryOverCounts {
+    /// Rows re-keyed into the current key space.
+    pub rekeyed: usize,
+    /// Rows marked synced because the cloud already held them.
+    pub already_held: usize,
+    /// Rows that changed since they were read (left for the next pass).
+    pub skipped: usize,
+}
+
+/// A stable fingerprint of the database file on this machine: `<dev>:<inode>` plus the
+/// machine id when there is one. A copy (another file) or a restore (a new file) differs.
+pub fn file_fingerprint(path: &Path) -> String {
+    let file = std::fs::metadata(path)
+        .map(|m| {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                format!("{}:{}", m.dev(), m.ino())
+            }
+            #[cfg(not(unix))]
+            {
+                format!("{:?}", m.created().ok())
+            }
+        })
+        .unwrap_or_default();
+    let machine = std::fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!("{file}/{machine}")
+}
+
+/// Reads the device nonce, creating a new one when there is none or the database file is not
+/// the one that created it.
+pub fn ensure_device_nonce(conn: &mut Connection, path: &Path) -> Result<Uuid, TerminalStoreError> {
+    let fingerprint = file_fingerprint(path);
+    let stored_print = Kv::SyncState.get(conn, "device_fingerprint")?;
+    let stored_nonce = Kv::SyncState.get(conn, "device_nonce")?;
+    if let (Some(p), Some(n)) = (&stored_print, &stored_nonce) {
+        if *p == fingerprint {
+            return Uuid::parse_str(n)
+                .map_err(|e| TerminalStoreError::Corrupt(format!("device_nonce {n:?}: {e}")));
+        }
+    }
+    let nonce = Uuid::new_v4();
+    let tx = conn.transaction()?;
+    Kv::SyncState.set(&tx, "device_nonce", &nonce.to_string())?;
+    Kv::SyncState.set(&tx, "device_fingerprint", &fingerprint)?;
+    tx.commit()?;
+    if stored_nonce.is_some() {
+        tracing::warn!(
+            device = %nonce,
+            "database file is a copy or a restore (not the file that created the device nonce); new device nonce"
+        );
+    }
+    Ok(nonce)
+}
+
+/// The stored `pos_id`.
+pub fn pos_id(conn: &Connection) -> Result<Uuid, TerminalStoreError> {
+    let text = Kv::SyncState
+        .get(conn, "pos_id")?
+        .ok_or_else(|| TerminalStoreError::Corrupt("pos_id missing".into()))?;
+    Uuid::parse_str(&text).map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {text:?}: {e}")))
+}
+
+/// The current key space, `None` before enrollment.
+pub fn key_space(conn: &Connection) -> Result<Option<KeySpace>, TerminalStoreError> {
+    let Some(e) = read_enrollment(conn)? else {
+        return Ok(None);
+    };
+    Ok(Some(KeySpace {
+        terminal_id: e.terminal_id,
+        branch_id: e.branch_id,
+        pos_id: pos_id(conn)?,
+    }))
+}
+
+/// The remembered identity changes, oldest first.
+pub fn changes(conn: &Connection) -> Result<Vec<IdentityChange>, TerminalStoreError> {
+    match Kv::SyncState.get(conn, "identity_changes")? {
+        None => Ok(Vec::new()),
+        Some(text) => Ok(serde_json::from_str(&text)?),
+    }
+}
+
+fn record_change(tx: &Transaction<'_>, change: IdentityChange) -> Result<(), TerminalStoreError> {
+    let mut all = changes(tx)?;
+    all.push(change);
+    let excess = all.len().saturating_sub(CHANGES_KEPT);
+    all.drain(..excess);
+    Kv::SyncState.set(tx, "identity_changes", &serde_json::to_string(&all)?)?;
+    Ok(())
+}
+
+/// Starts a fresh `pos_id` (numbered from 1) inside the caller's transaction and records why.
+/// Returns the new `pos_id`.
+pub fn fork_in(tx: &Transaction<'_>, reason: ChangeReason) -> Result<Uuid, TerminalStoreError> {
+    let from = pos_id(tx)?;
+    let to = Uuid::new_v4();
+    Kv::SyncState.set(tx, "pos_id", &to.to_string())?;
+    Kv::SyncState.set(tx, "next_local_event_id", "1")?;
+    record_change(
+        tx,
+        IdentityChange {
+            at: Utc::now(),
+            reason,
+            from_pos_id: from,
+            to_pos_id: to,
+            rekeyed: 0,
+            already_held: 0,
+        },
+    )?;
+    tracing::warn!(fromPosId = %from, posId = %to, ?reason, "till forked to a new pos_id; unsent sales of the old one are carried over");
+    Ok(to)
+}
+
+/// Whether the cloud said, for a row of the current key space, that the `pos_id` is used by
+/// another database: such a row is `needs_attention` with `POS_SYNC_POS_CLONED`, or with
+/// `POS_SYNC_EVENT_DUPLICATE` (a conflict: a duplicate is `synced`). Returns the reason.
+pub fn fork_needed(conn: &Connection) -> Result<Option<ChangeReason>, TerminalStoreError> {
+    let Some(ks) = key_space(conn)? else {
+        return Ok(None);
+    };
+    let code: Option<String> = conn
+        .query_row(
+            "SELECT last_error_code FROM sync_journal
+             WHERE status = 'needs_attention' AND pos_id = ?1
+               AND last_error_code IN ('POS_SYNC_POS_CLONED', 'POS_SYNC_EVENT_DUPLICATE')
+             ORDER BY last_error_code DESC LIMIT 1",
+            [ks.pos_id.to_string()],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok(code.map(|c| {
+        if c == "POS_SYNC_POS_CLONED" {
+            ChangeReason::Cloned
+        } else {
+            ChangeReason::Conflict
+        }
+    }))
+}
+
+/// Forks if [`fork_needed`] still says so, in one transaction. Returns the new `pos_id`.
+pub fn fork(conn: &mut Connection) -> Result<Option<Uuid>, TerminalStoreError> {
+    let tx = conn.transaction()?;
+    let Some(reason) = fork_needed(&tx)? else {
+        return Ok(None);
+    };
+    let to = fork_in(&tx, reason)?;
+    tx.commit()?;
+    Ok(Some(to))
+}
+
+/// Unsent rows outside the current key space (not `in_flight`: a delivery may be under way),
+/// oldest first. Empty before enrollment.
+pub fn carry_candidates(conn: &Connection) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+    let Some(ks) = key_space(conn)? else {
+        return Ok(Vec::new());
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT journal_id, pos_id, local_event_id, event, status, attempts, updated_at
+         FROM sync_journal
+         WHERE status IN ('pending', 'failed', 'needs_attention')
+           AND (pos_id <> ?1
+                OR json_extract(event, '$.terminal_id') IS NOT ?2
+                OR json_extract(event, '$.branch_id') IS NOT ?3)
+         ORDER BY journal_id",
+    )?;
+    type Raw = (i64, String, i64, String, String, i64, String);
+    let raw: Vec<Raw> = stmt
+        .query_map(
+            params![
+                ks.pos_id.to_string(),
+                ks.terminal_id.to_string(),
+                ks.branch_id
+            ],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    raw.into_iter()
+        .map(
+            |(journal_id, pos, local_event_id, event, status, attempts, updated_at)| {
+                let pos_id = Uuid::parse_str(&pos)
+                    .map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {pos:?}: {e}")))?;
+                // Rows queued before any enrollment hold null identity fields and were never sent.
+                let parsed = serde_json::from_str::<SaleEvent>(&event).ok();
+                Ok(CarryCandidate {
+                    journal_id,
+                    pos_id,
+                    local_event_id,
+                    terminal_id: parsed.as_ref().map(|e| e.terminal_id),
+                    payload_hash: parsed.as_ref().map(SaleEvent::payload_hash),
+                    status,
+                    attempts,
+                    updated_at,
+                })
+            },
+        )
+        .collect()
+}
+
+/// Applies the carry-over decisions in one transaction (see the module docs for the guard).
+pub fn apply_carry_over(
+    conn: &mut Connection,
+    decisions: &[CarryDecision],
+) -> Result<CarryOverCounts, TerminalStoreError> {
+    let now = time_text(Utc::now());
+    let tx = conn.transaction()?;
+    let Some(ks) = key_space(&tx)? else {
+        return Ok(CarryOverCounts::default());
+    };
+    let mut counts = CarryOverCounts::default();
+    let mut from_pos: Option<Uuid> = None;
+    for d in decisions {
+        let row = match d {
+            CarryDecision::AlreadyHeld { row, .. } | CarryDecision::Rekey { row } => row,
+        };
+        let unchanged: Option<String> = tx
+            .query_row(
+                "SELECT event FROM sync_journal
+                 WHERE journal_id = ?1 AND status = ?2 AND attempts = ?3 AND updated_at = ?4
+                   AND status IN ('pending', 'failed', 'needs_attention')",
+                params![row.journal_id, row.status, row.attempts, row.updated_at],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let Some(event) = unchanged else {
+            counts.skipped += 1;
+            continue;
+        };
+        from_pos.get_or_insert(row.pos_id);
+        match d {
+            CarryDecision::AlreadyHeld { cloud_event_id, .. } => {
+                tx.execute(
+                    "UPDATE sync_journal SET status = 'synced', cloud_event_id = ?2, synced_at = ?3,
+                         updated_at = ?3, next_attempt_at = NULL,
+                         last_error_code = 'POS_SYNC_EVENT_DUPLICATE', last_error_message = NULL
+                     WHERE journal_id = ?1",
+                    params![row.journal_id, cloud_event_id.to_string(), now],
+                )?;
+                counts.already_held += 1;
+            }
+            CarryDecision::Rekey { .. } => {
+                let local_event_id = take_local_event_id(&tx)?;
+                let mut value: serde_json::Value = serde_json::from_str(&event)?;
+                if let Some(obj) = value.as_object_mut() {
+                    obj.insert("terminal_id".into(), ks.terminal_id.to_string().into());
+                    obj.insert("branch_id".into(), ks.branch_id.clone().into());
+                    obj.insert("pos_id".into(), ks.pos_id.to_string().into());
+                    obj.insert("local_event_id".into(), local_event_id.into());
+                }
+                let keep_parked = row.status == "needs_attention" && {
+                    let code: Option<String> = tx.query_row(
+                        "SELECT last_error_code FROM sync_journal WHERE journal_id = ?1",
+                        [row.journal_id],
+                        |r| r.get(0),
+                    )?;
+                    !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()))
+                };
+                tx.execute(
+                    "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4,
+                         status = CASE WHEN ?5 THEN status ELSE 'pending' END,
+                         attempts = CASE WHEN ?5 THEN attempts ELSE 0 END,
+                         last_error_code = CASE WHEN ?5 THEN last_error_code ELSE NULL END,
+                         last_error_message = CASE WHEN ?5 THEN last_error_message ELSE NULL END,
+                         next_attempt_at = NULL, updated_at = ?6
+                     WHERE journal_id = ?1",
+                    params![
+                        row.journal_id,
+                        ks.pos_id.to_string(),
+                        local_event_id,
+                        serde_json::to_string(&value)?,
+                        keep_parked,
+                        now
+                    ],
+                )?;
+                tracing::info!(
+                    terminalId = %ks.terminal_id,
+                    branchId = %ks.branch_id,
+                    eventId = local_event_id,
+                    fromPosId = %row.pos_id,
+                    fromEventId = row.local_event_id,
+                    posId = %ks.pos_id,
+                    journal_id = row.journal_id,
+                    "unsent sale re-keyed into the current key space"
+                );
+                counts.rekeyed += 1;
+            }
+        }
+    }
+    if let Some(from) = from_pos {
+        record_change(
+            &tx,
+            IdentityChange {
+                at: Utc::now(),
+                reason: ChangeReason::CarryOver,
+                from_pos_id: from,
+                to_pos_id: ks.pos_id,
+                rekeyed: counts.rekeyed,
+                already_held: counts.already_held,
+            },
+        )?;
+    }
+    tx.commit()?;
+    Ok(counts)
+}
+
+/// Moves rows of the current key space parked only because the token was refused
+/// (`POS_SYNC_UNAUTHORIZED`) back to `pending`: a new token makes them deliverable.
+pub fn release_unauthorized(tx: &Transaction<'_>) -> Result<usize, TerminalStoreError> {
+    let Some(ks) = key_space(tx)? else {
+        return Ok(0);
+    };
+    Ok(tx.execute(
+        "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL,
+             updated_at = ?2
+         WHERE status = 'needs_attention' AND pos_id = ?1
+           AND last_error_code = 'POS_SYNC_UNAUTHORIZED'",
+        params![ks.pos_id.to_string(), time_text(Utc::now())],
+    )?)
+}

@@ -1,0 +1,258 @@
+//! The till's identity in its database: token changes keep everything, re-enrollment as another
+//! terminal and forks start a new `pos_id`, carry-over moves unsent sales exactly once, and a
+//! copied database file gets a new device nonce.
+
+mod fixtures;
+
+use chrono::Utc;
+use fixtures::*;
+use possync_actors::{DeliveryOutcome, LocalStore};
+use possync_protocol::{EventType, HeldKey, SaleEvent};
+use possync_terminal::carry_over::decide;
+use possync_terminal::store::{CarryDecision, ChangeReason, Enrollment, SqliteStore};
+use uuid::Uuid;
+
+fn sell(store: &SqliteStore, n: i64) -> i64 {
+    store
+        .enqueue_sale(
+            EventType::Sale,
+            Utc::now(),
+            &payload(&format!("R-{n}"), 1, 100 + n),
+        )
+        .expect("enqueue")
+        .journal_id
+}
+
+fn park(store: &SqliteStore, journal_ids: &[i64], code: &str) {
+    store.claim_batch(100, Utc::now()).expect("claim");
+    let outcomes: Vec<DeliveryOutcome> = journal_ids
+        .iter()
+        .map(|&journal_id| DeliveryOutcome::NeedsAttention {
+            journal_id,
+            code: code.into(),
+            message: "m".into(),
+        })
+        .collect();
+    store.record_outcomes(&outcomes).expect("record");
+    // whatever was claimed but not parked goes back
+    store.release_in_flight().expect("release");
+}
+
+fn other_terminal() -> Enrollment {
+    Enrollment {
+        terminal_id: Uuid::from_u128(0x9999),
+        token: "new-token".into(),
+        ..enrollment()
+    }
+}
+
+#[test]
+fn a_new_token_for_the_same_terminal_keeps_pos_and_releases_unauthorized_sales() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let pos = store.pos_id();
+    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    park(&store, &ids[..2], "POS_SYNC_UNAUTHORIZED");
+    assert_eq!(store.outbox_counts().expect("counts").needs_attention, 2);
+
+    let rotated = Enrollment {
+        token: "rotated".into(),
+        ..enrollment()
+    };
+    let saved = store.save_enrollment(&rotated).expect("token set");
+    assert_eq!(saved.forked_to, None);
+    assert_eq!(saved.released, 2);
+    assert_eq!(store.pos_id(), pos, "same identity, same pos_id");
+    let items = store.claim_batch(100, Utc::now()).expect("claim");
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| i.event.local_event_id)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(store.carry_candidates().expect("candidates").is_empty());
+}
+
+#[test]
+fn reenrolling_as_another_terminal_forks_and_carries_unsent_sales_over_exactly_once() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let old_pos = store.pos_id();
+    let ids: Vec<i64> = (1..=4).map(|n| sell(&store, n)).collect();
+    // 1 synced; 2 parked (token revoked); 3 and 4 pending.
+    store.claim_batch(1, Utc::now()).expect("claim 1");
+    store
+        .record_outcomes(&[DeliveryOutcome::Synced {
+            journal_id: ids[0],
+            cloud_event_id: None,
+            duplicate: false,
+        }])
+        .expect("synced");
+    park(&store, &ids[1..2], "POS_SYNC_UNAUTHORIZED");
+    let old_events: Vec<SaleEvent> = {
+        let c = raw(&path);
+        let mut stmt = c
+            .prepare("SELECT event FROM sync_journal ORDER BY journal_id")
+            .expect("prepare");
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .map(|t| serde_json::from_str(&t.expect("row")).expect("event"))
+            .collect()
+    };
+
+    let saved = store.save_enrollment(&other_terminal()).expect("re-enroll");
+    let new_pos = saved.forked_to.expect("another terminal: new pos_id");
+    assert_ne!(new_pos, old_pos);
+    assert_eq!(store.pos_id(), new_pos);
+    // The old rows are not delivered under the new token until carried over.
+    assert!(store
+        .claim_batch(100, Utc::now())
+        .expect("claim")
+        .is_empty());
+    // A sale made meanwhile starts the new pos at 1.
+    let fresh = store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-new", 1, 5))
+        .expect("enqueue");
+    assert_eq!((fresh.pos_id, fresh.local_event_id), (new_pos, 1));
+
+    let candidates = store.carry_candidates().expect("candidates");
+    assert_eq!(
+        candidates
+            .iter()
+            .map(|c| c.local_event_id)
+            .collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
+    // The cloud held sale 3 under the old key (an answer lost in flight) — and a stranger's
+    // key 4 with another payload.
+    let held = vec![
+        HeldKey {
+            terminal_id: enrollment().terminal_id,
+            local_event_id: 3,
+            payload_hash: old_events[2].payload_hash(),
+            cloud_event_id: Uuid::from_u128(3),
+        },
+        HeldKey {
+            terminal_id: enrollment().terminal_id,
+            local_event_id: 4,
+            payload_hash: "another sale".into(),
+            cloud_event_id: Uuid::from_u128(4),
+        },
+    ];
+    let decisions = decide(candidates, &held);
+    let counts = store.apply_carry_over(&decisions).expect("carry over");
+    assert_eq!(
+        (counts.rekeyed, counts.already_held, counts.skipped),
+        (2, 1, 0)
+    );
+    // Applying the same (now stale) decisions again changes nothing.
+    let again = store.apply_carry_over(&decisions).expect("stale");
+    assert_eq!(
+        (again.rekeyed, again.already_held, again.skipped),
+        (0, 0, 3)
+    );
+
+    let items = store.claim_batch(100, Utc::now()).expect("claim");
+    let keys: Vec<(Uuid, Uuid, i64, String)> = items
+        .iter()
+        .map(|i| {
+            (
+                i.event.terminal_id,
+                i.event.pos_id,
+                i.event.local_event_id,
+                i.event.payload.receipt_no.clone(),
+            )
+        })
+        .collect();
+    let t = other_terminal().terminal_id;
+    assert_eq!(
+        keys,
+        vec![
+            (t, new_pos, 1, "R-new".into()),
+            (t, new_pos, 2, "R-2".into()),
+            (t, new_pos, 3, "R-4".into()),
+        ],
+        "re-keyed in order after the sale made meanwhile; the held one is not sent again"
+    );
+    let report = store.journal_for_report().expect("report");
+    assert!(report.contains(&(new_pos, 2, "in_flight".into())));
+    let synced: Vec<_> = report.iter().filter(|r| r.2 == "synced").collect();
+    assert_eq!(synced.len(), 2, "sale 1 and the held sale 3: {report:?}");
+    let changes = store.identity_changes().expect("changes");
+    assert_eq!(changes[0].reason, ChangeReason::Reenrolled);
+    assert_eq!(changes[1].reason, ChangeReason::CarryOver);
+    assert_eq!((changes[1].rekeyed, changes[1].already_held), (2, 1));
+    assert!(store.carry_candidates().expect("none left").is_empty());
+}
+
+#[test]
+fn a_clone_or_conflict_answer_forks_and_only_an_invalid_sale_stays_parked() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let old_pos = store.pos_id();
+    assert_eq!(store.fork_if_needed().expect("nothing to fork"), None);
+    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    park(&store, &ids[..1], "POS_SYNC_POS_CLONED");
+    park(&store, &ids[1..2], "POS_SYNC_EVENT_INVALID");
+    let new_pos = store
+        .fork_if_needed()
+        .expect("fork")
+        .expect("the cloud said: cloned");
+    assert_ne!(new_pos, old_pos);
+    assert_eq!(store.fork_if_needed().expect("once"), None);
+    let decisions = decide(store.carry_candidates().expect("candidates"), &[]);
+    assert!(decisions
+        .iter()
+        .all(|d| matches!(d, CarryDecision::Rekey { .. })));
+    store.apply_carry_over(&decisions).expect("carry");
+    let items = store.claim_batch(100, Utc::now()).expect("claim");
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (
+                i.event.pos_id,
+                i.event.local_event_id,
+                i.event.payload.receipt_no.clone()
+            ))
+            .collect::<Vec<_>>(),
+        vec![(new_pos, 1, "R-1".into()), (new_pos, 3, "R-3".into())]
+    );
+    let parked = store
+        .list_journal(
+            Some(possync_terminal::store::JournalStatus::NeedsAttention),
+            10,
+        )
+        .expect("parked");
+    assert_eq!(parked.len(), 1, "an invalid sale stays for the operator");
+    assert_eq!(parked[0].local_event_id, 2, "but under the new key");
+    assert_eq!(
+        parked[0].last_error_code.as_deref(),
+        Some("POS_SYNC_EVENT_INVALID")
+    );
+    let changes = store.identity_changes().expect("changes");
+    assert_eq!(changes[0].reason, ChangeReason::Cloned);
+}
+
+#[test]
+fn a_copied_database_file_gets_a_new_device_nonce_and_the_original_keeps_its_own() {
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    let nonce = store.device_nonce();
+    drop(store);
+    assert_eq!(open(&path).device_nonce(), nonce, "same file, same device");
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy).expect("copy");
+    let cloned = open(&copy);
+    assert_ne!(cloned.device_nonce(), nonce);
+    assert_eq!(open(&copy).device_nonce(), cloned.device_nonce());
+    assert_eq!(open(&path).device_nonce(), nonce);
+    assert_eq!(
+        cloned.pos_id(),
+        open(&path).pos_id(),
+        "the copy shares the pos_id"
+    );
+}

@@ -42,6 +42,8 @@ pub struct AppState {
     pub admin_token_sha256: [u8; 32],
     /// Request size limits.
     pub limits: Limits,
+    /// Fingerprint trees per branch view and catalog version.
+    pub fingerprints: crate::fingerprint_cache::FingerprintCache,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             ),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
+            fingerprints: Default::default(),
         })
     }
 }
@@ -175,6 +178,16 @@ pub fn build(
                     web::resource("/catalog/reconcile")
                         .wrap(Compress::default())
                         .route(web::post().to(catalog_routes::reconcile)),
+                )
+                .service(
+                    web::resource("/catalog/fingerprints")
+                        .wrap(Compress::default())
+                        .route(web::post().to(catalog_routes::fingerprints)),
+                )
+                .service(
+                    web::resource("/catalog/reconcile/leaves")
+                        .wrap(Compress::default())
+                        .route(web::post().to(catalog_routes::reconcile_leaves)),
                 )
                 .route("/sales/events", web::post().to(sales_routes::post_events))
                 .route("/sales/held", web::get().to(sales_routes::held_keys))

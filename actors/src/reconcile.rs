@@ -29,7 +29,7 @@ use std::time::Duration;
 use crate::backoff::{self, Budget, Decision};
 use crate::engine::{EngineError, SyncContext};
 use crate::ports::CloudError;
-use crate::status::ActorKind;
+use crate::status::{ActorKind, VerifyOutcome};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +165,8 @@ pub enum ReconcileMsg {
         /// Where the result goes (forwarded from the engine facade).
         reply: RpcReplyPort<Result<ReconcileReport, EngineError>>,
     },
+    /// The automatic verify is due (see `EngineConfig::verify_every`).
+    ScheduledVerify,
 }
 
 /// Live state: the shared context only (each run starts from the store).
@@ -509,53 +511,115 @@ impl Actor for Reconciler {
         Ok(ReconcilerState { ctx })
     }
 
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(every) = state.ctx.config.verify_every {
+            // A random point of the first period: a fleet started at once spreads its verifies.
+            let first = every.mul_f64(rand::random::<f64>());
+            drop(myself.send_after(first, || ReconcileMsg::ScheduledVerify));
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ReconcileMsg::Run { action, reply } => {
-                let ctx = state.ctx.clone();
-                ctx.metrics.reconcile_runs.inc();
-                let result = Self::run(&ctx, action).await;
-                let cfg = &ctx.config;
-                let store_failed = match &result {
-                    Ok(r) => {
-                        tracing::info!(
-                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                            eventId = "reconcile", mode = ?r.mode, ranges = r.ranges,
-                            checked = r.checked, upserts = r.upserts, deletes = r.deletes,
-                            applied = r.applied, "reconcile finished"
-                        );
-                        ctx.board.set_state(
-                            ActorKind::Reconciler,
-                            format!(
-                                "idle (last {:?}: {} upserts, {} deletes)",
-                                r.mode, r.upserts, r.deletes
-                            )
-                            .to_lowercase(),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                            eventId = "reconcile", errorCode = %e.code(), error = %e, "reconcile failed"
-                        );
-                        ctx.board
-                            .set_state(ActorKind::Reconciler, "idle (last run failed)");
-                        ctx.board.set_error(ActorKind::Reconciler, e.to_string());
-                        matches!(e, EngineError::Store(_)).then(|| e.to_string())
-                    }
-                };
-                let _ = reply.send(result);
-                // A store failure fails the actor so the supervisor restarts it fresh.
-                if let Some(why) = store_failed {
-                    return Err(why.into());
+        let ctx = state.ctx.clone();
+        let (action, reply, scheduled) = match message {
+            ReconcileMsg::Run { action, reply } => (action, Some(reply), false),
+            ReconcileMsg::ScheduledVerify => {
+                if let Some(every) = ctx.config.verify_every {
+                    drop(myself.send_after(every, || ReconcileMsg::ScheduledVerify));
                 }
-                Ok(())
+                (ReconcileAction::Verify, None, true)
+            }
+        };
+        ctx.metrics.reconcile_runs.inc();
+        let result = Self::run(&ctx, action).await;
+        let store_failed = Self::record(&ctx, action, scheduled, &result);
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+        // A store failure fails the actor so the supervisor restarts it fresh.
+        if let Some(why) = store_failed {
+            return Err(why.into());
+        }
+        Ok(())
+    }
+}
+
+impl Reconciler {
+    /// Logs a finished run and puts it on the board and the metrics; returns the error text
+    /// of a store failure (which must fail the actor).
+    fn record(
+        ctx: &SyncContext,
+        action: ReconcileAction,
+        scheduled: bool,
+        result: &Result<ReconcileReport, EngineError>,
+    ) -> Option<String> {
+        let cfg = &ctx.config;
+        match result {
+            Ok(r) => {
+                tracing::info!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    eventId = "reconcile", mode = ?r.mode, method = ?r.method, ranges = r.ranges,
+                    checked = r.checked, upserts = r.upserts, deletes = r.deletes,
+                    round_trips = r.round_trips, bytes_sent = r.bytes_sent,
+                    bytes_received = r.bytes_received, scheduled,
+                    applied = r.applied, "reconcile finished"
+                );
+                ctx.metrics
+                    .reconcile_bytes
+                    .inc_by(r.bytes_sent + r.bytes_received);
+                ctx.board.set_state(
+                    ActorKind::Reconciler,
+                    format!(
+                        "idle (last {:?}: {} upserts, {} deletes)",
+                        r.mode, r.upserts, r.deletes
+                    )
+                    .to_lowercase(),
+                );
+                if action == ReconcileAction::Verify {
+                    ctx.metrics
+                        .catalog_drift_entities
+                        .set(r.upserts + r.deletes);
+                    ctx.board.set_verify(VerifyOutcome {
+                        at: ctx.now(),
+                        scheduled,
+                        drift_entities: Some(r.upserts + r.deletes),
+                        round_trips: r.round_trips,
+                        bytes: r.bytes_sent + r.bytes_received,
+                        error: None,
+                    });
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    eventId = "reconcile", errorCode = %e.code(), error = %e, scheduled,
+                    "reconcile failed"
+                );
+                ctx.board
+                    .set_state(ActorKind::Reconciler, "idle (last run failed)");
+                ctx.board.set_error(ActorKind::Reconciler, e.to_string());
+                if action == ReconcileAction::Verify {
+                    ctx.board.set_verify(VerifyOutcome {
+                        at: ctx.now(),
+                        scheduled,
+                        drift_entities: None,
+                        round_trips: 0,
+                        bytes: 0,
+                        error: Some(e.to_string()),
+                    });
+                }
+                matches!(e, EngineError::Store(_)).then(|| e.to_string())
             }
         }
     }

@@ -918,3 +918,28 @@ async fn fingerprint_verify_finds_each_kind_of_tampering_in_a_few_round_trips() 
     assert_eq!(again.round_trips, 1);
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_scheduled_verify_runs_by_itself_and_reports_drift_on_status_and_metrics() {
+    let store = Arc::new(MemoryStore::new());
+    let cloud = Arc::new(FakeCloud::new());
+    cloud.seed_products(20);
+    let mut cfg = config();
+    cfg.verify_every = Some(Duration::from_millis(200));
+    let registry = Registry::new();
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &registry).await;
+    eventually("snapshot complete", || version(&store) == Some(20)).await;
+    store.tamper_remove("product/p00003");
+    eventually("a scheduled verify saw the drift", || {
+        engine
+            .status()
+            .last_verify
+            .is_some_and(|v| v.scheduled && v.drift_entities == Some(1) && v.round_trips > 0)
+    })
+    .await;
+    assert_eq!(metric(&registry, "catalog_drift_entities", None), 1.0);
+    assert!(metric(&registry, "reconcile_bytes_total", None) > 0.0);
+    // verify never repairs: the entity is still missing
+    assert!(!store.entities().contains_key("product/p00003"));
+    engine.shutdown().await;
+}

@@ -10,7 +10,7 @@
 mod status_page_support;
 
 use status_page_support::webdriver::{start_driver, Session};
-use status_page_support::{metric_value, serve_page_elsewhere, start_fake_server, valid_payload};
+use status_page_support::{refused, serve_page_elsewhere, start_fake_server, valid_payload};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
@@ -150,24 +150,15 @@ async fn a_page_of_another_origin_cannot_sell_retry_reconcile_or_read() {
 
     // Every attempt reached the endpoint and was refused for its origin: 3 no-cors POSTs,
     // the read, the form.
-    let http = reqwest::Client::new();
-    let mut refused = 0.0;
+    let mut by_origin = 0.0;
     for _ in 0..100 {
-        let m = http
-            .get(format!("{}/metrics", server.url()))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        refused = metric_value(&m, "terminal_local_api_refused_total{reason=\"origin\"}");
-        if refused >= 5.0 {
+        by_origin = refused(&server.url(), "origin").await;
+        if by_origin >= 5.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(refused, 5.0);
+    assert_eq!(by_origin, 5.0);
 
     // Nothing was enqueued, released or reconciled.
     assert_eq!(*till.rows.lock().expect("rows"), rows_before);

@@ -30,9 +30,9 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse, ResponseError};
+use possync_protocol::token::{digests_match, token_digest as digest};
 use possync_protocol::{ErrorCode, ErrorEnvelope};
 use prometheus::{IntCounterVec, Opts, Registry};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Hosts the daemon always answers to (with its bound port).
@@ -138,17 +138,6 @@ fn echo(value: &str) -> String {
         .filter(|c| !c.is_control())
         .take(ECHO_MAX)
         .collect()
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
 }
 
 /// The token of an `Authorization: Bearer <token>` value, if it is one.
@@ -291,9 +280,9 @@ impl AccessPolicy {
             .and_then(bearer_token)
             .map(digest)
             .ok_or(AccessDenied::Unauthenticated)?;
-        if constant_time_eq(&presented, &self.local_token) {
+        if digests_match(&presented, &self.local_token) {
             // full access
-        } else if constant_time_eq(&presented, &self.page_token_digest) {
+        } else if digests_match(&presented, &self.page_token_digest) {
             if needed != Needs::OperatorAction {
                 return Err(AccessDenied::PageTokenScope(format!(
                     "{method} {}",

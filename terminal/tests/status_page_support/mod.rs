@@ -360,6 +360,25 @@ pub async fn serve_page_elsewhere(html: String) -> String {
     url
 }
 
+/// `GET /metrics` of the endpoint at `url`, as text.
+pub async fn metrics_text(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// How many requests the endpoint at `url` refused for `reason`
+/// (`terminal_local_api_refused_total`).
+pub async fn refused(url: &str, reason: &str) -> f64 {
+    metric_value(
+        &metrics_text(url).await,
+        &format!("terminal_local_api_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
 /// The value of the first sample of `name` (with its labels, e.g. `x{reason="origin"}`) in
 /// Prometheus text, or 0 when absent.
 pub fn metric_value(text: &str, name: &str) -> f64 {

@@ -286,6 +286,20 @@ pub fn start_server_allowing(
     Arc<FakeEngine>,
     prometheus::IntCounter,
 ) {
+    start_server_on("127.0.0.1:0", till, allowed_hosts)
+}
+
+/// As [`start_server_allowing`], bound to `bind` (e.g. the port a stopped server used).
+pub fn start_server_on(
+    bind: &str,
+    till: FakeTill,
+    allowed_hosts: &[&str],
+) -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
     let till = Arc::new(till);
     let engine = Arc::new(FakeEngine::default());
     let registry = prometheus::Registry::new();
@@ -298,14 +312,8 @@ pub fn start_server_allowing(
         local_token: LOCAL_TOKEN.to_string(),
         allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
     };
-    let server = StatusServer::start(
-        "127.0.0.1:0",
-        access,
-        till.clone(),
-        engine.clone(),
-        registry,
-    )
-    .expect("status server starts");
+    let server = StatusServer::start(bind, access, till.clone(), engine.clone(), registry)
+        .expect("status server starts");
     (server, till, engine, engine_metric)
 }
 

@@ -13,24 +13,15 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
-use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
 use crate::db::terminals::{self, TerminalIdentity};
 use crate::error::ApiError;
 use crate::rate_limit::Admission;
 
+use possync_protocol::token::digests_match as constant_time_eq;
 /// sha256 of a token, so admin tokens are compared digest-to-digest in constant time.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
+pub use possync_protocol::token::token_digest;
 
 /// The bearer token of a request, if it carries a well-formed one.
 fn bearer(req: &ServiceRequest) -> Option<String> {

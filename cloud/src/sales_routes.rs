@@ -8,7 +8,7 @@
 
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use possync_protocol::{
-    validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SalesEventsRequest,
+    validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SaleFlag, SalesEventsRequest,
     SalesEventsResponse,
 };
 use serde::Deserialize;
@@ -116,6 +116,12 @@ fn rejected(local_event_id: Option<i64>, message: String) -> EventResult {
 
 fn from_outcome(local_event_id: i64, outcome: IngestOutcome) -> EventResult {
     let (status, code, id, message) = match outcome {
+        IngestOutcome::Refused => {
+            return rejected(
+                Some(local_event_id),
+                "the database cannot store this event as sent; nothing of it was stored".into(),
+            )
+        }
         IngestOutcome::Accepted { cloud_event_id } => {
             (EventStatus::Accepted, None, cloud_event_id, None)
         }
@@ -213,8 +219,9 @@ pub async fn post_events(
         batch.push(IngestRequest::new(event));
     }
 
-    // The ids needed for the answer, before the batch moves to the actor.
+    // The ids and flags needed for the answer, before the batch moves to the actor.
     let local_ids: Vec<i64> = batch.iter().map(|r| r.event.local_event_id).collect();
+    let flags: Vec<Vec<SaleFlag>> = batch.iter().map(|r| r.flags.clone()).collect();
     let outcomes = state
         .ingest
         .ingest(&who.branch_id, batch)
@@ -225,7 +232,22 @@ pub async fn post_events(
                 requestId = %request_id, cause = %e, events = local_ids.len(), "sales ingestion failed");
             ApiError::StorageFailed(e.to_string())
         })?;
-    for ((pos, outcome), local_id) in positions.iter().zip(outcomes).zip(local_ids) {
+    for (((pos, outcome), local_id), flags) in
+        positions.iter().zip(outcomes).zip(local_ids).zip(flags)
+    {
+        if matches!(outcome, IngestOutcome::Accepted { .. }) && !flags.is_empty() {
+            let names: Vec<&str> = flags.iter().map(|f| f.as_str()).collect();
+            for name in &names {
+                state
+                    .metrics
+                    .flagged_events
+                    .with_label_values(&[name])
+                    .inc();
+            }
+            tracing::warn!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+                eventId = local_id, syncAttempt = sync_attempt, requestId = %request_id,
+                flags = %names.join(","), "sale stored with flags");
+        }
         results[*pos] = Some(from_outcome(local_id, outcome));
     }
 
@@ -364,5 +386,10 @@ mod tests {
         assert_eq!(r.cloud_event_id, Some(id));
         let r = from_outcome(3, IngestOutcome::Accepted { cloud_event_id: id });
         assert_eq!(r.code, None);
+        let r = from_outcome(3, IngestOutcome::Refused);
+        assert_eq!(r.status, EventStatus::Rejected);
+        assert_eq!(r.code, Some(ErrorCode::PosSyncEventInvalid));
+        assert_eq!(r.local_event_id, Some(3));
+        assert_eq!(r.cloud_event_id, None);
     }
 }

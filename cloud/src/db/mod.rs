@@ -59,11 +59,27 @@ pub enum StoreError {
     /// The caller passed a value the schema cannot hold (e.g. a malformed branch id).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The database refused a row of the transaction — a constraint of the row, or a value it
+    /// cannot hold (PostgreSQL's data exceptions) — and rolled the transaction back. Whether
+    /// one row is to blame, rather than the database, is for the caller to establish: see
+    /// `ingest::commit_isolating`.
+    #[error("row refused by the database: {0}")]
+    Refused(String),
 }
 
 impl From<diesel::result::Error> for StoreError {
     fn from(e: diesel::result::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match e {
+            // Data exceptions (SQLSTATE class 22) and triggers' refusals arrive as `Unknown`:
+            // diesel does not expose the SQLSTATE. They stay candidates until isolation shows
+            // one row failing on its own while the database answers.
+            Error::DatabaseError(
+                Kind::CheckViolation | Kind::NotNullViolation | Kind::Unknown,
+                info,
+            ) => StoreError::Refused(info.message().to_string()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -381,10 +397,11 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 3] = [
+    const ALL: [&str; 4] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
+        "2026-11-29-000005_sale_flags",
     ];
 
     #[test]

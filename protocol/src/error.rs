@@ -1,4 +1,4 @@
-//! The nine stable error codes of the sync API and the JSON envelope that carries them.
+//! The stable error codes of the sync API and the JSON envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -28,11 +28,15 @@ pub enum ErrorCode {
     PosSyncEventDuplicate,
     /// The database could not commit; nothing of the request was stored.
     PosSyncStorageFailed,
+    /// The request is not one this API serves: unknown path (404), wrong method (405), a body
+    /// that did not arrive in time (408), an over-long URL (414) or a malformed request (400).
+    /// Beyond the contract's nine codes, so that every non-2xx answer has a stable code.
+    PosRequestInvalid,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -42,6 +46,7 @@ impl ErrorCode {
         ErrorCode::PosSyncEventInvalid,
         ErrorCode::PosSyncEventDuplicate,
         ErrorCode::PosSyncStorageFailed,
+        ErrorCode::PosRequestInvalid,
     ];
 
     /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
@@ -56,6 +61,7 @@ impl ErrorCode {
             ErrorCode::PosSyncEventInvalid => "POS_SYNC_EVENT_INVALID",
             ErrorCode::PosSyncEventDuplicate => "POS_SYNC_EVENT_DUPLICATE",
             ErrorCode::PosSyncStorageFailed => "POS_SYNC_STORAGE_FAILED",
+            ErrorCode::PosRequestInvalid => "POS_REQUEST_INVALID",
         }
     }
 
@@ -74,6 +80,8 @@ impl ErrorCode {
             ErrorCode::PosCatalogSnapshotFailed
             | ErrorCode::PosCatalogDeltaFailed
             | ErrorCode::PosCatalogReconcileFailed => http_status >= 500,
+            // A body cut by the read timeout may arrive in time on the next try.
+            ErrorCode::PosRequestInvalid => http_status == 408,
             ErrorCode::PosSyncUnauthorized
             | ErrorCode::PosCatalogManifestTooLarge
             | ErrorCode::PosSyncEventInvalid
@@ -155,6 +163,9 @@ mod tests {
         assert!(!ErrorCode::PosSyncUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosCatalogManifestTooLarge.can_retry(413));
         assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
+        assert!(!ErrorCode::PosRequestInvalid.can_retry(404));
+        assert!(!ErrorCode::PosRequestInvalid.can_retry(405));
+        assert!(ErrorCode::PosRequestInvalid.can_retry(408));
     }
 
     #[test]

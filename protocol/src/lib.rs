@@ -1,7 +1,7 @@
 //! # possync-protocol
 //!
 //! Everything the cloud and the terminal must agree on, in one place so they cannot drift:
-//! the JSON wire types of the sync API, the nine stable error codes with their HTTP statuses
+//! the JSON wire types of the sync API, the stable error codes with their HTTP statuses
 //! and retry rules, the canonical entity hash, and the validation of a sale.
 //!
 //! This crate does no I/O.

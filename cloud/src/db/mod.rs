@@ -132,12 +132,13 @@ impl DbConnManager {
             Target::Sqlite(path) => {
                 let mut c = SqliteConnection::establish(path)
                     .map_err(diesel::r2d2::Error::ConnectionError)?;
-                // The busy timeout (set first, so the WAL switch itself waits too) makes a
-                // second writer wait instead of failing; WAL lets readers run beside the writer; NORMAL sync is durable in WAL mode
-                // except against power loss of the host, acceptable for the embedded mode.
+                // The busy timeout makes a second writer wait instead of failing; NORMAL sync
+                // is durable in WAL mode except against power loss of the host, acceptable for
+                // the embedded mode. WAL itself was switched on once, before the pool opened
+                // (see `Database::connect`).
                 c.batch_execute(
-                    "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
-                     PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    "PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                     PRAGMA synchronous = NORMAL;",
                 )
                 .map_err(diesel::r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
@@ -223,6 +224,16 @@ impl Database {
                     })?;
                 }
             }
+            // WAL (readers beside the writer) is a property of the file. Switching to it
+            // takes an exclusive lock, and SQLite answers "database is locked" without
+            // calling the busy handler when another connection is opening the same fresh
+            // file at that moment — which the pool's warm connections did at every first
+            // start. So one connection switches it before the pool exists.
+            let mut first = SqliteConnection::establish(path)?;
+            first
+                .batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
+                .map_err(StoreError::from)?;
+            drop(first);
             (Backend::Sqlite, Target::Sqlite(path.to_string()))
         } else {
             let scheme = url.split("://").next().unwrap_or_default();

@@ -122,6 +122,15 @@ async fn every_error_response_has_the_envelope_and_a_request_id(backend: Backend
         .get("/v1/admin/sales/summary?branch=b%001", Some(&admin))
         .await;
     expect_error(r, 400, "POS_SYNC_EVENT_INVALID").await;
+    // Found by scripts/fuzz-api: a NUL in an admin delete key was a 503 on PostgreSQL.
+    let r = env
+        .post_json(
+            "/v1/admin/catalog/delete",
+            Some(&admin),
+            &json!({"entities": [{"type": "product", "id": "a\0b"}]}),
+        )
+        .await;
+    expect_error(r, 400, "POS_SYNC_EVENT_INVALID").await;
     let r = env
         .get("/v1/pos/catalog/snapshot?cursor=%00", Some(&token))
         .await;

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{NaiveDateTime, SubsecRound};
+use chrono::{NaiveDateTime, SubsecRound, Timelike};
 use diesel::prelude::*;
 use possync_protocol::{sale_flags, PosIngestion, SaleEvent, SaleFlag, SyncStatus};
 use uuid::Uuid;
@@ -303,6 +303,21 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("corrupt id {s:?} in database: {e}")))
 }
 
+/// The `Timestamp` both backends store for `t`, so they hold the same instant: truncated to
+/// the microsecond (both columns hold microseconds, and PostgreSQL would round times before
+/// 2000 towards 2000), and a leap second (`23:59:60.x`, which RFC 3339 allows) written as the
+/// next second's `00.x`, as PostgreSQL itself reads one (SQLite would keep `:60`).
+fn stored_instant(t: chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
+    let t = t.naive_utc().trunc_subsecs(6);
+    let nanos = t.nanosecond();
+    if nanos < 1_000_000_000 {
+        return t;
+    }
+    t.with_nanosecond(nanos - 1_000_000_000)
+        .and_then(|s| s.checked_add_signed(chrono::Duration::seconds(1)))
+        .unwrap_or(t)
+}
+
 fn sales_row(
     req: &IngestRequest,
     cloud_event_id: &str,
@@ -318,9 +333,7 @@ fn sales_row(
         local_event_id: e.local_event_id,
         branch_id: e.branch_id.clone(),
         event_type: e.event_type.as_str().to_string(),
-        // Both `Timestamp` columns hold microseconds, and PostgreSQL would round times before
-        // 2000 towards 2000: truncating here stores the same instant on both backends.
-        occurred_at: e.occurred_at.naive_utc().trunc_subsecs(6),
+        occurred_at: stored_instant(e.occurred_at),
         received_at: now,
         payload: possync_protocol::canonical_json(&payload),
         payload_hash: req.payload_hash.clone(),

@@ -457,3 +457,21 @@ fn flags_are_stored_with_the_sale() {
             .is_empty());
     });
 }
+
+/// RFC 3339 allows a leap second (`23:59:60`); chrono parses it, and both backends must store
+/// the sale (an edge the property test's generator does not reach).
+#[test]
+fn a_sale_in_a_leap_second_is_stored() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let mut req = sale(Uuid::now_v7(), Uuid::now_v7(), 1, "R1", 100);
+        req.event.occurred_at = "2016-12-31T23:59:60.5Z".parse().expect("leap second");
+        assert_eq!(possync_protocol::validate_event(&req.event), Ok(()));
+        let req = IngestRequest::new(req.event);
+        let out = ingest_batch(&mut c, std::slice::from_ref(&req)).expect("stored");
+        let (_, at, _) = stored_row(&mut c, accepted(&out[0]));
+        // Both backends hold the instant PostgreSQL reads `23:59:60.5` as.
+        let next: NaiveDateTime = "2017-01-01T00:00:00.5".parse().expect("time");
+        assert_eq!(at, next);
+    });
+}

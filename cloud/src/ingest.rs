@@ -153,7 +153,7 @@ impl BranchIngestor {
         let cuts = request_cuts(&sizes);
         let work = tokio::task::spawn_blocking(move || {
             let mut conn = db.conn()?;
-            commit_isolating(&mut conn, &branch_id, &flat, &cuts)
+            commit_group(&mut conn, &branch_id, &flat, &cuts)
         });
         ctx.spawn(work.into_actor(self).map(move |joined, act, ctx| {
             let result = match joined {
@@ -191,6 +191,27 @@ fn request_cuts(sizes: &[usize]) -> Vec<usize> {
     cuts.retain(|c| *c > 0 && *c < at);
     cuts.dedup();
     cuts
+}
+
+/// Commits a group through [`commit_isolating`], except that a group of several events of
+/// which the database refused every one is a storage failure, not a group of bad events:
+/// a database that refuses all rows (a full disk, say, which diesel reports like a refused
+/// value) must get the retryable 503, never `rejected`, which a till would park. Nothing of
+/// such a group was stored, so the 503's "nothing stored" holds.
+fn commit_group(
+    conn: &mut DbConn,
+    branch_id: &str,
+    events: &[IngestRequest],
+    cuts: &[usize],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let outcomes = commit_isolating(conn, branch_id, events, cuts)?;
+    if outcomes.len() > 1 && outcomes.iter().all(|o| *o == IngestOutcome::Refused) {
+        return Err(StoreError::Unavailable(format!(
+            "the database refused every one of {} events; taken as its own failure",
+            outcomes.len()
+        )));
+    }
+    Ok(outcomes)
 }
 
 /// Commits `events` in as few transactions as the database allows: all in one, and only when

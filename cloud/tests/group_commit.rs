@@ -233,6 +233,43 @@ async fn a_poisoned_event_is_isolated_and_its_group_committed(kind: &str) {
     assert_eq!(stored, accepted);
 }
 
+/// A database that refuses every row (here a trigger; in life a full disk, which diesel reports
+/// like a refused value) is a storage failure: every request of the group gets the retryable
+/// error and nothing is stored — never `Refused`, which a till would park.
+async fn a_database_refusing_every_event_is_a_storage_failure(kind: &str) {
+    use diesel::connection::SimpleConnection;
+    let (db, _keep) = open(kind);
+    let t = terminal(&db);
+    {
+        let mut conn = db.conn().expect("conn");
+        match &mut *conn {
+            possync_cloud::db::DbConn::Pg(c) => c.batch_execute(
+                "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN RAISE EXCEPTION 'no space' USING ERRCODE = '53100'; END $$; \
+                 CREATE TRIGGER refuse_all BEFORE INSERT ON sales_events \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_all();",
+            ),
+            possync_cloud::db::DbConn::Sqlite(c) => c.batch_execute(
+                "CREATE TRIGGER refuse_all BEFORE INSERT ON sales_events \
+                 BEGIN SELECT RAISE(ABORT, 'no space'); END;",
+            ),
+        }
+        .expect("trigger");
+    }
+    let registry = IngestRegistry::new(db.clone(), Metrics::new(), IngestSettings::default());
+    let pos = Uuid::now_v7();
+    let answers = futures::future::join_all(
+        (0..3).map(|r| registry.ingest("b1", batch(t, pos, r * 4 + 1..=r * 4 + 4))),
+    )
+    .await;
+    for a in answers {
+        assert!(matches!(a, Err(IngestError::Storage(_))), "{a:?}");
+    }
+    let mut conn = db.conn().expect("conn");
+    let stored = possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count");
+    assert_eq!(stored, 0);
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod pg { $( #[actix_web::test] async fn $name() { super::$name("pg").await } )* }
@@ -244,5 +281,6 @@ both!(
     group_commit_batches_queued_requests,
     full_queue_is_refused_and_nothing_stored,
     idle_actor_stops_and_a_new_one_takes_over,
-    a_poisoned_event_is_isolated_and_its_group_committed
+    a_poisoned_event_is_isolated_and_its_group_committed,
+    a_database_refusing_every_event_is_a_storage_failure
 );

@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// Most entries in one reconcile manifest.
     #[arg(long, default_value_t = 2000)]
     pub manifest_max_entries: usize,
+    /// Seconds a request body may take to arrive before the request is answered 408.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_secs: u64,
     /// Days tombstones are kept (older delta cursors get 410 resnapshot_required).
     #[arg(long, default_value_t = 30)]
     pub tombstone_retention_days: i64,
@@ -499,6 +502,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
         burst: args.address_rate_burst,
     };
     config.limits.manifest_max_entries = args.manifest_max_entries.max(1);
+    config.limits.body_timeout = Duration::from_secs(args.body_timeout_secs.max(1));
     config.tombstone_retention = chrono::Duration::days(args.tombstone_retention_days);
     config.purge_interval = Duration::from_secs(args.purge_interval_secs.max(1));
     config.ingest.queue_limit = args.branch_queue_limit.max(1);

@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_events: usize,
     /// Most entries per reconcile manifest (2000 by default).
     pub manifest_max_entries: usize,
+    /// Longest a request body may take to arrive (30 s by default); then 408.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -26,6 +28,7 @@ impl Default for Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_events: MAX_EVENTS_PER_REQUEST,
             manifest_max_entries: DEFAULT_MANIFEST_MAX_ENTRIES,
+            body_timeout: crate::body::DEFAULT_BODY_TIMEOUT,
         }
     }
 }

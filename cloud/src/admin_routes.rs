@@ -84,6 +84,18 @@ fn admin_catalog_error(e: CatalogError) -> ApiError {
     }
 }
 
+/// With `--catalog-source-only` the back office's tables are the one source of truth: an
+/// admin write would be a second one that the next back-office change silently overwrites.
+fn refuse_if_source_only(state: &AppState) -> Result<(), ApiError> {
+    match state.catalog_source_only.get() {
+        Some(mapping) => Err(ApiError::Forbidden(format!(
+            "admin catalog writes are refused: this cloud's catalog comes from the back \
+             office's tables ({mapping}, --catalog-source-only); change them there"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `POST /v1/admin/catalog/upsert` `{"entities": [{"type","id","branch_id","data"}]}` → the
 /// stored entities with their new versions.
 pub async fn catalog_upsert(
@@ -91,6 +103,7 @@ pub async fn catalog_upsert(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    refuse_if_source_only(&state)?;
     let body: UpsertBody = json_body(&state, &req, payload).await?;
     if body.entities.len() > MAX_ADMIN_ENTITIES {
         return Err(ApiError::BodyTooLarge(format!(
@@ -113,6 +126,7 @@ pub async fn catalog_delete(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    refuse_if_source_only(&state)?;
     let body: DeleteBody = json_body(&state, &req, payload).await?;
     if body.entities.len() > MAX_ADMIN_ENTITIES {
         return Err(ApiError::BodyTooLarge(format!(

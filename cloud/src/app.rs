@@ -46,6 +46,9 @@ pub struct AppState {
     pub limits: Limits,
     /// Fingerprint trees per branch view and catalog version.
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
+    /// Set (to the mapping file's name) when `--catalog-source-only` refuses admin catalog
+    /// writes.
+    pub catalog_source_only: std::sync::OnceLock<String>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
             fingerprints: Default::default(),
+            catalog_source_only: std::sync::OnceLock::new(),
         })
     }
 }

@@ -8,9 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::catalog_source::{self, SourceError, SourceMapping};
 use crate::config::{default_database_url, ServeConfig};
 use crate::db::catalog::{self, EntityWrite};
-use crate::db::{terminals, Database, StoreError};
+use crate::db::{terminals, Database, DbConn, StoreError};
 use crate::rate_limit::RateLimit;
 use crate::server::{self, ServeError};
 
@@ -94,6 +95,20 @@ pub struct ServeArgs {
     /// Seconds an idle branch actor lives.
     #[arg(long, default_value_t = 300)]
     pub branch_idle_secs: u64,
+    /// A catalog-source mapping (TOML): the catalog comes from the back office's own
+    /// PostgreSQL tables, captured by the triggers `cloud catalog source install` added; the
+    /// server refuses to start if they are missing or from another mapping.
+    #[arg(long, env = "POSSYNC_CATALOG_SOURCE")]
+    pub catalog_source: Option<PathBuf>,
+    /// With --catalog-source: refuse admin catalog writes (403), so the back office stays the
+    /// one source of truth.
+    #[arg(
+        long,
+        env = "POSSYNC_CATALOG_SOURCE_ONLY",
+        requires = "catalog_source",
+        default_value_t = false
+    )]
+    pub catalog_source_only: bool,
 }
 
 /// `cloud terminal …`.
@@ -167,6 +182,37 @@ pub enum CatalogCommand {
         #[arg(long)]
         id: String,
     },
+    /// The back office's own PostgreSQL tables as the catalog (docs/catalog-source.md).
+    #[command(subcommand)]
+    Source(SourceCommand),
+}
+
+/// `cloud catalog source …`: every command takes the mapping file (TOML).
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Check the mapping against the database; one coded line per problem, non-zero exit if any.
+    Check {
+        /// The mapping file.
+        path: PathBuf,
+    },
+    /// Add the capture triggers to the mapped tables (idempotent), then load what they hold.
+    Install {
+        /// The mapping file.
+        path: PathBuf,
+        /// Install the triggers only; run `cloud catalog source load` later.
+        #[arg(long)]
+        no_load: bool,
+    },
+    /// Load (or re-load: unchanged rows are no-ops) the mapped tables into the catalog.
+    Load {
+        /// The mapping file.
+        path: PathBuf,
+    },
+    /// Remove exactly what install added; catalog entities already written stay.
+    Uninstall {
+        /// The mapping file.
+        path: PathBuf,
+    },
 }
 
 /// A failed command, printed as one line.
@@ -178,6 +224,9 @@ pub enum CliError {
     /// Catalog input refused by the store.
     #[error("{0}")]
     Catalog(#[from] catalog::CatalogError),
+    /// A catalog source command failed.
+    #[error("{0}")]
+    Source(#[from] SourceError),
     /// Serving failed.
     #[error("{0}")]
     Serve(#[from] ServeError),
@@ -330,6 +379,11 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Catalog(CatalogCommand::Source(source)) => {
+            let db = open(cli)?;
+            let mut conn = db.conn()?;
+            run_source_command(&mut conn, source)
+        }
         Command::Catalog(c) => {
             let db = open(cli)?;
             let mut conn = db.conn()?;
@@ -385,10 +439,60 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                         println!("{}", json_line(&e)?);
                     }
                 }
+                CatalogCommand::Source(source) => run_source_command(&mut conn, source)?,
             }
             Ok(())
         }
     }
+}
+
+/// `cloud catalog source …` on an open, migrated database.
+fn run_source_command(conn: &mut DbConn, cmd: &SourceCommand) -> Result<(), CliError> {
+    let path = match cmd {
+        SourceCommand::Check { path }
+        | SourceCommand::Install { path, .. }
+        | SourceCommand::Load { path }
+        | SourceCommand::Uninstall { path } => path,
+    };
+    let mapping = SourceMapping::from_file(path)?;
+    let DbConn::Pg(c) = conn else {
+        return Err(SourceError::NeedsPostgres.into());
+    };
+    let checked = match catalog_source::inspect::check(c, &mapping) {
+        Ok(checked) => checked,
+        Err(SourceError::Problems(problems)) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            return Err(SourceError::Problems(problems).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let types = checked.entities.len();
+    match cmd {
+        SourceCommand::Check { .. } => {
+            println!("{}", serde_json::json!({"ok": true, "entities": types}));
+        }
+        SourceCommand::Install { no_load, .. } => {
+            catalog_source::capture::install(c, &checked)?;
+            println!("{}", serde_json::json!({"installed": types}));
+            if !no_load {
+                for r in catalog_source::load::load(c, &checked)? {
+                    println!("{}", json_line(&r)?);
+                }
+            }
+        }
+        SourceCommand::Load { .. } => {
+            for r in catalog_source::load::load(c, &checked)? {
+                println!("{}", json_line(&r)?);
+            }
+        }
+        SourceCommand::Uninstall { .. } => {
+            catalog_source::capture::uninstall(c, &checked)?;
+            println!("{}", serde_json::json!({"uninstalled": types}));
+        }
+    }
+    Ok(())
 }
 
 fn json_line<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
@@ -507,6 +611,8 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
     config.purge_interval = Duration::from_secs(args.purge_interval_secs.max(1));
     config.ingest.queue_limit = args.branch_queue_limit.max(1);
     config.ingest.idle_timeout = Duration::from_secs(args.branch_idle_secs.max(1));
+    config.catalog_source = args.catalog_source.clone();
+    config.catalog_source_only = args.catalog_source_only;
     Ok(config)
 }
 

@@ -82,6 +82,10 @@ pub struct ServeConfig {
     pub tombstone_retention: chrono::Duration,
     /// How often the purge task runs.
     pub purge_interval: Duration,
+    /// The catalog-source mapping file, if the catalog comes from the back office's tables.
+    pub catalog_source: Option<PathBuf>,
+    /// Refuse admin catalog writes (the catalog source is the one source of truth).
+    pub catalog_source_only: bool,
 }
 
 impl ServeConfig {
@@ -99,6 +103,8 @@ impl ServeConfig {
             ingest: IngestSettings::default(),
             tombstone_retention: chrono::Duration::days(30),
             purge_interval: Duration::from_secs(3600),
+            catalog_source: None,
+            catalog_source_only: false,
         }
     }
 }

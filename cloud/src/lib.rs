@@ -15,6 +15,7 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod catalog_routes;
+pub mod catalog_source;
 pub mod cli;
 pub mod config;
 pub mod db;

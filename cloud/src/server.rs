@@ -18,6 +18,9 @@ pub enum ServeError {
     /// The database could not be opened or migrated.
     #[error("POS_SYNC_STORAGE_FAILED: {0}")]
     Store(#[from] StoreError),
+    /// The catalog source is unusable (SQLite cloud, bad mapping, capture not installed).
+    #[error("{0}")]
+    CatalogSource(#[from] crate::catalog_source::SourceError),
     /// Binding or serving failed (address in use, permission…).
     #[error("cannot serve on {bind}: {source}")]
     Io {
@@ -56,6 +59,18 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         config.rate_limits,
         config.ingest,
     );
+    if let Some(path) = &config.catalog_source {
+        let source = check_catalog_source(&db, path).await?;
+        tracing::info!(
+            mapping = %path.display(),
+            entities = source.entities.len(),
+            only = config.catalog_source_only,
+            "catalog source: capture installed and current"
+        );
+        if config.catalog_source_only {
+            let _ = state.catalog_source_only.set(path.display().to_string());
+        }
+    }
     let app_state = state.clone();
     // Slow clients: the request head must arrive within 5 s (else a bare 408 from actix and
     // the connection closes); the body within `--body-timeout-secs` (else 408 with the
@@ -102,6 +117,26 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         bind: config.bind,
         source,
     })
+}
+
+/// Parses the mapping, checks it against the database and verifies its capture triggers are
+/// the installed ones: a cloud never serves a catalog that silently stopped following the
+/// back office.
+async fn check_catalog_source(
+    db: &Database,
+    path: &std::path::Path,
+) -> Result<crate::catalog_source::CheckedSource, crate::catalog_source::SourceError> {
+    use crate::catalog_source::{capture, inspect, SourceError, SourceMapping};
+    let mapping = SourceMapping::from_file(path)?;
+    db.run(move |conn| {
+        let crate::db::DbConn::Pg(c) = conn else {
+            return Err(SourceError::NeedsPostgres);
+        };
+        let checked = inspect::check(c, &mapping)?;
+        capture::verify_installed(c, &checked)?;
+        Ok(checked)
+    })
+    .await
 }
 
 fn db_kind(db: &Database) -> &'static str {

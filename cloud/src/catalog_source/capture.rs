@@ -140,15 +140,21 @@ pub(super) fn stage_sql(
     )
 }
 
-/// The refusal of a staged key the catalog cannot hold: the same rules as
-/// `possync_protocol::valid_entity_id` / `valid_branch_id`, raised with a message naming the
+/// SQL condition: the staged row's id or branch is one the catalog cannot hold — the rules of
+/// `possync_protocol::valid_entity_id` / `valid_branch_id`. Written as a length test plus a
+/// search for one forbidden character: a bounded repetition like `^[!-~]{1,128}$` costs
+/// PostgreSQL's regex engine about 10 µs a row (1.2 s for a 100 000-row statement).
+pub(super) const BAD_KEY_SQL: &str = "(entity_id IS NULL \
+     OR length(entity_id) NOT BETWEEN 1 AND 128 OR entity_id ~ '[^!-~]' \
+     OR (branch_id IS NOT NULL AND (length(branch_id) NOT BETWEEN 1 AND 64 \
+         OR branch_id ~ '[^a-z0-9_-]')))";
+
+/// The refusal of a staged key the catalog cannot hold, raised with a message naming the
 /// value, so the back office's statement fails instead of the change being lost.
 pub(super) fn refuse_bad_keys_sql(staged: &str, entity_type: &str) -> String {
     format!(
         "WITH staged AS ({staged} RETURNING entity_id, branch_id) \
-         SELECT entity_id, branch_id INTO bad FROM staged \
-         WHERE entity_id IS NULL OR entity_id !~ '^[!-~]{{1,128}}$' \
-            OR (branch_id IS NOT NULL AND branch_id !~ '^[a-z0-9_-]{{1,64}}$') LIMIT 1; \
+         SELECT entity_id, branch_id INTO bad FROM staged WHERE {BAD_KEY_SQL} LIMIT 1; \
          IF FOUND THEN \
            RAISE EXCEPTION 'possync catalog source: {ty} row with id % and branch % cannot \
              enter the catalog (ids: 1-128 printable ASCII without spaces; branches: 1-64 of \
@@ -168,7 +174,7 @@ fn mark_pending(s: &str) -> String {
 fn function(s: &str, name: &str, declare: &str, body: &str) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION {s}.{name}() RETURNS trigger LANGUAGE plpgsql \
-         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {TAG} \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS {TAG} \
          DECLARE {declare} \
          BEGIN {body} RETURN NULL; END {TAG};\n"
     )
@@ -184,19 +190,6 @@ fn shared_sql(s: &str) -> String {
     let flush_body = format!(
         "UPDATE {s}.catalog_counter SET version = version WHERE id = 1 \
            RETURNING version, horizon INTO base, hz; \
-         SELECT l.entity_type, l.entity_id, e.branch_id AS old_branch, l.branch_id AS new_branch \
-           INTO moved \
-           FROM (SELECT DISTINCT ON (entity_type, entity_id) * FROM {s}.possync_source_changes \
-                 WHERE txid = NEW.txid ORDER BY entity_type, entity_id, seq DESC) l \
-           JOIN {s}.catalog_entities e \
-             ON e.entity_type = l.entity_type AND e.entity_id = l.entity_id \
-          WHERE NOT l.deleted AND e.branch_id IS DISTINCT FROM l.branch_id LIMIT 1; \
-         IF FOUND THEN \
-           RAISE EXCEPTION 'possync catalog source: %/% belongs to branch % in the catalog; its \
-             scope cannot change to branch % (delete the row and use a new id)', \
-             moved.entity_type, moved.entity_id, coalesce(moved.old_branch, '(global)'), \
-             coalesce(moved.new_branch, '(global)') USING ERRCODE = 'check_violation'; \
-         END IF; \
          WITH last AS ( \
            SELECT DISTINCT ON (entity_type, entity_id) * FROM {s}.possync_source_changes \
             WHERE txid = NEW.txid ORDER BY entity_type, entity_id, seq DESC \
@@ -208,16 +201,32 @@ fn shared_sql(s: &str) -> String {
                ON e.entity_type = l.entity_type AND e.entity_id = l.entity_id \
             WHERE CASE WHEN l.deleted THEN e.entity_id IS NOT NULL AND NOT e.deleted \
                        ELSE e.entity_id IS NULL OR e.deleted OR e.hash <> l.hash END \
+         ), written AS ( \
+           INSERT INTO {s}.catalog_entities AS t \
+                  (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at) \
+           SELECT entity_type, entity_id, branch_id, base + row_number() OVER (ORDER BY seq), \
+                  deleted, hash, data, clock_timestamp() AT TIME ZONE 'UTC' FROM changed \
+           ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
+             branch_id = EXCLUDED.branch_id, version = EXCLUDED.version, \
+             deleted = EXCLUDED.deleted, hash = EXCLUDED.hash, data = EXCLUDED.data, \
+             updated_at = EXCLUDED.updated_at \
+           WHERE t.branch_id IS NOT DISTINCT FROM EXCLUDED.branch_id \
+           RETURNING 1 \
          ) \
-         INSERT INTO {s}.catalog_entities \
-                (entity_type, entity_id, branch_id, version, deleted, hash, data, updated_at) \
-         SELECT entity_type, entity_id, branch_id, base + row_number() OVER (ORDER BY seq), \
-                deleted, hash, data, clock_timestamp() AT TIME ZONE 'UTC' FROM changed \
-         ON CONFLICT (entity_type, entity_id) DO UPDATE SET \
-           branch_id = EXCLUDED.branch_id, version = EXCLUDED.version, \
-           deleted = EXCLUDED.deleted, hash = EXCLUDED.hash, data = EXCLUDED.data, \
-           updated_at = EXCLUDED.updated_at; \
-         GET DIAGNOSTICS n_changed = ROW_COUNT; \
+         SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM written) \
+           INTO n_changed, n_written; \
+         IF n_written < n_changed THEN \
+           SELECT l.entity_type, l.entity_id, e.branch_id AS old_branch, \
+                  l.branch_id AS new_branch INTO moved \
+             FROM {s}.possync_source_changes l JOIN {s}.catalog_entities e \
+               ON e.entity_type = l.entity_type AND e.entity_id = l.entity_id \
+            WHERE l.txid = NEW.txid AND NOT l.deleted \
+              AND e.branch_id IS DISTINCT FROM l.branch_id LIMIT 1; \
+           RAISE EXCEPTION 'possync catalog source: %/% belongs to branch % in the catalog; its \
+             scope cannot change to branch % (delete the row and use a new id)', \
+             moved.entity_type, moved.entity_id, coalesce(moved.old_branch, '(global)'), \
+             coalesce(moved.new_branch, '(global)') USING ERRCODE = 'check_violation'; \
+         END IF; \
          IF n_changed > 0 THEN \
            UPDATE {s}.catalog_counter SET version = base + n_changed WHERE id = 1; \
          END IF; \
@@ -245,7 +254,7 @@ fn shared_sql(s: &str) -> String {
         flush = function(
             s,
             "possync_source_flush",
-            "base BIGINT; hz BIGINT; n_changed BIGINT; moved RECORD;",
+            "base BIGINT; hz BIGINT; n_changed BIGINT; n_written BIGINT; moved RECORD;",
             &flush_body
         ),
     )

@@ -25,7 +25,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, Text};
 use diesel::PgConnection;
 
-use super::capture::{id_sql, lit, q, stage_sql, table_sql, Staged};
+use super::capture::{id_sql, lit, q, stage_sql, table_sql, Staged, BAD_KEY_SQL};
 use super::inspect::{CheckedEntity, CheckedSource};
 use super::SourceError;
 
@@ -218,8 +218,7 @@ fn refuse_bad_staged(c: &mut PgConnection, s: &str, entity_type: &str) -> Result
     }
     let bad: Option<Bad> = diesel::sql_query(format!(
         "SELECT entity_id, branch_id FROM {s}.possync_source_changes \
-         WHERE txid = txid_current() AND (entity_id IS NULL OR entity_id !~ '^[!-~]{{1,128}}$' \
-            OR (branch_id IS NOT NULL AND branch_id !~ '^[a-z0-9_-]{{1,64}}$')) LIMIT 1"
+         WHERE txid = txid_current() AND {BAD_KEY_SQL} LIMIT 1"
     ))
     .get_result(c)
     .optional()?;

@@ -91,7 +91,7 @@ impl BackOffice {
     }
 
     fn sql(&self, sql: &str) {
-        self.conn().batch_execute(sql).expect(sql);
+        self.db.batch_execute(sql).expect("back-office SQL");
     }
 
     fn mapping(&self) -> String {

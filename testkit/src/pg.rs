@@ -50,6 +50,16 @@ impl TestDatabase {
         &self.name
     }
 
+    /// Runs SQL statements (separated by `;`) on this database, as a back office or an
+    /// operator would with psql.
+    pub fn batch_execute(&self, sql: &str) -> anyhow::Result<()> {
+        use diesel::connection::SimpleConnection as _;
+        let mut c = PgConnection::establish(&self.url)
+            .with_context(|| format!("connecting to {}", self.name))?;
+        c.batch_execute(sql)
+            .with_context(|| format!("running on {}: {sql}", self.name))
+    }
+
     /// Drops the database now, disconnecting whoever uses it: how a test makes the database
     /// disappear under a running server. Dropping the value afterwards is then a no-op.
     pub fn drop_now(&self) -> anyhow::Result<()> {

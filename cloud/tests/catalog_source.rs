@@ -506,6 +506,22 @@ fn rolled_back_work_never_appears_and_commits_take_versions_in_order() {
         "an unmapped column's change is no new version"
     );
     assert_eq!(bo.counter(), v0 + 2);
+
+    // TRUNCATE fires no delete trigger; it is captured all the same, including rows this
+    // transaction inserted before it, and rows inserted after it survive.
+    bo.sql(
+        "BEGIN; INSERT INTO backoffice.branch_prices VALUES ('cake', 'b1', 390); \
+         TRUNCATE backoffice.branch_prices; \
+         INSERT INTO backoffice.branch_prices VALUES ('scone', 'b2', 310); COMMIT;",
+    );
+    let c = bo.catalog();
+    assert!(c["branch_price/tea:b1"].deleted && c["branch_price/tea:b2"].deleted);
+    assert!(
+        !c.contains_key("branch_price/cake:b1"),
+        "never committed as live"
+    );
+    assert_eq!(c["branch_price/scone:b2"].doc()["price_minor"], json!(310));
+    assert_eq!(bo.counter(), v0 + 5, "two tombstones and one new price");
 }
 
 #[test]

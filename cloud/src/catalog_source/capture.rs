@@ -1,10 +1,11 @@
 //! The DDL `cloud catalog source install` adds and `uninstall` removes (module docs of
 //! [`super`] argue why it keeps commit order = version order).
 //!
-//! On each mapped table: three statement-level triggers (`AFTER INSERT`, `AFTER UPDATE`,
-//! `AFTER DELETE`, `REFERENCING` transition tables), named `possync_<type>_ins|upd|del`. A
-//! statement that touches 100 000 rows runs each trigger once, set-based, instead of 100 000
-//! times. In possync's schema: the functions those triggers call, a staging table
+//! On each mapped table: four statement-level triggers (`AFTER INSERT`, `AFTER UPDATE`,
+//! `AFTER DELETE` with `REFERENCING` transition tables, and `AFTER TRUNCATE`, which deletes
+//! without firing delete triggers and would otherwise be a missed delete), named
+//! `possync_<type>_ins|upd|del|trn`. A statement that touches 100 000 rows runs each trigger
+//! once, set-based, instead of 100 000 times. In possync's schema: the functions those triggers call, a staging table
 //! `possync_source_changes`, a marker table `possync_source_pending` (one row per writing
 //! transaction) and the deferred constraint trigger on it that flushes the transaction's
 //! changes at commit. Every function is `SECURITY DEFINER` with a fixed `search_path`: the
@@ -180,9 +181,9 @@ fn function(s: &str, name: &str, declare: &str, body: &str) -> String {
     )
 }
 
-/// Names of the three capture functions / triggers of an entity type.
-pub(super) fn capture_names(entity_type: &str) -> [String; 3] {
-    ["ins", "upd", "del"].map(|op| format!("possync_{entity_type}_{op}"))
+/// Names of the four capture functions / triggers of an entity type.
+pub(super) fn capture_names(entity_type: &str) -> [String; 4] {
+    ["ins", "upd", "del", "trn"].map(|op| format!("possync_{entity_type}_{op}"))
 }
 
 /// The shared objects: staging, pending marker, and the flush at commit.
@@ -264,7 +265,7 @@ fn shared_sql(s: &str) -> String {
 pub(super) fn entity_sql(s: &str, e: &CheckedEntity) -> String {
     let t = table_sql(e);
     let ty = &e.mapping.entity_type;
-    let [ins, upd, del] = capture_names(ty);
+    let [ins, upd, del, trn] = capture_names(ty);
     let ins_body = format!(
         "{} {}",
         refuse_bad_keys_sql(&stage_sql(s, e, "possync_new", Staged::State, ""), ty),
@@ -287,10 +288,25 @@ pub(super) fn entity_sql(s: &str, e: &CheckedEntity) -> String {
         stage_sql(s, e, "possync_old", Staged::Tombstone, ""),
         mark_pending(s)
     );
+    // TRUNCATE has no transition table: every key of the type the catalog holds live, and
+    // every key this transaction staged before the truncate, is gone.
+    let trn_body = format!(
+        "INSERT INTO {s}.possync_source_changes \
+             (txid, entity_type, entity_id, branch_id, deleted, data, hash) \
+         SELECT txid_current(), k.entity_type, k.entity_id, k.branch_id, true, 'null', \
+                encode(sha256(convert_to('null', 'UTF8')), 'hex') \
+         FROM (SELECT entity_type, entity_id, branch_id FROM {s}.catalog_entities \
+               WHERE entity_type = {ty} AND NOT deleted \
+               UNION SELECT entity_type, entity_id, branch_id FROM {s}.possync_source_changes \
+               WHERE txid = txid_current() AND entity_type = {ty}) k; {}",
+        mark_pending(s),
+        ty = lit(ty),
+    );
     let mut sql = String::new();
     sql.push_str(&function(s, &ins, "bad RECORD;", &ins_body));
     sql.push_str(&function(s, &upd, "bad RECORD;", &upd_body));
     sql.push_str(&function(s, &del, "", &del_body));
+    sql.push_str(&function(s, &trn, "", &trn_body));
     for (name, event, transition) in [
         (&ins, "INSERT", "NEW TABLE AS possync_new"),
         (
@@ -306,6 +322,11 @@ pub(super) fn entity_sql(s: &str, e: &CheckedEntity) -> String {
              FOR EACH STATEMENT EXECUTE FUNCTION {s}.{name}();\n"
         ));
     }
+    sql.push_str(&format!(
+        "DROP TRIGGER IF EXISTS {trn} ON {t};\n\
+         CREATE TRIGGER {trn} AFTER TRUNCATE ON {t} \
+         FOR EACH STATEMENT EXECUTE FUNCTION {s}.{trn}();\n"
+    ));
     sql
 }
 
@@ -325,7 +346,7 @@ pub fn install(conn: &mut PgConnection, source: &CheckedSource) -> Result<(), So
         c.batch_execute(&shared_sql(&s))?;
         for e in &source.entities {
             c.batch_execute(&entity_sql(&s, e))?;
-            let [ins, _, _] = capture_names(&e.mapping.entity_type);
+            let [ins, ..] = capture_names(&e.mapping.entity_type);
             c.batch_execute(&format!(
                 "COMMENT ON FUNCTION {s}.{ins}() IS {};",
                 lit(&fingerprint(&s, e))
@@ -363,7 +384,7 @@ pub fn uninstall(conn: &mut PgConnection, source: &CheckedSource) -> Result<(), 
         }
         let left: Count = diesel::sql_query(
             "SELECT count(*) AS n FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-             WHERE n.nspname = $1 AND p.proname ~ '^possync_[a-z_]+_(ins|upd|del)$'",
+             WHERE n.nspname = $1 AND p.proname ~ '^possync_[a-z_]+_(ins|upd|del|trn)$'",
         )
         .bind::<Text, _>(&source.possync_schema)
         .get_result(c)?;
@@ -386,7 +407,7 @@ pub fn verify_installed(
 ) -> Result<(), SourceError> {
     let s = q(&source.possync_schema);
     for e in &source.entities {
-        let [ins, upd, del] = capture_names(&e.mapping.entity_type);
+        let [ins, upd, del, trn] = capture_names(&e.mapping.entity_type);
         let comment: MaybeText =
             diesel::sql_query("SELECT obj_description(to_regprocedure($1), 'pg_proc') AS value")
                 .bind::<Text, _>(format!("{s}.{ins}()"))
@@ -400,16 +421,18 @@ pub fn verify_installed(
         }
         let triggers: Count = diesel::sql_query(
             "SELECT count(*) AS n FROM pg_trigger \
-             WHERE tgrelid = to_regclass($1) AND tgname IN ($2, $3, $4) AND tgenabled <> 'D'",
+             WHERE tgrelid = to_regclass($1) AND tgname IN ($2, $3, $4, $5) \
+               AND tgenabled <> 'D'",
         )
         .bind::<Text, _>(table_sql(e))
         .bind::<Text, _>(&ins)
         .bind::<Text, _>(&upd)
         .bind::<Text, _>(&del)
+        .bind::<Text, _>(&trn)
         .get_result(conn)?;
-        if triggers.n != 3 {
+        if triggers.n != 4 {
             return Err(SourceError::NotInstalled(format!(
-                "{} of the 3 capture triggers of {} are enabled on {}",
+                "{} of the 4 capture triggers of {} are enabled on {}",
                 triggers.n,
                 e.mapping.entity_type,
                 e.mapping.table_name()

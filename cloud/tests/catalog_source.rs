@@ -737,3 +737,63 @@ async fn plain_sql_and_a_100k_row_price_change_reach_a_terminal_by_delta() {
         (committed + seen).as_secs_f64()
     );
 }
+
+#[test]
+fn a_load_killed_mid_way_resumes_without_renumbering_what_it_stored() {
+    let bo = BackOffice::create();
+    bo.sql(
+        "INSERT INTO backoffice.branch_prices (sku, branch, price_minor) \
+         SELECT 'k' || g, 'b1', g FROM generate_series(1, 100000) g;",
+    );
+    let total = 100_000 + 6;
+    assert!(bo.cloud(&["migrate"]).status.success());
+    let mut child = Command::new(cloud_binary().expect("cloud binary built"))
+        .arg("--database-url")
+        .arg(&bo.db.url)
+        .arg("--data-dir")
+        .arg(bo.dir.path())
+        .args(["catalog", "source", "install", &bo.mapping()])
+        .env_remove("POSSYNC_DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("install starts");
+    // kill -9 once a few batches are committed.
+    let mut stored = 0;
+    for _ in 0..3000 {
+        stored = bo.counter();
+        if stored >= 5000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    let at_kill = bo.counter();
+    assert!(
+        stored >= 5000 && at_kill < total,
+        "the load must be interrupted mid-way (stored {stored}, counter {at_kill})"
+    );
+    let before: HashMap<String, i64> = bo
+        .catalog()
+        .into_iter()
+        .map(|(k, r)| (k, r.version))
+        .collect();
+
+    let out = bo.cloud(&["catalog", "source", "load", &bo.mapping()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = bo.catalog();
+    assert_eq!(after.len() as i64, total);
+    assert_eq!(
+        bo.counter(),
+        total,
+        "every row got exactly one version: the resumed load renumbered nothing"
+    );
+    for (key, version) in &before {
+        assert_eq!(after[key].version, *version, "{key} kept its version");
+    }
+    assert_eq!(
+        after["branch_price/k77777:b1"].doc()["price_minor"],
+        json!(77777)
+    );
+}

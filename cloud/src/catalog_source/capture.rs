@@ -399,7 +399,7 @@ pub fn uninstall(conn: &mut PgConnection, source: &CheckedSource) -> Result<(), 
     })
 }
 
-/// Whether the installed capture is the one this mapping generates: every type's three
+/// Whether the installed capture is the one this mapping generates: every type's four
 /// triggers exist on its table and its fingerprint matches.
 pub fn verify_installed(
     conn: &mut PgConnection,

@@ -379,11 +379,6 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Catalog(CatalogCommand::Source(source)) => {
-            let db = open(cli)?;
-            let mut conn = db.conn()?;
-            run_source_command(&mut conn, source)
-        }
         Command::Catalog(c) => {
             let db = open(cli)?;
             let mut conn = db.conn()?;

@@ -797,3 +797,31 @@ fn a_load_killed_mid_way_resumes_without_renumbering_what_it_stored() {
         json!(77777)
     );
 }
+
+#[test]
+fn a_back_office_role_is_captured_without_rights_on_possync_and_cannot_borrow_the_capture() {
+    let bo = BackOffice::create();
+    bo.install();
+    // Roles are cluster-wide: a unique name, dropped at the end.
+    let role = format!("backoffice_app_{}", uuid::Uuid::new_v4().simple());
+    bo.sql(&format!(
+        "CREATE ROLE {role}; GRANT USAGE ON SCHEMA backoffice TO {role}; \
+         GRANT ALL ON ALL TABLES IN SCHEMA backoffice TO {role}; \
+         CREATE SCHEMA {role}_own AUTHORIZATION {role};"
+    ));
+    bo.sql(&format!(
+        "SET ROLE {role}; UPDATE backoffice.products SET price_minor = 1 WHERE sku = 'tea'; RESET ROLE;"
+    ));
+    assert_eq!(bo.catalog()["product/tea"].doc()["price"], json!(1));
+    let err = bo
+        .conn()
+        .batch_execute(&format!(
+            "SET ROLE {role}; CREATE TABLE {role}_own.products (LIKE backoffice.products); \
+             CREATE TRIGGER borrowed AFTER INSERT ON {role}_own.products \
+             REFERENCING NEW TABLE AS possync_new FOR EACH STATEMENT \
+             EXECUTE FUNCTION public.possync_product_ins();"
+        ))
+        .expect_err("a role without EXECUTE cannot attach the capture to its own table");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    bo.sql(&format!("DROP OWNED BY {role}; DROP ROLE {role};"));
+}

@@ -172,12 +172,17 @@ fn mark_pending(s: &str) -> String {
     )
 }
 
+/// A trigger function. `SECURITY DEFINER` lets it write possync's tables for any back-office
+/// role; `EXECUTE` is revoked from `PUBLIC` because attaching a trigger function to a table
+/// needs that right (firing does not): otherwise any role able to create a table could attach
+/// a capture function to a look-alike table of its own and write the catalog.
 fn function(s: &str, name: &str, declare: &str, body: &str) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION {s}.{name}() RETURNS trigger LANGUAGE plpgsql \
          SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET work_mem = '64MB' AS {TAG} \
          DECLARE {declare} \
-         BEGIN {body} RETURN NULL; END {TAG};\n"
+         BEGIN {body} RETURN NULL; END {TAG};\n\
+         REVOKE ALL ON FUNCTION {s}.{name}() FROM PUBLIC;\n"
     )
 }
 

@@ -188,7 +188,10 @@ fn load_entity(
         }
     }
     // Keys the catalog holds for this type that the table no longer has (deleted before the
-    // capture existed, or written by an import): tombstones, under the lock as well.
+    // capture existed, or written by an import): tombstones, under the lock as well. A set
+    // difference (`EXCEPT`, hashed or sorted) rather than `NOT EXISTS`: right after a load the
+    // planner's statistics still say the type has no rows and pick a nested loop over the
+    // whole table per entity — minutes at 100 000 rows.
     conn.transaction(|c| -> Result<(), SourceError> {
         lock_counter(c, s)?;
         c.batch_execute(&format!(
@@ -197,8 +200,10 @@ fn load_entity(
              SELECT txid_current(), e.entity_type, e.entity_id, e.branch_id, true, 'null', \
                     encode(sha256(convert_to('null', 'UTF8')), 'hex') \
              FROM {s}.catalog_entities e \
-             WHERE e.entity_type = {ty} AND NOT e.deleted \
-               AND NOT EXISTS (SELECT 1 FROM {t} r WHERE ({id}) COLLATE \"C\" = e.entity_id)",
+             JOIN (SELECT entity_id FROM {s}.catalog_entities \
+                   WHERE entity_type = {ty} AND NOT deleted \
+                   EXCEPT SELECT ({id}) COLLATE \"C\" FROM {t} r) gone \
+               ON e.entity_type = {ty} AND e.entity_id = gone.entity_id",
             ty = lit(&e.mapping.entity_type),
             id = id_sql(e, "r"),
         ))?;

@@ -187,23 +187,24 @@ fn load_entity(
             None => break,
         }
     }
+    // Fresh statistics before planning over what the batches just wrote.
+    conn.batch_execute(&format!("ANALYZE {s}.catalog_entities"))?;
     // Keys the catalog holds for this type that the table no longer has (deleted before the
     // capture existed, or written by an import): tombstones, under the lock as well. A set
-    // difference (`EXCEPT`, hashed or sorted) rather than `NOT EXISTS`: right after a load the
-    // planner's statistics still say the type has no rows and pick a nested loop over the
-    // whole table per entity — minutes at 100 000 rows.
+    // difference (`EXCEPT`) joined to nothing (the flush takes a tombstone's branch from the
+    // stored row): a `NOT EXISTS` or a join back to `catalog_entities` was planned, on the
+    // statistics of a catalog that had no such rows yet, as a loop over the whole table per
+    // entity — minutes at 100 000 rows.
     conn.transaction(|c| -> Result<(), SourceError> {
         lock_counter(c, s)?;
         c.batch_execute(&format!(
             "INSERT INTO {s}.possync_source_changes \
                  (txid, entity_type, entity_id, branch_id, deleted, data, hash) \
-             SELECT txid_current(), e.entity_type, e.entity_id, e.branch_id, true, 'null', \
+             SELECT txid_current(), {ty}, gone.entity_id, NULL, true, 'null', \
                     encode(sha256(convert_to('null', 'UTF8')), 'hex') \
-             FROM {s}.catalog_entities e \
-             JOIN (SELECT entity_id FROM {s}.catalog_entities \
+             FROM (SELECT entity_id FROM {s}.catalog_entities \
                    WHERE entity_type = {ty} AND NOT deleted \
-                   EXCEPT SELECT ({id}) COLLATE \"C\" FROM {t} r) gone \
-               ON e.entity_type = {ty} AND e.entity_id = gone.entity_id",
+                   EXCEPT SELECT ({id}) COLLATE \"C\" FROM {t} r) gone",
             ty = lit(&e.mapping.entity_type),
             id = id_sql(e, "r"),
         ))?;

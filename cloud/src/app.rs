@@ -38,6 +38,8 @@ pub struct AppState {
     pub ingest: IngestRegistry,
     /// Buckets per client address (before authentication).
     pub address_buckets: Buckets<IpAddr>,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: crate::client_address::TrustedProxies,
     /// Buckets per terminal.
     pub terminal_buckets: Buckets<Uuid>,
     /// sha256 of the admin token: compared in constant time, never kept in clear beyond start.
@@ -72,6 +74,7 @@ impl AppState {
                 rate_limits.max_buckets,
                 rate_limits.bucket_idle,
             ),
+            trusted_proxies: rate_limits.trusted_proxies.clone(),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
             fingerprints: Default::default(),

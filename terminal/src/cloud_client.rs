@@ -19,6 +19,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -53,7 +54,16 @@ pub struct HttpCloud {
     /// Reads the enrollment saved now (e.g. by `terminal token set` in another process).
     reload: Option<TargetSource>,
     device_nonce: Option<String>,
+    /// Nonces of the databases this one was copied from, for the sales it inherited.
+    inherited_nonces: Arc<HashMap<Uuid, String>>,
     metrics: Option<ClientMetrics>,
+}
+
+/// The headers of a sales delivery: its attempt number and the device nonce it is sent with.
+#[derive(Debug, Clone, Copy)]
+struct Delivery<'a> {
+    attempt: u32,
+    nonce: Option<&'a str>,
 }
 
 /// Reads the current [`CloudTarget`] from where the enrollment is kept; blocking.
@@ -103,6 +113,7 @@ impl HttpCloud {
             })),
             reload: None,
             device_nonce: None,
+            inherited_nonces: Arc::new(HashMap::new()),
             metrics: None,
         })
     }
@@ -111,6 +122,21 @@ impl HttpCloud {
     /// database using this `pos_id` (a cloned disk, a restored backup) from this one.
     pub fn with_device_nonce(mut self, nonce: Uuid) -> HttpCloud {
         self.device_nonce = Some(nonce.to_string());
+        self
+    }
+
+    /// Sends `nonce` instead of this device's for sales of `pos_id`: sales inherited from the
+    /// database this one was copied from are delivered as that database would deliver them.
+    pub fn with_inherited_nonces(
+        mut self,
+        by_pos: impl IntoIterator<Item = (Uuid, Uuid)>,
+    ) -> HttpCloud {
+        self.inherited_nonces = Arc::new(
+            by_pos
+                .into_iter()
+                .map(|(pos, nonce)| (pos, nonce.to_string()))
+                .collect(),
+        );
         self
     }
 
@@ -212,10 +238,26 @@ impl HttpCloud {
         body: Option<&B>,
         sync_attempt: Option<u32>,
     ) -> Result<T, CloudError> {
+        let delivery = sync_attempt.map(|attempt| Delivery {
+            attempt,
+            nonce: None,
+        });
+        self.call_with_delivery(method, route, query, body, delivery)
+            .await
+    }
+
+    async fn call_with_delivery<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &'static str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        delivery: Option<Delivery<'_>>,
+    ) -> Result<T, CloudError> {
         let started = Instant::now();
         let used = self.current();
         let mut result = self
-            .call_once(&used, method.clone(), route, query, body, sync_attempt)
+            .call_once(&used, method.clone(), route, query, body, delivery)
             .await;
         if matches!(
             &result,
@@ -227,7 +269,7 @@ impl HttpCloud {
         {
             let fresh = self.current();
             result = self
-                .call_once(&fresh, method, route, query, body, sync_attempt)
+                .call_once(&fresh, method, route, query, body, delivery)
                 .await;
         }
         if let Some(m) = &self.metrics {
@@ -252,7 +294,7 @@ impl HttpCloud {
         route: &str,
         query: &[(&str, String)],
         body: Option<&B>,
-        sync_attempt: Option<u32>,
+        delivery: Option<Delivery<'_>>,
     ) -> Result<T, CloudError> {
         let url = format!("{}{}{}", target.base_url, POS_API_PREFIX, route);
         let request_id = Uuid::now_v7().to_string();
@@ -264,9 +306,9 @@ impl HttpCloud {
         if !query.is_empty() {
             req = req.query(query);
         }
-        if let Some(attempt) = sync_attempt {
-            req = req.header(SYNC_ATTEMPT_HEADER, attempt.to_string());
-            if let Some(nonce) = &self.device_nonce {
+        if let Some(d) = delivery {
+            req = req.header(SYNC_ATTEMPT_HEADER, d.attempt.to_string());
+            if let Some(nonce) = d.nonce {
                 req = req.header(DEVICE_NONCE_HEADER, nonce);
             }
         }
@@ -392,12 +434,28 @@ impl CloudApi for HttpCloud {
         events: &[SaleEvent],
         sync_attempt: u32,
     ) -> Result<SalesEventsResponse, CloudError> {
-        let attempt = Some(sync_attempt);
+        // The outbox sends one pos_id per request (`claim_batch`), so the first event's
+        // pos_id says whose nonce this is.
+        let nonce = events
+            .first()
+            .and_then(|e| self.inherited_nonces.get(&e.pos_id))
+            .or(self.device_nonce.as_ref())
+            .cloned();
         let body = SalesEventsRequest {
             events: events.to_vec(),
         };
-        self.call(Method::POST, "/sales/events", &[], Some(&body), attempt)
-            .await
+        let delivery = Delivery {
+            attempt: sync_attempt,
+            nonce: nonce.as_deref(),
+        };
+        self.call_with_delivery(
+            Method::POST,
+            "/sales/events",
+            &[],
+            Some(&body),
+            Some(delivery),
+        )
+        .await
     }
 }
 

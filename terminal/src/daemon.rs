@@ -112,11 +112,13 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
 /// set` reaches a running daemon without a restart).
 pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, CommandError> {
     let source = store.clone();
+    let inherited = store.inherited()?;
     Ok(HttpCloud::new(CloudTarget {
         base_url: enrollment.cloud_url.clone(),
         token: enrollment.token.clone(),
     })?
     .with_device_nonce(store.device_nonce())
+    .with_inherited_nonces(inherited.into_iter().map(|i| (i.pos_id, i.nonce)))
     .with_reload(Arc::new(move || {
         source.enrollment().ok().flatten().map(|e| CloudTarget {
             base_url: e.cloud_url,

@@ -238,21 +238,67 @@ fn a_clone_or_conflict_answer_forks_and_only_an_invalid_sale_stays_parked() {
 }
 
 #[test]
-fn a_copied_database_file_gets_a_new_device_nonce_and_the_original_keeps_its_own() {
+fn a_copied_database_file_gets_a_new_device_and_pos_but_delivers_inherited_sales_under_their_keys()
+{
     let (dir, path) = temp_db();
     let store = open(&path);
-    let nonce = store.device_nonce();
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let (nonce, pos) = (store.device_nonce(), store.pos_id());
+    sell(&store, 1);
+    sell(&store, 2);
     drop(store);
-    assert_eq!(open(&path).device_nonce(), nonce, "same file, same device");
-    let copy = dir.path().join("copy.db");
-    std::fs::copy(&path, &copy).expect("copy");
-    let cloned = open(&copy);
-    assert_ne!(cloned.device_nonce(), nonce);
-    assert_eq!(open(&copy).device_nonce(), cloned.device_nonce());
-    assert_eq!(open(&path).device_nonce(), nonce);
+    let original = open(&path);
+    assert_eq!(original.device_nonce(), nonce, "same file, same device");
+    assert_eq!(original.pos_id(), pos);
+
+    let copy_path = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy_path).expect("copy");
+    let copy = open(&copy_path);
+    assert_ne!(copy.device_nonce(), nonce);
+    assert_ne!(
+        copy.pos_id(),
+        pos,
+        "the copy's own sales get a pos_id of their own"
+    );
     assert_eq!(
-        cloned.pos_id(),
-        open(&path).pos_id(),
-        "the copy shares the pos_id"
+        copy.inherited().expect("inherited"),
+        vec![possync_terminal::store::Inherited {
+            pos_id: pos,
+            nonce,
+            below: 3
+        }]
+    );
+    assert_eq!(open(&copy_path).device_nonce(), copy.device_nonce(), "once");
+    assert_eq!(
+        open(&path).device_nonce(),
+        nonce,
+        "the original is untouched"
+    );
+
+    let own = copy
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-copy", 1, 7))
+        .expect("enqueue");
+    assert_eq!((own.pos_id, own.local_event_id), (copy.pos_id(), 1));
+    assert!(
+        copy.carry_candidates().expect("candidates").is_empty(),
+        "inherited sales are not re-keyed"
+    );
+    // One pos_id per batch: the inherited sales under their original keys, then its own.
+    let first = copy.claim_batch(100, Utc::now()).expect("claim");
+    let second = copy.claim_batch(100, Utc::now()).expect("claim");
+    let keys = |items: &[possync_actors::OutboxItem]| -> Vec<(Uuid, i64)> {
+        items
+            .iter()
+            .map(|i| (i.event.pos_id, i.event.local_event_id))
+            .collect()
+    };
+    let mut all = vec![keys(&first), keys(&second)];
+    all.sort();
+    let mut expected = vec![vec![(pos, 1), (pos, 2)], vec![(copy.pos_id(), 1)]];
+    expected.sort();
+    assert_eq!(all, expected);
+    assert_eq!(
+        copy.identity_changes().expect("changes")[0].reason,
+        ChangeReason::Copied
     );
 }

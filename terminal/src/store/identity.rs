@@ -22,8 +22,14 @@
 //! stored under both keys.
 //!
 //! The device nonce is regenerated whenever the database file is not the file that created it
-//! (another inode or device, another machine id): a copied data directory or a restored backup
-//! then presents a nonce the cloud has not bound its `pos_id` to.
+//! (another inode or device, another machine id): a copied data directory or a restored backup.
+//! The copy then forks at once ([`ChangeReason::Copied`]): its own new sales get a fresh
+//! `pos_id`, while the unsent sales it *inherited* (recorded before the copy, identical in both
+//! databases) keep their keys and are delivered with the *old* nonce ([`Inherited`]). Whichever
+//! database delivers an inherited sale first, the other's delivery is a duplicate of the same
+//! key with the same payload: exactly once, with no race between the two. Only when the copy
+//! cannot tell (an image with the same inode and machine id) does the cloud find out — from a
+//! second nonce on one `pos_id` or from a conflict — and the fork happens on its answer.
 
 use chrono::{DateTime, Utc};
 use possync_protocol::SaleEvent;
@@ -73,6 +79,29 @@ pub enum ChangeReason {
     Conflict,
     /// Unsent sales of an earlier key space were moved into the current one.
     CarryOver,
+    /// The database file is a copy or a restore (see [`ensure_device_nonce`]).
+    Copied,
+}
+
+/// Sales this database inherited from the database it was copied from: rows of `pos_id` with
+/// `local_event_id < below`. They keep their keys and are delivered with that database's
+/// device nonce, because the original may deliver the very same sales.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inherited {
+    /// The original's `pos_id`.
+    pub pos_id: Uuid,
+    /// The original's device nonce.
+    pub nonce: Uuid,
+    /// The first `local_event_id` the copy itself would have given.
+    pub below: i64,
+}
+
+/// Every inheritance recorded (a copy of a copy has two).
+pub fn inherited(conn: &Connection) -> Result<Vec<Inherited>, TerminalStoreError> {
+    match Kv::SyncState.get(conn, "inherited")? {
+        None => Ok(Vec::new()),
+        Some(text) => Ok(serde_json::from_str(&text)?),
+    }
 }
 
 /// One change of the till's key space, newest last in [`changes`].
@@ -180,11 +209,26 @@ pub fn ensure_device_nonce(conn: &mut Connection, path: &Path) -> Result<Uuid, T
     let tx = conn.transaction()?;
     Kv::SyncState.set(&tx, "device_nonce", &nonce.to_string())?;
     Kv::SyncState.set(&tx, "device_fingerprint", &fingerprint)?;
+    let previous = stored_nonce
+        .as_deref()
+        .and_then(|n| Uuid::parse_str(n).ok());
+    if let Some(old_nonce) = previous {
+        let mut all = inherited(&tx)?;
+        all.push(Inherited {
+            pos_id: pos_id(&tx)?,
+            nonce: old_nonce,
+            below: Kv::SyncState
+                .get_i64(&tx, "next_local_event_id")?
+                .unwrap_or(1),
+        });
+        Kv::SyncState.set(&tx, "inherited", &serde_json::to_string(&all)?)?;
+        fork_in(&tx, ChangeReason::Copied)?;
+    }
     tx.commit()?;
-    if stored_nonce.is_some() {
+    if previous.is_some() {
         tracing::warn!(
             device = %nonce,
-            "database file is a copy or a restore (not the file that created the device nonce); new device nonce"
+            "database file is a copy or a restore (not the file that created the device nonce): new device nonce and pos_id; inherited unsent sales keep their keys"
         );
     }
     Ok(nonce)
@@ -303,15 +347,23 @@ pub fn carry_candidates(conn: &Connection) -> Result<Vec<CarryCandidate>, Termin
            AND (pos_id <> ?1
                 OR json_extract(event, '$.terminal_id') IS NOT ?2
                 OR json_extract(event, '$.branch_id') IS NOT ?3)
+           AND NOT (status <> 'needs_attention'
+                    AND json_extract(event, '$.terminal_id') IS ?2
+                    AND json_extract(event, '$.branch_id') IS ?3
+                    AND EXISTS (SELECT 1 FROM json_each(?4) i
+                                WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                                  AND sync_journal.local_event_id < json_extract(i.value, '$.below')))
          ORDER BY journal_id",
     )?;
     type Raw = (i64, String, i64, String, String, i64, String);
+    let inherited = serde_json::to_string(&inherited(conn)?)?;
     let raw: Vec<Raw> = stmt
         .query_map(
             params![
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
-                ks.branch_id
+                ks.branch_id,
+                inherited
             ],
             |r| {
                 Ok((

@@ -361,13 +361,20 @@ pub fn claim_batch(
     let Some(ks) = super::identity::key_space(&tx)? else {
         return Ok(Vec::new());
     };
-    let rows: Vec<(i64, String, i64)> = tx
+    // Sales inherited from the database this one was copied from keep their keys too (see
+    // `identity::Inherited`). One request carries one pos_id, because the device nonce sent
+    // with it depends on the pos_id: the batch is the first pos_id's rows.
+    let inherited = serde_json::to_string(&super::identity::inherited(&tx)?)?;
+    let mut rows: Vec<(i64, String, i64, String)> = tx
         .prepare_cached(
-            "SELECT journal_id, event, attempts FROM sync_journal
+            "SELECT journal_id, event, attempts, pos_id FROM sync_journal
              WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
-               AND pos_id = ?3
                AND json_extract(event, '$.terminal_id') = ?4
                AND json_extract(event, '$.branch_id') = ?5
+               AND (pos_id = ?3
+                    OR EXISTS (SELECT 1 FROM json_each(?6) i
+                               WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                                 AND sync_journal.local_event_id < json_extract(i.value, '$.below')))
              ORDER BY local_event_id LIMIT ?2",
         )?
         .query_map(
@@ -376,13 +383,17 @@ pub fn claim_batch(
                 i64::try_from(limit).unwrap_or(i64::MAX),
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
-                ks.branch_id
+                ks.branch_id,
+                inherited
             ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?
         .collect::<Result<_, _>>()?;
+    if let Some(first_pos) = rows.first().map(|r| r.3.clone()) {
+        rows.retain(|r| r.3 == first_pos);
+    }
     let mut items = Vec::with_capacity(rows.len());
-    for (journal_id, text, attempts) in rows {
+    for (journal_id, text, attempts, _) in rows {
         match serde_json::from_str::<SaleEvent>(&text) {
             Ok(event) => {
                 tx.prepare_cached(

@@ -21,7 +21,8 @@ pub mod schema;
 pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
 pub use error::TerminalStoreError;
 pub use identity::{
-    CarryCandidate, CarryDecision, CarryOverCounts, ChangeReason, IdentityChange, KeySpace,
+    CarryCandidate, CarryDecision, CarryOverCounts, ChangeReason, IdentityChange, Inherited,
+    KeySpace,
 };
 pub use journal::{EnqueuedSale, JournalRow, JournalStatus, RetryTarget};
 pub use legacy::{migrate_legacy, LegacyOutcome, LegacyReport};
@@ -273,6 +274,11 @@ impl SqliteStore {
     /// This device's nonce, sent with every sales request (`x-device-nonce`).
     pub fn device_nonce(&self) -> Uuid {
         self.inner.device_nonce
+    }
+
+    /// Sales inherited from the database this one was copied from (delivered with its nonce).
+    pub fn inherited(&self) -> Result<Vec<Inherited>, TerminalStoreError> {
+        identity::inherited(&self.conn())
     }
 
     /// The key space new sales are stamped with and the outbox delivers; `None` before

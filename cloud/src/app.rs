@@ -42,6 +42,8 @@ pub struct AppState {
     pub admin_token_sha256: [u8; 32],
     /// Request size limits.
     pub limits: Limits,
+    /// `pos_id` → device nonce bindings already confirmed (see `db::devices`).
+    pub device_bindings: crate::db::devices::KnownBindings,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             ),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
+            device_bindings: Default::default(),
         })
     }
 }

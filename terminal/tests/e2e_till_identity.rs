@@ -105,6 +105,27 @@ async fn a_rotated_token_is_taken_with_token_set_and_parked_sales_flush() {
     assert_eq!(cloud.stored_sales("b1").await, 5);
     let status = cloud.sync_status(&rotated).await;
     assert_eq!(status["pos"][0]["highest_contiguous"], 5, "{status}");
+
+    // With a grace the switch-over parks nothing: the old token works until the till has the
+    // new one.
+    let graced = cloud
+        .process
+        .rotate_terminal(terminal_id, 600)
+        .expect("rotate with grace");
+    sell(&daemon, 6..=6).await;
+    wait_settled(&daemon, 6).await;
+    let (ok, out, err) = terminal_cli(dir.path(), &["token", "set", &graced]);
+    assert!(ok, "{out} {err}");
+    sell(&daemon, 7..=7).await;
+    wait_settled(&daemon, 7).await;
+    assert_eq!(cloud.stored_sales("b1").await, 7);
+    // A token of another terminal is refused, and nothing is saved.
+    let (_, stranger) = cloud.process.add_terminal("b1").expect("terminal add");
+    let (ok, _, err) = terminal_cli(dir.path(), &["token", "set", &stranger]);
+    assert!(!ok);
+    assert!(err.contains("error: POS_SYNC_UNAUTHORIZED:"), "{err}");
+    sell(&daemon, 8..=8).await;
+    wait_settled(&daemon, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,7 +114,10 @@ function render(s) {
   if (s.online === true) { online.className = "pill ok"; text(online, "online"); }
   else if (s.online === false) { online.className = "pill bad"; text(online, "offline"); }
   else { online.className = "pill unknown"; text(online, "unknown"); }
-  text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id);
+  const change = (s.identity_changes || []).slice(-1)[0];
+  text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id +
+    (change ? " · identity " + change.reason + " " + change.at.slice(0, 19) + "Z (re-keyed " + change.rekeyed +
+      ", already in cloud " + change.already_held + ")" : ""));
   text($("updated"), "updated " + new Date(s.generated_at).toLocaleTimeString());
 
   const c = s.catalog;

@@ -305,3 +305,49 @@ async fn a_till_restored_from_an_old_backup_in_place_forks_on_conflicts_and_lose
         "the sales after the backup and those after the restore, each once"
     );
 }
+
+#[test]
+fn token_set_needs_an_enrollment_and_works_offline_keeping_the_identity() {
+    let dir = tempfile::tempdir().expect("data dir");
+    let (ok, _, err) = terminal_cli(dir.path(), &["token", "set", "pst_new"]);
+    assert!(!ok);
+    assert!(err.contains("error: POS_SYNC_UNAUTHORIZED:"), "{err}");
+
+    // Nobody listens on the enrolled URL: enrollment and token change both work offline.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let terminal_id = uuid::Uuid::now_v7().to_string();
+    let (ok, out, err) = terminal_cli(
+        dir.path(),
+        &[
+            "enroll",
+            "--cloud-url",
+            &format!("http://127.0.0.1:{port}"),
+            "--token",
+            "pst_old",
+            "--terminal-id",
+            &terminal_id,
+            "--branch",
+            "b1",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let enrolled: Value = serde_json::from_str(&out).expect("enroll json");
+    let (ok, out, err) = terminal_cli(dir.path(), &["token", "set", "pst_new"]);
+    assert!(ok, "{out} {err}");
+    assert!(err.contains("warning: token not verified"), "{err}");
+    let v: Value = serde_json::from_str(&out).expect("token set json");
+    assert_eq!(v["verified"], false, "{v}");
+    assert_eq!(v["terminal_id"], terminal_id.as_str());
+    assert_eq!(
+        v["pos_id"], enrolled["pos_id"],
+        "same identity, same pos_id"
+    );
+    assert_eq!(
+        v["carried_over"],
+        Value::Null,
+        "nothing to ask an absent cloud"
+    );
+}

@@ -33,7 +33,7 @@
 
 use chrono::{DateTime, Utc};
 use possync_protocol::SaleEvent;
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use uuid::Uuid;
@@ -309,11 +309,7 @@ pub fn fork_needed(conn: &Connection) -> Result<Option<ChangeReason>, TerminalSt
             [ks.pos_id.to_string()],
             |r| r.get(0),
         )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     Ok(code.map(|c| {
         if c == "POS_SYNC_POS_CLONED" {
             ChangeReason::Cloned
@@ -416,20 +412,17 @@ pub fn apply_carry_over(
         let row = match d {
             CarryDecision::AlreadyHeld { row, .. } | CarryDecision::Rekey { row } => row,
         };
-        let unchanged: Option<String> = tx
+        // The guard: only a row exactly as it was when the cloud was asked.
+        let unchanged: Option<(String, Option<String>)> = tx
             .query_row(
-                "SELECT event FROM sync_journal
+                "SELECT event, last_error_code FROM sync_journal
                  WHERE journal_id = ?1 AND status = ?2 AND attempts = ?3 AND updated_at = ?4
                    AND status IN ('pending', 'failed', 'needs_attention')",
                 params![row.journal_id, row.status, row.attempts, row.updated_at],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
-        let Some(event) = unchanged else {
+            .optional()?;
+        let Some((event, code)) = unchanged else {
             counts.skipped += 1;
             continue;
         };
@@ -454,14 +447,8 @@ pub fn apply_carry_over(
                     obj.insert("pos_id".into(), ks.pos_id.to_string().into());
                     obj.insert("local_event_id".into(), local_event_id.into());
                 }
-                let keep_parked = row.status == "needs_attention" && {
-                    let code: Option<String> = tx.query_row(
-                        "SELECT last_error_code FROM sync_journal WHERE journal_id = ?1",
-                        [row.journal_id],
-                        |r| r.get(0),
-                    )?;
-                    !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()))
-                };
+                let keep_parked = row.status == "needs_attention"
+                    && !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()));
                 tx.execute(
                     "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4,
                          status = CASE WHEN ?5 THEN status ELSE 'pending' END,

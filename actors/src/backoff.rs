@@ -79,6 +79,21 @@ pub fn next_delay(
     })
 }
 
+/// Whether a run of failures may exhaust the policy's `max_attempts`.
+///
+/// Pacing and giving up are separate questions: every retry is paced by the same exponential
+/// rule, but only failures that belong to the thing being retried (a sale the cloud keeps
+/// failing while it accepts others) may use up its attempts. Failures that only say the cloud
+/// is away (no answer, a proxy's 502/503/504, 429) are paced forever, never given up on: an
+/// outage of any length must not park a sale for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Budget {
+    /// `Decision::GiveUp` once `failures >= max_attempts`.
+    Attempts,
+    /// Never gives up; past `max_attempts` the delay stays at its capped ceiling.
+    Unbounded,
+}
+
 /// The answer to "when may I try again?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -95,6 +110,8 @@ pub enum BackoffMsg {
     Decide {
         /// Failed attempts so far (≥ 1).
         failures: u32,
+        /// Whether these failures may use up the policy's attempts.
+        budget: Budget,
         /// The server's `Retry-After`, a floor for the delay.
         retry_after: Option<Duration>,
         /// Where the decision goes.
@@ -161,6 +178,7 @@ impl Actor for Backoff {
         match message {
             BackoffMsg::Decide {
                 failures,
+                budget,
                 retry_after,
                 reply,
             } => {
@@ -168,6 +186,7 @@ impl Actor for Backoff {
                 let decision = decide(
                     &state.policy,
                     failures,
+                    budget,
                     retry_after,
                     unit,
                     state.clock.now(),
@@ -183,14 +202,24 @@ impl Actor for Backoff {
     }
 }
 
-/// [`next_delay`] turned into a clock instant.
+/// [`next_delay`] turned into a clock instant. With [`Budget::Unbounded`] the policy's
+/// `max_attempts` is not applied (the delay is still capped), so the answer is always a time.
 pub fn decide(
     policy: &BackoffPolicy,
     failures: u32,
+    budget: Budget,
     retry_after: Option<Duration>,
     unit_random: f64,
     now: DateTime<Utc>,
 ) -> Decision {
+    let unbounded = BackoffPolicy {
+        max_attempts: u32::MAX,
+        ..*policy
+    };
+    let policy = match budget {
+        Budget::Attempts => policy,
+        Budget::Unbounded => &unbounded,
+    };
     match next_delay(policy, failures, retry_after, unit_random) {
         Some(d) => {
             Decision::RetryAt(now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
@@ -205,6 +234,7 @@ pub async fn ask(
     backoff: Option<ActorRef<BackoffMsg>>,
     policy: &BackoffPolicy,
     failures: u32,
+    budget: Budget,
     retry_after: Option<Duration>,
     now: DateTime<Utc>,
 ) -> Decision {
@@ -213,6 +243,7 @@ pub async fn ask(
             .call(
                 |reply| BackoffMsg::Decide {
                     failures,
+                    budget,
                     retry_after,
                     reply,
                 },
@@ -223,7 +254,7 @@ pub async fn ask(
             return d;
         }
     }
-    decide(policy, failures, retry_after, 1.0, now)
+    decide(policy, failures, budget, retry_after, 1.0, now)
 }
 
 #[cfg(test)]
@@ -256,7 +287,34 @@ mod tests {
         };
         assert!(next_delay(&p, 2, None, 0.5).is_some());
         assert_eq!(next_delay(&p, 3, None, 0.5), None);
-        assert_eq!(decide(&p, 3, None, 0.5, Utc::now()), Decision::GiveUp);
+        assert_eq!(
+            decide(&p, 3, Budget::Attempts, None, 0.5, Utc::now()),
+            Decision::GiveUp
+        );
+    }
+
+    proptest! {
+        /// However long an outage lasts, an unbudgeted retry is always scheduled, never later
+        /// than the cap (or a longer `Retry-After`) after now.
+        #[test]
+        fn unbounded_failures_are_never_given_up(
+            failures in 1u32..1_000_000, max in 1u32..20, unit in 0.0f64..=1.0,
+            base_ms in 1u64..5000, cap_ms in 1u64..600_000
+        ) {
+            let p = BackoffPolicy { base: Duration::from_millis(base_ms), cap: Duration::from_millis(cap_ms), max_attempts: max };
+            let now = Utc::now();
+            match decide(&p, failures, Budget::Unbounded, None, unit, now) {
+                Decision::RetryAt(t) => {
+                    prop_assert!(t >= now);
+                    prop_assert!(t <= now + chrono::Duration::milliseconds(i64::try_from(cap_ms).unwrap_or(i64::MAX)));
+                }
+                Decision::GiveUp => prop_assert!(false, "an unbounded retry was given up"),
+            }
+            prop_assert_eq!(
+                decide(&p, failures, Budget::Attempts, None, unit, now) == Decision::GiveUp,
+                failures >= max
+            );
+        }
     }
 
     #[test]

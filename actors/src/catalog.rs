@@ -10,7 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backoff::{self, Decision};
+use crate::backoff::{self, Budget, Decision};
 use crate::engine::SyncContext;
 use crate::ports::{CatalogPosition, CloudError};
 use crate::status::ActorKind;
@@ -256,7 +256,7 @@ impl CatalogSyncer {
                 Self::schedule(myself, state, delay);
             }
             Err(err) => {
-                let reachable = !matches!(err, CloudError::Unreachable(_));
+                let reachable = err.cloud_answered();
                 ctx.backoff.report_contact(reachable);
                 ctx.board
                     .set_error(ActorKind::CatalogSyncer, err.to_string());
@@ -274,15 +274,13 @@ impl CatalogSyncer {
                     CatalogRecovery::RetryLater => {
                         state.failures = state.failures.saturating_add(1);
                         // The catalog never gives up: past max_attempts it keeps the capped pace.
-                        let failures = state
-                            .failures
-                            .min(cfg.backoff.max_attempts.saturating_sub(1))
-                            .max(1);
+                        let failures = state.failures.max(1);
                         let now = ctx.now();
                         let when = match backoff::ask(
                             ctx.backoff.get(),
                             &cfg.backoff,
                             failures,
+                            Budget::Unbounded,
                             err.retry_after(),
                             now,
                         )

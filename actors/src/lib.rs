@@ -10,11 +10,20 @@
 //!
 //! ## Decisions where the contract is silent
 //!
-//! - **Attempts.** `BackoffPolicy::max_attempts` counts deliveries of one sale. After the
-//!   `max_attempts`-th transient failure the journal row goes to `needs_attention` with the
-//!   terminal-local code [`outbox::ATTEMPTS_EXHAUSTED`] (`POS_SYNC_ATTEMPTS_EXHAUSTED`) and a
-//!   message naming the last error; an operator retry resets the count. The delay after the
-//!   n-th failure is `rand(0 ..= min(cap, base·2^(n-1)))`, never less than `Retry-After`.
+//! - **Attempts.** A failed delivery is classed once ([`ports::FailureClass`]): *no answer*
+//!   (unreachable, timeout, reset, a cut or foreign body, a proxy's 502/503/504 without our
+//!   envelope, 408, 429), *the cloud's own error* (5xx with an envelope), or a *refusal*.
+//!   `BackoffPolicy::max_attempts` counts only failures pinned on the sale itself
+//!   ([`outbox::blame_sale`]: the cloud's own error, the sale sent alone, and the cloud stored
+//!   other sales since the sale's previous failure). Only those end in `needs_attention` with
+//!   the terminal-local code [`outbox::ATTEMPTS_EXHAUSTED`]; an outage of any length never
+//!   does. Every failure paces the next try: the delay after the n-th failure is
+//!   `rand(0 ..= min(cap, base·2^(n-1)))`, never less than `Retry-After`.
+//! - **Outage hold.** After a failure that is the cloud's trouble the outbox sends no sale;
+//!   it asks `CloudApi::probe` (`GET /readyz`) at the backoff cadence of the outage, and any
+//!   answer from the cloud (a probe, or another actor's call) lifts the hold. So the queue
+//!   starts draining at most one backoff cap (or a longer `Retry-After`) after the cloud
+//!   returns, however long it was away.
 //! - **Whole-request refusals** that retrying cannot fix (400, 401, 403, 413) put every sale of
 //!   the batch into `needs_attention` with the cloud's code. An answer with the wrong number of
 //!   results (or results for other events) is not trusted and counts as a transient failure
@@ -34,7 +43,8 @@
 //!   failures are not retried in place: they fail the actor, so the restart re-reads the store.
 //! - **Status states**: CatalogSyncer `snapshotting n/total`, `idle`,
 //!   `backing_off until <time>`, `offline, retrying until <time>`; SalesOutbox `idle`,
-//!   `sending (n batches in flight)`, `waiting (next retry at <time>)`; Reconciler `idle`,
+//!   `sending (n batches in flight)`, `waiting (next retry at <time>)`,
+//!   `holding: cloud away, next probe at <time>`; Reconciler `idle`,
 //!   `verifying range n`, `applying range n`; every actor `starting`, `stopped` or `failed`.
 
 #![warn(missing_docs)]

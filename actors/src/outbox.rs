@@ -14,30 +14,83 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
-use crate::backoff::{self, Decision};
+use crate::backoff::{self, Budget, Decision};
 use crate::engine::SyncContext;
-use crate::ports::{CloudError, DeliveryOutcome, OutboxItem};
+use crate::ports::{
+    CloudError, DeliveryOutcome, FailureClass, FailureHistory, OutboxItem, TransientFailure,
+};
 use crate::status::ActorKind;
+use chrono::{DateTime, Utc};
 
 /// Journal code for a sale whose automatic retries are used up. It is a terminal-local code
-/// (the cloud never sends it); the message names the last error the cloud or network gave.
-/// An operator retry (`terminal outbox retry`) resets the attempts.
+/// (the cloud never sends it); the message names the last error the cloud gave. Only failures
+/// blamed on the sale itself (see [`blame_sale`]) use up attempts, so an outage never ends
+/// here. An operator retry (`terminal outbox retry`) resets the attempts.
 pub const ATTEMPTS_EXHAUSTED: &str = "POS_SYNC_ATTEMPTS_EXHAUSTED";
+
+/// Whether a transient failure is the sale's own, so that it counts toward `max_attempts`.
+///
+/// The rule: the cloud answered with a retryable error of its own ([`FailureClass::CloudTrouble`]),
+/// the request carried this sale alone, and the cloud stored other sales of this till after
+/// this sale's previous failure. Everything else is the cloud's trouble and is retried for as
+/// long as it lasts: no answer at all (an outage of any length), a throttle, a proxy's 5xx,
+/// or a cloud error while nothing else gets stored either (its database is down). The first
+/// failure of a sale is never blamed on it: there is no earlier failure to compare with, and
+/// a sale that failed in company goes alone next time (see [`split_requests`]).
+pub fn blame_sale(
+    class: FailureClass,
+    request_len: usize,
+    history: &FailureHistory,
+    cloud_stored_at: Option<DateTime<Utc>>,
+) -> bool {
+    class == FailureClass::CloudTrouble
+        && request_len == 1
+        && matches!(
+            (history.last_failed_at, cloud_stored_at),
+            (Some(failed), Some(stored)) if stored > failed
+        )
+}
+
+/// How to pace the retry of one item after a transient failure: `(blamed, failures, budget)`.
+/// A blamed failure is paced by, and counted against, the sale's own failures; any other by
+/// all its attempts, without a budget.
+pub fn retry_pacing(
+    item: &OutboxItem,
+    class: FailureClass,
+    request_len: usize,
+    cloud_stored_at: Option<DateTime<Utc>>,
+) -> (bool, u32, Budget) {
+    if blame_sale(class, request_len, &item.history, cloud_stored_at) {
+        (
+            true,
+            item.history.sale_failures.saturating_add(1),
+            Budget::Attempts,
+        )
+    } else {
+        (false, item.attempts.saturating_add(1), Budget::Unbounded)
+    }
+}
 
 /// Maps the answer to one request onto one outcome per claimed item.
 ///
 /// - 200 with one result per item, in order: `accepted`/`duplicate` → synced; `conflict` /
 ///   `rejected` → needs attention with the cloud's code and message.
 /// - 200 with the wrong number of results, or results naming other events: the answer cannot
-///   be trusted, so it is treated like a transient failure (the ledger makes a resend safe).
-/// - Transient failure (network, 429, 5xx): retry at the time `backoff(failures, retry_after)`
-///   decides, or needs attention once it gives up.
+///   be trusted, so it is treated like no answer (the ledger makes a resend safe).
+/// - Transient failure: retry at the time `backoff(failures, budget, retry_after)` decides.
+///   Only a failure [`blame_sale`] pins on the sale has a budget, so only such failures can
+///   end in needs attention ([`ATTEMPTS_EXHAUSTED`]); an outage never does.
 /// - Any other whole-request refusal (400, 401, 403, 413 …): needs attention for every item;
 ///   resending the same request unchanged cannot succeed.
+///
+/// `cloud_stored_at` is when the cloud last stored a sale of this till (the evidence that it
+/// works for others); `now` is when the answer came back.
 pub fn outcomes_for(
     items: &[OutboxItem],
     result: Result<SalesEventsResponse, CloudError>,
-    backoff: &mut dyn FnMut(u32, Option<Duration>) -> Decision,
+    cloud_stored_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    backoff: &mut dyn FnMut(u32, Budget, Option<Duration>) -> Decision,
 ) -> Vec<DeliveryOutcome> {
     let err = match result {
         Ok(resp) => match check_results(items, &resp) {
@@ -74,7 +127,8 @@ pub fn outcomes_for(
     };
     let code = err.code_str();
     let message = err.to_string();
-    if !err.can_retry() {
+    let class = err.class();
+    if class == FailureClass::Refused {
         return items
             .iter()
             .map(|item| DeliveryOutcome::NeedsAttention {
@@ -87,10 +141,17 @@ pub fn outcomes_for(
     items
         .iter()
         .map(|item| {
-            let failures = item.attempts.saturating_add(1);
-            match backoff(failures, err.retry_after()) {
+            let (blamed, failures, budget) =
+                retry_pacing(item, class, items.len(), cloud_stored_at);
+            let failure = match class {
+                FailureClass::NoAnswer => TransientFailure::NoAnswer,
+                _ => TransientFailure::CloudAnswered { blamed },
+            };
+            match backoff(failures, budget, err.retry_after()) {
                 Decision::RetryAt(not_before) => DeliveryOutcome::RetryLater {
                     journal_id: item.journal_id,
+                    failure,
+                    failed_at: now,
                     not_before,
                     code: code.clone(),
                     message: message.clone(),
@@ -99,7 +160,8 @@ pub fn outcomes_for(
                     journal_id: item.journal_id,
                     code: ATTEMPTS_EXHAUSTED.to_string(),
                     message: format!(
-                        "gave up after {failures} attempts; last error {code}: {message}"
+                        "the cloud failed this sale {failures} times on its own while storing \
+                         other sales; last error {code}: {message}"
                     ),
                 },
             }
@@ -131,11 +193,16 @@ fn check_results(items: &[OutboxItem], resp: &SalesEventsResponse) -> Result<(),
 
 /// Splits claimed items into requests the cloud accepts: at most 500 events and about
 /// `max_body` bytes of JSON each (a single event larger than that goes alone, and the cloud's
-/// 413 then marks it for attention).
+/// 413 then marks it for attention). A sale the cloud already failed with an error of its own
+/// goes alone, so that a failure it keeps causing can be told from one it shared
+/// ([`blame_sale`]) and never holds other sales back.
 pub fn split_requests(items: Vec<OutboxItem>, max_body: usize) -> Vec<Vec<OutboxItem>> {
     // `{"events":[` + `]}` plus commas
     const ENVELOPE: usize = 16;
-    let mut out: Vec<Vec<OutboxItem>> = Vec::new();
+    let (suspects, items): (Vec<OutboxItem>, Vec<OutboxItem>) = items
+        .into_iter()
+        .partition(|i| i.history.answered_failures > 0);
+    let mut out: Vec<Vec<OutboxItem>> = suspects.into_iter().map(|i| vec![i]).collect();
     let mut current: Vec<OutboxItem> = Vec::new();
     let mut size = ENVELOPE;
     for item in items {
@@ -174,6 +241,8 @@ pub enum OutboxMsg {
         /// Whether this was the batch's final request.
         last: bool,
     },
+    /// The answer to an outage probe ([`CloudApi::probe`](crate::ports::CloudApi::probe)).
+    ProbeDone(Result<(), CloudError>),
 }
 
 /// Live state: the in-flight slots and the tasks that hold them. Dropping the state (the
@@ -184,20 +253,32 @@ pub struct OutboxState {
     in_flight: usize,
     tasks: JoinSet<()>,
     generation: u64,
-    /// After a transient failure (cloud unreachable, 5xx, 429), no new claims until the hold
-    /// ends: sales recorded meanwhile wait as `pending` instead of each paying a doomed request
-    /// and a failure write. Cleared by the next answer that is not a transient failure.
+    /// While the cloud is away, no sale is sent: sales recorded meanwhile wait as `pending`
+    /// instead of each paying a doomed request and a failure write.
     hold: Option<Hold>,
+    /// When the cloud last stored a sale of ours: the evidence [`blame_sale`] needs before it
+    /// pins a failure on one sale. Memory only: after a restart nothing is blamed until the
+    /// cloud has stored something again, which errs on the side of never parking a sale.
+    cloud_stored_at: Option<DateTime<Utc>>,
 }
 
-/// A pause in claiming after a transient failure.
+/// The outbox's pause while the cloud is away (no answer, throttled, or failing everything).
+///
+/// Invariant: while a hold stands, the only requests the outbox makes are probes, at most one
+/// at a time, each after the backoff delay of the outage so far (capped at `backoff.cap`, or a
+/// longer `Retry-After`). So after the cloud returns, the queue starts draining within one
+/// backoff cap, however long the outage was; sooner if another actor hears from the cloud.
 struct Hold {
-    /// The earliest retry time of the failed batch.
-    until: chrono::DateTime<chrono::Utc>,
-    /// For a hold caused by an unreachable cloud: when it began. Any answer from the cloud
-    /// after that (e.g. to the `CatalogSyncer`'s delta poll) means it is back, and lifts the
-    /// hold early so queued sales flush without waiting out the backoff.
-    since_unreachable: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the next probe is due.
+    until: DateTime<Utc>,
+    /// When the hold began: any answer from the cloud after it (e.g. to the `CatalogSyncer`'s
+    /// delta poll) ends the hold early.
+    since: DateTime<Utc>,
+    /// Failed attempts in this outage so far (the failed batch's, then one per failed probe):
+    /// paces the probes.
+    failures: u32,
+    /// A probe is on its way.
+    probing: bool,
 }
 
 /// The actor that drains the sales journal.
@@ -210,31 +291,50 @@ impl SalesOutbox {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
-        if let Some(hold) = &state.hold {
-            let (until, now) = (hold.until, ctx.now());
-            let cloud_back = hold.since_unreachable.is_some_and(|since| {
-                ctx.board
-                    .snapshot()
-                    .last_contact_at
-                    .is_some_and(|at| at > since)
-            });
-            if now < until && !cloud_back {
+        if let Some(hold) = &mut state.hold {
+            let (since, now) = (hold.since, ctx.now());
+            let cloud_back = ctx
+                .board
+                .snapshot()
+                .last_contact_at
+                .is_some_and(|at| at > since);
+            if !cloud_back {
                 Self::refresh_counts(&ctx).await?;
+                if !hold.probing && now >= hold.until {
+                    // Due: ask the cloud whether it is back, instead of spending sales on it.
+                    hold.probing = true;
+                    let cloud = ctx.cloud.clone();
+                    let me = myself.clone();
+                    state.tasks.spawn(async move {
+                        let result = cloud.probe().await;
+                        let _ = me.cast(OutboxMsg::ProbeDone(result));
+                    });
+                }
                 if state.in_flight == 0 {
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
                         format!(
-                            "backing off until {}",
-                            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                            "holding: cloud away, next probe at {}",
+                            hold.until
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         ),
                     );
                 }
-                let wait = (until - now).to_std().unwrap_or(Duration::ZERO);
-                state.generation = state.generation.wrapping_add(1);
-                let g = state.generation;
-                drop(myself.send_after(wait.min(cfg.outbox_idle_poll), move || OutboxMsg::Wake(g)));
+                if !hold.probing {
+                    let wait = (hold.until - now).to_std().unwrap_or(Duration::ZERO);
+                    state.generation = state.generation.wrapping_add(1);
+                    let g = state.generation;
+                    drop(
+                        myself
+                            .send_after(wait.min(cfg.outbox_idle_poll), move || OutboxMsg::Wake(g)),
+                    );
+                }
                 return Ok(());
             }
+            tracing::info!(
+                terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                "cloud answered again; sending queued sales"
+            );
             state.hold = None;
         }
         while state.in_flight < cfg.outbox_concurrency {
@@ -318,39 +418,76 @@ impl SalesOutbox {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
-        let unreachable = matches!(&result, Err(CloudError::Unreachable(_)));
-        ctx.backoff.report_contact(!unreachable);
+        ctx.backoff
+            .report_contact(result.as_ref().err().is_none_or(CloudError::cloud_answered));
         if let Err(e) = &result {
             ctx.board.set_error(ActorKind::SalesOutbox, e.to_string());
         }
-        // Ask Backoff once per distinct failure count; the pure mapping then uses the answers.
+        // Ask Backoff once per distinct (failures, budget); the pure mapping then uses the
+        // answers.
         let retry_after = result.as_ref().err().and_then(CloudError::retry_after);
         let now = ctx.now();
-        let mut decisions: BTreeMap<u32, Decision> = BTreeMap::new();
-        let needs_retry = match &result {
-            Err(e) => e.can_retry(),
-            Ok(resp) => check_results(&items, resp).is_err(),
+        let class = match &result {
+            Err(e) => Some(e.class()),
+            Ok(resp) => check_results(&items, resp)
+                .is_err()
+                .then_some(FailureClass::NoAnswer),
         };
-        let distinct: std::collections::BTreeSet<u32> = if needs_retry {
-            items.iter().map(|i| i.attempts.saturating_add(1)).collect()
-        } else {
-            Default::default()
-        };
-        for failures in distinct {
-            let d = backoff::ask(ctx.backoff.get(), &cfg.backoff, failures, retry_after, now).await;
-            decisions.insert(failures, d);
+        let mut decisions: BTreeMap<(u32, Budget), Decision> = BTreeMap::new();
+        if let Some(class) = class.filter(|c| *c != FailureClass::Refused) {
+            for item in &items {
+                let (_, failures, budget) =
+                    retry_pacing(item, class, items.len(), state.cloud_stored_at);
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    decisions.entry((failures, budget))
+                {
+                    let d = backoff::ask(
+                        ctx.backoff.get(),
+                        &cfg.backoff,
+                        failures,
+                        budget,
+                        retry_after,
+                        now,
+                    )
+                    .await;
+                    slot.insert(d);
+                }
+            }
         }
-        let mut lookup = |failures: u32, ra: Option<Duration>| {
+        let mut lookup = |failures: u32, budget: Budget, ra: Option<Duration>| {
             decisions
-                .get(&failures)
+                .get(&(failures, budget))
                 .copied()
-                .unwrap_or_else(|| backoff::decide(&cfg.backoff, failures, ra, 1.0, now))
+                .unwrap_or_else(|| backoff::decide(&cfg.backoff, failures, budget, ra, 1.0, now))
         };
-        let outcomes = outcomes_for(&items, result, &mut lookup);
+        let outcomes = outcomes_for(&items, result, state.cloud_stored_at, now, &mut lookup);
         Self::log_outcomes(cfg, &items, &outcomes);
-        state.hold = hold_after(&outcomes).map(|until| Hold {
-            until,
-            since_unreachable: unreachable.then_some(now),
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, DeliveryOutcome::Synced { .. }))
+        {
+            state.cloud_stored_at = Some(now);
+        }
+        state.hold = hold_after(&outcomes).map(|until| {
+            let failures = items
+                .iter()
+                .map(|i| i.attempts.saturating_add(1))
+                .max()
+                .unwrap_or(1);
+            match state.hold.take() {
+                // Another batch of the same outage: keep its start and pace.
+                Some(h) => Hold {
+                    until: until.max(h.until),
+                    failures: failures.max(h.failures),
+                    ..h
+                },
+                None => Hold {
+                    until,
+                    since: now,
+                    failures,
+                    probing: false,
+                },
+            }
         });
         let (mut synced, mut retries) = (0u64, 0u64);
         for o in &outcomes {
@@ -366,6 +503,58 @@ impl SalesOutbox {
         ctx.metrics.outbox_retries.inc_by(retries);
         if last {
             state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        Self::pump(myself, state).await
+    }
+
+    /// A probe came back: the cloud is back (lift the hold, send), or still away (probe
+    /// again after the next backoff delay of this outage; never given up).
+    async fn probe_done(
+        myself: &ActorRef<OutboxMsg>,
+        state: &mut OutboxState,
+        result: Result<(), CloudError>,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = state.ctx.clone();
+        let cfg = &ctx.config;
+        if let Some(hold) = &mut state.hold {
+            hold.probing = false;
+            match &result {
+                Ok(()) => {
+                    ctx.backoff.report_contact(true);
+                    let away = (ctx.now() - hold.since).num_milliseconds();
+                    tracing::info!(
+                        terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                        away_ms = away, "cloud is back; sending queued sales"
+                    );
+                    state.hold = None;
+                }
+                Err(e) => {
+                    ctx.backoff.report_contact(e.cloud_answered());
+                    hold.failures = hold.failures.saturating_add(1);
+                    let now = ctx.now();
+                    hold.until = match backoff::ask(
+                        ctx.backoff.get(),
+                        &cfg.backoff,
+                        hold.failures,
+                        Budget::Unbounded,
+                        e.retry_after(),
+                        now,
+                    )
+                    .await
+                    {
+                        Decision::RetryAt(t) => t,
+                        // Unbounded budgets never give up; keep the capped pace regardless.
+                        Decision::GiveUp => {
+                            now + chrono::Duration::from_std(cfg.backoff.cap)
+                                .unwrap_or(chrono::Duration::MAX)
+                        }
+                    };
+                    tracing::debug!(
+                        terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                        errorCode = %e.code_str(), "cloud still away"
+                    );
+                }
+            }
         }
         Self::pump(myself, state).await
     }
@@ -408,14 +597,21 @@ impl SalesOutbox {
     }
 }
 
-/// When the outbox may claim again after a batch: the earliest retry time of a transiently
-/// failed batch (only a transient failure yields `RetryLater`), or `None` (claim freely) after
-/// any other answer.
-pub fn hold_after(outcomes: &[DeliveryOutcome]) -> Option<chrono::DateTime<chrono::Utc>> {
+/// Whether a batch's outcomes put the outbox on hold, and until when the first probe waits:
+/// the earliest retry time of the failures that are the cloud's trouble (no answer, or an
+/// error not blamed on the sale). `None` (claim freely) after any other answer: a sale that
+/// keeps failing on its own does not hold the others back.
+pub fn hold_after(outcomes: &[DeliveryOutcome]) -> Option<DateTime<Utc>> {
     outcomes
         .iter()
         .filter_map(|o| match o {
-            DeliveryOutcome::RetryLater { not_before, .. } => Some(*not_before),
+            DeliveryOutcome::RetryLater {
+                not_before,
+                failure,
+                ..
+            } if *failure != (TransientFailure::CloudAnswered { blamed: true }) => {
+                Some(*not_before)
+            }
             _ => None,
         })
         .min()
@@ -438,6 +634,7 @@ impl Actor for SalesOutbox {
             tasks: JoinSet::new(),
             generation: 0,
             hold: None,
+            cloud_stored_at: None,
         })
     }
 
@@ -474,6 +671,7 @@ impl Actor for SalesOutbox {
                 result,
                 last,
             } => Self::batch_done(&myself, state, items, result, last).await,
+            OutboxMsg::ProbeDone(result) => Self::probe_done(&myself, state, result).await,
         }
     }
 }
@@ -491,6 +689,7 @@ mod tests {
         OutboxItem {
             journal_id: id * 10,
             attempts,
+            history: FailureHistory::default(),
             event: SaleEvent {
                 terminal_id: Uuid::nil(),
                 pos_id: Uuid::nil(),
@@ -537,6 +736,8 @@ mod tests {
         };
         let retry = |id: i64, at: i64| DeliveryOutcome::RetryLater {
             journal_id: id,
+            failure: TransientFailure::NoAnswer,
+            failed_at: t(0),
             not_before: t(at),
             code: "NETWORK".into(),
             message: "down".into(),
@@ -555,6 +756,18 @@ mod tests {
             message: "gave up".into(),
         };
         assert_eq!(hold_after(&[gave_up]), None);
+        // a failure blamed on one sale does not hold the others back; an unblamed cloud
+        // error does
+        let answered = |blamed| DeliveryOutcome::RetryLater {
+            journal_id: 5,
+            failure: TransientFailure::CloudAnswered { blamed },
+            failed_at: t(0),
+            not_before: t(7),
+            code: "POS_SYNC_STORAGE_FAILED".into(),
+            message: "insert failed".into(),
+        };
+        assert_eq!(hold_after(&[answered(true)]), None);
+        assert_eq!(hold_after(&[answered(false)]), Some(t(7)));
     }
 
     fn result(id: i64, status: EventStatus) -> EventResult {
@@ -579,8 +792,8 @@ mod tests {
             .expect("time")
     }
 
-    fn retry_in(secs: i64) -> impl FnMut(u32, Option<Duration>) -> Decision {
-        move |_, _| Decision::RetryAt(t0() + chrono::Duration::seconds(secs))
+    fn retry_in(secs: i64) -> impl FnMut(u32, Budget, Option<Duration>) -> Decision {
+        move |_, _, _| Decision::RetryAt(t0() + chrono::Duration::seconds(secs))
     }
 
     #[test]
@@ -594,7 +807,7 @@ mod tests {
                 result(4, EventStatus::Rejected),
             ],
         };
-        let out = outcomes_for(&items, Ok(resp), &mut retry_in(1));
+        let out = outcomes_for(&items, Ok(resp), None, t0(), &mut retry_in(1));
         assert!(matches!(
             &out[0],
             DeliveryOutcome::Synced {
@@ -630,11 +843,12 @@ mod tests {
             reason: None,
         };
         let mut asked = Vec::new();
-        let mut backoff = |f: u32, ra: Option<Duration>| {
+        let mut backoff = |f: u32, b: Budget, ra: Option<Duration>| {
+            assert_eq!(b, Budget::Unbounded, "a throttle is never the sale's fault");
             asked.push((f, ra));
             Decision::RetryAt(t0() + chrono::Duration::seconds(30))
         };
-        let out = outcomes_for(&items, Err(err), &mut backoff);
+        let out = outcomes_for(&items, Err(err), None, t0(), &mut backoff);
         assert_eq!(
             asked,
             vec![
@@ -651,23 +865,198 @@ mod tests {
         let out = outcomes_for(
             &items,
             Err(CloudError::Unreachable("reset".into())),
+            None,
+            t0(),
             &mut retry_in(2),
         );
         assert!(matches!(&out[0], DeliveryOutcome::RetryLater { code, .. } if code == "NETWORK"));
     }
 
+    fn storage_failed() -> CloudError {
+        CloudError::Rejected {
+            status: 503,
+            code: Some(ErrorCode::PosSyncStorageFailed),
+            message: "insert failed".into(),
+            retry_after: None,
+            reason: None,
+        }
+    }
+
+    /// A real policy with a small budget, so any budgeted failure past it gives up.
+    fn tight_backoff(
+        now: chrono::DateTime<Utc>,
+    ) -> impl FnMut(u32, Budget, Option<Duration>) -> Decision {
+        let policy = crate::backoff::BackoffPolicy {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(100),
+            max_attempts: 3,
+        };
+        move |f, b, ra| backoff::decide(&policy, f, b, ra, 0.5, now)
+    }
+
     #[test]
-    fn exhausted_attempts_need_attention() {
-        let items = vec![item(1, 11)];
+    fn an_unanswered_sale_is_never_given_up_however_many_attempts() {
+        let items = vec![item(1, 1_000)];
         let out = outcomes_for(
             &items,
             Err(CloudError::Unreachable("down".into())),
-            &mut |_, _| Decision::GiveUp,
+            Some(t0()),
+            t0(),
+            &mut tight_backoff(t0()),
+        );
+        assert!(matches!(
+            &out[0],
+            DeliveryOutcome::RetryLater { failure: TransientFailure::NoAnswer, code, .. } if code == "NETWORK"
+        ));
+    }
+
+    #[test]
+    fn a_sale_failing_alone_while_others_are_stored_uses_up_its_attempts() {
+        let earlier = t0() - chrono::Duration::seconds(60);
+        let mut suspect = item(1, 5);
+        suspect.history = FailureHistory {
+            answered_failures: 3,
+            sale_failures: 2,
+            last_failed_at: Some(earlier),
+        };
+        let stored_since = Some(earlier + chrono::Duration::seconds(1));
+        let out = outcomes_for(
+            &[suspect.clone()],
+            Err(storage_failed()),
+            stored_since,
+            t0(),
+            &mut tight_backoff(t0()),
         );
         assert!(
             matches!(&out[0], DeliveryOutcome::NeedsAttention { code, message, .. }
-            if code == ATTEMPTS_EXHAUSTED && message.contains("12 attempts") && message.contains("NETWORK"))
+            if code == ATTEMPTS_EXHAUSTED && message.contains("3 times") && message.contains("POS_SYNC_STORAGE_FAILED")),
+            "{out:?}"
         );
+        // the same failure while the cloud stored nothing since: the cloud's trouble
+        let out = outcomes_for(
+            &[suspect.clone()],
+            Err(storage_failed()),
+            Some(earlier - chrono::Duration::seconds(1)),
+            t0(),
+            &mut tight_backoff(t0()),
+        );
+        assert!(matches!(
+            &out[0],
+            DeliveryOutcome::RetryLater {
+                failure: TransientFailure::CloudAnswered { blamed: false },
+                ..
+            }
+        ));
+        // or in company: not pinned on anyone
+        let out = outcomes_for(
+            &[suspect, item(2, 0)],
+            Err(storage_failed()),
+            stored_since,
+            t0(),
+            &mut tight_backoff(t0()),
+        );
+        assert!(out.iter().all(|o| matches!(
+            o,
+            DeliveryOutcome::RetryLater {
+                failure: TransientFailure::CloudAnswered { blamed: false },
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn failure_classes() {
+        let rejected = |status, code| CloudError::Rejected {
+            status,
+            code,
+            message: String::new(),
+            retry_after: None,
+            reason: None,
+        };
+        use FailureClass::*;
+        assert_eq!(CloudError::Unreachable("x".into()).class(), NoAnswer);
+        assert_eq!(CloudError::BadResponse("portal".into()).class(), NoAnswer);
+        for s in [502, 503, 504] {
+            assert_eq!(rejected(s, None).class(), NoAnswer, "proxy {s}");
+        }
+        assert_eq!(
+            rejected(429, Some(ErrorCode::PosSyncRateLimited)).class(),
+            NoAnswer
+        );
+        assert_eq!(rejected(429, None).class(), NoAnswer);
+        assert_eq!(rejected(408, None).class(), NoAnswer);
+        assert_eq!(rejected(500, None).class(), CloudTrouble);
+        assert_eq!(storage_failed().class(), CloudTrouble);
+        assert_eq!(
+            rejected(400, Some(ErrorCode::PosSyncEventInvalid)).class(),
+            Refused
+        );
+        assert_eq!(
+            rejected(401, Some(ErrorCode::PosSyncUnauthorized)).class(),
+            Refused
+        );
+        assert_eq!(rejected(413, None).class(), Refused);
+    }
+
+    proptest::proptest! {
+        /// The outage rule: whatever the history, attempts and evidence, a failure without an
+        /// answer from the cloud never sends a sale to needs attention, and never holds it
+        /// longer than the cap (or the server's `Retry-After`).
+        #[test]
+        fn no_answer_never_exhausts_a_sale(
+            n in 1usize..20,
+            attempts in 0u32..100_000,
+            answered in 0u32..50,
+            blamed in 0u32..50,
+            failed_ago in proptest::option::of(0i64..100_000),
+            stored_ago in proptest::option::of(0i64..100_000),
+            kind in 0u8..6,
+            retry_after_s in proptest::option::of(0u64..600),
+        ) {
+            let err = match kind {
+                0 => CloudError::Unreachable("connection refused".into()),
+                1 => CloudError::BadResponse("captive portal".into()),
+                2 => CloudError::Rejected { status: 502, code: None, message: "bad gateway".into(), retry_after: None, reason: None },
+                3 => CloudError::Rejected { status: 504, code: None, message: "gateway timeout".into(), retry_after: None, reason: None },
+                4 => CloudError::Rejected { status: 429, code: Some(ErrorCode::PosSyncRateLimited), message: "slow".into(), retry_after: retry_after_s.map(Duration::from_secs), reason: None },
+                _ => CloudError::Rejected { status: 503, code: None, message: "unavailable".into(), retry_after: retry_after_s.map(Duration::from_secs), reason: None },
+            };
+            let ra = err.retry_after();
+            let items: Vec<OutboxItem> = (1..=n as i64).map(|i| {
+                let mut it = item(i, attempts);
+                it.history = FailureHistory {
+                    answered_failures: answered,
+                    sale_failures: blamed,
+                    last_failed_at: failed_ago.map(|s| t0() - chrono::Duration::seconds(s)),
+                };
+                it
+            }).collect();
+            let stored = stored_ago.map(|s| t0() - chrono::Duration::seconds(s));
+            let out = outcomes_for(&items, Err(err), stored, t0(), &mut tight_backoff(t0()));
+            proptest::prop_assert_eq!(out.len(), n);
+            for o in &out {
+                match o {
+                    DeliveryOutcome::RetryLater { failure, not_before, .. } => {
+                        proptest::prop_assert_eq!(*failure, TransientFailure::NoAnswer);
+                        let limit = Duration::from_millis(100).max(ra.unwrap_or_default());
+                        proptest::prop_assert!(*not_before <= t0() + chrono::Duration::from_std(limit).expect("small"));
+                    }
+                    other => proptest::prop_assert!(false, "unexpected outcome {:?}", other),
+                }
+            }
+            proptest::prop_assert!(hold_after(&out).is_some());
+        }
+    }
+
+    #[test]
+    fn a_sale_the_cloud_failed_goes_alone() {
+        let mut items: Vec<OutboxItem> = (1..=6).map(|i| item(i, 0)).collect();
+        items[2].history.answered_failures = 1;
+        let parts = split_requests(items, MAX_BODY_BYTES);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 1);
+        assert_eq!(parts[0][0].event.local_event_id, 3);
+        assert_eq!(parts[1].len(), 5);
     }
 
     #[test]
@@ -680,7 +1069,7 @@ mod tests {
             retry_after: None,
             reason: None,
         };
-        let out = outcomes_for(&items, Err(err), &mut |_, _| {
+        let out = outcomes_for(&items, Err(err), None, t0(), &mut |_, _, _| {
             panic!("no backoff for a refusal")
         });
         assert_eq!(out.len(), 2);
@@ -693,7 +1082,7 @@ mod tests {
         let short = SalesEventsResponse {
             results: vec![result(1, EventStatus::Accepted)],
         };
-        let out = outcomes_for(&items, Ok(short), &mut retry_in(5));
+        let out = outcomes_for(&items, Ok(short), None, t0(), &mut retry_in(5));
         assert!(out.iter().all(
             |o| matches!(o, DeliveryOutcome::RetryLater { code, .. } if code == "BAD_RESPONSE")
         ));
@@ -703,7 +1092,7 @@ mod tests {
                 result(1, EventStatus::Accepted),
             ],
         };
-        let out = outcomes_for(&items, Ok(swapped), &mut retry_in(5));
+        let out = outcomes_for(&items, Ok(swapped), None, t0(), &mut retry_in(5));
         assert!(out
             .iter()
             .all(|o| matches!(o, DeliveryOutcome::RetryLater { .. })));
@@ -723,7 +1112,7 @@ mod tests {
             if drop_one {
                 results.pop();
             }
-            let out = outcomes_for(&items, Ok(SalesEventsResponse { results }), &mut retry_in(1));
+            let out = outcomes_for(&items, Ok(SalesEventsResponse { results }), None, t0(), &mut retry_in(1));
             proptest::prop_assert_eq!(out.len(), items.len());
             for (o, i) in out.iter().zip(&items) {
                 let id = match o {

@@ -57,8 +57,52 @@ pub struct OutboxItem {
     pub journal_id: JournalId,
     /// The sale exactly as it was stored at enqueue: its bytes never change between deliveries.
     pub event: SaleEvent,
-    /// Delivery attempts made before this one.
+    /// Delivery attempts made before this one (every kind of failure; paces the retries and
+    /// is sent as `x-sync-attempt`).
     pub attempts: u32,
+    /// What earlier failed attempts said about this sale.
+    pub history: FailureHistory,
+}
+
+/// The part of a sale's delivery history that decides blame (see `outbox::blame_sale`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureHistory {
+    /// Attempts the cloud answered with a retryable error of its own (5xx with an envelope).
+    /// A sale with any goes alone in its next request, so a failure can be pinned on it.
+    pub answered_failures: u32,
+    /// Failures blamed on the sale itself: the only ones that use up `max_attempts`.
+    pub sale_failures: u32,
+    /// When the last failed attempt came back.
+    pub last_failed_at: Option<DateTime<Utc>>,
+}
+
+impl FailureHistory {
+    /// The history after one more transient failure: what every store records.
+    pub fn after(self, failure: TransientFailure, at: DateTime<Utc>) -> FailureHistory {
+        let (answered, blamed) = match failure {
+            TransientFailure::NoAnswer => (0, 0),
+            TransientFailure::CloudAnswered { blamed } => (1, u32::from(blamed)),
+        };
+        FailureHistory {
+            answered_failures: self.answered_failures.saturating_add(answered),
+            sale_failures: self.sale_failures.saturating_add(blamed),
+            last_failed_at: Some(at),
+        }
+    }
+}
+
+/// Why a transient failure happened, as the journal records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransientFailure {
+    /// The cloud itself did not answer (see [`FailureClass::NoAnswer`]). Never counts toward
+    /// the attempt budget.
+    NoAnswer,
+    /// The cloud answered with a retryable error. `blamed`: the failure belongs to this sale
+    /// (it failed alone while the cloud stored other sales), and counts toward the budget.
+    CloudAnswered {
+        /// Whether this failure is the sale's own.
+        blamed: bool,
+    },
 }
 
 /// What became of one claimed outbox item, to be recorded in `sync_journal`.
@@ -86,6 +130,10 @@ pub enum DeliveryOutcome {
     RetryLater {
         /// The row to retry.
         journal_id: JournalId,
+        /// What kind of failure (decides which history counters move).
+        failure: TransientFailure,
+        /// When the failure came back (engine clock): becomes `last_failed_at`.
+        failed_at: DateTime<Utc>,
         /// Not to be claimed again before this time (backoff, `Retry-After`).
         not_before: DateTime<Utc>,
         /// Code of the failure (`NETWORK`, `POS_SYNC_STORAGE_FAILED`, …).
@@ -199,7 +247,48 @@ pub enum CloudError {
     BadResponse(String),
 }
 
+/// What a failed call says about the cloud: the one rule that separates "the cloud did not
+/// answer" from "the cloud answered and this request failed".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Nobody who speaks for the cloud answered: no connection, a timeout, a reset, a cut
+    /// body, a 2xx that is not ours (a captive portal), a 502/503/504 without our error
+    /// envelope (a proxy in front of a cloud that is down), a 408, or a 429 (the cloud asks us
+    /// to wait: nothing is wrong with the request). Retried forever, never blamed on a sale.
+    NoAnswer,
+    /// The cloud answered with a retryable error of its own (5xx with an envelope, e.g.
+    /// `POS_SYNC_STORAGE_FAILED`). Usually the cloud's trouble; the sale's only when it fails
+    /// alone while the cloud stores other sales.
+    CloudTrouble,
+    /// The cloud refused the request; resending it unchanged cannot succeed.
+    Refused,
+}
+
 impl CloudError {
+    /// Classifies this failure (a pure function of the answer; property-tested).
+    pub fn class(&self) -> FailureClass {
+        match self {
+            CloudError::Unreachable(_) | CloudError::BadResponse(_) => FailureClass::NoAnswer,
+            CloudError::Rejected { status, code, .. } => {
+                if matches!(status, 408 | 429)
+                    || code == &Some(ErrorCode::PosSyncRateLimited)
+                    || (code.is_none() && matches!(status, 502..=504))
+                {
+                    FailureClass::NoAnswer
+                } else if self.can_retry() {
+                    FailureClass::CloudTrouble
+                } else {
+                    FailureClass::Refused
+                }
+            }
+        }
+    }
+
+    /// Whether the cloud itself answered (for the online flag).
+    pub fn cloud_answered(&self) -> bool {
+        self.class() != FailureClass::NoAnswer
+    }
+
     /// Whether the same request may succeed later unchanged.
     pub fn can_retry(&self) -> bool {
         match self {
@@ -253,6 +342,10 @@ pub trait CloudApi: Send + Sync + 'static {
         events: &[SaleEvent],
         sync_attempt: u32,
     ) -> Result<SalesEventsResponse, CloudError>;
+    /// A cheap "is the cloud back?" question (`GET /readyz`: the process serves and its
+    /// database answers). The outbox asks it at the backoff cadence while an outage holds
+    /// the queue, instead of spending a batch of sales on each guess.
+    async fn probe(&self) -> Result<(), CloudError>;
 }
 
 /// Wall-clock time, injectable so simulations and tests control it.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backoff::{self, Decision};
+use crate::backoff::{self, Budget, Decision};
 use crate::engine::{EngineError, SyncContext};
 use crate::ports::CloudError;
 use crate::status::ActorKind;
@@ -205,14 +205,14 @@ impl Reconciler {
                     );
                 }
                 Err(e) if e.can_retry() && failures < MAX_TRANSIENT_RETRIES => {
-                    ctx.backoff
-                        .report_contact(!matches!(e, CloudError::Unreachable(_)));
+                    ctx.backoff.report_contact(e.cloud_answered());
                     failures += 1;
                     let now = ctx.now();
                     let wait = match backoff::ask(
                         ctx.backoff.get(),
                         &cfg.backoff,
                         failures,
+                        Budget::Attempts,
                         e.retry_after(),
                         now,
                     )
@@ -232,8 +232,7 @@ impl Reconciler {
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    ctx.backoff
-                        .report_contact(!matches!(e, CloudError::Unreachable(_)));
+                    ctx.backoff.report_contact(e.cloud_answered());
                     return Err(EngineError::Cloud(e));
                 }
             }

@@ -66,6 +66,9 @@ pub struct EngineStatus {
     pub online: bool,
     /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Since when the cloud has not answered (the first unanswered call after the last
+    /// answer); `None` while online.
+    pub offline_since: Option<DateTime<Utc>>,
     /// Catalog position, snapshot progress included.
     pub catalog: CatalogPosition,
     /// Outbox rows by state and the oldest undelivered sale.
@@ -134,6 +137,9 @@ impl SharedBoard {
             s.online = reachable;
             if reachable {
                 s.last_contact_at = Some(at);
+                s.offline_since = None;
+            } else if s.offline_since.is_none() {
+                s.offline_since = Some(at);
             }
         });
     }

@@ -20,8 +20,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::ports::{
-    CatalogPosition, Clock, CloudApi, CloudError, DeliveryOutcome, JournalId, LocalStore,
-    OutboxCounts, OutboxItem, StoreError,
+    CatalogPosition, Clock, CloudApi, CloudError, DeliveryOutcome, FailureHistory, JournalId,
+    LocalStore, OutboxCounts, OutboxItem, StoreError,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +167,7 @@ pub struct MemJournalRow {
     /// `pending`, `in_flight`, `failed`, `synced`, `needs_attention`.
     pub status: &'static str,
     pub attempts: u32,
+    pub history: FailureHistory,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub last_error_code: Option<String>,
     pub last_error_message: Option<String>,
@@ -248,6 +249,7 @@ impl MemoryStore {
                 event,
                 status: "pending",
                 attempts: 0,
+                history: FailureHistory::default(),
                 next_attempt_at: None,
                 last_error_code: None,
                 last_error_message: None,
@@ -281,6 +283,7 @@ impl MemoryStore {
         {
             r.status = "pending";
             r.attempts = 0;
+            r.history = FailureHistory::default();
             r.next_attempt_at = None;
             n += 1;
         }
@@ -471,6 +474,7 @@ impl LocalStore for MemoryStore {
                     journal_id: r.journal_id,
                     event: r.event.clone(),
                     attempts: r.attempts,
+                    history: r.history,
                 }
             })
             .collect())
@@ -507,11 +511,14 @@ impl LocalStore for MemoryStore {
                 }
                 DeliveryOutcome::RetryLater {
                     not_before,
+                    failure,
+                    failed_at,
                     code,
                     message,
                     ..
                 } => {
                     r.status = "failed";
+                    r.history = r.history.after(*failure, *failed_at);
                     r.next_attempt_at = Some(*not_before);
                     r.last_error_code = Some(code.clone());
                     r.last_error_message = Some(message.clone());
@@ -563,6 +570,7 @@ pub enum Endpoint {
     Delta,
     Reconcile,
     PostEvents,
+    Probe,
 }
 
 /// A scripted misbehaviour of one call.
@@ -592,6 +600,9 @@ struct CloudInner {
     in_flight_posts: usize,
     max_in_flight_posts: usize,
     post_batch_sizes: Vec<usize>,
+    /// Local event ids whose presence fails the whole request with a storage error, like a
+    /// cloud whose group commit cannot store one event.
+    poisoned: BTreeSet<i64>,
 }
 
 /// An in-memory cloud: catalog with versions and tombstones, snapshot/delta paging, reconcile,
@@ -721,6 +732,17 @@ impl FakeCloud {
             .push_back(fault);
     }
 
+    /// A request carrying sale `local_event_id` fails whole with 503
+    /// `POS_SYNC_STORAGE_FAILED` (while others are stored), until [`FakeCloud::cure`].
+    pub fn poison(&self, local_event_id: i64) {
+        lock(&self.inner).poisoned.insert(local_event_id);
+    }
+
+    /// Undoes [`FakeCloud::poison`].
+    pub fn cure(&self, local_event_id: i64) {
+        lock(&self.inner).poisoned.remove(&local_event_id);
+    }
+
     /// Every call fails as unreachable while set.
     pub fn set_offline(&self, offline: bool) {
         self.offline.store(offline, Ordering::SeqCst);
@@ -783,6 +805,10 @@ impl FakeCloud {
 
 #[async_trait]
 impl CloudApi for FakeCloud {
+    async fn probe(&self) -> Result<(), CloudError> {
+        self.begin(Endpoint::Probe).map(|_| ())
+    }
+
     async fn snapshot(&self, cursor: Option<&str>, limit: u32) -> Result<SnapshotPage, CloudError> {
         lock(&self.inner)
             .snapshot_cursors
@@ -929,6 +955,17 @@ impl CloudApi for FakeCloud {
         }
         let fault = self.begin(Endpoint::PostEvents)?;
         let mut g = lock(&self.inner);
+        if events
+            .iter()
+            .any(|e| g.poisoned.contains(&e.local_event_id))
+        {
+            return Err(Self::rejected(
+                503,
+                ErrorCode::PosSyncStorageFailed,
+                "storage failed",
+                None,
+            ));
+        }
         let mut results = Vec::with_capacity(events.len());
         for ev in events {
             let key = (ev.terminal_id, ev.pos_id, ev.local_event_id);
@@ -1065,6 +1102,8 @@ mod tests {
         store
             .record_outcomes(&[DeliveryOutcome::RetryLater {
                 journal_id: claimed[0].journal_id,
+                failure: crate::ports::TransientFailure::NoAnswer,
+                failed_at: now,
                 not_before: now + chrono::Duration::seconds(10),
                 code: "NETWORK".into(),
                 message: "x".into(),

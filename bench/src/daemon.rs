@@ -56,6 +56,8 @@ pub struct Daemon {
     child: Child,
     /// `http://127.0.0.1:PORT` of its status endpoint.
     pub url: String,
+    /// The local API token its `POST` routes need.
+    pub token: String,
 }
 
 impl Daemon {
@@ -68,7 +70,8 @@ impl Daemon {
             .arg(data_dir)
             .args(["run", "--status-bind", "127.0.0.1:0"]);
         let (child, url) = spawn_announcing(cmd, "status on ", &data_dir.join("daemon.log"))?;
-        Ok(Daemon { child, url })
+        let token = possync_terminal::data_dir::local_token(data_dir)?;
+        Ok(Daemon { child, url, token })
     }
 
     /// The daemon's process id.

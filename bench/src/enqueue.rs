@@ -72,12 +72,14 @@ impl RawFsyncTable {
 pub async fn daemon_post_sale(
     client: &reqwest::Client,
     status_url: &str,
+    token: &str,
     payload: &SalePayload,
 ) -> anyhow::Result<Duration> {
     let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
     let t0 = Instant::now();
     let resp = client
         .post(format!("{status_url}/sales"))
+        .bearer_auth(token)
         .header("content-type", "application/json")
         .body(body)
         .send()

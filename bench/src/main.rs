@@ -237,6 +237,7 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         rt: &rt,
         client: &client,
         status_url: &terminal.url,
+        token: &terminal.token,
         dir: &data_dir,
     };
     let online = enqueue_series(&till, "online", 1, opts.sales, true)?;
@@ -360,6 +361,7 @@ struct TillUnderTest<'a> {
     rt: &'a tokio::runtime::Runtime,
     client: &'a reqwest::Client,
     status_url: &'a str,
+    token: &'a str,
     dir: &'a Path,
 }
 
@@ -379,6 +381,7 @@ fn enqueue_series(
         rt,
         client,
         status_url,
+        token,
         dir,
     } = *till;
     let raw_table = enqueue::RawFsyncTable::open(&dir.join(format!("scratch-fsync-{label}.db")))?;
@@ -397,7 +400,9 @@ fn enqueue_series(
     for (payload, json) in &payloads {
         raw.push(raw_table.insert(json)?);
         local.push(enqueue::store_enqueue(&store, payload)?);
-        daemon.push(rt.block_on(enqueue::daemon_post_sale(client, status_url, payload))?);
+        daemon.push(rt.block_on(enqueue::daemon_post_sale(
+            client, status_url, token, payload,
+        ))?);
     }
     if raw_table.count()? < n as i64 {
         bail!("the raw table lost rows");

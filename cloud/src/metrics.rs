@@ -149,7 +149,10 @@ impl Metrics {
         for bucket in ["address", "terminal"] {
             rate_limited_total.with_label_values(&[bucket]);
         }
-        for code in possync_protocol::ErrorCode::ALL {
+        for code in possync_protocol::ErrorCode::ALL
+            .into_iter()
+            .filter(|c| !c.is_local_api())
+        {
             errors_total.with_label_values(&[code.as_str()]);
         }
         Metrics {

@@ -1,4 +1,5 @@
-//! The stable error codes of the sync API and the JSON envelope that carries them.
+//! The stable error codes of the sync API (the contract's nine, plus `POS_SYNC_POS_CLONED`) and
+//! of the till's loopback API (four, `POS_LOCAL_*`), and the JSON envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -32,11 +33,22 @@ pub enum ErrorCode {
     /// per-event status `conflict`, nothing stored. The till moves its unsent sales to a new
     /// `pos_id` and delivers them again; never an operator's job.
     PosSyncPosCloned,
+    /// Till loopback API: the request's `Host` is not one the daemon answers to (403) — the
+    /// mark of DNS rebinding, or of a name the operator did not allow with `--allowed-host`.
+    PosLocalHostNotAllowed,
+    /// Till loopback API: the request comes from a web page of another origin (403), even
+    /// when it carries a valid token.
+    PosLocalOriginNotAllowed,
+    /// Till loopback API: a state-changing request without a valid local token (401), or with
+    /// the operator page's token on a route that token does not open (403).
+    PosLocalUnauthorized,
+    /// Till loopback API: a `POST` body that is not declared `application/json` (415).
+    PosLocalUnsupportedMediaType,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -47,7 +59,24 @@ impl ErrorCode {
         ErrorCode::PosSyncEventDuplicate,
         ErrorCode::PosSyncStorageFailed,
         ErrorCode::PosSyncPosCloned,
+        ErrorCode::PosLocalHostNotAllowed,
+        ErrorCode::PosLocalOriginNotAllowed,
+        ErrorCode::PosLocalUnauthorized,
+        ErrorCode::PosLocalUnsupportedMediaType,
     ];
+
+    /// The codes only the till's loopback API answers (never the cloud).
+    pub const LOCAL_API: [ErrorCode; 4] = [
+        ErrorCode::PosLocalHostNotAllowed,
+        ErrorCode::PosLocalOriginNotAllowed,
+        ErrorCode::PosLocalUnauthorized,
+        ErrorCode::PosLocalUnsupportedMediaType,
+    ];
+
+    /// Whether only the till's loopback API answers this code.
+    pub fn is_local_api(self) -> bool {
+        ErrorCode::LOCAL_API.contains(&self)
+    }
 
     /// The wire spelling, e.g. `POS_SYNC_RATE_LIMITED`.
     pub const fn as_str(self) -> &'static str {
@@ -61,6 +90,10 @@ impl ErrorCode {
             ErrorCode::PosSyncEventInvalid => "POS_SYNC_EVENT_INVALID",
             ErrorCode::PosSyncEventDuplicate => "POS_SYNC_EVENT_DUPLICATE",
             ErrorCode::PosSyncStorageFailed => "POS_SYNC_STORAGE_FAILED",
+            ErrorCode::PosLocalHostNotAllowed => "POS_LOCAL_HOST_NOT_ALLOWED",
+            ErrorCode::PosLocalOriginNotAllowed => "POS_LOCAL_ORIGIN_NOT_ALLOWED",
+            ErrorCode::PosLocalUnauthorized => "POS_LOCAL_UNAUTHORIZED",
+            ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
         }
     }
@@ -84,6 +117,10 @@ impl ErrorCode {
             | ErrorCode::PosCatalogManifestTooLarge
             | ErrorCode::PosSyncEventInvalid
             | ErrorCode::PosSyncEventDuplicate
+            | ErrorCode::PosLocalHostNotAllowed
+            | ErrorCode::PosLocalOriginNotAllowed
+            | ErrorCode::PosLocalUnauthorized
+            | ErrorCode::PosLocalUnsupportedMediaType
             | ErrorCode::PosSyncPosCloned => false,
         }
     }
@@ -164,6 +201,9 @@ mod tests {
         assert!(!ErrorCode::PosSyncEventInvalid.can_retry(422));
         // Resending under the same pos_id cannot succeed; the till forks instead.
         assert!(!ErrorCode::PosSyncPosCloned.can_retry(200));
+        assert!(!ErrorCode::PosLocalHostNotAllowed.can_retry(403));
+        assert!(!ErrorCode::PosLocalUnauthorized.can_retry(401));
+        assert!(!ErrorCode::PosLocalUnsupportedMediaType.can_retry(415));
     }
 
     #[test]

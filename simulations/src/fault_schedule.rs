@@ -144,7 +144,13 @@ pub struct ScheduleShape {
     pub faults: FaultMode,
     /// Backoff cap of the terminals, in ms: the outage is scheduled to outlast it.
     pub backoff_cap_ms: u64,
+    /// How long a terminal's whole attempt budget lasts, in ms: the outage lasts at least
+    /// [`OUTAGE_BUDGETS`] times as long, so a run proves that an outage never parks a sale.
+    pub attempt_budget_ms: u64,
 }
+
+/// An outage lasts at least this many attempt budgets.
+pub const OUTAGE_BUDGETS: u64 = 4;
 
 /// Every fault of one run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,7 +188,8 @@ impl FaultSchedule {
                 let cap = shape.backoff_cap_ms.max(100);
                 cloud.push(CloudFault::Outage {
                     at_sale: rng.random_range(total_sales / 4..total_sales * 3 / 4),
-                    duration_ms: cap * 2 + rng.random_range(0..cap),
+                    duration_ms: (cap * 2 + rng.random_range(0..cap))
+                        .max(shape.attempt_budget_ms.saturating_mul(OUTAGE_BUDGETS)),
                 });
             }
         }
@@ -289,6 +296,7 @@ mod tests {
             cloud_instances: 2,
             faults,
             backoff_cap_ms: 1000,
+            attempt_budget_ms: 750,
         }
     }
 
@@ -342,6 +350,10 @@ mod tests {
                 _ => None,
             })
             .unwrap_or(0);
+        assert!(
+            outage >= 750 * OUTAGE_BUDGETS,
+            "outage {outage}ms must outlast the attempt budget several times"
+        );
         assert!(
             outage > 1000,
             "outage {outage}ms must outlast the 1s backoff cap"

@@ -65,6 +65,10 @@ struct RunArgs {
     backoff_cap_ms: u64,
     #[arg(long, default_value_t = 500)]
     delta_interval_ms: u64,
+    /// The terminals' attempt budget (compressed, so the run's outage outlasts it several
+    /// times over: no sale may end in needs_attention anyway).
+    #[arg(long, default_value_t = 4)]
+    max_attempts: u32,
     /// Longest wait for every journal to settle after the faults stop.
     #[arg(long, default_value_t = 180)]
     quiescence_timeout_s: u64,
@@ -100,6 +104,7 @@ impl RunArgs {
                 backoff_base_ms: self.backoff_base_ms,
                 backoff_cap_ms: self.backoff_cap_ms,
                 delta_interval_ms: self.delta_interval_ms,
+                max_attempts: self.max_attempts.max(1),
             },
             quiescence_timeout: Duration::from_secs(self.quiescence_timeout_s),
             catalog_timeout: Duration::from_secs(self.catalog_timeout_s),

@@ -107,6 +107,11 @@ pub struct RunReport {
     pub needs_attention_released_by_operator: u64,
     /// Deliveries beyond the first, summed over the journals.
     pub retries: u64,
+    /// How long one terminal's whole attempt budget lasts (sum of its backoff ceilings), ms.
+    pub attempt_budget_ms: u64,
+    /// The longest cloud outage scheduled, ms: several attempt budgets, and still no sale may
+    /// need an operator.
+    pub longest_outage_ms: u64,
     /// Terminals whose catalog equals their branch's truth.
     pub catalog_converged_terminals: u64,
     /// Terminals whose catalog does not.
@@ -140,6 +145,8 @@ impl RunReport {
     /// the abusive scenario also: the abuser saw 429s.
     pub fn verdict(&self) -> bool {
         self.audit.clean()
+            && self.needs_attention == 0
+            && self.needs_attention_released_by_operator == 0
             && self.catalog_unconverged_terminals == 0
             && self.errors.is_empty()
             && self.abuse.as_ref().is_none_or(|a| a.status_429 > 0)
@@ -159,6 +166,16 @@ impl RunReport {
         line(&mut s, "duplicated", self.duplicated.to_string());
         line(&mut s, "cross_branch", self.cross_branch.to_string());
         line(&mut s, "needs_attention", self.needs_attention.to_string());
+        line(
+            &mut s,
+            "longest outage",
+            format!(
+                "{} ms ({:.1} × the {} ms attempt budget)",
+                self.longest_outage_ms,
+                self.longest_outage_ms as f64 / self.attempt_budget_ms.max(1) as f64,
+                self.attempt_budget_ms
+            ),
+        );
         line(
             &mut s,
             "needs_attention (operator)",
@@ -246,6 +263,7 @@ mod tests {
             cloud_instances: 1,
             faults: FaultMode::None,
             backoff_cap_ms: 1000,
+            attempt_budget_ms: 750,
         };
         RunReport {
             seed: 1,
@@ -262,6 +280,8 @@ mod tests {
             needs_attention: 0,
             needs_attention_released_by_operator: 0,
             retries: 0,
+            attempt_budget_ms: 750,
+            longest_outage_ms: 0,
             catalog_converged_terminals: 1,
             catalog_unconverged_terminals: 0,
             faults_injected: BTreeMap::new(),
@@ -289,6 +309,13 @@ mod tests {
         let mut r = report();
         r.audit.lost = 1;
         assert!(!r.verdict(), "a lost sale fails the run");
+
+        let mut r = report();
+        r.needs_attention_released_by_operator = 2;
+        assert!(
+            !r.verdict(),
+            "a sale that needed an operator fails the run: no fault here is the sale's own"
+        );
 
         let mut r = report();
         r.catalog_unconverged_terminals = 1;

@@ -77,6 +77,7 @@ impl Default for RunConfig {
                 backoff_base_ms: 50,
                 backoff_cap_ms: 1000,
                 delta_interval_ms: 500,
+                max_attempts: 4,
             },
             quiescence_timeout: Duration::from_secs(180),
             catalog_timeout: Duration::from_secs(60),
@@ -97,6 +98,7 @@ impl RunConfig {
             cloud_instances: self.cloud_instances.max(1),
             faults: self.faults,
             backoff_cap_ms: self.tuning.backoff_cap_ms,
+            attempt_budget_ms: self.tuning.attempt_budget_ms(),
         }
     }
 }
@@ -480,6 +482,16 @@ async fn run_on(
         needs_attention: findings.needs_attention,
         needs_attention_released_by_operator: operator_released,
         retries: per_terminal.iter().map(|t| t.retries).sum(),
+        attempt_budget_ms: cfg.tuning.attempt_budget_ms(),
+        longest_outage_ms: schedule
+            .cloud
+            .iter()
+            .filter_map(|c| match c {
+                CloudFault::Outage { duration_ms, .. } => Some(*duration_ms),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0),
         catalog_converged_terminals: converged,
         catalog_unconverged_terminals: comparisons.len() as u64 - converged,
         faults_injected: injected,

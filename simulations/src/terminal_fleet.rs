@@ -24,9 +24,24 @@ pub struct DaemonTuning {
     pub backoff_cap_ms: u64,
     /// Pause between catalog delta polls (`POSSYNC_DELTA_INTERVAL_MS`).
     pub delta_interval_ms: u64,
+    /// Failures blamed on a sale before it needs an operator (`POSSYNC_MAX_ATTEMPTS`). Kept
+    /// small so the run's outage outlasts the whole budget several times over.
+    pub max_attempts: u32,
 }
 
 impl DaemonTuning {
+    /// The longest time `max_attempts` failed deliveries can take: the sum of the backoff
+    /// ceilings. An outage longer than this used to park sales for an operator.
+    pub fn attempt_budget_ms(&self) -> u64 {
+        (1..=self.max_attempts.min(64))
+            .map(|i| {
+                self.backoff_base_ms
+                    .saturating_mul(1u64 << (i - 1).min(62))
+                    .min(self.backoff_cap_ms)
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+
     /// The environment variables the daemon reads for these knobs.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
@@ -42,6 +57,7 @@ impl DaemonTuning {
                 "POSSYNC_DELTA_INTERVAL_MS".into(),
                 self.delta_interval_ms.to_string(),
             ),
+            ("POSSYNC_MAX_ATTEMPTS".into(), self.max_attempts.to_string()),
             ("RUST_LOG".into(), "info".into()),
         ]
     }
@@ -99,6 +115,8 @@ pub struct TerminalNode {
     log: PathBuf,
     env: Vec<(String, String)>,
     client: reqwest::Client,
+    /// The daemon's local API token (`terminal local-token`), for its `POST` routes.
+    local_token: String,
     /// kill -9 + restart cycles so far.
     pub kills: u32,
 }
@@ -130,6 +148,15 @@ impl TerminalNode {
             data_dir.to_string_lossy().into_owned(),
         ];
         run_command(bin, &args, &env).await?;
+        let token_args: Vec<String> = vec![
+            "local-token".into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        let local_token = run_command(bin, &token_args, &env)
+            .await?
+            .trim()
+            .to_string();
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))
@@ -145,6 +172,7 @@ impl TerminalNode {
             bin: bin.to_path_buf(),
             env,
             client,
+            local_token,
             kills: 0,
         };
         node.start().await?;
@@ -196,6 +224,16 @@ impl TerminalNode {
             data_dir.to_string_lossy().into_owned(),
         ];
         run_command(&source.bin, &args, &source.env).await?;
+        // The local API token lives beside the database, not in it: the new till has its own.
+        let token_args: Vec<String> = vec![
+            "local-token".into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        let local_token = run_command(&source.bin, &token_args, &source.env)
+            .await?
+            .trim()
+            .to_string();
         let mut node = TerminalNode {
             index,
             enrollment: source.enrollment.clone(),
@@ -206,6 +244,7 @@ impl TerminalNode {
             bin: source.bin.clone(),
             env: source.env.clone(),
             client: source.client.clone(),
+            local_token,
             kills: 0,
         };
         node.start().await?;
@@ -266,6 +305,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(body)
             .send()
             .await
@@ -298,6 +338,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(&serde_json::json!({ "mode": mode }))
             .send()
             .await
@@ -317,6 +358,7 @@ impl TerminalNode {
         let r = self
             .client
             .post(&url)
+            .bearer_auth(&self.local_token)
             .json(&serde_json::json!({ "all": true }))
             .send()
             .await
@@ -443,6 +485,25 @@ pub fn read_catalog(db: &Path) -> Result<Vec<CatalogRow>, SimError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attempt_budget_sums_the_capped_ceilings() {
+        let t = DaemonTuning {
+            backoff_base_ms: 50,
+            backoff_cap_ms: 1000,
+            delta_interval_ms: 500,
+            max_attempts: 4,
+        };
+        assert_eq!(t.attempt_budget_ms(), 50 + 100 + 200 + 400);
+        let long = DaemonTuning {
+            max_attempts: 12,
+            ..t
+        };
+        assert_eq!(
+            long.attempt_budget_ms(),
+            50 + 100 + 200 + 400 + 800 + 7 * 1000
+        );
+    }
 
     #[test]
     fn reads_journal_and_catalog_from_the_terminal_schema() {

@@ -16,6 +16,8 @@ fn pinned_shape() -> ScheduleShape {
         cloud_instances: 2,
         faults: FaultMode::All,
         backoff_cap_ms: 1000,
+        // the binary's defaults: base 50 ms, cap 1 s, 4 attempts
+        attempt_budget_ms: 750,
     }
 }
 
@@ -81,9 +83,10 @@ fn pinned_seed_4242_keeps_its_recorded_schedule() {
     assert_eq!(
         s.cloud,
         vec![
+            // 2 264 ms before outages were stretched to four attempt budgets (2026-11-29)
             CloudFault::Outage {
                 at_sale: 20,
-                duration_ms: 2264
+                duration_ms: 3000
             },
             CloudFault::Restart {
                 at_sale: 36,

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::cloud_client::{CloudTarget, HttpCloud};
 use crate::daemon::{self, DaemonOptions, Tuning};
+use crate::data_dir::{self, LocalTokenError};
 use crate::operator::{JournalState, RetrySelection, Till, TillError};
 use crate::status::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
 use crate::store::{Enrollment, SqliteStore, TerminalStoreError};
@@ -48,6 +49,9 @@ pub enum CommandError {
     #[error(transparent)]
     /// A till operation failed.
     Till(#[from] TillError),
+    #[error(transparent)]
+    /// The local API token could not be read or created.
+    LocalToken(#[from] LocalTokenError),
     #[error("terminal is not enrolled (run `terminal enroll` first)")]
     /// No enrollment in the database yet.
     NotEnrolled,
@@ -90,7 +94,7 @@ impl CommandError {
             CommandError::NotEnrolled | CommandError::WrongIdentity(_) => {
                 ErrorCode::PosSyncUnauthorized.as_str().to_string()
             }
-            CommandError::Io { .. } => "IO_FAILED".to_string(),
+            CommandError::Io { .. } | CommandError::LocalToken(_) => "IO_FAILED".to_string(),
             CommandError::AlreadyRunning(_) => "DAEMON_ALREADY_RUNNING".to_string(),
             CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.as_str().to_string(),
             CommandError::Daemon { code, .. } => {
@@ -142,6 +146,9 @@ pub enum Command {
     Outbox(OutboxCommand),
     /// Runs pending schema migrations, or converts a legacy (Google Drive era) database.
     Migrate(MigrateArgs),
+    /// Prints the local API token POS software sends as `Authorization: Bearer` (generated
+    /// into `<data-dir>/local-api.token` on first use).
+    LocalToken,
     /// The enrollment's token: `token set TOKEN` after `cloud terminal rotate`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -183,6 +190,10 @@ pub struct RunArgs {
     /// Loopback address of the status endpoint (port 0 picks a free one).
     #[arg(long, default_value = DEFAULT_STATUS_BIND)]
     pub status_bind: String,
+    /// Another `Host` name the status endpoint answers to (besides localhost, 127.0.0.1 and
+    /// [::1] with its port), e.g. `till-7.shop.lan` or `pos.local:8080`; repeatable.
+    #[arg(long = "allowed-host", value_name = "HOST[:PORT]")]
+    pub allowed_hosts: Vec<String>,
     /// Pause between catalog delta polls, in milliseconds.
     #[arg(long, env = "POSSYNC_DELTA_INTERVAL_MS")]
     pub delta_interval_ms: Option<u64>,
@@ -198,8 +209,9 @@ pub struct RunArgs {
     /// Longest retry delay, in milliseconds.
     #[arg(long, env = "POSSYNC_BACKOFF_CAP_MS")]
     pub backoff_cap_ms: Option<u64>,
-    /// Deliveries before a sale needs an operator.
-    #[arg(long)]
+    /// Failures blamed on one sale (it failed alone while the cloud stored others) before it
+    /// needs an operator. Failures without an answer from the cloud never count.
+    #[arg(long, env = "POSSYNC_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
     /// Pause between carry-over passes (fork after a clone or restore, re-key after a
     /// re-enrollment), in milliseconds.
@@ -293,7 +305,7 @@ fn db_path(data_dir: &Path) -> PathBuf {
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), CommandError> {
-    std::fs::create_dir_all(dir).map_err(|source| CommandError::Io {
+    data_dir::create(dir).map_err(|source| CommandError::Io {
         what: format!("creating data dir {}", dir.display()),
         source,
     })
@@ -319,6 +331,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
 /// Runs one parsed command.
 pub async fn execute(cli: Cli) -> Result<(), CommandError> {
     let data_dir = cli.data_dir;
+    data_dir::tighten_existing(&data_dir);
     match cli.command {
         Command::Enroll(args) => enroll(&data_dir, args).await,
         Command::Run(args) => {
@@ -329,6 +342,7 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
             daemon::run(DaemonOptions {
                 data_dir,
                 status_bind: args.status_bind.clone(),
+                allowed_hosts: args.allowed_hosts.clone(),
                 tuning: args.tuning(),
             })
             .await
@@ -369,6 +383,13 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
             print_json(&serde_json::json!({ "released": released }))
         }
         Command::Migrate(args) => migrate(&data_dir, args).await,
+        Command::LocalToken => {
+            let token = tokio::task::spawn_blocking(move || data_dir::local_token(&data_dir))
+                .await
+                .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            println!("{token}");
+            Ok(())
+        }
         Command::Token(TokenCommand::Set { token }) => token_set(&data_dir, token).await,
     }
 }
@@ -549,8 +570,10 @@ async fn reconcile(data_dir: &Path, action: ReconcileAction) -> Result<(), Comma
     if let Some((_, url)) = live_daemon(data_dir).await {
         // Reconcile of a big catalog can take a while: no request timeout here.
         let client = reqwest::Client::new();
+        let token = data_dir::local_token(data_dir)?;
         let resp = client
             .post(format!("{url}/reconcile"))
+            .bearer_auth(token)
             .json(&serde_json::json!({ "mode": mode }))
             .send()
             .await
@@ -694,6 +717,27 @@ mod tests {
         assert!(matches!(
             c.command,
             Command::Outbox(OutboxCommand::List { .. })
+        ));
+        let c = Cli::try_parse_from([
+            "terminal",
+            "run",
+            "--allowed-host",
+            "till-7.shop.lan",
+            "--allowed-host",
+            "pos.local:8080",
+        ])
+        .expect("parse");
+        match c.command {
+            Command::Run(args) => {
+                assert_eq!(args.allowed_hosts, ["till-7.shop.lan", "pos.local:8080"])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Cli::try_parse_from(["terminal", "local-token"])
+                .expect("parse")
+                .command,
+            Command::LocalToken
         ));
         let c =
             Cli::try_parse_from(["terminal", "migrate", "--legacy-db", "old.db"]).expect("parse");

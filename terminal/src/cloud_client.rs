@@ -457,6 +457,28 @@ impl CloudApi for HttpCloud {
         )
         .await
     }
+
+    async fn probe(&self) -> Result<(), CloudError> {
+        // `/readyz` needs no token and answers 200 only when the cloud's database does; the
+        // body is not read beyond the status (any 2xx means back).
+        let url = format!("{}/readyz", self.base_url());
+        let resp = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| CloudError::Unreachable(describe(&e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| CloudError::Unreachable(format!("reading response: {}", describe(&e))))?;
+        Err(rejection(status, &headers, &body))
+    }
 }
 
 #[cfg(test)]

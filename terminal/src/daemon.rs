@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::carry_over;
 use crate::cli::CommandError;
 use crate::cloud_client::{CloudTarget, HttpCloud};
-use crate::status::StatusServer;
+use crate::status::{LocalApiConfig, StatusServer};
 use crate::store::{Enrollment, SqliteStore};
 use crate::wiring::{EngineControl, StoreTill};
 
@@ -86,6 +86,8 @@ pub struct DaemonOptions {
     pub data_dir: PathBuf,
     /// Loopback address of the status endpoint.
     pub status_bind: String,
+    /// Further `Host` names the status endpoint answers to (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
     /// Engine tunables.
     pub tuning: Tuning,
 }
@@ -191,10 +193,11 @@ async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duratio
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| CommandError::Io {
+    crate::data_dir::create(&opts.data_dir).map_err(|e| CommandError::Io {
         what: format!("creating data dir {}", opts.data_dir.display()),
         source: e,
     })?;
+    let local_token = crate::data_dir::local_token(&opts.data_dir)?;
     let db = opts.data_dir.join(crate::cli::DB_FILE);
     let (store, opened) = SqliteStore::open_with_report(&db)?;
     let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
@@ -222,6 +225,10 @@ pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
         let control = Arc::new(EngineControl::new(engine));
         let server = match StatusServer::start(
             &opts.status_bind,
+            LocalApiConfig {
+                local_token,
+                allowed_hosts: opts.allowed_hosts.clone(),
+            },
             Arc::new(StoreTill::new(store.clone())),
             control.clone(),
             registry,

@@ -3,6 +3,7 @@
 //! The POS daemon: local SQLite store, the sync engine's production ports, the loopback
 //! status endpoint and the `terminal` command line.
 //!
+//! - [`data_dir`]: the data directory's permissions and the local API token.
 //! - [`store`]: the rusqlite store (sync tables, outbox, legacy migration).
 //! - [`cloud_client`]: the HTTP implementation of the engine's `CloudApi`.
 //! - [`carry_over`]: moving unsent sales to a new key space (re-enrollment, clone, restore).
@@ -17,6 +18,7 @@ pub mod carry_over;
 pub mod cli;
 pub mod cloud_client;
 pub mod daemon;
+pub mod data_dir;
 pub mod logging;
 pub mod operator;
 pub mod status;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything is created: the database, its WAL, backups and the token are private.
+    possync_terminal::data_dir::restrict_new_files();
     let cli = Cli::parse();
     possync_terminal::logging::init();
     match execute(cli).await {

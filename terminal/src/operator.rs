@@ -197,6 +197,8 @@ pub struct EngineView {
     pub online: bool,
     /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Since when the cloud has not answered; `None` while online.
+    pub offline_since: Option<DateTime<Utc>>,
     /// Each supervised actor.
     pub actors: Vec<ActorView>,
     /// The engine's own status document, passed through for tools that want more.

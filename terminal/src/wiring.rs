@@ -191,6 +191,7 @@ impl SyncControl for EngineControl {
         EngineView {
             online: status.online,
             last_contact_at: status.last_contact_at,
+            offline_since: status.offline_since,
             actors: status
                 .actors
                 .iter()

@@ -3,10 +3,10 @@
 mod status_page_support;
 
 use possync_terminal::operator::ReconcileChoice;
-use possync_terminal::status::{StatusBindError, StatusServer};
+use possync_terminal::status::{LocalApiConfig, StatusBindError, StatusServer};
 use serde_json::{json, Value};
 use status_page_support::{
-    start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill, POS_ID,
+    start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill, LOCAL_TOKEN, POS_ID,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,6 +22,8 @@ async fn status_reports_catalog_queue_actors_and_attention() {
         .expect("json");
     assert_eq!(s["daemon_running"], true);
     assert_eq!(s["online"], false);
+    assert!(s["offline_since"].is_string(), "the outage is shown: {s}");
+    assert!(s["offline_seconds"].as_i64().expect("outage length") >= 5_399);
     assert_eq!(s["pos_id"], POS_ID);
     assert_eq!(s["branch_id"], "b1");
     assert_eq!(s["catalog"]["version"], 42);
@@ -56,6 +58,7 @@ async fn sales_are_enqueued_then_the_outbox_is_nudged_and_invalid_ones_get_422()
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{}/sales", server.url()))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"type": "sale", "payload": valid_payload("R-100")}))
         .send()
         .await
@@ -70,6 +73,7 @@ async fn sales_are_enqueued_then_the_outbox_is_nudged_and_invalid_ones_get_422()
     bad["lines"][0]["total_minor"] = json!(499);
     let res = http
         .post(format!("{}/sales", server.url()))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"type": "sale", "payload": bad}))
         .send()
         .await
@@ -81,6 +85,8 @@ async fn sales_are_enqueued_then_the_outbox_is_nudged_and_invalid_ones_get_422()
 
     let res = http
         .post(format!("{}/sales", server.url()))
+        .bearer_auth(LOCAL_TOKEN)
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
@@ -154,6 +160,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
 
     let res = http
         .post(format!("{url}/outbox/retry"))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"journal_id": 99}))
         .send()
         .await
@@ -161,6 +168,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
     assert_eq!(res.status(), 404);
     let released: Value = http
         .post(format!("{url}/outbox/retry"))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"all": true}))
         .send()
         .await
@@ -181,6 +189,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
 
     let report: Value = http
         .post(format!("{url}/reconcile"))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"mode": "verify"}))
         .send()
         .await
@@ -192,6 +201,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
     assert_eq!(report["upserts"], 1);
     let res = http
         .post(format!("{url}/reconcile"))
+        .bearer_auth(LOCAL_TOKEN)
         .json(&json!({"mode": "destroy"}))
         .send()
         .await
@@ -227,6 +237,10 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
 async fn refuses_to_bind_a_non_loopback_address() {
     let err = StatusServer::start(
         "0.0.0.0:0",
+        LocalApiConfig {
+            local_token: LOCAL_TOKEN.into(),
+            allowed_hosts: vec![],
+        },
         Arc::new(FakeTill::new()),
         Arc::new(FakeEngine::default()),
         prometheus::Registry::new(),

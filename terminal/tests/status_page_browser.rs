@@ -1,14 +1,16 @@
 //! The status page in real headless Chromium, driven over WebDriver (chromedriver, plain HTTP):
 //! the page renders the live `/status`, Verify posts a reconcile and shows its result, and a
-//! needs-attention row's Retry button releases it.
+//! needs-attention row's Retry button releases it; and a page of another origin that tries to
+//! drive the endpoint (no-cors fetches, a cross-origin read, a text/plain form POST) changes
+//! nothing.
 //!
 //! Needs Debian's `chromium` and `chromium-driver`. If they are missing the test FAILS — a
 //! page nobody has clicked is not tested.
 
 mod status_page_support;
 
-use status_page_support::start_fake_server;
 use status_page_support::webdriver::{start_driver, Session};
+use status_page_support::{metric_value, serve_page_elsewhere, start_fake_server, valid_payload};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
@@ -21,6 +23,11 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
     let version = session.wait_text("#catalog-version", |t| t == "42").await;
     assert_eq!(version, "42");
     assert_eq!(session.text("#online").await, "offline");
+    let outage = session.text("#outage").await;
+    assert!(
+        outage.contains("cloud unreachable since") && outage.contains("1 h ago"),
+        "outage line: {outage:?}"
+    );
     assert_eq!(session.text("#queued").await, "1");
     let oldest = session.text("#oldest-pending").await;
     assert!(
@@ -75,6 +82,102 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
     assert!(still.is_empty(), "{still:?}");
     let queued = session.wait_text("#queued", |t| t == "2").await;
     assert_eq!(queued, "2");
+
+    session.close().await;
+    drop(driver);
+    server.stop().await;
+}
+
+/// The attacker's page: every cross-origin way a page can send a POST without a preflight, one
+/// cross-origin read, then a form POST whose `text/plain` body is valid sale JSON. It writes
+/// what happened into `#log`.
+fn attacker_page(daemon: &str) -> String {
+    let sale =
+        serde_json::json!({"type": "sale", "payload": valid_payload("FORGED-1")}).to_string();
+    // A text/plain form sends `name=value`; splitting the JSON at a string value makes the
+    // body exactly `{"type":…,"pad":"=\"}` — valid JSON, the classic trick.
+    let form_name = format!("{},\"pad\":\"", &sale[..sale.len() - 1]);
+    // The attack is real: what the form sends is a sale body the endpoint would accept.
+    let form_body = format!("{form_name}=\"}}");
+    assert!(
+        possync_terminal::status::SaleRequest::parse(form_body.as_bytes()).is_ok(),
+        "{form_body}"
+    );
+    let html_attr = |s: &str| s.replace('&', "&amp;").replace('\'', "&#39;");
+    format!(
+        r#"<!doctype html><html><head><title>cheap flights</title></head><body>
+<div id="log"></div>
+<iframe name="sink" id="sink"></iframe>
+<form id="f" method="POST" action="{daemon}/sales" enctype="text/plain" target="sink">
+<input type="hidden" name='{name}' value='"}}'>
+</form>
+<script>
+const D = "{daemon}";
+const log = (t) => {{ document.getElementById("log").textContent += t + ";"; }};
+async function attack() {{
+  const tries = [["/sales", {sale_js}], ["/outbox/retry", '{{"all":true}}'], ["/reconcile", '{{"mode":"apply"}}']];
+  for (const [path, body] of tries) {{
+    try {{
+      await fetch(D + path, {{ method: "POST", mode: "no-cors", headers: {{ "content-type": "text/plain" }}, body }});
+      log("sent " + path);
+    }} catch (e) {{ log("failed " + path); }}
+  }}
+  try {{ const r = await fetch(D + "/status"); log("read status " + r.status); }}
+  catch (e) {{ log("status read blocked"); }}
+  document.getElementById("sink").onload = () => log("form answered");
+  document.getElementById("f").submit();
+}}
+attack();
+</script></body></html>"#,
+        name = html_attr(&form_name),
+        sale_js = serde_json::to_string(&sale).expect("js string"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_origin_cannot_sell_retry_reconcile_or_read() {
+    let (server, till, engine, _) = start_fake_server();
+    let rows_before = till.rows.lock().expect("rows").clone();
+    let attacker = serve_page_elsewhere(attacker_page(&server.url())).await;
+    assert_ne!(attacker, server.url());
+
+    let driver = start_driver().await;
+    let session = Session::new(&driver).await;
+    session.goto(&format!("{attacker}/")).await;
+    let log = session
+        .wait_text("#log", |t| t.contains("form answered"))
+        .await;
+    assert!(log.contains("sent /sales"), "{log}");
+    assert!(log.contains("sent /outbox/retry"), "{log}");
+    assert!(log.contains("sent /reconcile"), "{log}");
+    assert!(log.contains("status read blocked"), "{log}");
+    assert!(log.contains("form answered"), "{log}");
+
+    // Every attempt reached the endpoint and was refused for its origin: 3 no-cors POSTs,
+    // the read, the form.
+    let http = reqwest::Client::new();
+    let mut refused = 0.0;
+    for _ in 0..100 {
+        let m = http
+            .get(format!("{}/metrics", server.url()))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        refused = metric_value(&m, "terminal_local_api_refused_total{reason=\"origin\"}");
+        if refused >= 5.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused, 5.0);
+
+    // Nothing was enqueued, released or reconciled.
+    assert_eq!(*till.rows.lock().expect("rows"), rows_before);
+    assert!(engine.reconciles.lock().expect("reconciles").is_empty());
+    assert_eq!(engine.flushes.load(std::sync::atomic::Ordering::SeqCst), 0);
 
     session.close().await;
     drop(driver);

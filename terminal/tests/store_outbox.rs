@@ -5,7 +5,7 @@ mod fixtures;
 
 use chrono::{Duration, Utc};
 use fixtures::*;
-use possync_actors::{DeliveryOutcome, LocalStore};
+use possync_actors::{DeliveryOutcome, FailureHistory, LocalStore, TransientFailure};
 use possync_protocol::{validate_event, ErrorCode, EventType};
 use possync_terminal::store::{JournalStatus, RetryTarget, TerminalStoreError};
 
@@ -232,6 +232,8 @@ fn claim_record_release_and_retry_follow_the_state_machine() {
             },
             DeliveryOutcome::RetryLater {
                 journal_id: ids[2],
+                failure: TransientFailure::NoAnswer,
+                failed_at: t0,
                 not_before: later,
                 code: "NETWORK".into(),
                 message: "connection refused".into(),
@@ -376,6 +378,8 @@ fn the_outbox_never_writes_sales_or_local_inventory() {
             },
             DeliveryOutcome::RetryLater {
                 journal_id: ids[1],
+                failure: TransientFailure::CloudAnswered { blamed: false },
+                failed_at: Utc::now(),
                 not_before: Utc::now(),
                 code: "HTTP_503".into(),
                 message: "x".into(),
@@ -438,4 +442,150 @@ fn two_handles_on_one_file_enqueue_concurrently_without_duplicates_or_gaps() {
     assert_eq!(ids, (1..=100).collect::<Vec<i64>>());
     assert_eq!(count(&path, "sales"), 100);
     assert_eq!(count(&path, "sync_journal"), 100);
+}
+
+#[test]
+fn failure_history_round_trips_and_an_operator_retry_clears_it() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    store
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-1", 1, 100))
+        .expect("enqueue");
+    let t0 = Utc::now();
+    let claimed = store.claim_batch(10, t0).expect("claim");
+    assert_eq!(claimed[0].history, FailureHistory::default());
+    let failed_at = t0 + Duration::seconds(1);
+    store
+        .record_outcomes(&[DeliveryOutcome::RetryLater {
+            journal_id: claimed[0].journal_id,
+            failure: TransientFailure::CloudAnswered { blamed: true },
+            failed_at,
+            not_before: t0,
+            code: "POS_SYNC_STORAGE_FAILED".into(),
+            message: "m".into(),
+        }])
+        .expect("record");
+    let again = store.claim_batch(10, t0).expect("claim");
+    let expected = FailureHistory::default()
+        .after(TransientFailure::CloudAnswered { blamed: true }, failed_at);
+    assert_eq!(again[0].history.answered_failures, 1);
+    assert_eq!(again[0].history.sale_failures, 1);
+    assert_eq!(
+        again[0]
+            .history
+            .last_failed_at
+            .map(|t| t.timestamp_millis()),
+        expected.last_failed_at.map(|t| t.timestamp_millis())
+    );
+    store
+        .record_outcomes(&[DeliveryOutcome::RetryLater {
+            journal_id: again[0].journal_id,
+            failure: TransientFailure::NoAnswer,
+            failed_at,
+            not_before: t0,
+            code: "NETWORK".into(),
+            message: "m".into(),
+        }])
+        .expect("record");
+    let third = store.claim_batch(10, t0).expect("claim");
+    assert_eq!(third[0].attempts, 2);
+    assert_eq!(
+        (
+            third[0].history.answered_failures,
+            third[0].history.sale_failures
+        ),
+        (1, 1),
+        "no answer moves neither counter"
+    );
+    store
+        .record_outcomes(&[DeliveryOutcome::NeedsAttention {
+            journal_id: third[0].journal_id,
+            code: "POS_SYNC_ATTEMPTS_EXHAUSTED".into(),
+            message: "m".into(),
+        }])
+        .expect("record");
+    store
+        .retry_journal(RetryTarget::AllNeedingAttention)
+        .expect("retry");
+    let fresh = store.claim_batch(10, t0).expect("claim");
+    assert_eq!(fresh[0].attempts, 0);
+    assert_eq!(fresh[0].history, FailureHistory::default());
+}
+
+/// Migration 0005 releases the sales an earlier version parked after unanswered attempts, and
+/// nothing else: a sale the cloud refused, or one parked for its own failure, stays put.
+#[test]
+fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
+    let (_dir, path) = temp_db();
+    {
+        let store = open(&path);
+        store.save_enrollment(&enrollment()).expect("enroll");
+        for i in 1..=6 {
+            store
+                .enqueue_sale(
+                    EventType::Sale,
+                    Utc::now(),
+                    &payload(&format!("R-{i}"), 1, 100),
+                )
+                .expect("enqueue");
+        }
+    }
+    // Make the file what version 4 left behind: no history columns, rows parked as it did.
+    let conn = raw(&path);
+    let parked = [
+        (1, "POS_SYNC_ATTEMPTS_EXHAUSTED", "gave up after 12 attempts; last error NETWORK: cloud unreachable: connection refused"),
+        (2, "POS_SYNC_ATTEMPTS_EXHAUSTED", "gave up after 12 attempts; last error HTTP_502: cloud answered 502: bad gateway"),
+        (3, "POS_SYNC_ATTEMPTS_EXHAUSTED", "gave up after 12 attempts; last error POS_SYNC_RATE_LIMITED: cloud answered 429: slow down"),
+        (4, "POS_SYNC_ATTEMPTS_EXHAUSTED", "gave up after 12 attempts; last error POS_SYNC_STORAGE_FAILED: cloud answered 503: storage failed"),
+        (5, "POS_SYNC_EVENT_INVALID", "rejected by the cloud"),
+        (6, "POS_SYNC_UNAUTHORIZED", "cloud answered 401: unauthorized"),
+    ];
+    for (id, code, message) in parked {
+        conn.execute(
+            "UPDATE sync_journal SET status = 'needs_attention', attempts = 12, last_error_code = ?2,
+                 last_error_message = ?3 WHERE local_event_id = ?1",
+            rusqlite::params![id, code, message],
+        )
+        .expect("park");
+    }
+    conn.execute_batch(
+        "ALTER TABLE sync_journal DROP COLUMN answered_failures;
+         ALTER TABLE sync_journal DROP COLUMN sale_failures;
+         ALTER TABLE sync_journal DROP COLUMN last_failed_at;
+         DELETE FROM schema_migrations WHERE version = 5;
+         PRAGMA user_version = 4;",
+    )
+    .expect("downgrade");
+    drop(conn);
+
+    let store = open(&path);
+    let status_of = |id: i64| -> String {
+        raw(&path)
+            .query_row(
+                "SELECT status FROM sync_journal WHERE local_event_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .expect("row")
+    };
+    for id in 1..=4 {
+        assert_eq!(status_of(id), "pending", "sale {id} released");
+    }
+    assert_eq!(status_of(5), "needs_attention");
+    assert_eq!(status_of(6), "needs_attention");
+    let c = store.outbox_counts().expect("counts");
+    assert_eq!(
+        (c.pending, c.needs_attention),
+        (4, 2),
+        "trigger-kept counts follow"
+    );
+    // history kept: attempts and the last error stay as they were
+    assert_eq!(
+        count(
+            &path,
+            "sync_journal WHERE attempts = 12 AND last_error_code = 'POS_SYNC_ATTEMPTS_EXHAUSTED'"
+        ),
+        4
+    );
 }

@@ -1,34 +1,34 @@
 //! The loopback status endpoint (docs/terminal-operations.md): JSON status, the operator's HTML page, offline
 //! catalog lookup, atomic sale enqueue, outbox listing and retry, reconcile, and metrics.
 //!
-//! It binds loopback addresses only: it can enqueue sales and repair the catalog, and it has
-//! no authentication of its own, so it must never be reachable from the shop's network.
+//! It binds loopback addresses only, and every request passes [`access`]: an allowed `Host`,
+//! no foreign `Origin`, and a local token plus a JSON body on every state-changing route
+//! (docs/security.md).
 
+pub mod access;
 mod page;
 pub mod report;
+pub mod requests;
 
 use actix_web::dev::{ServerHandle, Service as _};
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
-use chrono::{DateTime, Utc};
-use possync_protocol::{ErrorCode, ErrorEnvelope, EventType, SalePayload};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use chrono::Utc;
+use possync_protocol::{ErrorCode, ErrorEnvelope};
 use prometheus::{Encoder, Gauge, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use serde::Deserialize;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use thiserror::Error;
 use tracing::Instrument as _;
 
-use crate::operator::{
-    JournalState, LookupQuery, ReconcileChoice, RetrySelection, SyncControl, SyncControlError,
-    Till, TillError,
-};
+use crate::operator::{SyncControl, SyncControlError, Till, TillError};
+use access::{AccessPolicy, Gate};
 pub use report::{build_report, StatusReport};
+pub use requests::SaleRequest;
 
 /// Default bind address of the status endpoint.
 pub const DEFAULT_STATUS_BIND: &str = "127.0.0.1:7070";
-/// Most journal rows one `GET /outbox` returns.
-const OUTBOX_LIST_MAX: usize = 1000;
 /// Largest `POST /sales` body accepted (one sale of 500 lines fits comfortably).
 const SALE_BODY_LIMIT: usize = possync_protocol::MAX_BODY_BYTES;
 
@@ -41,6 +41,9 @@ pub enum StatusBindError {
     #[error("bad status bind address {0:?}")]
     /// The bind address did not parse or resolve.
     BadAddress(String),
+    #[error("--allowed-host {0:?} is not a host name or address with an optional :port")]
+    /// An `--allowed-host` value that is not a host.
+    BadAllowedHost(String),
     #[error("binding {addr}: {source}")]
     /// The socket could not be bound.
     Bind {
@@ -113,13 +116,6 @@ impl ResponseError for StatusError {
     }
 }
 
-fn bad_request(code: ErrorCode, message: impl Into<String>) -> StatusError {
-    StatusError::BadRequest {
-        code,
-        message: message.into(),
-    }
-}
-
 /// Gauges computed from the database at scrape time, beside the engine's own metrics.
 #[derive(Clone)]
 struct StoreGauges {
@@ -164,6 +160,17 @@ struct Shared {
     engine: Arc<dyn SyncControl>,
     registry: Registry,
     gauges: StoreGauges,
+    /// The operator page with this run's page token in it.
+    page: String,
+}
+
+/// Who may use the endpoint beyond its own loopback names (see [`access`]).
+#[derive(Debug, Clone)]
+pub struct LocalApiConfig {
+    /// The local token (`<data-dir>/local-api.token`) that opens every route.
+    pub local_token: String,
+    /// Further `Host` names to answer to (`--allowed-host`), each with an optional `:port`.
+    pub allowed_hosts: Vec<String>,
 }
 
 type State = web::Data<Shared>;
@@ -177,11 +184,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(StatusError::from)
 }
 
-async fn page() -> HttpResponse {
+async fn page(state: State) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header(("cache-control", "no-store"))
-        .body(page::STATUS_PAGE)
+        // The page carries a token and has buttons: no other site may frame it (clickjacking),
+        // and nothing it fetches leaves the till.
+        .insert_header((
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'none'; \
+             base-uri 'none'",
+        ))
+        .insert_header(("x-frame-options", "DENY"))
+        .insert_header(("x-content-type-options", "nosniff"))
+        .insert_header(("referrer-policy", "no-referrer"))
+        .body(state.page.clone())
 }
 
 async fn status(state: State) -> Result<HttpResponse, StatusError> {
@@ -193,45 +211,8 @@ async fn status(state: State) -> Result<HttpResponse, StatusError> {
         .json(report))
 }
 
-/// `POST /sales` body: the sale plus its type and (optional) time.
-#[derive(Debug, Deserialize)]
-pub struct SaleRequest {
-    /// `sale`, `refund` or `void`; a sale when absent.
-    #[serde(rename = "type", default = "default_event_type")]
-    pub event_type: EventType,
-    /// When the sale happened; now when absent.
-    #[serde(default)]
-    pub occurred_at: Option<DateTime<Utc>>,
-    /// The receipt.
-    pub payload: SalePayload,
-}
-
-fn default_event_type() -> EventType {
-    EventType::Sale
-}
-
-impl SaleRequest {
-    /// Parses either a `POST /sales` body or a bare SALE payload (as `terminal sale add` takes).
-    pub fn parse_lenient(bytes: &[u8]) -> Result<SaleRequest, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))?;
-        if value.get("payload").is_some() {
-            serde_json::from_value(value).map_err(|e| format!("sale request: {e}"))
-        } else {
-            let payload: SalePayload =
-                serde_json::from_value(value).map_err(|e| format!("sale payload: {e}"))?;
-            Ok(SaleRequest {
-                event_type: EventType::Sale,
-                occurred_at: None,
-                payload,
-            })
-        }
-    }
-}
-
 async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
-    let req: SaleRequest = serde_json::from_slice(&body)
-        .map_err(|e| StatusError::Till(TillError::Invalid(format!("sale request: {e}"))))?;
+    let req = SaleRequest::parse(&body)?;
     let till = state.till.clone();
     let occurred_at = req.occurred_at.unwrap_or_else(Utc::now);
     let receipt =
@@ -246,29 +227,8 @@ async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, Statu
     Ok(HttpResponse::Created().json(receipt))
 }
 
-#[derive(Debug, Deserialize)]
-struct LookupParams {
-    barcode: Option<String>,
-    sku: Option<String>,
-    q: Option<String>,
-}
-
-async fn lookup(
-    state: State,
-    params: web::Query<LookupParams>,
-) -> Result<HttpResponse, StatusError> {
-    let p = params.into_inner();
-    let query = match (p.barcode, p.sku, p.q) {
-        (Some(b), None, None) => LookupQuery::Barcode(b),
-        (None, Some(s), None) => LookupQuery::Sku(s),
-        (None, None, Some(q)) => LookupQuery::Text(q),
-        _ => {
-            return Err(bad_request(
-                ErrorCode::PosSyncEventInvalid,
-                "give exactly one of barcode=, sku= or q=",
-            ))
-        }
-    };
+async fn lookup(state: State, req: HttpRequest) -> Result<HttpResponse, StatusError> {
+    let query = requests::lookup_query(req.query_string())?;
     let till = state.till.clone();
     let entities = blocking(move || till.lookup(&query)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -277,59 +237,15 @@ async fn lookup(
     })))
 }
 
-#[derive(Debug, Deserialize)]
-struct OutboxParams {
-    status: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn outbox(
-    state: State,
-    params: web::Query<OutboxParams>,
-) -> Result<HttpResponse, StatusError> {
-    let p = params.into_inner();
-    let filter = match p.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(JournalState::parse(s).ok_or_else(|| {
-            bad_request(
-                ErrorCode::PosSyncEventInvalid,
-                format!(
-                    "unknown status {s:?} (pending, in_flight, failed, synced, needs_attention)"
-                ),
-            )
-        })?),
-    };
-    let limit = p.limit.unwrap_or(100).clamp(1, OUTBOX_LIST_MAX);
+async fn outbox(state: State, req: HttpRequest) -> Result<HttpResponse, StatusError> {
+    let (filter, limit) = requests::outbox_query(req.query_string())?;
     let till = state.till.clone();
     let rows = blocking(move || till.journal(filter, limit)).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"count": rows.len(), "rows": rows})))
 }
 
-/// `POST /outbox/retry` body: `{"journal_id": N}` or `{"all": true}`.
-#[derive(Debug, Deserialize)]
-struct RetryBody {
-    journal_id: Option<i64>,
-    #[serde(default)]
-    all: bool,
-}
-
 async fn outbox_retry(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
-    let req: RetryBody = serde_json::from_slice(&body).map_err(|e| {
-        bad_request(
-            ErrorCode::PosSyncEventInvalid,
-            format!("expected {{\"journal_id\": N}} or {{\"all\": true}}: {e}"),
-        )
-    })?;
-    let selection = match (req.journal_id, req.all) {
-        (Some(id), false) => RetrySelection::One(id),
-        (None, true) => RetrySelection::AllNeedingAttention,
-        _ => {
-            return Err(bad_request(
-                ErrorCode::PosSyncEventInvalid,
-                "give either journal_id or all=true",
-            ))
-        }
-    };
+    let selection = requests::retry_selection(&body)?;
     let till = state.till.clone();
     let released = blocking(move || till.retry(selection)).await?;
     tracing::info!(released, "operator retry");
@@ -340,19 +256,9 @@ async fn outbox_retry(state: State, body: web::Bytes) -> Result<HttpResponse, St
     Ok(HttpResponse::Ok().json(serde_json::json!({"released": released})))
 }
 
-#[derive(Debug, Deserialize)]
-struct ReconcileBody {
-    mode: ReconcileChoice,
-}
-
 async fn reconcile(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
-    let req: ReconcileBody = serde_json::from_slice(&body).map_err(|e| {
-        bad_request(
-            ErrorCode::PosCatalogReconcileFailed,
-            format!("expected {{\"mode\": \"verify\" | \"apply\"}}: {e}"),
-        )
-    })?;
-    let report = state.engine.reconcile(req.mode).await?;
+    let mode = requests::reconcile_choice(&body)?;
+    let report = state.engine.reconcile(mode).await?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -412,14 +318,22 @@ pub struct StatusServer {
 
 impl StatusServer {
     /// Binds `bind` (loopback only; port 0 picks a free port) and starts serving on the
-    /// current tokio runtime.
+    /// current tokio runtime, admitting requests by `access`.
     pub fn start(
         bind: &str,
+        access: LocalApiConfig,
         till: Arc<dyn Till>,
         engine: Arc<dyn SyncControl>,
         registry: Registry,
     ) -> Result<StatusServer, StatusBindError> {
         let addr = loopback_addr(bind)?;
+        if let Some(bad) = access
+            .allowed_hosts
+            .iter()
+            .find(|h| !access::valid_allowed_host(h))
+        {
+            return Err(StatusBindError::BadAllowedHost(bad.clone()));
+        }
         let gauges = StoreGauges::register(&registry)?;
         let listener = TcpListener::bind(addr).map_err(|source| StatusBindError::Bind {
             addr: addr.to_string(),
@@ -440,15 +354,22 @@ impl StatusServer {
             ),
             Err(_) => (String::new(), String::new()),
         };
+        let policy = AccessPolicy::new(local.port(), &access.allowed_hosts, &access.local_token);
+        let page_html = page::with_token(policy.page_token());
+        let gate = web::Data::new(Gate::register(policy, &registry)?);
         let shared = web::Data::new(Shared {
             till,
             engine,
             registry,
             gauges,
+            page: page_html,
         });
         let server = HttpServer::new(move || {
             let (terminal_id, branch_id) = (terminal_id.clone(), branch_id.clone());
             App::new()
+                // Registered first, so it runs inside the span below: refusals are logged
+                // with the terminal's ids.
+                .wrap(from_fn(access::guard))
                 .wrap_fn(move |req, srv| {
                     let span = tracing::info_span!(
                         "status_request",
@@ -460,6 +381,7 @@ impl StatusServer {
                     srv.call(req).instrument(span)
                 })
                 .app_data(shared.clone())
+                .app_data(gate.clone())
                 .app_data(web::PayloadConfig::new(SALE_BODY_LIMIT))
                 .route("/", web::get().to(page))
                 .route("/status", web::get().to(status))
@@ -529,26 +451,5 @@ mod tests {
             loopback_addr("not an address"),
             Err(StatusBindError::BadAddress(_))
         ));
-    }
-
-    #[test]
-    fn sale_request_accepts_a_body_or_a_bare_payload() {
-        let payload = serde_json::json!({
-            "receipt_no": "R1", "currency": "EUR",
-            "lines": [{"product_id": "p1", "qty": 1, "unit_price_minor": 100, "total_minor": 100}],
-            "totals": {"subtotal_minor": 100, "tax_minor": 0, "total_minor": 100},
-            "payments": [{"method": "cash", "amount_minor": 100}]
-        });
-        let bare = SaleRequest::parse_lenient(payload.to_string().as_bytes()).expect("bare");
-        assert_eq!(bare.event_type, EventType::Sale);
-        assert!(bare.occurred_at.is_none());
-        let body = serde_json::json!({"type": "refund", "occurred_at": "2026-01-02T03:04:05Z", "payload": payload});
-        let full = SaleRequest::parse_lenient(body.to_string().as_bytes()).expect("body");
-        assert_eq!(full.event_type, EventType::Refund);
-        assert_eq!(
-            full.occurred_at.map(|t| t.to_rfc3339()),
-            Some("2026-01-02T03:04:05+00:00".to_string())
-        );
-        assert!(SaleRequest::parse_lenient(b"{not json").is_err());
     }
 }

@@ -4,6 +4,18 @@
 //! Element ids are part of the page's contract with its browser test: `online`,
 //! `catalog-version`, `catalog-age`, `last-contact`, `snapshot`, `queue`, `oldest-pending`, `attention`,
 //! `verify-btn`, `reconcile-btn`, `retry-all-btn`, `action-result`.
+//!
+//! Its buttons post with this daemon run's page token (embedded in a `<meta>` tag by
+//! [`with_token`]), which opens the operator's actions only (see `access`).
+
+/// Placeholder of the page token in [`STATUS_PAGE`].
+const TOKEN_SLOT: &str = "{{PAGE_TOKEN}}";
+
+/// The page as served: [`STATUS_PAGE`] with `token` in its slot. The token is generated
+/// (`pgt_` + hex), so it needs no HTML escaping.
+pub fn with_token(token: &str) -> String {
+    STATUS_PAGE.replacen(TOKEN_SLOT, token, 1)
+}
 
 /// The page, served at `GET /`.
 pub const STATUS_PAGE: &str = r##"<!doctype html>
@@ -12,6 +24,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>possync terminal</title>
+<meta name="possync-page-token" content="{{PAGE_TOKEN}}">
 <style>
   :root { --ok:#1a7f37; --bad:#b42318; --warn:#b54708; --muted:#667085; --line:#e4e7ec; }
   * { box-sizing: border-box; }
@@ -39,6 +52,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   progress { width: 100%; }
   #action-result { white-space: pre-wrap; font-size: 14px; min-height: 1.4em; }
   #action-result.error { color: var(--bad); }
+  #outage { color: var(--bad); font-weight: 600; }
   .wide { grid-column: 1 / -1; }
 </style>
 </head>
@@ -59,6 +73,7 @@ pub const STATUS_PAGE: &str = r##"<!doctype html>
   </section>
   <section>
     <h2>Sales queue</h2>
+    <div id="outage" hidden></div>
     <div class="big"><span id="queued">0</span> waiting</div>
     <div id="queue" class="muted"></div>
     <div id="oldest-pending"></div>
@@ -98,8 +113,11 @@ function ago(seconds) {
 function age(seconds) { return ago(seconds).replace(" ago", ""); }
 function cell(row, value) { const td = document.createElement("td"); text(td, value); row.appendChild(td); return td; }
 
+const PAGE_TOKEN = document.querySelector('meta[name="possync-page-token"]').content;
 async function post(path, body) {
-  const res = await fetch(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  const res = await fetch(path, { method: "POST",
+    headers: { "content-type": "application/json", "authorization": "Bearer " + PAGE_TOKEN },
+    body: JSON.stringify(body) });
   let data = null;
   try { data = await res.json(); } catch (_) { data = null; }
   if (!res.ok) {
@@ -114,6 +132,12 @@ function render(s) {
   if (s.online === true) { online.className = "pill ok"; text(online, "online"); }
   else if (s.online === false) { online.className = "pill bad"; text(online, "offline"); }
   else { online.className = "pill unknown"; text(online, "unknown"); }
+  const outage = $("outage");
+  if (s.offline_since) {
+    outage.hidden = false;
+    text(outage, "cloud unreachable since " + new Date(s.offline_since).toLocaleString() +
+      " (" + ago(s.offline_seconds) + "): sales are recorded and will be sent by themselves when it is back");
+  } else { outage.hidden = true; text(outage, ""); }
   const change = (s.identity_changes || []).slice(-1)[0];
   text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id +
     (change ? " · identity " + change.reason + " " + change.at.slice(0, 19) + "Z (re-keyed " + change.rekeyed +

@@ -34,6 +34,11 @@ pub struct StatusReport {
     pub online: Option<bool>,
     /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Since when the cloud has not answered (an outage in progress); `None` while online or
+    /// when no daemon runs. Sales keep being recorded and wait in the outbox meanwhile.
+    pub offline_since: Option<DateTime<Utc>>,
+    /// Seconds the current outage has lasted.
+    pub offline_seconds: Option<i64>,
     /// Each supervised actor's state, restarts and last error.
     pub actors: Vec<ActorView>,
     /// The local catalog copy.
@@ -148,6 +153,10 @@ pub fn build_report(
         identity_changes: till.identity_changes()?,
         online: engine.map(|e| e.online),
         last_contact_at: engine.and_then(|e| e.last_contact_at),
+        offline_since: engine.and_then(|e| e.offline_since),
+        offline_seconds: engine
+            .and_then(|e| e.offline_since)
+            .map(|t| (now - t).num_seconds().max(0)),
         actors: engine.map(|e| e.actors.clone()).unwrap_or_default(),
         catalog: CatalogReport {
             version: summary.version.or(position.catalog_version),

@@ -5,7 +5,7 @@
 //! `pending → in_flight → synced | failed | needs_attention`. A trigger makes `synced` final.
 
 use chrono::{DateTime, Utc};
-use possync_actors::{DeliveryOutcome, OutboxCounts, OutboxItem};
+use possync_actors::{DeliveryOutcome, FailureHistory, OutboxCounts, OutboxItem, TransientFailure};
 use possync_protocol::{validate_event, EventType, SaleEvent, SalePayload};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
@@ -365,9 +365,12 @@ pub fn claim_batch(
     // `identity::Inherited`). One request carries one pos_id, because the device nonce sent
     // with it depends on the pos_id: the batch is the first pos_id's rows.
     let inherited = serde_json::to_string(&super::identity::inherited(&tx)?)?;
-    let mut rows: Vec<(i64, String, i64, String)> = tx
+    type ClaimedRow = (i64, String, i64, i64, i64, Option<String>, String);
+    let mut rows: Vec<ClaimedRow> = tx
         .prepare_cached(
-            "SELECT journal_id, event, attempts, pos_id FROM sync_journal
+            "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at,
+                    pos_id
+             FROM sync_journal
              WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
                AND json_extract(event, '$.terminal_id') = ?4
                AND json_extract(event, '$.branch_id') = ?5
@@ -386,14 +389,29 @@ pub fn claim_batch(
                 ks.branch_id,
                 inherited
             ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
         )?
         .collect::<Result<_, _>>()?;
-    if let Some(first_pos) = rows.first().map(|r| r.3.clone()) {
-        rows.retain(|r| r.3 == first_pos);
+    if let Some(first_pos) = rows.first().map(|r| r.6.clone()) {
+        rows.retain(|r| r.6 == first_pos);
     }
     let mut items = Vec::with_capacity(rows.len());
-    for (journal_id, text, attempts, _) in rows {
+    for (journal_id, text, attempts, answered, blamed, last_failed_at, _) in rows {
+        let history = FailureHistory {
+            answered_failures: u32::try_from(answered).unwrap_or(u32::MAX),
+            sale_failures: u32::try_from(blamed).unwrap_or(u32::MAX),
+            last_failed_at: last_failed_at.as_deref().map(parse_time).transpose()?,
+        };
         match serde_json::from_str::<SaleEvent>(&text) {
             Ok(event) => {
                 tx.prepare_cached(
@@ -404,6 +422,7 @@ pub fn claim_batch(
                     journal_id,
                     event,
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    history,
                 });
             }
             Err(e) => {
@@ -463,16 +482,34 @@ pub fn record_outcomes(
             }
             DeliveryOutcome::RetryLater {
                 journal_id,
+                failure,
+                failed_at,
                 not_before,
                 code,
                 message,
             } => {
+                // The same arithmetic as FailureHistory::after, in SQL.
+                let (answered, blamed) = match failure {
+                    TransientFailure::NoAnswer => (0, 0),
+                    TransientFailure::CloudAnswered { blamed } => (1, i64::from(*blamed)),
+                };
                 tx.prepare_cached(
                     "UPDATE sync_journal SET status = 'failed', attempts = attempts + 1,
+                         answered_failures = answered_failures + ?6, sale_failures = sale_failures + ?7,
+                         last_failed_at = ?8,
                          last_error_code = ?2, last_error_message = ?3, next_attempt_at = ?4, updated_at = ?5
                      WHERE journal_id = ?1 AND status <> 'synced'",
                 )?
-                .execute(params![journal_id, code, message, time_text(*not_before), now])?;
+                .execute(params![
+                    journal_id,
+                    code,
+                    message,
+                    time_text(*not_before),
+                    now,
+                    answered,
+                    blamed,
+                    time_text(*failed_at),
+                ])?;
             }
         }
     }
@@ -592,12 +629,14 @@ pub fn retry(conn: &Connection, target: RetryTarget) -> Result<usize, TerminalSt
     let now = time_text(Utc::now());
     let n = match target {
         RetryTarget::One(id) => conn.execute(
-            "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = ?2
+            "UPDATE sync_journal SET status = 'pending', attempts = 0, answered_failures = 0,
+                 sale_failures = 0, last_failed_at = NULL, next_attempt_at = NULL, updated_at = ?2
              WHERE journal_id = ?1 AND status IN ('needs_attention', 'failed')",
             params![id, now],
         )?,
         RetryTarget::AllNeedingAttention => conn.execute(
-            "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = ?1
+            "UPDATE sync_journal SET status = 'pending', attempts = 0, answered_failures = 0,
+                 sale_failures = 0, last_failed_at = NULL, next_attempt_at = NULL, updated_at = ?1
              WHERE status = 'needs_attention'",
             params![now],
         )?,

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_journal_counts",
         sql: include_str!("../../../migrations/terminal/0004_journal_counts.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_outage_never_parks",
+        sql: include_str!("../../../migrations/terminal/0005_outage_never_parks.sql"),
+    },
 ];
 
 /// The schema version a fully migrated database has.

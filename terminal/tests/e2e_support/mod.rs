@@ -224,6 +224,8 @@ pub fn enroll(data_dir: &Path, cable: &Cable, terminal_id: uuid::Uuid, token: &s
 pub struct Daemon {
     child: Option<Child>,
     pub url: String,
+    /// The local API token the daemon's state-changing routes need.
+    pub token: String,
     pub data_dir: PathBuf,
     extra: Vec<String>,
 }
@@ -234,6 +236,7 @@ impl Daemon {
         let mut d = Daemon {
             child: None,
             url: String::new(),
+            token: String::new(),
             data_dir: data_dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -251,6 +254,9 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("terminal run did not start: {e:#}"));
         self.url = url;
         self.child = Some(child);
+        // Written by the daemon before it announced its URL.
+        self.token = possync_terminal::data_dir::local_token(&self.data_dir)
+            .unwrap_or_else(|e| panic!("local API token: {e}"));
     }
 
     /// Test defaults (short intervals, attempts that never run out), overridden by `extra`.
@@ -312,6 +318,7 @@ impl Daemon {
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let r = reqwest::Client::new()
             .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
             .json(&body)
             .send()
             .await

@@ -14,13 +14,16 @@ use possync_terminal::operator::{
     ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
     ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
 };
-use possync_terminal::status::StatusServer;
+use possync_terminal::status::{LocalApiConfig, StatusServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 pub const POS_ID: &str = "0194b7a2-6c1e-7f00-8000-000000000001";
+/// The local API token of the fake endpoints (a real daemon reads its data dir's).
+pub const LOCAL_TOKEN: &str =
+    "ltk_00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// A till whose journal is a list of JSON rows and whose catalog is two products.
 pub struct FakeTill {
@@ -218,6 +221,7 @@ impl SyncControl for FakeEngine {
         EngineView {
             online: false,
             last_contact_at: None,
+            offline_since: Some(chrono::Utc::now() - chrono::Duration::minutes(90)),
             actors: vec![
                 ActorView {
                     name: "CatalogSyncer".into(),
@@ -270,6 +274,19 @@ pub fn start_server_with(
     Arc<FakeEngine>,
     prometheus::IntCounter,
 ) {
+    start_server_allowing(till, &[])
+}
+
+/// As [`start_server_with`], answering also to the `--allowed-host` names `allowed_hosts`.
+pub fn start_server_allowing(
+    till: FakeTill,
+    allowed_hosts: &[&str],
+) -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
     let till = Arc::new(till);
     let engine = Arc::new(FakeEngine::default());
     let registry = prometheus::Registry::new();
@@ -278,8 +295,18 @@ pub fn start_server_with(
     registry
         .register(Box::new(engine_metric.clone()))
         .expect("register");
-    let server = StatusServer::start("127.0.0.1:0", till.clone(), engine.clone(), registry)
-        .expect("status server starts");
+    let access = LocalApiConfig {
+        local_token: LOCAL_TOKEN.to_string(),
+        allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
+    };
+    let server = StatusServer::start(
+        "127.0.0.1:0",
+        access,
+        till.clone(),
+        engine.clone(),
+        registry,
+    )
+    .expect("status server starts");
     (server, till, engine, engine_metric)
 }
 
@@ -292,4 +319,52 @@ pub fn valid_payload(receipt: &str) -> Value {
         "totals": {"subtotal_minor": 420, "tax_minor": 80, "total_minor": 500},
         "payments": [{"method": "cash", "amount_minor": 500}]
     })
+}
+
+/// Serves `html` to every request on a free loopback port until the runtime ends: a web page
+/// of another origin than the status endpoint's (the attacker's page in the browser tests).
+/// Returns its `http://127.0.0.1:PORT` URL.
+pub async fn serve_page_elsewhere(html: String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind page server");
+    let url = format!(
+        "http://{}",
+        listener.local_addr().expect("page server addr")
+    );
+    let html = Arc::new(html);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                // Read the request head; its content does not matter.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{}",
+                    html.len(),
+                    html
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// The value of the first sample of `name` (with its labels, e.g. `x{reason="origin"}`) in
+/// Prometheus text, or 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -1,0 +1,190 @@
+//! The real `terminal` binary's local API seen with `curl`, as a POS integrator or an attacker
+//! would: the token `terminal local-token` prints opens `POST /sales`, nothing else does; a
+//! foreign `Host`, a foreign `Origin` and a non-JSON body are refused; the CLI's own call
+//! through the daemon carries the token; and the data dir's secrets are owner-only, including a
+//! database an older version left world-readable.
+//!
+//! Needs no cloud: enrollment works offline. Needs `curl` (the test FAILS without it).
+
+mod e2e_support;
+
+use e2e_support::{sale_payload, terminal_cli, Daemon};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+
+/// `curl ARGS -w '\n%{http_code}'` → (status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is missing: apt-get install -y curl");
+    assert!(out.status.success(), "curl failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("status line");
+    (status.trim().parse().expect("status"), body.to_string())
+}
+
+fn code_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("till");
+    // Offline enrollment: nothing listens on port 9.
+    let (ok, out, err) = terminal_cli(
+        &data,
+        &[
+            "enroll",
+            "--cloud-url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--terminal-id",
+            "0194b7a2-6c1e-7f00-8000-0000000000aa",
+            "--branch",
+            "b1",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    // As an older version would have left it.
+    std::fs::set_permissions(
+        data.join("terminal.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+
+    let (ok, token, err) = terminal_cli(&data, &["local-token"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    assert!(token.starts_with("ltk_") && token.len() == 68, "{token}");
+    let (_, again, _) = terminal_cli(&data, &["local-token"]);
+    assert_eq!(again.trim(), token, "generated once");
+
+    let daemon = Daemon::start(&data, &[]);
+    assert_eq!(daemon.token, token);
+    let url = daemon.url.clone();
+    let port = url.rsplit(':').next().expect("port").to_string();
+    let body = serde_json::json!({"type": "sale", "payload": sale_payload(1)}).to_string();
+    let auth = format!("authorization: Bearer {token}");
+    let json_ct = "content-type: application/json";
+    let sales = format!("{url}/sales");
+
+    let (status, answer) = curl(&["-X", "POST", &sales, "-H", json_ct, "-d", &body]);
+    assert_eq!(
+        (status, code_of(&answer).as_str()),
+        (401, "POS_LOCAL_UNAUTHORIZED")
+    );
+    let (status, answer) = curl(&[
+        "-X",
+        "POST",
+        &sales,
+        "-H",
+        json_ct,
+        "-H",
+        "authorization: Bearer ltk_guess",
+        "-d",
+        &body,
+    ]);
+    assert_eq!(
+        (status, code_of(&answer).as_str()),
+        (401, "POS_LOCAL_UNAUTHORIZED")
+    );
+    let (status, answer) = curl(&[
+        "-X",
+        "POST",
+        &sales,
+        "-H",
+        "content-type: text/plain",
+        "-H",
+        &auth,
+        "-d",
+        &body,
+    ]);
+    assert_eq!(
+        (status, code_of(&answer).as_str()),
+        (415, "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE")
+    );
+    let (status, answer) = curl(&[
+        "-X",
+        "POST",
+        &sales,
+        "-H",
+        json_ct,
+        "-H",
+        &auth,
+        "-H",
+        "origin: http://evil.example",
+        "-d",
+        &body,
+    ]);
+    assert_eq!(
+        (status, code_of(&answer).as_str()),
+        (403, "POS_LOCAL_ORIGIN_NOT_ALLOWED")
+    );
+    let evil_host = format!("host: evil.example:{port}");
+    let (status, answer) = curl(&[&format!("{url}/status"), "-H", &evil_host]);
+    assert_eq!(
+        (status, code_of(&answer).as_str()),
+        (403, "POS_LOCAL_HOST_NOT_ALLOWED")
+    );
+    assert!(!answer.contains("pos_id"), "{answer}");
+    let s = daemon.status().await;
+    assert_eq!(
+        s["outbox"]["queued"], 0,
+        "nothing enqueued by refused requests: {s}"
+    );
+
+    let (status, answer) = curl(&[
+        "-X", "POST", &sales, "-H", json_ct, "-H", &auth, "-d", &body,
+    ]);
+    assert_eq!(status, 201, "{answer}");
+    let (status, _) = curl(&[&format!("http://localhost:{port}/status")]);
+    assert_eq!(status, 200);
+
+    // `terminal reconcile` goes through the daemon with the token: the refusal it reports is
+    // the unreachable cloud's, not the local API's.
+    let (ok, out, err) = terminal_cli(&data, &["reconcile", "--verify"]);
+    assert!(!ok, "{out}");
+    assert!(!err.contains("POS_LOCAL_"), "{err}");
+
+    // Owner-only: the token, the database with its WAL and shared memory (SQLite creates
+    // those with the database's mode), the one an older version left at 0644 included.
+    assert_eq!(mode(&data), 0o700);
+    for name in [
+        "local-api.token",
+        "terminal.db",
+        "terminal.db-wal",
+        "terminal.db-shm",
+    ] {
+        assert_eq!(
+            mode(&data.join(name)) & 0o077,
+            0,
+            "{name} is readable by others"
+        );
+    }
+    drop(daemon);
+
+    // A bad --allowed-host is refused before anything binds.
+    let (ok, _, err) = terminal_cli(
+        &data,
+        &["run", "--status-bind", "127.0.0.1:0", "--allowed-host", "*"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("error: STATUS_BIND_FAILED: --allowed-host"),
+        "{err}"
+    );
+}

@@ -22,7 +22,7 @@
 //! stored under both keys.
 //!
 //! The device nonce is regenerated whenever the database file is not the file that created it
-//! (another inode or device, another machine id): a copied data directory or a restored backup.
+//! (another inode or creation time, another machine id): a copied data directory or a restored backup.
 //! The copy then forks at once ([`ChangeReason::Copied`]): its own new sales get a fresh
 //! `pos_id`, while the unsent sales it *inherited* (recorded before the copy, identical in both
 //! databases) keep their keys and are delivered with the *old* nonce ([`Inherited`]). Whichever
@@ -171,19 +171,27 @@ pub struct CarryOverCounts {
     pub skipped: usize,
 }
 
-/// A stable fingerprint of the database file on this machine: `<dev>:<inode>` plus the
-/// machine id when there is one. A copy (another file) or a restore (a new file) differs.
+/// A stable fingerprint of the database file on this machine: its inode and creation time,
+/// plus the machine id when there is one. A copy or a restore into a new file differs in both.
+/// The device number is left out on purpose: overlay filesystems (containers) may report a new
+/// one after every remount, which would make every restart look like a copy.
 pub fn file_fingerprint(path: &Path) -> String {
     let file = std::fs::metadata(path)
         .map(|m| {
+            let born = m
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_string())
+                .unwrap_or_default();
             #[cfg(unix)]
             {
                 use std::os::unix::fs::MetadataExt;
-                format!("{}:{}", m.dev(), m.ino())
+                format!("{}:{born}", m.ino())
             }
             #[cfg(not(unix))]
             {
-                format!("{:?}", m.created().ok())
+                born
             }
         })
         .unwrap_or_default();

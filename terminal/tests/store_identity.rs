@@ -302,3 +302,26 @@ fn a_copied_database_file_gets_a_new_device_and_pos_but_delivers_inherited_sales
         ChangeReason::Copied
     );
 }
+
+#[test]
+fn moving_the_data_directory_on_its_disk_or_reaching_it_by_a_link_is_not_a_copy() {
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    let (nonce, pos) = (store.device_nonce(), store.pos_id());
+    drop(store);
+    let moved_dir = dir.path().join("moved");
+    std::fs::create_dir(&moved_dir).expect("dir");
+    let moved = moved_dir.join("terminal.db");
+    std::fs::rename(&path, &moved).expect("move");
+    let store = open(&moved);
+    assert_eq!((store.device_nonce(), store.pos_id()), (nonce, pos));
+    drop(store);
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&moved, &link).expect("symlink");
+        let store = open(&link);
+        assert_eq!((store.device_nonce(), store.pos_id()), (nonce, pos));
+        assert!(store.identity_changes().expect("changes").is_empty());
+    }
+}

@@ -148,6 +148,14 @@ impl HttpCloud {
         self
     }
 
+    /// Takes the target from the reload source now if it changed (a `terminal enroll` with a
+    /// new cloud URL while the daemon runs, when the old URL may just be unreachable rather
+    /// than refusing). Returns whether it changed.
+    pub async fn refresh(&self) -> bool {
+        let used = self.current();
+        self.reloaded(&used).await
+    }
+
     fn current(&self) -> CloudTarget {
         self.target
             .read()

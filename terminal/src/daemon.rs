@@ -166,13 +166,17 @@ pub async fn start_engine_with_cloud(
     Ok((engine, cloud))
 }
 
-/// Runs a carry-over pass every `interval` until aborted. A failed pass (cloud unreachable,
+/// Runs a carry-over pass every `interval` until aborted, first taking a changed enrollment
+/// into the shared cloud client. A failed pass (cloud unreachable,
 /// token refused) changes nothing and is tried again on the next tick.
 async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // A new cloud URL saved by `terminal enroll` is taken here: the old URL may not refuse
+        // (which would reload at once), it may simply be gone.
+        cloud.refresh().await;
         match carry_over::settle(&store, &cloud).await {
             Ok(r) if r.forked_to.is_some() || r.carried != Default::default() => {
                 tracing::warn!(

@@ -351,3 +351,28 @@ fn token_set_needs_an_enrollment_and_works_offline_keeping_the_identity() {
         "nothing to ask an absent cloud"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_again_with_a_new_cloud_url_moves_a_running_daemon_without_a_restart() {
+    let cloud = Cloud::start(&[]);
+    let (terminal_id, token) = cloud.process.add_terminal("b1").expect("terminal add");
+    let old_route = Cable::start(&cloud.process.base_url).await;
+    let dir = tempfile::tempdir().expect("data dir");
+    enroll(dir.path(), &old_route, terminal_id, &token, "b1");
+    let daemon = Daemon::start(dir.path(), FAST_CARRY_OVER);
+    sell(&daemon, 1..=1).await;
+    let before = wait_settled(&daemon, 1).await;
+
+    // The old address goes away (it does not refuse: nothing answers); the till is enrolled
+    // again, same terminal, at the new one.
+    old_route.cut();
+    let new_route = Cable::start(&cloud.process.base_url).await;
+    enroll(dir.path(), &new_route, terminal_id, &token, "b1");
+    sell(&daemon, 2..=3).await;
+    let after = wait_settled(&daemon, 3).await;
+    assert_eq!(
+        after["pos_id"], before["pos_id"],
+        "same terminal: same pos_id"
+    );
+    assert_eq!(cloud.stored_sales("b1").await, 3);
+}

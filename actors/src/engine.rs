@@ -49,6 +49,10 @@ pub struct EngineConfig {
     pub max_restarts: u32,
     /// … within this window; beyond it the actor stays down and shows `failed`.
     pub restart_window: Duration,
+    /// Automatic catalog verify: every this long, the first one at a random point of the
+    /// first period so a fleet started together does not verify together. `None`: only on
+    /// demand.
+    pub verify_every: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +71,7 @@ impl Default for EngineConfig {
             rng_seed: None,
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
+            verify_every: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }

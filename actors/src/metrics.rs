@@ -20,6 +20,10 @@ pub struct EngineMetrics {
     pub outbox_retries: IntCounter,
     /// Supervisor restarts, by actor.
     pub actor_restarts: IntCounterVec,
+    /// Entities the last verify found different from the cloud (upserts + deletes).
+    pub catalog_drift_entities: IntGauge,
+    /// HTTP body bytes (sent + received, as on the wire) of every reconcile run.
+    pub reconcile_bytes: IntCounter,
 }
 
 impl EngineMetrics {
@@ -45,6 +49,14 @@ impl EngineMetrics {
                 Opts::new("actor_restarts", "Supervisor restarts of sync actors"),
                 &["actor"],
             )?,
+            catalog_drift_entities: IntGauge::new(
+                "catalog_drift_entities",
+                "Entities the last catalog verify found different from the cloud",
+            )?,
+            reconcile_bytes: IntCounter::new(
+                "reconcile_bytes_total",
+                "HTTP body bytes sent and received by catalog reconcile runs",
+            )?,
         };
         registry.register(Box::new(m.queued_events.clone()))?;
         registry.register(Box::new(m.synced_events.clone()))?;
@@ -53,6 +65,8 @@ impl EngineMetrics {
         registry.register(Box::new(m.snapshot_pages.clone()))?;
         registry.register(Box::new(m.outbox_retries.clone()))?;
         registry.register(Box::new(m.actor_restarts.clone()))?;
+        registry.register(Box::new(m.catalog_drift_entities.clone()))?;
+        registry.register(Box::new(m.reconcile_bytes.clone()))?;
         Ok(m)
     }
 }

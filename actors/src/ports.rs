@@ -7,6 +7,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use possync_protocol::fingerprint::{
+    FingerprintRequest, FingerprintResponse, FingerprintTree, LeafReconcileRequest,
+};
 use possync_protocol::{
     DeltaPage, ErrorCode, KeyRange, ManifestEntry, ReconcilePlan, ReconcileRequest,
     ReconcileResponse, SaleEvent, SalesEventsResponse, SnapshotPage,
@@ -193,6 +196,13 @@ pub trait LocalStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ManifestEntry>, StoreError>;
 
+    /// The fingerprint tree of the live local catalog, hashes recomputed from the stored data
+    /// (so a row edited behind the store's back shows). Must not block sales while it reads.
+    fn fingerprint_tree(&self) -> Result<FingerprintTree, StoreError>;
+
+    /// Manifest entries (hash recomputed) of the live entities in fingerprint `leaves`.
+    fn manifest_in_leaves(&self, leaves: &[u32]) -> Result<Vec<ManifestEntry>, StoreError>;
+
     /// Applies one reconcile range's plan in one transaction: upserts and deletes, catalog
     /// tables only. `cloud_version` is the catalog version the cloud computed the plan at: a
     /// local row newer than that arrived by a delta while reconcile ran and is kept, so a
@@ -334,6 +344,21 @@ pub trait CloudApi: Send + Sync + 'static {
     async fn delta(&self, since: i64, limit: u32) -> Result<DeltaPage, CloudError>;
     /// `POST /v1/pos/catalog/reconcile`: one key range's verification or repair plan.
     async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError>;
+    /// `POST /v1/pos/catalog/fingerprints`: fingerprints of tree nodes of the branch's view.
+    async fn fingerprints(
+        &self,
+        req: &FingerprintRequest,
+    ) -> Result<FingerprintResponse, CloudError>;
+    /// `POST /v1/pos/catalog/reconcile/leaves`: verification or repair plan of whole leaves.
+    async fn reconcile_leaves(
+        &self,
+        req: &LeafReconcileRequest,
+    ) -> Result<ReconcileResponse, CloudError>;
+    /// Reconcile traffic so far (requests and HTTP body bytes of the reconcile family), for
+    /// a verify's cost report: the difference across one run is that run's cost.
+    fn reconcile_traffic(&self) -> Traffic {
+        Traffic::default()
+    }
     /// Posts one batch. `sync_attempt` is the delivery attempt of the batch (1 for a first
     /// delivery, from the journal's attempt counts, so it survives restarts); the cloud logs it
     /// as `syncAttempt`.
@@ -346,6 +371,28 @@ pub trait CloudApi: Send + Sync + 'static {
     /// database answers). The outbox asks it at the backoff cadence while an outage holds
     /// the queue, instead of spending a batch of sales on each guess.
     async fn probe(&self) -> Result<(), CloudError>;
+}
+
+/// Requests and bytes of one family of cloud calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Requests made (each one round trip).
+    pub requests: u64,
+    /// Request body bytes sent.
+    pub bytes_sent: u64,
+    /// Response body bytes received, as they came over the wire (compressed if they were).
+    pub bytes_received: u64,
+}
+
+impl Traffic {
+    /// `self - earlier`, per field.
+    pub fn since(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            requests: self.requests.saturating_sub(earlier.requests),
+            bytes_sent: self.bytes_sent.saturating_sub(earlier.bytes_sent),
+            bytes_received: self.bytes_received.saturating_sub(earlier.bytes_received),
+        }
+    }
 }
 
 /// Wall-clock time, injectable so simulations and tests control it.

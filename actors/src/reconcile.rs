@@ -1,13 +1,25 @@
-//! `Reconciler`: compares the local catalog with the cloud's truth, key range by key range,
-//! and either reports the drift (`Verify`) or repairs it (`Apply`).
+//! `Reconciler`: compares the local catalog with the cloud's truth and either reports the
+//! drift (`Verify`) or repairs it (`Apply`).
 //!
+//! **Fingerprints first** (O(changed)): the local catalog's fingerprint tree
+//! (`possync_protocol::fingerprint`) is compared with the cloud's level by level, descending
+//! only into nodes that differ; only the leaves that differ are reconciled entry by entry. With
+//! no drift that is one round trip of ~1.5 KB whatever the catalog's size. A cloud that does not
+//! know the fingerprint routes (404) gets the manifest walk below.
+//!
+//! **Manifest walk** (the original protocol, kept for old clouds): key range by key range.
 //! Ranges are consecutive and together cover the whole key space: `(None, k1]`, `(k1, k2]`, …,
 //! `(kn, None)`. The last range is open so that entities the cloud has above our highest key
 //! are found too. Each range's plan is applied in its own transaction, so an interrupted apply
 //! leaves every range either repaired or untouched, and running it again finishes the job.
 
+use possync_protocol::fingerprint::{
+    leaf_of, next_step, FingerprintRequest, LeafReconcileRequest, NodeId, MAX_LEAVES_PER_RECONCILE,
+    MAX_NODES_PER_REQUEST,
+};
 use possync_protocol::{
-    ErrorCode, KeyRange, ManifestEntry, ReconcileMode, ReconcileRequest, ReconcileSummary,
+    EntityKey, ErrorCode, KeyRange, ManifestEntry, ReconcileMode, ReconcileRequest,
+    ReconcileSummary,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -17,7 +29,7 @@ use std::time::Duration;
 use crate::backoff::{self, Budget, Decision};
 use crate::engine::{EngineError, SyncContext};
 use crate::ports::CloudError;
-use crate::status::ActorKind;
+use crate::status::{ActorKind, VerifyOutcome};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,11 +41,29 @@ pub enum ReconcileAction {
     Apply,
 }
 
+/// How a run compared the catalogs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMethod {
+    /// Fingerprint descent, then only the differing leaves.
+    Fingerprints,
+    /// The whole manifest, range by range (clouds without the fingerprint routes).
+    Manifest,
+}
+
 /// The outcome of one reconcile run, summed over its ranges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// What was asked.
     pub mode: ReconcileAction,
+    /// How the catalogs were compared.
+    pub method: VerifyMethod,
+    /// Requests to the cloud this run made (fingerprints and reconcile calls).
+    pub round_trips: u64,
+    /// Request body bytes sent.
+    pub bytes_sent: u64,
+    /// Response body bytes received, as they came over the wire.
+    pub bytes_received: u64,
     /// Ranges sent.
     pub ranges: usize,
     /// Local entries compared.
@@ -54,6 +84,10 @@ impl ReconcileReport {
     fn new(mode: ReconcileAction) -> Self {
         ReconcileReport {
             mode,
+            method: VerifyMethod::Fingerprints,
+            round_trips: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
             ranges: 0,
             checked: 0,
             unchanged: 0,
@@ -131,6 +165,8 @@ pub enum ReconcileMsg {
         /// Where the result goes (forwarded from the engine facade).
         reply: RpcReplyPort<Result<ReconcileReport, EngineError>>,
     },
+    /// The automatic verify is due (see `EngineConfig::verify_every`).
+    ScheduledVerify,
 }
 
 /// Live state: the shared context only (each run starts from the store).
@@ -141,8 +177,122 @@ pub struct ReconcilerState {
 /// The actor that verifies and repairs the local catalog.
 pub struct Reconciler;
 
+/// Whether the cloud does not know a route (an older cloud): fall back to the manifest walk.
+fn route_unknown(e: &CloudError) -> bool {
+    matches!(
+        e,
+        CloudError::Rejected {
+            status: 404 | 405,
+            ..
+        }
+    )
+}
+
+/// Calls the cloud, retrying transient failures as the range walk does (three times, never
+/// waiting longer than [`MAX_RETRY_WAIT`]: an operator may be waiting for the answer).
+async fn with_retries<T, F, Fut>(
+    ctx: &SyncContext,
+    what: &str,
+    mut call: F,
+) -> Result<T, CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CloudError>>,
+{
+    let cfg = &ctx.config;
+    let mut failures = 0u32;
+    loop {
+        match call().await {
+            Ok(v) => {
+                ctx.backoff.report_contact(true);
+                return Ok(v);
+            }
+            Err(e) if e.can_retry() && failures < MAX_TRANSIENT_RETRIES => {
+                ctx.backoff.report_contact(e.cloud_answered());
+                failures += 1;
+                let now = ctx.now();
+                let wait = match backoff::ask(
+                    ctx.backoff.get(),
+                    &cfg.backoff,
+                    failures,
+                    Budget::Attempts,
+                    e.retry_after(),
+                    now,
+                )
+                .await
+                {
+                    Decision::RetryAt(t) => (t - now).to_std().unwrap_or(Duration::ZERO),
+                    Decision::GiveUp => return Err(e),
+                };
+                if wait > MAX_RETRY_WAIT {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    eventId = "reconcile", syncAttempt = failures,
+                    errorCode = %e.code_str(), "{what} failed; retrying"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                ctx.backoff.report_contact(e.cloud_answered());
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Groups differing leaves into leaf reconcile requests: at most
+/// [`MAX_LEAVES_PER_RECONCILE`] leaves each, and (by halving) at most `max_entries` local
+/// entries where a split is possible (a single leaf always goes, whatever it holds).
+pub fn leaf_groups(
+    leaves: &[u32],
+    entries_in: &dyn Fn(&[u32]) -> usize,
+    max_entries: usize,
+) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut stack: Vec<Vec<u32>> = leaves
+        .chunks(MAX_LEAVES_PER_RECONCILE)
+        .rev()
+        .map(<[u32]>::to_vec)
+        .collect();
+    while let Some(group) = stack.pop() {
+        if group.len() > 1 && entries_in(&group) > max_entries {
+            let (a, b) = group.split_at(group.len() / 2);
+            stack.push(b.to_vec());
+            stack.push(a.to_vec());
+        } else {
+            out.push(group);
+        }
+    }
+    out
+}
+
 impl Reconciler {
     async fn run(
+        ctx: &SyncContext,
+        action: ReconcileAction,
+    ) -> Result<ReconcileReport, EngineError> {
+        let before = ctx.cloud.reconcile_traffic();
+        let mut report = match Self::run_fingerprints(ctx, action).await {
+            Err(EngineError::Cloud(e)) if route_unknown(&e) => {
+                tracing::info!(
+                    terminalId = %ctx.config.terminal_id, branchId = %ctx.config.branch_id,
+                    eventId = "reconcile", "cloud has no fingerprint routes; walking the manifest"
+                );
+                Self::run_ranges(ctx, action).await?
+            }
+            other => other?,
+        };
+        let cost = ctx.cloud.reconcile_traffic().since(before);
+        report.round_trips = cost.requests;
+        report.bytes_sent = cost.bytes_sent;
+        report.bytes_received = cost.bytes_received;
+        Ok(report)
+    }
+
+    /// The O(changed) run: fingerprint descent, then the differing leaves.
+    async fn run_fingerprints(
         ctx: &SyncContext,
         action: ReconcileAction,
     ) -> Result<ReconcileReport, EngineError> {
@@ -152,6 +302,111 @@ impl Reconciler {
             ReconcileAction::Apply => ReconcileMode::Plan,
         };
         let mut report = ReconcileReport::new(action);
+        ctx.board
+            .set_state(ActorKind::Reconciler, "fingerprinting the local catalog");
+        let local = Arc::new(ctx.store_call(|s| s.fingerprint_tree()).await?);
+        // The root is the sum of its children: asking the 16 children answers both.
+        let mut ask = NodeId::ROOT.children();
+        let mut differing: Vec<u32> = Vec::new();
+        let mut version: Option<i64> = None;
+        while !ask.is_empty() {
+            ctx.board.set_state(
+                ActorKind::Reconciler,
+                format!("comparing fingerprints (level {})", ask[0].level),
+            );
+            let mut next = Vec::new();
+            for chunk in ask.chunks(MAX_NODES_PER_REQUEST) {
+                let req = FingerprintRequest {
+                    nodes: chunk.to_vec(),
+                };
+                let resp = with_retries(ctx, "fingerprints", || ctx.cloud.fingerprints(&req))
+                    .await
+                    .map_err(EngineError::Cloud)?;
+                version =
+                    Some(version.map_or(resp.catalog_version, |v| v.max(resp.catalog_version)));
+                let (more, leaves) = next_step(&local, &resp.nodes);
+                next.extend(more);
+                differing.extend(leaves);
+            }
+            ask = next;
+        }
+        report.catalog_version = version;
+        if differing.is_empty() {
+            report.checked = i64::try_from(local.count()).unwrap_or(i64::MAX);
+            report.unchanged = report.checked;
+            report.applied = action == ReconcileAction::Apply;
+            return Ok(report);
+        }
+        // Local entries of the differing leaves, once; groups bounded by the entry limit.
+        let wanted = differing.clone();
+        let entries = ctx
+            .store_call(move |s| s.manifest_in_leaves(&wanted))
+            .await?;
+        let per_leaf = |leaves: &[u32]| {
+            entries
+                .iter()
+                .filter(|e| {
+                    leaves.contains(&leaf_of(EntityKey::new(&e.entity_type, &e.id).as_str()))
+                })
+                .count()
+        };
+        let groups = leaf_groups(&differing, &per_leaf, cfg.reconcile_range_entries.max(1));
+        for (i, leaves) in groups.into_iter().enumerate() {
+            ctx.board.set_state(
+                ActorKind::Reconciler,
+                format!(
+                    "{} leaves, group {}",
+                    if action == ReconcileAction::Verify {
+                        "verifying"
+                    } else {
+                        "applying"
+                    },
+                    i + 1
+                ),
+            );
+            let req = LeafReconcileRequest {
+                mode,
+                entries: entries
+                    .iter()
+                    .filter(|e| {
+                        leaves.contains(&leaf_of(EntityKey::new(&e.entity_type, &e.id).as_str()))
+                    })
+                    .cloned()
+                    .collect(),
+                leaves,
+            };
+            let resp = with_retries(ctx, "leaf reconcile", || ctx.cloud.reconcile_leaves(&req))
+                .await
+                .map_err(EngineError::Cloud)?;
+            if action == ReconcileAction::Apply {
+                let plan = resp.plan;
+                let at = resp.catalog_version;
+                ctx.store_call(move |s| s.apply_reconcile_plan(&KeyRange::default(), &plan, at))
+                    .await?;
+            }
+            report.add(&resp.summary, resp.catalog_version);
+        }
+        // Leaves that matched count as checked and unchanged (the whole catalog was compared).
+        let matched = i64::try_from(local.count()).unwrap_or(i64::MAX)
+            - i64::try_from(entries.len()).unwrap_or(0);
+        report.checked += matched.max(0);
+        report.unchanged += matched.max(0);
+        report.applied = action == ReconcileAction::Apply;
+        Ok(report)
+    }
+
+    /// The manifest walk, range by range (clouds without fingerprints).
+    async fn run_ranges(
+        ctx: &SyncContext,
+        action: ReconcileAction,
+    ) -> Result<ReconcileReport, EngineError> {
+        let cfg = &ctx.config;
+        let mode = match action {
+            ReconcileAction::Verify => ReconcileMode::Verify,
+            ReconcileAction::Apply => ReconcileMode::Plan,
+        };
+        let mut report = ReconcileReport::new(action);
+        report.method = VerifyMethod::Manifest;
         let mut limit = cfg.reconcile_range_entries.max(1);
         let mut after: Option<String> = None;
         let mut failures = 0u32;
@@ -256,53 +511,115 @@ impl Actor for Reconciler {
         Ok(ReconcilerState { ctx })
     }
 
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(every) = state.ctx.config.verify_every {
+            // A random point of the first period: a fleet started at once spreads its verifies.
+            let first = every.mul_f64(rand::random::<f64>());
+            drop(myself.send_after(first, || ReconcileMsg::ScheduledVerify));
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ReconcileMsg::Run { action, reply } => {
-                let ctx = state.ctx.clone();
-                ctx.metrics.reconcile_runs.inc();
-                let result = Self::run(&ctx, action).await;
-                let cfg = &ctx.config;
-                let store_failed = match &result {
-                    Ok(r) => {
-                        tracing::info!(
-                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                            eventId = "reconcile", mode = ?r.mode, ranges = r.ranges,
-                            checked = r.checked, upserts = r.upserts, deletes = r.deletes,
-                            applied = r.applied, "reconcile finished"
-                        );
-                        ctx.board.set_state(
-                            ActorKind::Reconciler,
-                            format!(
-                                "idle (last {:?}: {} upserts, {} deletes)",
-                                r.mode, r.upserts, r.deletes
-                            )
-                            .to_lowercase(),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                            eventId = "reconcile", errorCode = %e.code(), error = %e, "reconcile failed"
-                        );
-                        ctx.board
-                            .set_state(ActorKind::Reconciler, "idle (last run failed)");
-                        ctx.board.set_error(ActorKind::Reconciler, e.to_string());
-                        matches!(e, EngineError::Store(_)).then(|| e.to_string())
-                    }
-                };
-                let _ = reply.send(result);
-                // A store failure fails the actor so the supervisor restarts it fresh.
-                if let Some(why) = store_failed {
-                    return Err(why.into());
+        let ctx = state.ctx.clone();
+        let (action, reply, scheduled) = match message {
+            ReconcileMsg::Run { action, reply } => (action, Some(reply), false),
+            ReconcileMsg::ScheduledVerify => {
+                if let Some(every) = ctx.config.verify_every {
+                    drop(myself.send_after(every, || ReconcileMsg::ScheduledVerify));
                 }
-                Ok(())
+                (ReconcileAction::Verify, None, true)
+            }
+        };
+        ctx.metrics.reconcile_runs.inc();
+        let result = Self::run(&ctx, action).await;
+        let store_failed = Self::record(&ctx, action, scheduled, &result);
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+        // A store failure fails the actor so the supervisor restarts it fresh.
+        if let Some(why) = store_failed {
+            return Err(why.into());
+        }
+        Ok(())
+    }
+}
+
+impl Reconciler {
+    /// Logs a finished run and puts it on the board and the metrics; returns the error text
+    /// of a store failure (which must fail the actor).
+    fn record(
+        ctx: &SyncContext,
+        action: ReconcileAction,
+        scheduled: bool,
+        result: &Result<ReconcileReport, EngineError>,
+    ) -> Option<String> {
+        let cfg = &ctx.config;
+        match result {
+            Ok(r) => {
+                tracing::info!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    eventId = "reconcile", mode = ?r.mode, method = ?r.method, ranges = r.ranges,
+                    checked = r.checked, upserts = r.upserts, deletes = r.deletes,
+                    round_trips = r.round_trips, bytes_sent = r.bytes_sent,
+                    bytes_received = r.bytes_received, scheduled,
+                    applied = r.applied, "reconcile finished"
+                );
+                ctx.metrics
+                    .reconcile_bytes
+                    .inc_by(r.bytes_sent + r.bytes_received);
+                ctx.board.set_state(
+                    ActorKind::Reconciler,
+                    format!(
+                        "idle (last {:?}: {} upserts, {} deletes)",
+                        r.mode, r.upserts, r.deletes
+                    )
+                    .to_lowercase(),
+                );
+                if action == ReconcileAction::Verify {
+                    ctx.metrics
+                        .catalog_drift_entities
+                        .set(r.upserts + r.deletes);
+                    ctx.board.set_verify(VerifyOutcome {
+                        at: ctx.now(),
+                        scheduled,
+                        drift_entities: Some(r.upserts + r.deletes),
+                        round_trips: r.round_trips,
+                        bytes: r.bytes_sent + r.bytes_received,
+                        error: None,
+                    });
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    eventId = "reconcile", errorCode = %e.code(), error = %e, scheduled,
+                    "reconcile failed"
+                );
+                ctx.board
+                    .set_state(ActorKind::Reconciler, "idle (last run failed)");
+                ctx.board.set_error(ActorKind::Reconciler, e.to_string());
+                if action == ReconcileAction::Verify {
+                    ctx.board.set_verify(VerifyOutcome {
+                        at: ctx.now(),
+                        scheduled,
+                        drift_entities: None,
+                        round_trips: 0,
+                        bytes: 0,
+                        error: Some(e.to_string()),
+                    });
+                }
+                matches!(e, EngineError::Store(_)).then(|| e.to_string())
             }
         }
     }

@@ -73,6 +73,25 @@ pub struct EngineStatus {
     pub catalog: CatalogPosition,
     /// Outbox rows by state and the oldest undelivered sale.
     pub outbox: OutboxCounts,
+    /// The last catalog verify (on demand or scheduled), if any ran since start.
+    pub last_verify: Option<VerifyOutcome>,
+}
+
+/// What the last verify found and cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyOutcome {
+    /// When it finished.
+    pub at: DateTime<Utc>,
+    /// Whether the schedule started it (not an operator).
+    pub scheduled: bool,
+    /// Entities different from the cloud (upserts + deletes); `None` if it failed.
+    pub drift_entities: Option<i64>,
+    /// Round trips it made.
+    pub round_trips: u64,
+    /// HTTP body bytes sent and received.
+    pub bytes: u64,
+    /// Its error, when it failed.
+    pub error: Option<String>,
 }
 
 /// Shared, cheaply clonable handle to the status board.
@@ -147,6 +166,11 @@ impl SharedBoard {
     /// Stores the latest catalog position.
     pub fn set_catalog(&self, position: CatalogPosition) {
         self.write(|s| s.catalog = position);
+    }
+
+    /// Records a finished verify.
+    pub fn set_verify(&self, outcome: VerifyOutcome) {
+        self.write(|s| s.last_verify = Some(outcome));
     }
 
     /// Stores the latest outbox counts.

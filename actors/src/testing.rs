@@ -7,6 +7,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use possync_protocol::fingerprint::{
+    leaf_of, FingerprintRequest, FingerprintResponse, FingerprintTree, LeafReconcileRequest,
+};
 use possync_protocol::{
     entity_hash, validate_event, DeltaPage, Entity, EntityKey, EntityRef, ErrorCode, EventResult,
     EventStatus, EventType, KeyRange, ManifestEntry, Payment, PaymentMethod, ReconcileMode,
@@ -21,7 +24,7 @@ use uuid::Uuid;
 
 use crate::ports::{
     CatalogPosition, Clock, CloudApi, CloudError, DeliveryOutcome, FailureHistory, JournalId,
-    LocalStore, OutboxCounts, OutboxItem, StoreError,
+    LocalStore, OutboxCounts, OutboxItem, StoreError, Traffic,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -412,6 +415,29 @@ impl LocalStore for MemoryStore {
             .collect())
     }
 
+    fn fingerprint_tree(&self) -> Result<FingerprintTree, StoreError> {
+        let g = self.check(StoreOp::ManifestAfter)?;
+        let mut tree = FingerprintTree::default();
+        for (k, e) in g.entities.iter().filter(|(_, e)| !e.deleted) {
+            tree.add(k, e.version, &e.hash);
+        }
+        Ok(tree)
+    }
+
+    fn manifest_in_leaves(&self, leaves: &[u32]) -> Result<Vec<ManifestEntry>, StoreError> {
+        let g = self.check(StoreOp::ManifestAfter)?;
+        Ok(g.entities
+            .iter()
+            .filter(|(k, e)| !e.deleted && leaves.contains(&leaf_of(k)))
+            .map(|(_, e)| ManifestEntry {
+                entity_type: e.entity_type.clone(),
+                id: e.id.clone(),
+                version: e.version,
+                hash: e.hash.clone(),
+            })
+            .collect())
+    }
+
     fn apply_reconcile_plan(
         &self,
         range: &KeyRange,
@@ -571,6 +597,8 @@ pub enum Endpoint {
     Reconcile,
     PostEvents,
     Probe,
+    Fingerprints,
+    ReconcileLeaves,
 }
 
 /// A scripted misbehaviour of one call.
@@ -603,6 +631,8 @@ struct CloudInner {
     /// Local event ids whose presence fails the whole request with a storage error, like a
     /// cloud whose group commit cannot store one event.
     poisoned: BTreeSet<i64>,
+    /// Reconcile-family requests and JSON body sizes.
+    traffic: Traffic,
 }
 
 /// An in-memory cloud: catalog with versions and tombstones, snapshot/delta paging, reconcile,
@@ -610,6 +640,8 @@ struct CloudInner {
 pub struct FakeCloud {
     inner: Mutex<CloudInner>,
     offline: AtomicBool,
+    /// Answers the fingerprint routes with 404.
+    old_cloud: AtomicBool,
     /// Manifest entry limit of reconcile (413 above it).
     pub max_manifest_entries: usize,
     /// How long `post_events` holds the call open, so concurrent calls overlap observably.
@@ -623,6 +655,7 @@ impl Default for FakeCloud {
         FakeCloud {
             inner: Mutex::new(CloudInner::default()),
             offline: AtomicBool::new(false),
+            old_cloud: AtomicBool::new(false),
             max_manifest_entries: possync_protocol::DEFAULT_MANIFEST_MAX_ENTRIES,
             post_delay: Duration::ZERO,
             gate: tokio::sync::watch::Sender::new(true),
@@ -792,6 +825,77 @@ impl FakeCloud {
         }
     }
 
+    /// Answers the fingerprint routes with 404, like a cloud from before them.
+    pub fn act_as_old_cloud(&self, old: bool) {
+        self.old_cloud.store(old, Ordering::SeqCst);
+    }
+
+    fn not_found() -> CloudError {
+        CloudError::Rejected {
+            status: 404,
+            code: None,
+            message: "not found".into(),
+            retry_after: None,
+            reason: None,
+        }
+    }
+
+    fn count_traffic<T: serde::Serialize>(&self, req: &T) {
+        let n = serde_json::to_vec(req).map_or(0, |v| v.len() as u64);
+        let mut g = lock(&self.inner);
+        g.traffic.requests += 1;
+        g.traffic.bytes_sent += n;
+    }
+
+    fn count_answer<T: serde::Serialize>(&self, resp: &T) {
+        let n = serde_json::to_vec(resp).map_or(0, |v| v.len() as u64);
+        lock(&self.inner).traffic.bytes_received += n;
+    }
+
+    /// The cloud's side of a reconcile: `truth` (live entities in scope) against `entries`.
+    fn compare(
+        truth: &BTreeMap<&String, &Entity>,
+        entries: &[ManifestEntry],
+        mode: ReconcileMode,
+        version: i64,
+        range: KeyRange,
+    ) -> ReconcileResponse {
+        let mut summary = ReconcileSummary {
+            checked: entries.len() as i64,
+            ..ReconcileSummary::default()
+        };
+        let mut plan = ReconcilePlan::default();
+        let mut held = BTreeSet::new();
+        for m in entries {
+            let key = EntityKey::new(&m.entity_type, &m.id).to_string();
+            held.insert(key.clone());
+            match truth.get(&key) {
+                Some(e) if e.hash == m.hash && e.version == m.version => summary.unchanged += 1,
+                Some(e) => plan.upserts.push((*e).clone()),
+                None => plan.deletes.push(EntityRef {
+                    entity_type: m.entity_type.clone(),
+                    id: m.id.clone(),
+                }),
+            }
+        }
+        for (k, e) in truth {
+            if !held.contains(*k) {
+                plan.upserts.push((*e).clone());
+            }
+        }
+        summary.upserts = plan.upserts.len() as i64;
+        summary.deletes = plan.deletes.len() as i64;
+        if mode == ReconcileMode::Verify {
+            plan = ReconcilePlan::default();
+        }
+        ReconcileResponse {
+            catalog_version: version,
+            range,
+            summary,
+            plan,
+        }
+    }
+
     fn rejected(status: u16, code: ErrorCode, message: &str, reason: Option<&str>) -> CloudError {
         CloudError::Rejected {
             status,
@@ -880,7 +984,62 @@ impl CloudApi for FakeCloud {
         })
     }
 
+    fn reconcile_traffic(&self) -> Traffic {
+        lock(&self.inner).traffic
+    }
+
+    async fn fingerprints(
+        &self,
+        req: &FingerprintRequest,
+    ) -> Result<FingerprintResponse, CloudError> {
+        self.count_traffic(req);
+        self.begin(Endpoint::Fingerprints)?;
+        if self.old_cloud.load(Ordering::SeqCst) {
+            return Err(Self::not_found());
+        }
+        let g = lock(&self.inner);
+        let mut tree = FingerprintTree::default();
+        for (k, e) in g.entities.iter().filter(|(_, e)| !e.deleted) {
+            tree.add(k, e.version, &e.hash);
+        }
+        let resp = FingerprintResponse {
+            catalog_version: g.version,
+            nodes: req.nodes.iter().map(|n| tree.fingerprint(*n)).collect(),
+        };
+        drop(g);
+        self.count_answer(&resp);
+        Ok(resp)
+    }
+
+    async fn reconcile_leaves(
+        &self,
+        req: &LeafReconcileRequest,
+    ) -> Result<ReconcileResponse, CloudError> {
+        self.count_traffic(req);
+        self.begin(Endpoint::ReconcileLeaves)?;
+        if self.old_cloud.load(Ordering::SeqCst) {
+            return Err(Self::not_found());
+        }
+        let g = lock(&self.inner);
+        let truth: BTreeMap<&String, &Entity> = g
+            .entities
+            .iter()
+            .filter(|(k, e)| !e.deleted && req.leaves.contains(&leaf_of(k)))
+            .collect();
+        let resp = Self::compare(
+            &truth,
+            &req.entries,
+            req.mode,
+            g.version,
+            KeyRange::default(),
+        );
+        drop(g);
+        self.count_answer(&resp);
+        Ok(resp)
+    }
+
     async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError> {
+        self.count_traffic(req);
         lock(&self.inner)
             .reconcile_requests
             .push((req.mode, req.range.clone(), req.entries.len()));
@@ -899,40 +1058,10 @@ impl CloudApi for FakeCloud {
             .iter()
             .filter(|(k, e)| !e.deleted && req.range.contains(k))
             .collect();
-        let mut summary = ReconcileSummary {
-            checked: req.entries.len() as i64,
-            ..ReconcileSummary::default()
-        };
-        let mut plan = ReconcilePlan::default();
-        let mut held = BTreeSet::new();
-        for m in &req.entries {
-            let key = EntityKey::new(&m.entity_type, &m.id).to_string();
-            held.insert(key.clone());
-            match truth.get(&key) {
-                Some(e) if e.hash == m.hash && e.version == m.version => summary.unchanged += 1,
-                Some(e) => plan.upserts.push((*e).clone()),
-                None => plan.deletes.push(EntityRef {
-                    entity_type: m.entity_type.clone(),
-                    id: m.id.clone(),
-                }),
-            }
-        }
-        for (k, e) in &truth {
-            if !held.contains(*k) {
-                plan.upserts.push((*e).clone());
-            }
-        }
-        summary.upserts = plan.upserts.len() as i64;
-        summary.deletes = plan.deletes.len() as i64;
-        if req.mode == ReconcileMode::Verify {
-            plan = ReconcilePlan::default();
-        }
-        Ok(ReconcileResponse {
-            catalog_version: g.version,
-            range: req.range.clone(),
-            summary,
-            plan,
-        })
+        let resp = Self::compare(&truth, &req.entries, req.mode, g.version, req.range.clone());
+        drop(g);
+        self.count_answer(&resp);
+        Ok(resp)
     }
 
     async fn post_events(

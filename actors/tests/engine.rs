@@ -5,6 +5,7 @@
 
 use possync_actors::backoff::BackoffPolicy;
 use possync_actors::outbox::ATTEMPTS_EXHAUSTED;
+use possync_actors::reconcile::VerifyMethod;
 use possync_actors::testing::{
     entity, eventually, sale_event, world, CloudFault, Endpoint, FakeCloud, ManualClock,
     MemoryStore, StoreFault, StoreOp,
@@ -619,6 +620,8 @@ async fn synced_catalog(n: usize) -> (Arc<MemoryStore>, Arc<FakeCloud>, Engine) 
 #[tokio::test]
 async fn verify_reports_drift_and_changes_nothing_then_apply_repairs_it() {
     let (store, cloud, engine) = synced_catalog(10).await;
+    // A cloud from before the fingerprint routes: the manifest walk, range by range.
+    cloud.act_as_old_cloud(true);
     // local tampering: one changed, one missing, one that the cloud never had
     store.tamper_put(entity(
         "product",
@@ -634,9 +637,15 @@ async fn verify_reports_drift_and_changes_nothing_then_apply_repairs_it() {
         .reconcile(ReconcileAction::Verify)
         .await
         .expect("verify");
+    assert_eq!(report.method, VerifyMethod::Manifest);
     assert_eq!(report.upserts, 2, "{report:?}");
     assert_eq!(report.deletes, 1);
     assert_eq!(report.checked, 10);
+    assert_eq!(
+        report.round_trips,
+        cloud.reconcile_requests().len() as u64 + 1,
+        "every range, plus the refused fingerprint request"
+    );
     assert!(!report.applied);
     assert_eq!(report.catalog_version, Some(10));
     assert_eq!(store.entities(), before, "verify changed nothing");
@@ -671,6 +680,7 @@ async fn verify_reports_drift_and_changes_nothing_then_apply_repairs_it() {
 async fn manifest_too_large_shrinks_the_range() {
     let store = Arc::new(MemoryStore::new());
     let cloud = Arc::new(FakeCloud::new().with_max_manifest_entries(3));
+    cloud.act_as_old_cloud(true);
     cloud.seed_products(10);
     let mut cfg = config();
     cfg.reconcile_range_entries = 8;
@@ -851,5 +861,85 @@ async fn shutdown_mid_flush_leaves_rows_in_flight_and_the_next_start_delivers_th
     })
     .await;
     assert_eq!(cloud.stored_events(), 3);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn fingerprint_verify_finds_each_kind_of_tampering_in_a_few_round_trips() {
+    let (store, cloud, engine) = synced_catalog(300).await;
+    let clean = engine
+        .reconcile(ReconcileAction::Verify)
+        .await
+        .expect("verify");
+    assert_eq!(clean.method, VerifyMethod::Fingerprints);
+    assert_eq!((clean.upserts, clean.deletes, clean.unchanged), (0, 0, 300));
+    assert_eq!(
+        clean.round_trips, 1,
+        "no drift: one request of 16 fingerprints"
+    );
+    assert!(clean.bytes_sent > 0 && clean.bytes_received > 0);
+    assert_eq!(cloud.calls(Endpoint::Reconcile), 0, "no manifest sent");
+
+    // an edited row, a deleted row, an extra row, a row with a forged newer version
+    store.tamper_put(entity(
+        "product",
+        "p00002",
+        2,
+        serde_json::json!({"name": "tampered"}),
+    ));
+    store.tamper_remove("product/p00005");
+    store.tamper_put(entity("product", "zzz", 1, serde_json::json!({})));
+    let mut forged = store.entities()["product/p00009"].clone();
+    forged.version += 1000;
+    store.tamper_put(forged);
+    let before = store.entities();
+    let report = engine
+        .reconcile(ReconcileAction::Verify)
+        .await
+        .expect("verify");
+    assert_eq!(report.method, VerifyMethod::Fingerprints);
+    assert_eq!((report.upserts, report.deletes), (3, 1), "{report:?}");
+    assert!(report.round_trips <= 6, "{report:?}");
+    assert_eq!(store.entities(), before, "verify changed nothing");
+    assert_eq!(cloud.calls(Endpoint::Reconcile), 0);
+
+    let applied = engine
+        .reconcile(ReconcileAction::Apply)
+        .await
+        .expect("apply");
+    assert!(applied.applied);
+    assert_eq!((applied.upserts, applied.deletes), (3, 1));
+    assert!(catalog_matches(&store, &cloud));
+    let again = engine
+        .reconcile(ReconcileAction::Verify)
+        .await
+        .expect("verify");
+    assert_eq!((again.upserts, again.deletes, again.unchanged), (0, 0, 300));
+    assert_eq!(again.round_trips, 1);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_scheduled_verify_runs_by_itself_and_reports_drift_on_status_and_metrics() {
+    let store = Arc::new(MemoryStore::new());
+    let cloud = Arc::new(FakeCloud::new());
+    cloud.seed_products(20);
+    let mut cfg = config();
+    cfg.verify_every = Some(Duration::from_millis(200));
+    let registry = Registry::new();
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &registry).await;
+    eventually("snapshot complete", || version(&store) == Some(20)).await;
+    store.tamper_remove("product/p00003");
+    eventually("a scheduled verify saw the drift", || {
+        engine
+            .status()
+            .last_verify
+            .is_some_and(|v| v.scheduled && v.drift_entities == Some(1) && v.round_trips > 0)
+    })
+    .await;
+    assert_eq!(metric(&registry, "catalog_drift_entities", None), 1.0);
+    assert!(metric(&registry, "reconcile_bytes_total", None) > 0.0);
+    // verify never repairs: the entity is still missing
+    assert!(!store.entities().contains_key("product/p00003"));
     engine.shutdown().await;
 }

@@ -22,10 +22,7 @@
 //! The cloud runs with its rate limits raised so the snapshot measures sync, not the limiter
 //! (at the default 20 requests/s, 100 pages alone take ≥ 3 s).
 
-mod catalog;
-mod daemon;
-mod enqueue;
-mod stats;
+use possync_bench::{catalog, daemon, enqueue, stats};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -44,6 +44,8 @@ pub struct AppState {
     pub limits: Limits,
     /// `pos_id` → device nonce bindings already confirmed (see `db::devices`).
     pub device_bindings: crate::db::devices::KnownBindings,
+    /// Fingerprint trees per branch view and catalog version.
+    pub fingerprints: crate::fingerprint_cache::FingerprintCache,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ impl AppState {
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
             device_bindings: Default::default(),
+            fingerprints: Default::default(),
         })
     }
 }
@@ -178,6 +181,16 @@ pub fn build(
                     web::resource("/catalog/reconcile")
                         .wrap(Compress::default())
                         .route(web::post().to(catalog_routes::reconcile)),
+                )
+                .service(
+                    web::resource("/catalog/fingerprints")
+                        .wrap(Compress::default())
+                        .route(web::post().to(catalog_routes::fingerprints)),
+                )
+                .service(
+                    web::resource("/catalog/reconcile/leaves")
+                        .wrap(Compress::default())
+                        .route(web::post().to(catalog_routes::reconcile_leaves)),
                 )
                 .route("/sales/events", web::post().to(sales_routes::post_events))
                 .route("/sales/held", web::get().to(sales_routes::held_keys))

@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use possync_protocol::fingerprint::{
+    FingerprintRequest, FingerprintResponse, LeafReconcileRequest, MAX_NODES_PER_REQUEST,
+};
 use possync_protocol::{ReconcileMode, ReconcileRequest, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
 
 use crate::app::AppState;
@@ -15,6 +18,7 @@ use crate::body::{is_json, read_limited};
 use crate::db::catalog::{self, CatalogError};
 use crate::db::StoreError;
 use crate::error::ApiError;
+use crate::fingerprint_cache::CachedTree;
 
 /// Which route a catalog failure happened on, to pick its stable code.
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +179,132 @@ pub async fn reconcile(
     let mode_label = match mode {
         ReconcileMode::Verify => "verify",
         ReconcileMode::Plan => "plan",
+    };
+    state
+        .metrics
+        .reconcile_runs
+        .with_label_values(&[mode_label])
+        .inc();
+    tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
+        mode = mode_label, checked = answer.summary.checked, upserts = answer.summary.upserts,
+        deletes = answer.summary.deletes, "reconcile");
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// Reads a JSON body of the reconcile family (size-limited, `application/json`).
+async fn reconcile_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<T, ApiError> {
+    let route = Route::Reconcile;
+    let max_entries = state.limits.manifest_max_entries;
+    let max_bytes = state.limits.max_body_bytes;
+    if !is_json(req) {
+        return Err(route.bad_request("content-type must be application/json".into()));
+    }
+    let body = read_limited(
+        req,
+        payload,
+        max_bytes,
+        || ApiError::ManifestTooLarge {
+            max_entries,
+            max_bytes,
+        },
+        |e| route.bad_request(format!("could not read body: {e}")),
+    )
+    .await?;
+    serde_json::from_slice(&body).map_err(|e| route.bad_request(format!("body is not valid: {e}")))
+}
+
+/// `POST /v1/pos/catalog/fingerprints`: fingerprints of nodes of this branch's catalog view
+/// (the O(changed) verify; docs/api.md). Served from the per-version tree cache: the database
+/// is read for the tree only once per branch view and catalog version.
+pub async fn fingerprints(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route::Reconcile;
+    let max_bytes = state.limits.max_body_bytes;
+    let ask: FingerprintRequest = reconcile_body(&state, &req, payload).await?;
+    if ask.nodes.is_empty() || ask.nodes.len() > MAX_NODES_PER_REQUEST {
+        return Err(route.bad_request(format!(
+            "nodes must name 1 to {MAX_NODES_PER_REQUEST} nodes"
+        )));
+    }
+    if let Some(bad) = ask.nodes.iter().find(|n| !n.is_valid()) {
+        return Err(route.bad_request(format!(
+            "node level {} index {} does not exist",
+            bad.level, bad.index
+        )));
+    }
+    let branch = terminal.0.branch_id.clone();
+    let version = state
+        .db
+        .run(catalog::current_version)
+        .await
+        .map_err(|e| route.map(e, max_bytes))?;
+    let cached = match state.fingerprints.get(&branch, version) {
+        Some(t) => t,
+        None => {
+            let b = branch.clone();
+            let (version, tree) = state
+                .db
+                .run(move |conn| catalog::fingerprint_tree(conn, &b))
+                .await
+                .map_err(|e| route.map(e, max_bytes))?;
+            state.metrics.fingerprint_tree_builds.inc();
+            let t = std::sync::Arc::new(CachedTree { version, tree });
+            state.fingerprints.put(&branch, t.clone());
+            t
+        }
+    };
+    let nodes = ask
+        .nodes
+        .iter()
+        .map(|n| cached.tree.fingerprint(*n))
+        .collect();
+    state
+        .metrics
+        .reconcile_runs
+        .with_label_values(&["fingerprints"])
+        .inc();
+    Ok(HttpResponse::Ok().json(FingerprintResponse {
+        catalog_version: cached.version,
+        nodes,
+    }))
+}
+
+/// `POST /v1/pos/catalog/reconcile/leaves`: verify or plan the leaves a fingerprint descent
+/// found different.
+pub async fn reconcile_leaves(
+    state: web::Data<AppState>,
+    terminal: Terminal,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route::Reconcile;
+    let max_entries = state.limits.manifest_max_entries;
+    let max_bytes = state.limits.max_body_bytes;
+    let ask: LeafReconcileRequest = reconcile_body(&state, &req, payload).await?;
+    if ask.entries.len() > max_entries {
+        return Err(ApiError::ManifestTooLarge {
+            max_entries,
+            max_bytes,
+        });
+    }
+    let mode = ask.mode;
+    let branch = terminal.0.branch_id.clone();
+    let answer = state
+        .db
+        .run(move |conn| catalog::reconcile_leaves(conn, &branch, &ask, max_entries))
+        .await
+        .map_err(|e| route.map(e, max_bytes))?;
+    let mode_label = match mode {
+        ReconcileMode::Verify => "verify_leaves",
+        ReconcileMode::Plan => "plan_leaves",
     };
     state
         .metrics

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod fingerprint_cache;
 pub mod ingest;
 pub mod metrics;
 pub mod rate_limit;

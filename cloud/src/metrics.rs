@@ -32,6 +32,9 @@ pub struct Metrics {
     pub ingest_batch_size: Histogram,
     /// Tombstones removed by the retention task.
     pub tombstones_purged: IntCounter,
+    /// Fingerprint trees built from the database (one per branch view and catalog version;
+    /// every other fingerprint request is served from memory).
+    pub fingerprint_tree_builds: IntCounter,
     /// Signs that one `pos_id` is used by two databases (a cloned disk, a restored backup), by
     /// how it showed: `device` (a second device nonce; the events were refused with
     /// `POS_SYNC_POS_CLONED`) or `payload` (a key came again with a different payload).
@@ -122,6 +125,14 @@ impl Metrics {
             )
             .unwrap_or_else(|_| unreachable_metric("ingest_batch_size")),
         );
+        let fingerprint_tree_builds = reg(
+            &r,
+            IntCounter::new(
+                "fingerprint_tree_builds",
+                "Catalog fingerprint trees built from the database",
+            )
+            .unwrap_or_else(|_| unreachable_metric("fingerprint_tree_builds")),
+        );
         let tombstones_purged = reg(
             &r,
             IntCounter::new("tombstones_purged", "Tombstones removed by retention")
@@ -168,6 +179,7 @@ impl Metrics {
             branch_actors,
             ingest_batch_size,
             tombstones_purged,
+            fingerprint_tree_builds,
             pos_identity_conflicts,
         }
     }
@@ -220,6 +232,7 @@ mod tests {
             "branch_actors",
             "ingest_batch_size_bucket",
             "tombstones_purged",
+            "fingerprint_tree_builds",
             "pos_identity_conflicts",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

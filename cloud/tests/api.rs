@@ -42,6 +42,7 @@ on_both_backends!(
     snapshot_pages_are_branch_scoped_and_resumable,
     delta_is_branch_scoped_with_tombstones_and_410_after_purge,
     reconcile_verify_plan_and_limits,
+    fingerprints_are_cached_per_version_and_validated,
     terminal_rate_limit_answers_429_with_retry_after,
     address_rate_limit_applies_before_auth,
     concurrent_duplicates_over_separate_connections_store_once,
@@ -72,6 +73,88 @@ fn keys_of(entities: &Value) -> Vec<String> {
 
 mod scenarios {
     use super::*;
+
+    /// Two terminals of one branch ask for fingerprints: the tree is read from the database
+    /// once per catalog version; a catalog change moves the answer; bad nodes are 400.
+    pub async fn fingerprints_are_cached_per_version_and_validated(b: Backend) {
+        let env = Env::start(b);
+        env.admin_upsert(json!([
+            entity("product", "p1", None, json!({"name": "Tea"})),
+            entity("product", "p2", None, json!({"name": "Coffee"})),
+        ]))
+        .await;
+        let (_, t1) = env.terminal("b1");
+        let (_, t2) = env.terminal("b1");
+        let level1: Vec<Value> = (0..16).map(|i| json!({"level": 1, "index": i})).collect();
+        let ask = json!({ "nodes": level1 });
+        let a = json_ok(
+            env.post_json("/v1/pos/catalog/fingerprints", Some(&t1), &ask)
+                .await,
+        )
+        .await;
+        let b2 = json_ok(
+            env.post_json("/v1/pos/catalog/fingerprints", Some(&t2), &ask)
+                .await,
+        )
+        .await;
+        assert_eq!(a, b2);
+        assert_eq!(a["nodes"].as_array().map(Vec::len), Some(16));
+        let total: u64 = a["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["count"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(total, 2);
+        let metrics = env
+            .get("/metrics", None)
+            .await
+            .text()
+            .await
+            .expect("metrics");
+        assert!(
+            metrics.contains("fingerprint_tree_builds 1"),
+            "one build for two terminals: {metrics}"
+        );
+        env.admin_upsert(json!([entity(
+            "product",
+            "p3",
+            None,
+            json!({"name": "Milk"})
+        )]))
+        .await;
+        let c = json_ok(
+            env.post_json("/v1/pos/catalog/fingerprints", Some(&t1), &ask)
+                .await,
+        )
+        .await;
+        assert_ne!(a["catalog_version"], c["catalog_version"]);
+        assert_ne!(a["nodes"], c["nodes"]);
+        for bad in [
+            json!({"nodes": []}),
+            json!({"nodes": [{"level": 4, "index": 0}]}),
+            json!({"nodes": [{"level": 1, "index": 16}]}),
+        ] {
+            expect_error(
+                env.post_json("/v1/pos/catalog/fingerprints", Some(&t1), &bad)
+                    .await,
+                400,
+                "POS_CATALOG_RECONCILE_FAILED",
+            )
+            .await;
+        }
+        expect_error(
+            env.post_json(
+                "/v1/pos/catalog/reconcile/leaves",
+                Some(&t1),
+                &json!({"mode": "verify", "leaves": [5000], "entries": []}),
+            )
+            .await,
+            400,
+            "POS_CATALOG_RECONCILE_FAILED",
+        )
+        .await;
+    }
 
     pub async fn health_readiness_metrics_and_request_ids(b: Backend) {
         let env = Env::start(b);

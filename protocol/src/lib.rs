@@ -10,6 +10,7 @@
 
 pub mod catalog;
 pub mod error;
+pub mod fingerprint;
 pub mod sales;
 
 pub use catalog::*;

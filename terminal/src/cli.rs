@@ -217,6 +217,10 @@ pub struct RunArgs {
     /// re-enrollment), in milliseconds.
     #[arg(long, env = "POSSYNC_CARRY_OVER_INTERVAL_MS")]
     pub carry_over_interval_ms: Option<u64>,
+    /// Automatic catalog verify period in seconds (default 86400: nightly, the first one at a
+    /// random point of the first day); 0 turns it off.
+    #[arg(long, env = "POSSYNC_VERIFY_EVERY_S")]
+    pub verify_every_s: Option<u64>,
 }
 
 impl RunArgs {
@@ -242,6 +246,9 @@ impl RunArgs {
         }
         if let Some(ms) = self.carry_over_interval_ms {
             t.carry_over_interval = Duration::from_millis(ms.max(1));
+        }
+        if let Some(s) = self.verify_every_s {
+            t.verify_every = (s > 0).then(|| Duration::from_secs(s));
         }
         t
     }

@@ -8,7 +8,10 @@
 //! line on the terminal can be matched with the cloud's.
 
 use async_trait::async_trait;
-use possync_actors::{CloudApi, CloudError};
+use possync_actors::{CloudApi, CloudError, Traffic};
+use possync_protocol::fingerprint::{
+    FingerprintRequest, FingerprintResponse, LeafReconcileRequest,
+};
 use possync_protocol::{
     DeltaPage, ErrorCode, ErrorEnvelope, HeldKeysPage, ReconcileRequest, ReconcileResponse,
     SaleEvent, SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus,
@@ -49,6 +52,10 @@ pub struct CloudTarget {
 #[derive(Clone)]
 pub struct HttpCloud {
     client: reqwest::Client,
+    /// Without transparent decompression: the reconcile family counts its wire bytes.
+    wire: reqwest::Client,
+    /// Requests and wire bytes of the reconcile family (see [`CloudApi::reconcile_traffic`]).
+    traffic: Arc<std::sync::Mutex<Traffic>>,
     /// Shared by every clone, so a reloaded token serves the whole engine at once.
     target: Arc<RwLock<CloudTarget>>,
     /// Reads the enrollment saved now (e.g. by `terminal token set` in another process).
@@ -105,8 +112,17 @@ impl HttpCloud {
             .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
+        let wire = reqwest::Client::builder()
+            .connect_timeout(connect)
+            .timeout(request)
+            .no_gzip()
+            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
         Ok(HttpCloud {
             client,
+            wire,
+            traffic: Arc::default(),
             target: Arc::new(RwLock::new(CloudTarget {
                 base_url: target.base_url.trim_end_matches('/').to_string(),
                 token: target.token,
@@ -295,6 +311,77 @@ impl HttpCloud {
         result
     }
 
+    /// A `POST` of the reconcile family: JSON body, gzip answer decoded here, both sizes
+    /// counted as they crossed the wire.
+    async fn call_counted<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        route: &'static str,
+        body: &B,
+    ) -> Result<T, CloudError> {
+        let started = Instant::now();
+        let target = self.current();
+        let url = format!("{}{}{}", target.base_url, POS_API_PREFIX, route);
+        let request_id = Uuid::now_v7().to_string();
+        let json = serde_json::to_vec(body)
+            .map_err(|e| CloudError::BadResponse(format!("encoding {route}: {e}")))?;
+        let sent = json.len() as u64;
+        let result = async {
+            let resp = self
+                .wire
+                .post(&url)
+                .bearer_auth(&target.token)
+                .header(REQUEST_ID_HEADER, &request_id)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+                .body(json)
+                .send()
+                .await
+                .map_err(|e| CloudError::Unreachable(describe(&e)))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let raw = resp.bytes().await.map_err(|e| {
+                CloudError::Unreachable(format!("reading response: {}", describe(&e)))
+            })?;
+            {
+                let mut t = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+                t.requests += 1;
+                t.bytes_sent += sent;
+                t.bytes_received += raw.len() as u64;
+            }
+            let gzipped = headers
+                .get(reqwest::header::CONTENT_ENCODING)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+            let body = if gzipped {
+                let mut out = Vec::with_capacity(raw.len() * 4);
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out)
+                    .map_err(|e| CloudError::BadResponse(format!("{route}: bad gzip: {e}")))?;
+                out
+            } else {
+                raw.to_vec()
+            };
+            if status.is_success() {
+                serde_json::from_slice(&body)
+                    .map_err(|e| CloudError::BadResponse(format!("POST {route}: {e}")))
+            } else {
+                Err(rejection(status, &headers, &body))
+            }
+        }
+        .await;
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.code_str(),
+            };
+            m.requests
+                .with_label_values(&[route, outcome.as_str()])
+                .inc();
+            m.seconds
+                .with_label_values(&[route])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
     async fn call_once<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         target: &CloudTarget,
@@ -433,8 +520,25 @@ impl CloudApi for HttpCloud {
     }
 
     async fn reconcile(&self, req: &ReconcileRequest) -> Result<ReconcileResponse, CloudError> {
-        self.call(Method::POST, "/catalog/reconcile", &[], Some(req), None)
-            .await
+        self.call_counted("/catalog/reconcile", req).await
+    }
+
+    async fn fingerprints(
+        &self,
+        req: &FingerprintRequest,
+    ) -> Result<FingerprintResponse, CloudError> {
+        self.call_counted("/catalog/fingerprints", req).await
+    }
+
+    async fn reconcile_leaves(
+        &self,
+        req: &LeafReconcileRequest,
+    ) -> Result<ReconcileResponse, CloudError> {
+        self.call_counted("/catalog/reconcile/leaves", req).await
+    }
+
+    fn reconcile_traffic(&self) -> Traffic {
+        *self.traffic.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn post_events(

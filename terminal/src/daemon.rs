@@ -59,6 +59,8 @@ pub struct Tuning {
     pub max_attempts: u32,
     /// Pause between carry-over passes (fork after a clone, re-key after a re-enrollment).
     pub carry_over_interval: Duration,
+    /// Automatic catalog verify period (`None`: only on demand).
+    pub verify_every: Option<Duration>,
 }
 
 /// Default pause between carry-over passes: a pass with nothing to do is one local query.
@@ -75,6 +77,7 @@ impl Default for Tuning {
             backoff_cap: e.backoff.cap,
             max_attempts: e.backoff.max_attempts,
             carry_over_interval: DEFAULT_CARRY_OVER_INTERVAL,
+            verify_every: e.verify_every,
         }
     }
 }
@@ -105,6 +108,7 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
         },
         terminal_id,
         branch_id,
+        verify_every: t.verify_every,
         ..EngineConfig::default()
     }
 }

@@ -162,6 +162,17 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(report["applied"], false, "{report}");
     assert_eq!(report["upserts"], 2, "p1 differs, p3 missing: {report}");
     assert_eq!(report["deletes"], 1, "p9 unknown to the cloud: {report}");
+    assert_eq!(report["method"], "fingerprints", "{report}");
+    assert!(
+        report["round_trips"]
+            .as_u64()
+            .is_some_and(|n| (2..=8).contains(&n)),
+        "{report}"
+    );
+    assert!(
+        report["bytes_received"].as_u64().is_some_and(|n| n > 0),
+        "{report}"
+    );
     assert_eq!(product_name(&db, "p1").as_deref(), Some("Tampered"));
     assert_eq!(product_name(&db, "p9").as_deref(), Some("Ghost"));
 
@@ -183,6 +194,10 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
         shown.contains("upserts 2, deletes 1"),
         "page shows: {shown}"
     );
+    assert!(
+        shown.contains("round trips") && shown.contains("B received by fingerprints"),
+        "page shows the cost: {shown}"
+    );
     session.close().await;
     drop(driver);
     assert_eq!(product_name(&db, "p1").as_deref(), Some("Tampered"));
@@ -198,6 +213,10 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(code, 200);
     assert_eq!(again["upserts"], 0, "{again}");
     assert_eq!(again["deletes"], 0, "{again}");
+    assert_eq!(
+        again["round_trips"], 1,
+        "nothing drifted: one round trip: {again}"
+    );
 
     // A second daemon on the same data dir is refused.
     let (ok, _, err) = terminal_cli(dir.path(), &["run", "--status-bind", "127.0.0.1:0"]);

@@ -39,10 +39,13 @@ use std::collections::{HashMap, HashSet};
 use base64::Engine as _;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
+use possync_protocol::fingerprint::{
+    leaf_of, FingerprintTree, LeafReconcileRequest, LEAVES, MAX_LEAVES_PER_RECONCILE,
+};
 use possync_protocol::{
     entity_hash, valid_branch_id, valid_entity_id, valid_entity_type, DeltaPage, Entity, EntityKey,
-    EntityRef, ReconcileMode, ReconcilePlan, ReconcileRequest, ReconcileResponse, ReconcileSummary,
-    SnapshotPage, MAX_PAGE_LIMIT,
+    EntityRef, KeyRange, ReconcileMode, ReconcilePlan, ReconcileRequest, ReconcileResponse,
+    ReconcileSummary, SnapshotPage, MAX_PAGE_LIMIT,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -233,6 +236,17 @@ for_each_backend! {
     /// Writes rows (insert or replace by key).
     pub(super) fn put_many(c: &mut Conn, rows: &[EntityRow]) -> QueryResult<()> {
         PutRows::put_rows(c, rows)
+    }
+
+    /// `(type, id, version, hash)` of every live entity visible to `branch`: what a
+    /// fingerprint tree is built from (no `data`, so 100 000 rows stay a few megabytes).
+    pub(super) fn live_digests(c: &mut Conn, branch: &str) -> QueryResult<Vec<(String, String, i64, String)>> {
+        use catalog_entities::dsl as e;
+        e::catalog_entities
+            .filter(e::deleted.eq(false))
+            .filter(visible_to(branch))
+            .select((e::entity_type, e::entity_id, e::version, e::hash))
+            .load(c)
     }
 
     pub(super) fn count_visible(c: &mut Conn, branch: &str) -> QueryResult<i64> {
@@ -817,6 +831,123 @@ pub fn reconcile(
         range: req.range.clone(),
         summary,
         plan,
+    })
+}
+
+/// `(type, id, version, hash)` of one live entity.
+type Digest = (String, String, i64, String);
+
+/// The fingerprint tree of `branch_id`'s catalog view and the version it was read at (one
+/// read-only transaction, so the tree is exactly that version's).
+pub fn fingerprint_tree(
+    conn: &mut DbConn,
+    branch_id: &str,
+) -> Result<(i64, FingerprintTree), CatalogError> {
+    let (version, rows) = read_txn!(conn, |c, m| -> Result<(i64, Vec<Digest>), CatalogError> {
+        let (version, _) = m::read_counter(c)?;
+        Ok((version, m::live_digests(c, branch_id)?))
+    })?;
+    let mut tree = FingerprintTree::default();
+    for (t, id, v, h) in rows {
+        tree.add(EntityKey::new(&t, &id).as_str(), v, &h);
+    }
+    Ok((version, tree))
+}
+
+/// A reconcile scoped to fingerprint leaves (`POST /v1/pos/catalog/reconcile/leaves`): the
+/// terminal's `entries` must all lie in `leaves`; the answer compares them with the live
+/// entities of `branch_id` in those leaves. Unlike the range reconcile, an entry equal in
+/// hash but not in version is an upsert too (a forged version is drift). The plan's range
+/// is the whole key space (its upserts and deletes name their keys).
+pub fn reconcile_leaves(
+    conn: &mut DbConn,
+    branch_id: &str,
+    req: &LeafReconcileRequest,
+    max_entries: usize,
+) -> Result<ReconcileResponse, CatalogError> {
+    if req.entries.len() > max_entries {
+        return Err(CatalogError::ManifestTooLarge { max_entries });
+    }
+    if req.leaves.is_empty() || req.leaves.len() > MAX_LEAVES_PER_RECONCILE {
+        return Err(CatalogError::BadManifest(format!(
+            "leaves must name 1 to {MAX_LEAVES_PER_RECONCILE} leaves"
+        )));
+    }
+    let leaves: HashSet<u32> = req.leaves.iter().copied().collect();
+    if let Some(bad) = leaves.iter().find(|l| **l >= LEAVES) {
+        return Err(CatalogError::BadManifest(format!(
+            "leaf {bad} does not exist"
+        )));
+    }
+    let mut held: HashMap<EntityKey, (i64, &str)> = HashMap::with_capacity(req.entries.len());
+    for e in &req.entries {
+        if !valid_entity_type(&e.entity_type) || !valid_entity_id(&e.id) {
+            return Err(CatalogError::BadManifest(format!(
+                "entry {:?}/{:?} is not a valid key",
+                e.entity_type, e.id
+            )));
+        }
+        let key = EntityKey::new(&e.entity_type, &e.id);
+        if !leaves.contains(&leaf_of(key.as_str())) {
+            return Err(CatalogError::BadManifest(format!(
+                "entry {key} lies outside the leaves"
+            )));
+        }
+        if held
+            .insert(key.clone(), (e.version, e.hash.as_str()))
+            .is_some()
+        {
+            return Err(CatalogError::BadManifest(format!(
+                "entry {key} appears twice"
+            )));
+        }
+    }
+    read_txn!(conn, |c, m| -> Result<ReconcileResponse, CatalogError> {
+        let (catalog_version, _) = m::read_counter(c)?;
+        let mut summary = ReconcileSummary::default();
+        let mut stale: HashSet<(String, String)> = HashSet::new();
+        let mut truth_keys: HashSet<EntityKey> = HashSet::new();
+        for (t, id, version, hash) in m::live_digests(c, branch_id)? {
+            let key = EntityKey::new(&t, &id);
+            if !leaves.contains(&leaf_of(key.as_str())) {
+                continue;
+            }
+            if held.get(&key) == Some(&(version, hash.as_str())) {
+                summary.unchanged += 1;
+            } else {
+                summary.upserts += 1;
+                stale.insert((t, id));
+            }
+            truth_keys.insert(key);
+        }
+        let mut plan = ReconcilePlan::default();
+        if req.mode == ReconcileMode::Plan && !stale.is_empty() {
+            for row in m::existing(c, &stale)? {
+                plan.upserts.push(row.into_entity()?);
+            }
+            plan.upserts.sort_by_key(Entity::key);
+        }
+        let mut gone: Vec<EntityRef> = req
+            .entries
+            .iter()
+            .filter(|e| !truth_keys.contains(&EntityKey::new(&e.entity_type, &e.id)))
+            .map(|e| EntityRef {
+                entity_type: e.entity_type.clone(),
+                id: e.id.clone(),
+            })
+            .collect();
+        gone.sort_by(|a, b| (&a.entity_type, &a.id).cmp(&(&b.entity_type, &b.id)));
+        summary.deletes = gone.len() as i64;
+        if req.mode == ReconcileMode::Plan {
+            plan.deletes = gone;
+        }
+        summary.checked = summary.unchanged + summary.upserts + summary.deletes;
+        Ok(ReconcileResponse {
+            catalog_version,
+            range: KeyRange::default(),
+            summary,
+            plan,
+        })
     })
 }
 

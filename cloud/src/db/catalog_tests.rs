@@ -945,3 +945,137 @@ fn seeded_interleavings_of_writes_snapshot_and_delta_converge_to_the_truth() {
         }
     });
 }
+
+/// The fingerprint tree and the leaf reconcile, against a terminal's view built the same way:
+/// equal catalogs have equal trees; each kind of drift (edit, missing, extra, forged version)
+/// is found in its leaf and planned exactly; other branches' entities never count.
+#[test]
+fn fingerprints_and_leaf_reconcile_find_drift_in_its_leaf() {
+    use possync_protocol::fingerprint::{
+        leaf_of, next_step, FingerprintTree, LeafReconcileRequest, NodeId,
+    };
+    each_backend(|db| {
+        let mut c = conn(db);
+        let writes: Vec<EntityWrite> = (0..200)
+            .map(|i| {
+                write(
+                    "product",
+                    &format!("p{i:03}"),
+                    None,
+                    json!({"name": format!("P{i}")}),
+                )
+            })
+            .chain([write("price", "x", Some("b2"), json!({"amount_minor": 1}))])
+            .collect();
+        let stored = upsert_entities(&mut c, &writes).expect("upsert");
+        let (version, tree) = fingerprint_tree(&mut c, "b1").expect("tree");
+        assert_eq!(version, 201);
+        assert_eq!(tree.count(), 200, "b2's price is not in b1's view");
+
+        // The terminal's copy: identical, then tampered four ways.
+        let mut held: Vec<(String, String, i64, String)> = stored
+            .iter()
+            .filter(|e| e.branch_id.is_none())
+            .map(|e| {
+                (
+                    e.entity_type.clone(),
+                    e.id.clone(),
+                    e.version,
+                    e.hash.clone(),
+                )
+            })
+            .collect();
+        let build = |rows: &[(String, String, i64, String)]| {
+            let mut t = FingerprintTree::default();
+            for (ty, id, v, h) in rows {
+                t.add(&format!("{ty}/{id}"), *v, h);
+            }
+            t
+        };
+        assert_eq!(build(&held), tree);
+        held[3].3 = "edited".into();
+        held[7].2 += 500;
+        let removed = held.remove(11);
+        held.push(("product".into(), "zzz".into(), 1, "h".into()));
+        let local = build(&held);
+
+        let mut ask = NodeId::ROOT.children();
+        let mut leaves = Vec::new();
+        while !ask.is_empty() {
+            let remote: Vec<_> = ask.iter().map(|n| tree.fingerprint(*n)).collect();
+            let (next, found) = next_step(&local, &remote);
+            leaves.extend(found);
+            ask = next;
+        }
+        let mut expected: Vec<u32> = ["product/p003", "product/p007", "product/zzz"]
+            .iter()
+            .map(|k| leaf_of(k))
+            .chain([leaf_of(&format!("product/{}", removed.1))])
+            .collect();
+        expected.sort_unstable();
+        expected.dedup();
+        leaves.sort_unstable();
+        assert_eq!(leaves, expected);
+
+        let entries: Vec<ManifestEntry> = held
+            .iter()
+            .filter(|(t, id, _, _)| leaves.contains(&leaf_of(&format!("{t}/{id}"))))
+            .map(|(t, id, v, h)| ManifestEntry {
+                entity_type: t.clone(),
+                id: id.clone(),
+                version: *v,
+                hash: h.clone(),
+            })
+            .collect();
+        let answer = reconcile_leaves(
+            &mut c,
+            "b1",
+            &LeafReconcileRequest {
+                mode: ReconcileMode::Plan,
+                leaves: leaves.clone(),
+                entries: entries.clone(),
+            },
+            2000,
+        )
+        .expect("reconcile");
+        let mut upserts: Vec<String> = answer.plan.upserts.iter().map(|e| e.id.clone()).collect();
+        upserts.sort();
+        assert_eq!(
+            upserts,
+            vec!["p003".to_string(), "p007".into(), removed.1.clone()]
+        );
+        assert_eq!(answer.plan.deletes.len(), 1);
+        assert_eq!(answer.plan.deletes[0].id, "zzz");
+        assert_eq!(answer.summary.upserts, 3);
+        assert_eq!(answer.catalog_version, 201);
+
+        // Entries outside the named leaves, or leaves that do not exist, are refused.
+        let outside = leaves
+            .iter()
+            .map(|l| (l + 1) % 4096)
+            .find(|l| !leaves.contains(l))
+            .expect("a leaf");
+        let bad = reconcile_leaves(
+            &mut c,
+            "b1",
+            &LeafReconcileRequest {
+                mode: ReconcileMode::Verify,
+                leaves: vec![outside],
+                entries,
+            },
+            2000,
+        );
+        assert!(matches!(bad, Err(CatalogError::BadManifest(_))), "{bad:?}");
+        let bad = reconcile_leaves(
+            &mut c,
+            "b1",
+            &LeafReconcileRequest {
+                mode: ReconcileMode::Verify,
+                leaves: vec![4096],
+                entries: vec![],
+            },
+            2000,
+        );
+        assert!(matches!(bad, Err(CatalogError::BadManifest(_))), "{bad:?}");
+    });
+}

@@ -209,7 +209,10 @@ function describeReconcile(r) {
     : verb + ": " + (drift === 0 ? "catalog matches the cloud" : drift + " entr" + (drift === 1 ? "y differs" : "ies differ"));
   return head + " (checked " + (r.checked || 0) + ", unchanged " + (r.unchanged || 0) +
     ", upserts " + (r.upserts || 0) + ", deletes " + (r.deletes || 0) +
-    (r.catalog_version == null ? "" : ", catalog v" + r.catalog_version) + ")";
+    (r.catalog_version == null ? "" : ", catalog v" + r.catalog_version) +
+    (r.round_trips == null ? "" : "; cost " + r.round_trips + " round trip" + (r.round_trips === 1 ? "" : "s") +
+      ", " + (r.bytes_sent || 0) + " B sent, " + (r.bytes_received || 0) + " B received" +
+      (r.method ? " by " + r.method : "")) + ")";
 }
 
 async function act(button, path, body, describe) {

@@ -274,6 +274,77 @@ fn split_key(key: &str) -> (&str, &str) {
 
 /// Up to `limit` manifest entries after `after`, in bytewise key order. Because types are
 /// `[a-z_]` and `/` sorts below all of those, `(type, id)` order equals key order.
+/// The hash of stored entity data, recomputed (never read from the `hash` column, which a row
+/// edited behind the store's back keeps).
+fn recomputed_hash(data: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(v) => possync_protocol::entity_hash(&v),
+        Err(_) => format!(
+            "unparseable-{}",
+            possync_protocol::sha256_hex(data.as_bytes())
+        ),
+    }
+}
+
+/// Visits every live entity as `(key, manifest entry)`, hash recomputed from its data. Runs
+/// on its own read-only connection to the database file: under WAL a reader never blocks the
+/// writer, so sales keep committing while a verify reads 100 000 rows.
+fn scan_live_catalog(
+    path: &std::path::Path,
+    mut visit: impl FnMut(&str, ManifestEntry),
+) -> Result<(), TerminalStoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mut stmt = conn.prepare(
+        "SELECT entity_type, entity_id, version, data FROM catalog_entities WHERE deleted = 0",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let entity_type: String = r.get(0)?;
+        let id: String = r.get(1)?;
+        let data: String = r.get(3)?;
+        let key = format!("{entity_type}/{id}");
+        visit(
+            &key,
+            ManifestEntry {
+                entity_type,
+                id,
+                version: r.get(2)?,
+                hash: recomputed_hash(&data),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The fingerprint tree of the local catalog (see `possync_protocol::fingerprint`).
+pub fn fingerprint_tree(
+    path: &std::path::Path,
+) -> Result<possync_protocol::fingerprint::FingerprintTree, TerminalStoreError> {
+    let mut tree = possync_protocol::fingerprint::FingerprintTree::default();
+    scan_live_catalog(path, |key, e| tree.add(key, e.version, &e.hash))?;
+    Ok(tree)
+}
+
+/// The manifest entries of the live entities in `leaves`, in key order.
+pub fn manifest_in_leaves(
+    path: &std::path::Path,
+    leaves: &[u32],
+) -> Result<Vec<ManifestEntry>, TerminalStoreError> {
+    let wanted: std::collections::HashSet<u32> = leaves.iter().copied().collect();
+    let mut out = Vec::new();
+    scan_live_catalog(path, |key, e| {
+        if wanted.contains(&possync_protocol::fingerprint::leaf_of(key)) {
+            out.push(e);
+        }
+    })?;
+    out.sort_by(|a, b| (&a.entity_type, &a.id).cmp(&(&b.entity_type, &b.id)));
+    Ok(out)
+}
+
 pub fn manifest_after(
     conn: &Connection,
     after: Option<&str>,
@@ -284,13 +355,7 @@ pub fn manifest_after(
     // exists to catch local drift, and a row edited behind the store's back keeps its old hash.
     let map = |r: &rusqlite::Row<'_>| {
         let data: String = r.get(4)?;
-        let hash = match serde_json::from_str::<serde_json::Value>(&data) {
-            Ok(v) => possync_protocol::entity_hash(&v),
-            Err(_) => format!(
-                "unparseable-{}",
-                possync_protocol::sha256_hex(data.as_bytes())
-            ),
-        };
+        let hash = recomputed_hash(&data);
         Ok(ManifestEntry {
             entity_type: r.get(0)?,
             id: r.get(1)?,

@@ -31,6 +31,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use possync_actors::{
     CatalogPosition, DeliveryOutcome, LocalStore, OutboxCounts, OutboxItem, StoreError,
 };
+use possync_protocol::fingerprint::FingerprintTree;
 use possync_protocol::{
     DeltaPage, Entity, EventType, KeyRange, ManifestEntry, ReconcilePlan, SalePayload, SnapshotPage,
 };
@@ -482,6 +483,15 @@ impl LocalStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ManifestEntry>, StoreError> {
         Ok(catalog::manifest_after(&self.conn(), after, limit)?)
+    }
+
+    fn fingerprint_tree(&self) -> Result<FingerprintTree, StoreError> {
+        // Not under the store's connection lock: its own read-only connection.
+        Ok(catalog::fingerprint_tree(&self.inner.path)?)
+    }
+
+    fn manifest_in_leaves(&self, leaves: &[u32]) -> Result<Vec<ManifestEntry>, StoreError> {
+        Ok(catalog::manifest_in_leaves(&self.inner.path, leaves)?)
     }
 
     fn apply_reconcile_plan(

@@ -17,7 +17,7 @@ use crate::carry_over;
 use crate::cli::CommandError;
 use crate::cloud_client::{CloudTarget, HttpCloud};
 use crate::status::{LocalApiConfig, StatusServer};
-use crate::store::{Enrollment, SqliteStore};
+use crate::store::{CarryScope, Enrollment, SqliteStore};
 use crate::wiring::{EngineControl, StoreTill};
 
 /// Name of the file, in the data dir, where a running daemon says where its status endpoint
@@ -176,12 +176,18 @@ pub async fn start_engine_with_cloud(
 async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Thorough until one pass succeeded (see `CarryScope::Everything`), then cheap.
+    let mut scope = CarryScope::Everything;
     loop {
         tick.tick().await;
         // A new cloud URL saved by `terminal enroll` is taken here: the old URL may not refuse
         // (which would reload at once), it may simply be gone.
         cloud.refresh().await;
-        match carry_over::settle(&store, &cloud).await {
+        let result = carry_over::settle(&store, &cloud, scope).await;
+        if result.is_ok() {
+            scope = CarryScope::OtherPosIds;
+        }
+        match result {
             Ok(r) if r.forked_to.is_some() || r.carried != Default::default() => {
                 tracing::warn!(
                     posId = ?r.forked_to,

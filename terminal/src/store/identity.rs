@@ -338,25 +338,44 @@ pub fn fork(conn: &mut Connection) -> Result<Option<Uuid>, TerminalStoreError> {
     Ok(Some(to))
 }
 
+/// How far [`carry_candidates`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarryScope {
+    /// Rows of other `pos_id`s only: a column comparison per unsent row, cheap enough for
+    /// every pass even with a long outage's queue. Sufficient because every change of terminal
+    /// or branch starts a new `pos_id` ([`fork_in`] in `save_enrollment`), so rows of the
+    /// current `pos_id` always carry the current terminal and branch.
+    OtherPosIds,
+    /// Also rows of the current `pos_id` stamped with another terminal or branch, which only a
+    /// build from before till identity could leave (it re-enrolled without a new `pos_id`).
+    /// Reads every unsent row's JSON: once per daemon start and per enrollment.
+    Everything,
+}
+
 /// Unsent rows outside the current key space (not `in_flight`: a delivery may be under way),
 /// oldest first. Empty before enrollment.
-pub fn carry_candidates(conn: &Connection) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+pub fn carry_candidates(
+    conn: &Connection,
+    scope: CarryScope,
+) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
     let Some(ks) = key_space(conn)? else {
         return Ok(Vec::new());
     };
+    // Cheap terms first: a row of the current pos_id is looked into (its JSON) only in a
+    // thorough pass, and the inherited list (usually empty) is checked before the event's JSON.
     let mut stmt = conn.prepare_cached(
         "SELECT journal_id, pos_id, local_event_id, event, status, attempts, updated_at
          FROM sync_journal
          WHERE status IN ('pending', 'failed', 'needs_attention')
            AND (pos_id <> ?1
-                OR json_extract(event, '$.terminal_id') IS NOT ?2
-                OR json_extract(event, '$.branch_id') IS NOT ?3)
+                OR (?5 AND (json_extract(event, '$.terminal_id') IS NOT ?2
+                            OR json_extract(event, '$.branch_id') IS NOT ?3)))
            AND NOT (status <> 'needs_attention'
-                    AND json_extract(event, '$.terminal_id') IS ?2
-                    AND json_extract(event, '$.branch_id') IS ?3
                     AND EXISTS (SELECT 1 FROM json_each(?4) i
                                 WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
-                                  AND sync_journal.local_event_id < json_extract(i.value, '$.below')))
+                                  AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
+                    AND json_extract(event, '$.terminal_id') IS ?2
+                    AND json_extract(event, '$.branch_id') IS ?3)
          ORDER BY journal_id",
     )?;
     type Raw = (i64, String, i64, String, String, i64, String);
@@ -367,7 +386,8 @@ pub fn carry_candidates(conn: &Connection) -> Result<Vec<CarryCandidate>, Termin
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
                 ks.branch_id,
-                inherited
+                inherited,
+                scope == CarryScope::Everything
             ],
             |r| {
                 Ok((

@@ -3,6 +3,7 @@
 
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::{web, HttpRequest, HttpResponse};
+use possync_protocol::valid_branch_id;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -155,6 +156,11 @@ pub async fn sales_summary(
     let q = web::Query::<SummaryQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::InvalidBody(format!("bad query string: {e}")))?
         .into_inner();
+    if let Some(b) = q.branch.as_deref().filter(|b| !valid_branch_id(b)) {
+        return Err(ApiError::InvalidBody(format!(
+            "branch {b:?} must be 1-64 of [a-z0-9_-]"
+        )));
+    }
     let branch = q.branch.clone();
     let count = state
         .db

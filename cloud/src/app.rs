@@ -11,7 +11,9 @@ use std::time::Instant;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Compress, Next};
+use actix_web::ResponseError;
 use actix_web::{web, App, HttpMessage};
 use uuid::Uuid;
 
@@ -36,6 +38,8 @@ pub struct AppState {
     pub ingest: IngestRegistry,
     /// Buckets per client address (before authentication).
     pub address_buckets: Buckets<IpAddr>,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: crate::client_address::TrustedProxies,
     /// Buckets per terminal.
     pub terminal_buckets: Buckets<Uuid>,
     /// sha256 of the admin token: compared in constant time, never kept in clear beyond start.
@@ -72,6 +76,7 @@ impl AppState {
                 rate_limits.max_buckets,
                 rate_limits.bucket_idle,
             ),
+            trusted_proxies: rate_limits.trusted_proxies.clone(),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
             device_bindings: Default::default(),
@@ -92,8 +97,21 @@ fn acceptable_request_id(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// Outermost middleware: assigns the request id, times the request, counts errors by code and
-/// stamps `x-request-id` on every response.
+/// Longest request target (path and query) served; longer ones get 414 with the envelope.
+/// actix's own limit on the whole request head (32 KiB) still answers a bare 431 beyond it.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Whether a response already carries a JSON body (the envelope, for error responses).
+fn is_json_response(res: &ServiceResponse<BoxBody>) -> bool {
+    res.headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Outermost middleware: assigns the request id, times the request, refuses over-long URLs,
+/// gives every bare error response (actix's own 404, 405, 400 from extractors) the envelope,
+/// counts errors by code and stamps `x-request-id` on every response.
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -110,9 +128,31 @@ async fn observe(
     let metrics = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.metrics.clone());
+    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     // Guards answer refusals as responses (never `Err`), so this sees every response; an
     // `Err` here could only come from actix itself and is passed on as is.
-    let mut res = next.call(req).await?.map_into_boxed_body();
+    let mut res = if uri_len > MAX_URI_BYTES {
+        let api = ApiError::UriTooLong { max: MAX_URI_BYTES };
+        req.into_response(api.error_response())
+    } else {
+        next.call(req).await?.map_into_boxed_body()
+    };
+    let mut code = res
+        .response()
+        .error()
+        .and_then(|e| e.as_error::<ApiError>())
+        .map(ApiError::code);
+    let status = res.status();
+    if (status.is_client_error() || status.is_server_error()) && !is_json_response(&res) {
+        let what = match status {
+            StatusCode::METHOD_NOT_ALLOWED => res.request().method().to_string(),
+            _ => res.request().path().to_string(),
+        };
+        let api = ApiError::for_bare_status(status, what);
+        code = Some(api.code());
+        let (http_req, _bare) = res.into_parts();
+        res = ServiceResponse::new(http_req, api.error_response());
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         res.headers_mut().insert(
             HeaderName::from_static(possync_protocol::REQUEST_ID_HEADER),
@@ -128,14 +168,8 @@ async fn observe(
         m.http_request_duration_seconds
             .with_label_values(&[route.as_str(), status.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        if let Some(api) = res
-            .response()
-            .error()
-            .and_then(|e| e.as_error::<ApiError>())
-        {
-            m.errors_total
-                .with_label_values(&[api.code().as_str()])
-                .inc();
+        if let Some(code) = code {
+            m.errors_total.with_label_values(&[code.as_str()]).inc();
         }
     }
     Ok(res)
@@ -154,11 +188,15 @@ pub fn build(
     >,
 > {
     let data = web::Data::from(state);
+    // Every route is a `web::resource`: a served path asked with another method answers 405
+    // (`App::route` would put the method in the path's guard and answer 404).
     App::new()
         .app_data(data)
         .wrap(from_fn(observe))
-        .route("/healthz", web::get().to(admin_routes::healthz))
-        .route("/readyz", web::get().to(admin_routes::readyz))
+        .default_service(web::to(no_such_route))
+        .service(web::resource("/openapi.json").route(web::get().to(openapi)))
+        .service(web::resource("/healthz").route(web::get().to(admin_routes::healthz)))
+        .service(web::resource("/readyz").route(web::get().to(admin_routes::readyz)))
         .service(
             web::resource("/metrics")
                 .wrap(Compress::default())
@@ -192,24 +230,46 @@ pub fn build(
                         .wrap(Compress::default())
                         .route(web::post().to(catalog_routes::reconcile_leaves)),
                 )
-                .route("/sales/events", web::post().to(sales_routes::post_events))
-                .route("/sales/held", web::get().to(sales_routes::held_keys))
-                .route("/sync/status", web::get().to(sales_routes::sync_status)),
+                .service(
+                    web::resource("/sales/events").route(web::post().to(sales_routes::post_events)),
+                )
+                .service(web::resource("/sales/held").route(web::get().to(sales_routes::held_keys)))
+                .service(
+                    web::resource("/sync/status").route(web::get().to(sales_routes::sync_status)),
+                ),
         )
         .service(
             web::scope("/v1/admin")
                 .wrap(from_fn(auth::admin_guard))
-                .route(
-                    "/catalog/upsert",
-                    web::post().to(admin_routes::catalog_upsert),
+                .service(
+                    web::resource("/catalog/upsert")
+                        .route(web::post().to(admin_routes::catalog_upsert)),
                 )
-                .route(
-                    "/catalog/delete",
-                    web::post().to(admin_routes::catalog_delete),
+                .service(
+                    web::resource("/catalog/delete")
+                        .route(web::post().to(admin_routes::catalog_delete)),
                 )
-                .route("/terminals", web::get().to(admin_routes::terminals))
-                .route("/sales/summary", web::get().to(admin_routes::sales_summary)),
+                .service(web::resource("/terminals").route(web::get().to(admin_routes::terminals)))
+                .service(
+                    web::resource("/sales/summary")
+                        .route(web::get().to(admin_routes::sales_summary)),
+                ),
         )
+}
+
+/// Every path no route serves: 404 with the envelope.
+async fn no_such_route(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NoSuchRoute(req.path().to_string()))
+}
+
+/// The OpenAPI 3 description of this API, `docs/openapi.json`, compiled in.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+/// `GET /openapi.json`.
+async fn openapi() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI_JSON)
 }
 
 #[cfg(test)]

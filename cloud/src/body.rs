@@ -25,8 +25,31 @@ pub fn is_json(req: &HttpRequest) -> bool {
 }
 
 /// Reads the whole body, failing with `too_large()` as soon as more than `limit` bytes are
-/// announced or received, and with `broken(cause)` if the stream fails.
+/// announced or received, with `broken(cause)` if the stream fails, and with
+/// [`ApiError::BodyTimeout`] (408) when the whole body has not arrived within the server's body
+/// timeout (`--body-timeout-secs`): a client trickling its body cannot hold a worker's memory and
+/// a connection for longer than that.
 pub async fn read_limited(
+    req: &HttpRequest,
+    payload: Payload,
+    limit: usize,
+    too_large: impl Fn() -> ApiError,
+    broken: impl Fn(String) -> ApiError,
+) -> Result<Bytes, ApiError> {
+    let timeout = req
+        .app_data::<actix_web::web::Data<crate::app::AppState>>()
+        .map_or(DEFAULT_BODY_TIMEOUT, |s| s.limits.body_timeout);
+    tokio::time::timeout(timeout, read_all(req, payload, limit, too_large, broken))
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            secs: timeout.as_secs(),
+        })?
+}
+
+/// The body read timeout when the server was not given one.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn read_all(
     req: &HttpRequest,
     mut payload: Payload,
     limit: usize,

@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_events: usize,
     /// Most entries per reconcile manifest (2000 by default).
     pub manifest_max_entries: usize,
+    /// Longest a request body may take to arrive (30 s by default); then 408.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -26,12 +28,13 @@ impl Default for Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_events: MAX_EVENTS_PER_REQUEST,
             manifest_max_entries: DEFAULT_MANIFEST_MAX_ENTRIES,
+            body_timeout: crate::body::DEFAULT_BODY_TIMEOUT,
         }
     }
 }
 
 /// Rate-limit settings for both kinds of bucket.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RateLimits {
     /// Per terminal, on `/v1/pos/*`.
     pub terminal: RateLimit,
@@ -41,6 +44,8 @@ pub struct RateLimits {
     pub max_buckets: usize,
     /// A bucket unused this long may be evicted.
     pub bucket_idle: Duration,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` name the client (`--trusted-proxies`).
+    pub trusted_proxies: crate::client_address::TrustedProxies,
 }
 
 impl Default for RateLimits {
@@ -50,6 +55,7 @@ impl Default for RateLimits {
             address: RateLimit::default(),
             max_buckets: 100_000,
             bucket_idle: Duration::from_secs(600),
+            trusted_proxies: Default::default(),
         }
     }
 }

@@ -67,6 +67,44 @@ pub enum ApiError {
     /// The database could not commit or be reached; nothing of the request was stored.
     #[error("storage unavailable: {0}")]
     StorageFailed(String),
+    /// No route has this path.
+    #[error("no such route: {0}")]
+    NoSuchRoute(String),
+    /// The path exists, but not for this method.
+    #[error("method {0} is not served on this path")]
+    MethodNotAllowed(String),
+    /// The body did not arrive within the body read timeout.
+    #[error("the request body did not arrive within {secs}s")]
+    BodyTimeout {
+        /// The timeout, in seconds.
+        secs: u64,
+    },
+    /// The request target is longer than the server reads.
+    #[error("the URL is over {max} bytes")]
+    UriTooLong {
+        /// Longest path plus query accepted.
+        max: usize,
+    },
+    /// The request is malformed at the HTTP level (headers, query string, framing).
+    #[error("malformed request: {0}")]
+    Malformed(String),
+}
+
+impl ApiError {
+    /// The envelope-carrying error for a bare error response produced outside the handlers
+    /// (actix's own 404/405/400/413/…), keyed by its status and named by `what`.
+    pub fn for_bare_status(status: StatusCode, what: String) -> ApiError {
+        match status {
+            StatusCode::NOT_FOUND => ApiError::NoSuchRoute(what),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(what),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge(what),
+            StatusCode::URI_TOO_LONG => ApiError::UriTooLong {
+                max: crate::app::MAX_URI_BYTES,
+            },
+            s if s.is_server_error() => ApiError::StorageFailed(what),
+            _ => ApiError::Malformed(what),
+        }
+    }
 }
 
 impl ApiError {
@@ -87,6 +125,11 @@ impl ApiError {
             ApiError::ManifestTooLarge { .. } => ErrorCode::PosCatalogManifestTooLarge,
             ApiError::InvalidBody(_) | ApiError::BodyTooLarge(_) => ErrorCode::PosSyncEventInvalid,
             ApiError::StorageFailed(_) => ErrorCode::PosSyncStorageFailed,
+            ApiError::NoSuchRoute(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::BodyTimeout { .. }
+            | ApiError::UriTooLong { .. }
+            | ApiError::Malformed(_) => ErrorCode::PosRequestInvalid,
         }
     }
 
@@ -102,6 +145,8 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 json!({"retry_after_secs": retry_after_secs})
             }
+            ApiError::BodyTimeout { secs } => json!({"timeout_secs": secs}),
+            ApiError::UriTooLong { max } => json!({"max_uri_bytes": max}),
             _ => json!({}),
         }
     }
@@ -130,6 +175,11 @@ impl ResponseError for ApiError {
             | ApiError::DeltaFailed(_)
             | ApiError::ReconcileFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::StorageFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoSuchRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -259,6 +309,36 @@ mod tests {
                 503,
                 "POS_SYNC_STORAGE_FAILED",
                 true,
+            ),
+            (
+                ApiError::NoSuchRoute("/x".into()),
+                404,
+                "POS_REQUEST_INVALID",
+                false,
+            ),
+            (
+                ApiError::MethodNotAllowed("PUT".into()),
+                405,
+                "POS_REQUEST_INVALID",
+                false,
+            ),
+            (
+                ApiError::BodyTimeout { secs: 30 },
+                408,
+                "POS_REQUEST_INVALID",
+                true,
+            ),
+            (
+                ApiError::UriTooLong { max: 8192 },
+                414,
+                "POS_REQUEST_INVALID",
+                false,
+            ),
+            (
+                ApiError::Malformed("x".into()),
+                400,
+                "POS_REQUEST_INVALID",
+                false,
             ),
         ];
         for (err, status, code, retryable) in cases {

@@ -6,6 +6,8 @@
 //! state; when the transaction ends, everything queued goes into the next single
 //! [`ledger::ingest_batch`] transaction (group commit), and every waiting request gets its own
 //! slice of the outcomes. The transaction runs on the blocking pool, never on an async worker.
+//! An event the database refuses is isolated by halving the group ([`commit_isolating`]): it
+//! alone is answered `rejected`, every other event of the group is committed.
 //!
 //! The queue is bounded; a full queue answers `POS_SYNC_STORAGE_FAILED` (503, retryable) at
 //! once instead of letting latency grow without bound. Idle actors stop themselves, and the
@@ -22,8 +24,9 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::db::ledger::{self, IngestOutcome, IngestRequest};
-use crate::db::Database;
+use crate::db::{Database, DbConn, StoreError};
 use crate::metrics::Metrics;
+use possync_protocol::ErrorCode;
 
 /// Tuning of the branch actors.
 #[derive(Debug, Clone, Copy)]
@@ -146,9 +149,11 @@ impl BranchIngestor {
         self.metrics.ingest_batch_size.observe(total as f64);
         tracing::debug!(branchId = %self.branch_id, events = total, requests = sizes.len(), "group commit");
         let db = self.db.clone();
+        let branch_id = self.branch_id.clone();
+        let cuts = request_cuts(&sizes);
         let work = tokio::task::spawn_blocking(move || {
             let mut conn = db.conn()?;
-            ledger::ingest_batch(&mut conn, &flat)
+            commit_group(&mut conn, &branch_id, &flat, &cuts)
         });
         ctx.spawn(work.into_actor(self).map(move |joined, act, ctx| {
             let result = match joined {
@@ -170,6 +175,95 @@ impl BranchIngestor {
             act.last_active = Instant::now();
             act.commit_next(ctx);
         }));
+    }
+}
+
+/// Offsets in the flat group where one request ends and the next begins (never 0 or the end).
+fn request_cuts(sizes: &[usize]) -> Vec<usize> {
+    let mut cuts = Vec::with_capacity(sizes.len());
+    let mut at = 0;
+    for size in sizes {
+        at += size;
+        cuts.push(at);
+    }
+    // Inside the group only: a cut at 0 or at the end would split off nothing and recurse
+    // forever on the same range.
+    cuts.retain(|c| *c > 0 && *c < at);
+    cuts.dedup();
+    cuts
+}
+
+/// Commits a group through [`commit_isolating`], except that a group of several events of
+/// which the database refused every one is a storage failure, not a group of bad events:
+/// a database that refuses all rows (a full disk, say, which diesel reports like a refused
+/// value) must get the retryable 503, never `rejected`, which a till would park. Nothing of
+/// such a group was stored, so the 503's "nothing stored" holds.
+fn commit_group(
+    conn: &mut DbConn,
+    branch_id: &str,
+    events: &[IngestRequest],
+    cuts: &[usize],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let outcomes = commit_isolating(conn, branch_id, events, cuts)?;
+    if outcomes.len() > 1 && outcomes.iter().all(|o| *o == IngestOutcome::Refused) {
+        return Err(StoreError::Unavailable(format!(
+            "the database refused every one of {} events; taken as its own failure",
+            outcomes.len()
+        )));
+    }
+    Ok(outcomes)
+}
+
+/// Commits `events` in as few transactions as the database allows: all in one, and only when
+/// the database refuses a row, each half on its own, recursively — so one event the database
+/// cannot store never blocks the rest of its branch.
+///
+/// Halves are cut at request boundaries (`cuts`) while the range spans several requests, so
+/// a request is split only once it alone holds the refused row. Halving keeps order: an earlier
+/// half commits before a later one, so a key repeated across halves resolves against its first
+/// occurrence exactly as inside one transaction. A single event refused while the database
+/// still answers (`SELECT 1`) is the poison: answered [`IngestOutcome::Refused`]. Finding it
+/// costs about 2·log2(n) extra transactions, paid only when a refusal happens. Any other
+/// failure — the database unreachable, or silent after a refusal — fails the group with
+/// [`StoreError::Unavailable`], so a sale is never refused for the database's own trouble.
+fn commit_isolating(
+    conn: &mut DbConn,
+    branch_id: &str,
+    events: &[IngestRequest],
+    cuts: &[usize],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    match ledger::ingest_batch(conn, events) {
+        Err(StoreError::Refused(cause)) if events.len() == 1 => {
+            crate::db::select_one(conn).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "the database stopped answering after refusing a row ({cause}): {e}"
+                ))
+            })?;
+            let e = &events[0].event;
+            tracing::warn!(branchId = %branch_id, terminalId = %e.terminal_id,
+                eventId = e.local_event_id, errorCode = ErrorCode::PosSyncEventInvalid.as_str(),
+                cause = %cause, "the database refused one event; the rest of its group is committed");
+            Ok(vec![IngestOutcome::Refused])
+        }
+        Err(StoreError::Refused(_)) => {
+            let mid = events.len() / 2;
+            let split = cuts
+                .iter()
+                .copied()
+                .min_by_key(|c| c.abs_diff(mid))
+                .unwrap_or(mid);
+            let (first, second) = events.split_at(split);
+            let first_cuts: Vec<usize> = cuts.iter().copied().filter(|c| *c < split).collect();
+            let second_cuts: Vec<usize> = cuts
+                .iter()
+                .filter(|c| **c > split)
+                .map(|c| c - split)
+                .collect();
+            let mut out = commit_isolating(conn, branch_id, first, &first_cuts)?;
+            out.extend(commit_isolating(conn, branch_id, second, &second_cuts)?);
+            Ok(out)
+        }
+        other => other,
     }
 }
 
@@ -345,6 +439,14 @@ mod tests {
         assert_eq!(rx1.try_recv().ok(), Some(Ok(outcomes[0..2].to_vec())));
         assert_eq!(rx2.try_recv().ok(), Some(Ok(vec![])));
         assert_eq!(rx3.try_recv().ok(), Some(Ok(outcomes[2..5].to_vec())));
+    }
+
+    #[test]
+    fn cuts_are_the_inner_request_boundaries() {
+        assert_eq!(request_cuts(&[3]), Vec::<usize>::new());
+        assert_eq!(request_cuts(&[2, 0, 3, 1]), vec![2, 5]);
+        assert_eq!(request_cuts(&[0, 4]), Vec::<usize>::new());
+        assert_eq!(request_cuts(&[3, 0]), Vec::<usize>::new());
     }
 
     #[test]

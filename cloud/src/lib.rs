@@ -16,6 +16,7 @@ pub mod auth;
 pub mod body;
 pub mod catalog_routes;
 pub mod cli;
+pub mod client_address;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -12,6 +12,8 @@ pub struct Metrics {
     registry: Registry,
     /// Ingested events by outcome (`accepted`, `duplicate`, `conflict`, `rejected`).
     pub synced_events: IntCounterVec,
+    /// Sales stored with a flag (`clock_behind`, `clock_ahead`, `discount_exceeds_line`).
+    pub flagged_events: IntCounterVec,
     /// Events waiting in branch actors for their group commit: the ingest queue depth.
     pub queued_events: IntGauge,
     /// Reconcile requests answered, by mode.
@@ -64,6 +66,14 @@ impl Metrics {
                 "synced_events",
                 "Sales events processed, by status",
                 &["status"],
+            ),
+        );
+        let flagged_events = reg(
+            &r,
+            counter_vec(
+                "flagged_events",
+                "Sales events stored with a flag, by flag",
+                &["flag"],
             ),
         );
         let queued_events = reg(
@@ -169,6 +179,7 @@ impl Metrics {
         Metrics {
             registry: r,
             synced_events,
+            flagged_events,
             queued_events,
             reconcile_runs,
             delta_sync_runs,

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use possync_protocol::{
-    validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SalesEventsRequest,
+    validate_event, ErrorCode, EventResult, EventStatus, SaleEvent, SaleFlag, SalesEventsRequest,
     SalesEventsResponse, DEVICE_NONCE_HEADER, MAX_HELD_KEYS_PER_PAGE,
 };
 use serde::Deserialize;
@@ -159,6 +159,12 @@ fn device_nonce(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 
 fn from_outcome(local_event_id: i64, outcome: IngestOutcome) -> EventResult {
     let (status, code, id, message) = match outcome {
+        IngestOutcome::Refused => {
+            return rejected(
+                Some(local_event_id),
+                "the database cannot store this event as sent; nothing of it was stored".into(),
+            )
+        }
         IngestOutcome::Accepted { cloud_event_id } => {
             (EventStatus::Accepted, None, cloud_event_id, None)
         }
@@ -303,8 +309,9 @@ pub async fn post_events(
         }
     }
 
-    // The ids needed for the answer, before the batch moves to the actor.
+    // The ids and flags needed for the answer, before the batch moves to the actor.
     let local_ids: Vec<i64> = batch.iter().map(|r| r.event.local_event_id).collect();
+    let flags: Vec<Vec<SaleFlag>> = batch.iter().map(|r| r.flags.clone()).collect();
     let outcomes = state
         .ingest
         .ingest(&who.branch_id, batch)
@@ -315,7 +322,9 @@ pub async fn post_events(
                 requestId = %request_id, cause = %e, events = local_ids.len(), "sales ingestion failed");
             ApiError::StorageFailed(e.to_string())
         })?;
-    for ((pos, outcome), local_id) in positions.iter().zip(outcomes).zip(local_ids) {
+    for (((pos, outcome), local_id), flags) in
+        positions.iter().zip(outcomes).zip(local_ids).zip(flags)
+    {
         if let IngestOutcome::Conflict { cloud_event_id } = outcome {
             // Same key, different payload: two databases share this pos_id (a disk image
             // cloned before device nonces, or a till restored from a backup).
@@ -329,6 +338,19 @@ pub async fn post_events(
                 errorCode = ErrorCode::PosSyncEventDuplicate.as_str(), requestId = %request_id,
                 cloudEventId = %cloud_event_id,
                 "key ingested before with a different payload: the pos_id is used by two databases");
+        }
+        if matches!(outcome, IngestOutcome::Accepted { .. }) && !flags.is_empty() {
+            let names: Vec<&str> = flags.iter().map(|f| f.as_str()).collect();
+            for name in &names {
+                state
+                    .metrics
+                    .flagged_events
+                    .with_label_values(&[name])
+                    .inc();
+            }
+            tracing::warn!(terminalId = %who.terminal_id, branchId = %who.branch_id,
+                eventId = local_id, syncAttempt = sync_attempt, requestId = %request_id,
+                flags = %names.join(","), "sale stored with flags");
         }
         results[*pos] = Some(from_outcome(local_id, outcome));
     }
@@ -508,5 +530,10 @@ mod tests {
         assert_eq!(r.cloud_event_id, Some(id));
         let r = from_outcome(3, IngestOutcome::Accepted { cloud_event_id: id });
         assert_eq!(r.code, None);
+        let r = from_outcome(3, IngestOutcome::Refused);
+        assert_eq!(r.status, EventStatus::Rejected);
+        assert_eq!(r.code, Some(ErrorCode::PosSyncEventInvalid));
+        assert_eq!(r.local_event_id, Some(3));
+        assert_eq!(r.cloud_event_id, None);
     }
 }

@@ -57,7 +57,12 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         config.ingest,
     );
     let app_state = state.clone();
-    let mut server = HttpServer::new(move || app::build(app_state.clone()));
+    // Slow clients: the request head must arrive within 5 s (else a bare 408 from actix and
+    // the connection closes); the body within `--body-timeout-secs` (else 408 with the
+    // envelope, see `body::read_limited`); a closing connection gets 1 s to drain.
+    let mut server = HttpServer::new(move || app::build(app_state.clone()))
+        .client_request_timeout(std::time::Duration::from_secs(5))
+        .client_disconnect_timeout(std::time::Duration::from_secs(1));
     if config.workers > 0 {
         server = server.workers(config.workers);
     }

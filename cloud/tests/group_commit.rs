@@ -166,6 +166,110 @@ async fn idle_actor_stops_and_a_new_one_takes_over(kind: &str) {
     assert_eq!(registry.live_actors(), 1);
 }
 
+/// One event the database refuses (`local_event_id` 0 passes no validation here and breaks the
+/// ledger's CHECK on both backends), mixed into concurrent batches of four terminals of one
+/// branch: it alone is answered `Refused`; every other event of every group is stored and
+/// answered normally, and a full redelivery changes nothing.
+async fn a_poisoned_event_is_isolated_and_its_group_committed(kind: &str) {
+    let (db, _keep) = open(kind);
+    let metrics = Metrics::new();
+    let registry = IngestRegistry::new(db.clone(), metrics.clone(), IngestSettings::default());
+    let terminals: Vec<Uuid> = (0..4).map(|_| terminal(&db)).collect();
+    let pos = Uuid::now_v7();
+    // Per terminal, three requests of five events; the poison sits in the middle of terminal
+    // 1's second request and at the start of terminal 3's first.
+    let mut requests = Vec::new();
+    for (n, t) in terminals.iter().enumerate() {
+        for r in 0..3i64 {
+            let mut b = batch(*t, pos, r * 5 + 1..=r * 5 + 5);
+            let poison_at = match (n, r) {
+                (1, 1) => Some(2),
+                (3, 0) => Some(0),
+                _ => None,
+            };
+            if let Some(i) = poison_at {
+                b[i].event.local_event_id = 0;
+            }
+            requests.push((poison_at, b));
+        }
+    }
+    let send_all = |reqs: &Vec<(Option<usize>, Vec<possync_cloud::db::ledger::IngestRequest>)>| {
+        futures::future::join_all(reqs.iter().map(|(_, b)| registry.ingest("b1", b.clone())))
+    };
+    let answers = send_all(&requests).await;
+    let mut accepted = 0;
+    for ((poison_at, _), answer) in requests.iter().zip(&answers) {
+        let outcomes = answer.as_ref().expect("the group is committed, not failed");
+        assert_eq!(outcomes.len(), 5);
+        for (i, o) in outcomes.iter().enumerate() {
+            if Some(i) == *poison_at {
+                assert_eq!(*o, IngestOutcome::Refused, "the poison is refused");
+            } else {
+                assert!(matches!(o, IngestOutcome::Accepted { .. }), "{o:?}");
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, 4 * 15 - 2);
+    assert!(
+        metrics.ingest_batch_size.get_sample_count() < 12,
+        "the twelve requests shared group commits"
+    );
+    let mut conn = db.conn().expect("conn");
+    let stored = possync_cloud::db::ledger::count_sales(&mut conn, Some("b1")).expect("count");
+    assert_eq!(stored, accepted);
+    // Redelivering everything: duplicates for the stored, the poison refused again.
+    let again = send_all(&requests).await;
+    for ((poison_at, _), answer) in requests.iter().zip(&again) {
+        for (i, o) in answer.as_ref().expect("committed").iter().enumerate() {
+            if Some(i) == *poison_at {
+                assert_eq!(*o, IngestOutcome::Refused);
+            } else {
+                assert!(matches!(o, IngestOutcome::Duplicate { .. }), "{o:?}");
+            }
+        }
+    }
+    let stored = possync_cloud::db::ledger::count_sales(&mut conn, Some("b1")).expect("count");
+    assert_eq!(stored, accepted);
+}
+
+/// A database that refuses every row (here a trigger; in life a full disk, which diesel reports
+/// like a refused value) is a storage failure: every request of the group gets the retryable
+/// error and nothing is stored — never `Refused`, which a till would park.
+async fn a_database_refusing_every_event_is_a_storage_failure(kind: &str) {
+    use diesel::connection::SimpleConnection;
+    let (db, _keep) = open(kind);
+    let t = terminal(&db);
+    {
+        let mut conn = db.conn().expect("conn");
+        match &mut *conn {
+            possync_cloud::db::DbConn::Pg(c) => c.batch_execute(
+                "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN RAISE EXCEPTION 'no space' USING ERRCODE = '53100'; END $$; \
+                 CREATE TRIGGER refuse_all BEFORE INSERT ON sales_events \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_all();",
+            ),
+            possync_cloud::db::DbConn::Sqlite(c) => c.batch_execute(
+                "CREATE TRIGGER refuse_all BEFORE INSERT ON sales_events \
+                 BEGIN SELECT RAISE(ABORT, 'no space'); END;",
+            ),
+        }
+        .expect("trigger");
+    }
+    let registry = IngestRegistry::new(db.clone(), Metrics::new(), IngestSettings::default());
+    let pos = Uuid::now_v7();
+    let answers = futures::future::join_all(
+        (0..3).map(|r| registry.ingest("b1", batch(t, pos, r * 4 + 1..=r * 4 + 4))),
+    )
+    .await;
+    for a in answers {
+        assert!(matches!(a, Err(IngestError::Storage(_))), "{a:?}");
+    }
+    let mut conn = db.conn().expect("conn");
+    let stored = possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count");
+    assert_eq!(stored, 0);
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod pg { $( #[actix_web::test] async fn $name() { super::$name("pg").await } )* }
@@ -176,5 +280,7 @@ macro_rules! both {
 both!(
     group_commit_batches_queued_requests,
     full_queue_is_refused_and_nothing_stored,
-    idle_actor_stops_and_a_new_one_takes_over
+    idle_actor_stops_and_a_new_one_takes_over,
+    a_poisoned_event_is_isolated_and_its_group_committed,
+    a_database_refusing_every_event_is_a_storage_failure
 );

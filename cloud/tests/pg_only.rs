@@ -100,3 +100,86 @@ async fn database_gone_answers_503_storage_failed_and_readyz_fails() {
     let msg = v["error"]["message"].as_str().unwrap_or("");
     assert!(!msg.contains(pg.name()), "no internals leak: {msg}");
 }
+
+/// Issue 7 §2, through real `cloud serve`: a sale that passes validation but that the database
+/// refuses (here a trigger raising a data exception, SQLSTATE 22000, standing for any value
+/// PostgreSQL cannot hold) is sent by one terminal while three others of the same branch sync
+/// concurrently. Only that event is `rejected` with `POS_SYNC_EVENT_INVALID`; every other event
+/// of every request — including the poisoned request — is stored and answered `accepted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_is_rejected_alone_while_its_branch_syncs() {
+    use diesel::RunQueryDsl;
+    let env = Env::start(Backend::Pg);
+    let url = env.pg.as_ref().expect("pg").url.clone();
+    let db = possync_cloud::db::Database::connect(&url, 1).expect("connect");
+    let mut conn = db.conn().expect("conn");
+    let possync_cloud::db::DbConn::Pg(pg) = &mut *conn else {
+        panic!("a PostgreSQL connection");
+    };
+    diesel::sql_query(
+        "CREATE FUNCTION poison_refused() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.receipt_no LIKE 'POISON%' THEN \
+           RAISE EXCEPTION 'cannot store %', NEW.receipt_no USING ERRCODE = '22000'; \
+         END IF; RETURN NEW; END $$",
+    )
+    .execute(pg)
+    .expect("function");
+    diesel::sql_query(
+        "CREATE TRIGGER poison_refused BEFORE INSERT ON sales_events \
+         FOR EACH ROW EXECUTE FUNCTION poison_refused()",
+    )
+    .execute(pg)
+    .expect("trigger");
+    drop(conn);
+
+    let terminals: Vec<(Uuid, String)> = (0..4).map(|_| env.terminal("b1")).collect();
+    let mut tasks = Vec::new();
+    for (n, (tid, token)) in terminals.iter().enumerate() {
+        let pos = Uuid::now_v7();
+        for r in 0..3i64 {
+            let mut events: Vec<_> = (r * 10 + 1..=r * 10 + 10)
+                .map(|i| sample_sale_event(*tid, pos, i, "b1"))
+                .collect();
+            let poisoned = n == 2 && r == 1;
+            if poisoned {
+                events[4].payload.receipt_no = "POISON-1".into();
+            }
+            let body = events_body(&events);
+            let (url, token, client) = (
+                env.url("/v1/pos/sales/events"),
+                token.clone(),
+                env.http.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("sent");
+                (poisoned, json_ok(r).await)
+            }));
+        }
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        let (poisoned, v) = t.await.expect("joined");
+        for (i, r) in v["results"].as_array().expect("results").iter().enumerate() {
+            if poisoned && i == 4 {
+                assert_eq!(r["status"], "rejected", "{v}");
+                assert_eq!(r["code"], "POS_SYNC_EVENT_INVALID", "{v}");
+                assert_eq!(r["local_event_id"], 15, "{v}");
+            } else {
+                assert_eq!(r["status"], "accepted", "{v}");
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, 4 * 30 - 1);
+    assert_eq!(env.sales_count().await, accepted);
+    // The refusal is the client's event, not the server's fault: no ERROR line.
+    let log = std::fs::read_to_string(env.cloud.log_path()).unwrap_or_default();
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
+    assert!(log.contains("the database refused one event"), "{log}");
+}

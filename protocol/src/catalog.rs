@@ -359,6 +359,29 @@ mod tests {
         })
     }
 
+    /// JSON as an admin sends it: any finite float written any way serde_json accepts.
+    fn arb_json_with_floats() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            any::<u64>().prop_map(|n| json!(n)),
+            (any::<i64>(), any::<u8>()).prop_map(|(m, e)| {
+                // Decimal text with many digits: parsed by serde_json into an f64.
+                let text = format!(
+                    "{m}.{:0>width$}",
+                    m.unsigned_abs(),
+                    width = usize::from(e % 25)
+                );
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or(serde_json::Value::Null)
+            }),
+        ];
+        leaf.prop_recursive(2, 16, 4, |inner| {
+            prop::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+        })
+    }
+
     proptest! {
         #[test]
         fn canonical_json_is_valid_json_equal_to_the_input(v in arb_json()) {
@@ -376,6 +399,20 @@ mod tests {
             let once = canonical_json(&v);
             let twice = canonical_json(&serde_json::from_str(&once).expect("parse"));
             prop_assert_eq!(once, twice);
+        }
+
+        /// What the cloud serves is its stored canonical text parsed and printed again; the
+        /// terminal hashes that. Every float must survive text → value → text unchanged, or
+        /// the served hash is not the hash of the served data and reconcile repairs forever.
+        #[test]
+        fn served_data_hashes_to_the_served_hash(v in arb_json_with_floats()) {
+            let stored = canonical_json(&v);
+            let hash = entity_hash(&v);
+            let served: serde_json::Value = serde_json::from_str(&stored).expect("parse");
+            let wire = serde_json::to_string(&served).expect("serialise");
+            let at_terminal: serde_json::Value = serde_json::from_str(&wire).expect("parse");
+            prop_assert_eq!(entity_hash(&at_terminal), hash);
+            prop_assert_eq!(canonical_json(&at_terminal), stored);
         }
 
         #[test]

@@ -1,5 +1,6 @@
-//! The stable error codes of the sync API (the contract's nine, plus `POS_SYNC_POS_CLONED`) and
-//! of the till's loopback API (four, `POS_LOCAL_*`), and the JSON envelope that carries them.
+//! The stable error codes of the sync API (the contract's nine, plus `POS_SYNC_POS_CLONED` and
+//! `POS_REQUEST_INVALID`) and of the till's loopback API (four, `POS_LOCAL_*`), and the JSON
+//! envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
 //! client should retry. Each side maps its own errors onto these codes in exactly one place.
@@ -44,11 +45,15 @@ pub enum ErrorCode {
     PosLocalUnauthorized,
     /// Till loopback API: a `POST` body that is not declared `application/json` (415).
     PosLocalUnsupportedMediaType,
+    /// The request is not one this API serves: unknown path (404), wrong method (405), a body
+    /// that did not arrive in time (408), an over-long URL (414) or a malformed request (400).
+    /// Beyond the contract's nine codes, so that every non-2xx answer has a stable code.
+    PosRequestInvalid,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -63,6 +68,7 @@ impl ErrorCode {
         ErrorCode::PosLocalOriginNotAllowed,
         ErrorCode::PosLocalUnauthorized,
         ErrorCode::PosLocalUnsupportedMediaType,
+        ErrorCode::PosRequestInvalid,
     ];
 
     /// The codes only the till's loopback API answers (never the cloud).
@@ -95,6 +101,7 @@ impl ErrorCode {
             ErrorCode::PosLocalUnauthorized => "POS_LOCAL_UNAUTHORIZED",
             ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
+            ErrorCode::PosRequestInvalid => "POS_REQUEST_INVALID",
         }
     }
 
@@ -113,6 +120,8 @@ impl ErrorCode {
             ErrorCode::PosCatalogSnapshotFailed
             | ErrorCode::PosCatalogDeltaFailed
             | ErrorCode::PosCatalogReconcileFailed => http_status >= 500,
+            // A body cut by the read timeout may arrive in time on the next try.
+            ErrorCode::PosRequestInvalid => http_status == 408,
             ErrorCode::PosSyncUnauthorized
             | ErrorCode::PosCatalogManifestTooLarge
             | ErrorCode::PosSyncEventInvalid
@@ -204,6 +213,9 @@ mod tests {
         assert!(!ErrorCode::PosLocalHostNotAllowed.can_retry(403));
         assert!(!ErrorCode::PosLocalUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosLocalUnsupportedMediaType.can_retry(415));
+        assert!(!ErrorCode::PosRequestInvalid.can_retry(404));
+        assert!(!ErrorCode::PosRequestInvalid.can_retry(405));
+        assert!(ErrorCode::PosRequestInvalid.can_retry(408));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod error;
 pub mod fingerprint;
 pub mod sales;
+pub mod token;
 
 pub use catalog::*;
 pub use error::{ErrorBody, ErrorCode, ErrorEnvelope};

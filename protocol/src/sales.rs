@@ -2,7 +2,7 @@
 //! sale, the cloud before it ingests one. Validation is a pure function so that a sale the
 //! terminal accepted can never be rejected by the cloud for a rule the terminal did not know.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
@@ -272,7 +272,66 @@ impl SaleInvalid {
     }
 }
 
-/// Checks one event: identifiers, then the payload's schema and arithmetic.
+/// Earliest year `occurred_at` may carry: RFC 3339 writes years with four digits, and both
+/// databases store and return every instant of years 1..=9999 unchanged (property-tested
+/// against PostgreSQL and SQLite in the cloud's storage tests).
+pub const OCCURRED_AT_MIN_YEAR: i32 = 1;
+/// Latest year `occurred_at` may carry (see [`OCCURRED_AT_MIN_YEAR`]).
+pub const OCCURRED_AT_MAX_YEAR: i32 = 9999;
+/// A sale said to have happened before this year is stored but flagged
+/// [`SaleFlag::ClockBehind`]: no till sold anything through possync before it, so the till's
+/// clock was wrong (a flat RTC battery typically resets it to 1970).
+pub const PLAUSIBLE_SINCE_YEAR: i32 = 2000;
+/// A sale said to have happened more than this many seconds after the cloud received it is
+/// stored but flagged [`SaleFlag::ClockAhead`].
+pub const CLOCK_AHEAD_TOLERANCE_SECS: i64 = 24 * 3600;
+
+/// Something odd but storable about a sale. A sale is a fact that already happened, so an odd
+/// one is stored and flagged for the back office, never refused and never parked at the till.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaleFlag {
+    /// `occurred_at` is before [`PLAUSIBLE_SINCE_YEAR`]: the till's clock was behind.
+    ClockBehind,
+    /// `occurred_at` is more than [`CLOCK_AHEAD_TOLERANCE_SECS`] after the cloud received it.
+    ClockAhead,
+    /// A line's discount is larger than its gross amount (`|qty| × unit_price_minor`).
+    DiscountExceedsLine,
+}
+
+impl SaleFlag {
+    /// The stored and logged spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SaleFlag::ClockBehind => "clock_behind",
+            SaleFlag::ClockAhead => "clock_ahead",
+            SaleFlag::DiscountExceedsLine => "discount_exceeds_line",
+        }
+    }
+}
+
+/// The flags of a valid event received at `received_at`, in [`SaleFlag`] order, each once.
+pub fn sale_flags(event: &SaleEvent, received_at: DateTime<Utc>) -> Vec<SaleFlag> {
+    let mut flags = Vec::new();
+    if event.occurred_at.year() < PLAUSIBLE_SINCE_YEAR {
+        flags.push(SaleFlag::ClockBehind);
+    }
+    if (event.occurred_at - received_at).num_seconds() > CLOCK_AHEAD_TOLERANCE_SECS {
+        flags.push(SaleFlag::ClockAhead);
+    }
+    let over_discounted = event.payload.lines.iter().any(|l| {
+        l.qty
+            .checked_abs()
+            .and_then(|q| q.checked_mul(l.unit_price_minor))
+            .is_none_or(|gross| l.discount_minor > gross)
+    });
+    if over_discounted {
+        flags.push(SaleFlag::DiscountExceedsLine);
+    }
+    flags
+}
+
+/// Checks one event: identifiers, the time window, then the payload's schema and arithmetic.
 pub fn validate_event(event: &SaleEvent) -> Result<(), SaleInvalid> {
     if event.local_event_id < 1 {
         return Err(SaleInvalid::field("local_event_id", "must be >= 1"));
@@ -283,19 +342,53 @@ pub fn validate_event(event: &SaleEvent) -> Result<(), SaleInvalid> {
             "must be 1-64 of [a-z0-9_-]",
         ));
     }
+    let year = event.occurred_at.year();
+    if !(OCCURRED_AT_MIN_YEAR..=OCCURRED_AT_MAX_YEAR).contains(&year) {
+        return Err(SaleInvalid::field(
+            "occurred_at",
+            format!("year {year} is outside {OCCURRED_AT_MIN_YEAR:04}..={OCCURRED_AT_MAX_YEAR}"),
+        ));
+    }
     validate_payload(event.event_type, &event.payload)
+}
+
+/// Checks a text field: at most `max_chars` characters (at least one if `required`) and no NUL,
+/// the one character PostgreSQL `text` cannot hold. Every other Unicode scalar value is
+/// storable by both databases and is kept as sent.
+fn check_text(
+    field: impl FnOnce() -> String,
+    value: &str,
+    required: bool,
+    max_chars: usize,
+) -> Result<(), SaleInvalid> {
+    if value.contains('\0') {
+        return Err(SaleInvalid::field(
+            field(),
+            "must not contain NUL (U+0000), which the database cannot store",
+        ));
+    }
+    let n = value.chars().count();
+    if (required && n == 0) || n > max_chars {
+        let min = usize::from(required);
+        return Err(SaleInvalid::field(
+            field(),
+            format!("must be {min}-{max_chars} characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a sale payload for the given event type.
 ///
-/// Rules: receipt number 1–64 chars; currency three upper-case letters; 1–500 lines;
-/// `qty != 0`, negative only in refunds; prices, discounts and taxes not negative;
-/// each line's `total_minor = qty * unit_price_minor - discount_minor`; the line totals sum to
-/// `totals.total_minor`, and so do the payments. All sums are overflow-checked.
+/// Rules: receipt number 1–64 characters, product id 1–128, sku 0–128, name 0–256, none
+/// containing NUL; currency three upper-case letters; 1–500 lines; `qty != 0`, negative only
+/// in refunds; prices, discounts and taxes not negative; each line's
+/// `total_minor = qty * unit_price_minor - discount_minor`; the line totals sum to
+/// `totals.total_minor`, and so do the payments (which may be negative: change given, money
+/// paid back); `totals.tax_minor` is the sum of the lines' `tax_minor` and
+/// `subtotal_minor + tax_minor = total_minor`. All sums are overflow-checked.
 pub fn validate_payload(event_type: EventType, p: &SalePayload) -> Result<(), SaleInvalid> {
-    if p.receipt_no.is_empty() || p.receipt_no.chars().count() > 64 {
-        return Err(SaleInvalid::field("receipt_no", "must be 1-64 characters"));
-    }
+    check_text(|| "receipt_no".into(), &p.receipt_no, true, 64)?;
     if p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(SaleInvalid::field(
             "currency",
@@ -312,17 +405,12 @@ pub fn validate_payload(event_type: EventType, p: &SalePayload) -> Result<(), Sa
         return Err(SaleInvalid::field("payments", "at most 50 payments"));
     }
     let mut line_sum: i64 = 0;
+    let mut line_tax: i64 = 0;
     for (i, line) in p.lines.iter().enumerate() {
         let at = |f: &str| format!("lines[{i}].{f}");
-        if line.product_id.is_empty() || line.product_id.len() > 128 {
-            return Err(SaleInvalid::field(
-                at("product_id"),
-                "must be 1-128 characters",
-            ));
-        }
-        if line.sku.len() > 128 || line.name.chars().count() > 256 {
-            return Err(SaleInvalid::field(at("sku"), "sku or name too long"));
-        }
+        check_text(|| at("product_id"), &line.product_id, true, 128)?;
+        check_text(|| at("sku"), &line.sku, false, 128)?;
+        check_text(|| at("name"), &line.name, false, 256)?;
         if line.qty == 0 {
             return Err(SaleInvalid::field(at("qty"), "must not be 0"));
         }
@@ -361,6 +449,26 @@ pub fn validate_payload(event_type: EventType, p: &SalePayload) -> Result<(), Sa
         line_sum = line_sum
             .checked_add(line.total_minor)
             .ok_or_else(|| SaleInvalid::Arithmetic("line totals overflow".into()))?;
+        line_tax = line_tax
+            .checked_add(line.tax_minor)
+            .ok_or_else(|| SaleInvalid::Arithmetic("line taxes overflow".into()))?;
+    }
+    if line_tax != p.totals.tax_minor {
+        return Err(SaleInvalid::Arithmetic(format!(
+            "totals.tax_minor is {} but the lines' tax_minor sum to {line_tax}",
+            p.totals.tax_minor
+        )));
+    }
+    let net_plus_tax = p
+        .totals
+        .subtotal_minor
+        .checked_add(p.totals.tax_minor)
+        .ok_or_else(|| SaleInvalid::Arithmetic("subtotal + tax overflows".into()))?;
+    if net_plus_tax != p.totals.total_minor {
+        return Err(SaleInvalid::Arithmetic(format!(
+            "totals.subtotal_minor + totals.tax_minor is {net_plus_tax} but totals.total_minor is {}",
+            p.totals.total_minor
+        )));
     }
     if line_sum != p.totals.total_minor {
         return Err(SaleInvalid::Arithmetic(format!(
@@ -501,7 +609,244 @@ mod tests {
         assert_ne!(ev.payload_hash(), other_body.payload_hash());
     }
 
+    fn event_at(occurred_at: &str, payload: SalePayload) -> SaleEvent {
+        SaleEvent {
+            terminal_id: Uuid::nil(),
+            pos_id: Uuid::nil(),
+            local_event_id: 1,
+            branch_id: "b1".into(),
+            event_type: EventType::Sale,
+            occurred_at: occurred_at.parse().expect("time"),
+            payload,
+        }
+    }
+
+    #[test]
+    fn nul_is_refused_in_every_text_field_and_other_text_is_kept() {
+        let fields: [fn(&mut SalePayload, String); 4] = [
+            |p, v| p.receipt_no = v,
+            |p, v| p.lines[0].product_id = v,
+            |p, v| p.lines[0].sku = v,
+            |p, v| p.lines[0].name = v,
+        ];
+        for set in fields {
+            let mut p = payload(vec![line(1, 100, 0)]);
+            set(&mut p, "a\0b".into());
+            let err = validate_payload(EventType::Sale, &p).expect_err("NUL refused");
+            assert!(err.to_string().contains("NUL"), "{err}");
+            // Control characters, emoji and right-to-left text are storable and accepted.
+            let mut p = payload(vec![line(1, 100, 0)]);
+            set(&mut p, "tab\there \u{1F600} \u{202E}עברית\u{7}".into());
+            assert_eq!(validate_payload(EventType::Sale, &p), Ok(()));
+        }
+    }
+
+    #[test]
+    fn text_lengths_count_characters() {
+        let mut p = payload(vec![line(1, 100, 0)]);
+        p.receipt_no = "é".repeat(64);
+        assert_eq!(validate_payload(EventType::Sale, &p), Ok(()));
+        p.receipt_no = "é".repeat(65);
+        assert!(validate_payload(EventType::Sale, &p).is_err());
+        let mut p = payload(vec![line(1, 100, 0)]);
+        p.lines[0].name = "n".repeat(257);
+        assert!(validate_payload(EventType::Sale, &p).is_err());
+    }
+
+    #[test]
+    fn payments_may_be_negative_when_they_add_up() {
+        // Cash 20.00 tendered, 5.00 change given back, for a 15.00 sale.
+        let mut p = payload(vec![line(3, 500, 0)]);
+        p.payments = vec![
+            Payment {
+                method: PaymentMethod::Cash,
+                amount_minor: 2000,
+            },
+            Payment {
+                method: PaymentMethod::Cash,
+                amount_minor: -500,
+            },
+        ];
+        assert_eq!(validate_payload(EventType::Sale, &p), Ok(()));
+        p.payments[1].amount_minor = -400;
+        assert!(matches!(
+            validate_payload(EventType::Sale, &p),
+            Err(SaleInvalid::Arithmetic(_))
+        ));
+    }
+
+    #[test]
+    fn a_discount_above_the_line_is_stored_and_flagged() {
+        // 1 × 1.00 with a 1.50 discount: the line total is -0.50 and the receipt adds up.
+        let p = payload(vec![line(1, 100, 150)]);
+        assert_eq!(validate_payload(EventType::Sale, &p), Ok(()));
+        let ev = event_at("2026-11-25T10:00:00Z", p);
+        let now = "2026-11-25T10:05:00Z".parse().expect("time");
+        assert_eq!(sale_flags(&ev, now), vec![SaleFlag::DiscountExceedsLine]);
+        let plain = event_at("2026-11-25T10:00:00Z", payload(vec![line(1, 100, 100)]));
+        assert!(sale_flags(&plain, now).is_empty());
+    }
+
+    #[test]
+    fn subtotal_and_tax_must_add_up_to_the_total() {
+        let mut l = line(2, 250, 0);
+        l.tax_minor = 80;
+        let mut p = payload(vec![l]);
+        p.totals = Totals {
+            subtotal_minor: 420,
+            tax_minor: 80,
+            total_minor: 500,
+        };
+        assert_eq!(validate_payload(EventType::Sale, &p), Ok(()));
+        let mut wrong_tax = p.clone();
+        wrong_tax.totals.tax_minor = 79;
+        wrong_tax.totals.subtotal_minor = 421;
+        assert!(matches!(
+            validate_payload(EventType::Sale, &wrong_tax),
+            Err(SaleInvalid::Arithmetic(m)) if m.contains("tax")
+        ));
+        let mut wrong_subtotal = p;
+        wrong_subtotal.totals.subtotal_minor = 500;
+        assert!(matches!(
+            validate_payload(EventType::Sale, &wrong_subtotal),
+            Err(SaleInvalid::Arithmetic(m)) if m.contains("subtotal")
+        ));
+    }
+
+    #[test]
+    fn a_void_restates_the_voided_receipt_with_its_positive_figures() {
+        let p = payload(vec![line(2, 250, 0)]);
+        assert_eq!(validate_payload(EventType::Void, &p), Ok(()));
+        assert!(validate_payload(EventType::Void, &payload(vec![line(-2, 250, 0)])).is_err());
+    }
+
+    #[test]
+    fn far_times_are_stored_and_flagged_outside_four_digit_years_refused() {
+        let now = "2026-11-25T10:00:00Z".parse().expect("time");
+        let p = || payload(vec![line(1, 100, 0)]);
+        for (at, flags) in [
+            ("1970-01-01T00:00:00Z", vec![SaleFlag::ClockBehind]),
+            ("0001-01-01T00:00:00Z", vec![SaleFlag::ClockBehind]),
+            ("2026-11-26T09:59:59Z", vec![]),
+            ("2026-11-26T10:00:01Z", vec![SaleFlag::ClockAhead]),
+            ("9999-12-31T23:59:59.999999Z", vec![SaleFlag::ClockAhead]),
+        ] {
+            let ev = event_at(at, p());
+            assert_eq!(validate_event(&ev), Ok(()), "{at}");
+            assert_eq!(sale_flags(&ev, now), flags, "{at}");
+        }
+        let mut ev = event_at("2026-11-25T10:00:00Z", p());
+        ev.occurred_at = chrono::NaiveDate::from_ymd_opt(0, 12, 31)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("date")
+            .and_utc();
+        assert!(validate_event(&ev).is_err());
+        ev.occurred_at = chrono::NaiveDate::from_ymd_opt(10_000, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("date")
+            .and_utc();
+        assert!(validate_event(&ev).is_err());
+    }
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[a-z0-9\\x00-\\x1f]{0,70}"]
+    }
+
+    fn arb_event() -> impl Strategy<Value = SaleEvent> {
+        let arb_line = (
+            arb_text(),
+            arb_text(),
+            arb_text(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(product_id, sku, name, qty, unit, disc, tax, total)| SaleLine {
+                    product_id,
+                    sku,
+                    name,
+                    qty,
+                    unit_price_minor: unit,
+                    discount_minor: disc,
+                    tax_minor: tax,
+                    total_minor: total,
+                },
+            );
+        (
+            any::<i64>(),
+            arb_text(),
+            prop::sample::select(vec![EventType::Sale, EventType::Refund, EventType::Void]),
+            any::<i64>(),
+            arb_text(),
+            arb_text(),
+            prop::collection::vec(arb_line, 0..4),
+            (any::<i64>(), any::<i64>(), any::<i64>()),
+            prop::collection::vec(any::<i64>(), 0..3),
+        )
+            .prop_map(
+                |(id, branch, ty, secs, receipt, currency, lines, (s, t, tot), pays)| SaleEvent {
+                    terminal_id: Uuid::nil(),
+                    pos_id: Uuid::nil(),
+                    local_event_id: id,
+                    branch_id: branch,
+                    event_type: ty,
+                    occurred_at: DateTime::from_timestamp(secs % 300_000_000_000, 0)
+                        .unwrap_or_default(),
+                    payload: SalePayload {
+                        receipt_no: receipt,
+                        currency,
+                        lines,
+                        totals: Totals {
+                            subtotal_minor: s,
+                            tax_minor: t,
+                            total_minor: tot,
+                        },
+                        payments: pays
+                            .into_iter()
+                            .map(|amount_minor| Payment {
+                                method: PaymentMethod::Card,
+                                amount_minor,
+                            })
+                            .collect(),
+                    },
+                },
+            )
+    }
+
     proptest! {
+        #[test]
+        fn validation_never_panics_and_accepts_only_storable_text(ev in arb_event()) {
+            if validate_event(&ev).is_ok() {
+                let p = &ev.payload;
+                let texts = std::iter::once(&p.receipt_no)
+                    .chain(p.lines.iter().flat_map(|l| [&l.product_id, &l.sku, &l.name]));
+                for t in texts {
+                    prop_assert!(!t.contains('\0'));
+                }
+                prop_assert!((1..=9999).contains(&ev.occurred_at.year()));
+                let now = Utc::now();
+                let _ = sale_flags(&ev, now);
+            }
+        }
+
+        #[test]
+        fn the_request_parser_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<SalesEventsRequest>(&bytes);
+            let _ = serde_json::from_slice::<crate::ReconcileRequest>(&bytes);
+            let _ = serde_json::from_slice::<crate::ErrorEnvelope>(&bytes);
+        }
+
+        #[test]
+        fn any_serialised_event_parses_back_equal(ev in arb_event()) {
+            let text = serde_json::to_string(&ev).expect("serialise");
+            let back: SaleEvent = serde_json::from_str(&text).expect("parse");
+            prop_assert_eq!(&back, &ev);
+            prop_assert_eq!(back.payload_hash(), ev.payload_hash());
+        }
+
         #[test]
         fn consistent_receipts_always_validate(
             lines in prop::collection::vec((1i64..100, 0i64..100_000, 0i64..50), 1..20)

@@ -267,3 +267,68 @@ async fn delta_without_resnapshot_and_tampering_verified_then_repaired() {
     assert_eq!(product_name(&db, "p2").as_deref(), Some("Oat milk barista"));
     assert_eq!(count("sales"), sales_before);
 }
+
+/// Issue 7 §3: for floats whose digits used to change between the cloud's canonical text and
+/// what a terminal parsed, the terminal's hash of what it was served equals the served hash,
+/// so apply-then-verify reports zero drift (it used to "repair" the same entities forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floats_in_catalog_data_verify_with_zero_drift() {
+    let cloud = Cloud::start(&[]);
+    let floats = [
+        // Texts that drifted through admin → stored → served → terminal under serde_json's
+        // default (inexact) float parser: found by the proptest, kept as regressions.
+        "1.0715660391465826e-75",
+        "3.0261999441573203e-52",
+        "6.466053826432699e-236",
+        "2.347135155778617e+214",
+        "1.7802719962921167e-19",
+        "-4.199010356643058e-19",
+        "0.1",
+        "0.30000000000000004",
+        "1.7976931348623157e308",
+        "5e-324",
+        "123456789.12345678901234567890",
+        "0.000001234567890123456789",
+        "3.141592653589793238462643383279",
+        "-0.0",
+        "18446744073709551616",
+    ];
+    for (i, f) in floats.iter().enumerate() {
+        let data =
+            format!("{{\"name\": \"f{i}\", \"weight_kg\": {f}, \"tiers\": [{f}, {{\"x\": {f}}}]}}");
+        cloud
+            .process
+            .cli(&[
+                "catalog",
+                "upsert",
+                "--type",
+                "product",
+                "--id",
+                &format!("f{i}"),
+                "--data",
+                &data,
+            ])
+            .expect("catalog upsert");
+    }
+    let (terminal_id, token) = cloud.process.add_terminal("b1").expect("terminal add");
+    let cable = Cable::start(&cloud.process.base_url).await;
+    let dir = tempfile::tempdir().expect("data dir");
+    enroll(dir.path(), &cable, terminal_id, &token, "b1");
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    daemon
+        .wait_status("snapshot of the float catalog", |s| {
+            s["catalog"]["entities"] == floats.len()
+        })
+        .await;
+    let exit = daemon.terminate();
+    assert!(exit.success(), "daemon exit {exit:?}");
+    let (ok, out, err) = terminal_cli(dir.path(), &["reconcile", "--verify"]);
+    assert!(ok, "{out} {err}");
+    let report: Value = serde_json::from_str(&out).expect("verify json");
+    assert_eq!(report["upserts"], 0, "no drift: {report}");
+    assert_eq!(report["deletes"], 0, "no drift: {report}");
+    let (ok, out, err) = terminal_cli(dir.path(), &["reconcile", "--apply"]);
+    assert!(ok, "{out} {err}");
+    let report: Value = serde_json::from_str(&out).expect("apply json");
+    assert_eq!(report["upserts"], 0, "nothing to repair: {report}");
+}

@@ -7,7 +7,7 @@ mod status_page_support;
 use reqwest::{Client, RequestBuilder, Response};
 use serde_json::{json, Value};
 use status_page_support::{
-    metric_value, start_fake_server, start_server_allowing, valid_payload, FakeTill, LOCAL_TOKEN,
+    refused, start_fake_server, start_server_allowing, valid_payload, FakeTill, LOCAL_TOKEN,
 };
 
 async fn envelope(res: Response, status: u16, code: &str) -> Value {
@@ -24,21 +24,6 @@ async fn envelope(res: Response, status: u16, code: &str) -> Value {
 fn sale(http: &Client, url: &str) -> RequestBuilder {
     http.post(format!("{url}/sales"))
         .json(&json!({"type": "sale", "payload": valid_payload("R-ACCESS")}))
-}
-
-async fn refused(http: &Client, url: &str, reason: &str) -> f64 {
-    let m = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    metric_value(
-        &m,
-        &format!("terminal_local_api_refused_total{{reason=\"{reason}\"}}"),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +71,7 @@ async fn only_the_daemons_own_host_names_are_answered() {
         .await
         .expect("POST");
     envelope(res, 403, "POS_LOCAL_HOST_NOT_ALLOWED").await;
-    assert_eq!(refused(&http, &url, "host").await, 6.0);
+    assert_eq!(refused(&url, "host").await, 6.0);
     server.stop().await;
 }
 
@@ -121,7 +106,7 @@ async fn a_foreign_origin_is_refused_even_with_the_token() {
         .await
         .expect("POST");
     assert_eq!(res.status(), 201);
-    assert_eq!(refused(&http, &url, "origin").await, 4.0);
+    assert_eq!(refused(&url, "origin").await, 4.0);
     server.stop().await;
 }
 
@@ -215,7 +200,7 @@ async fn state_changing_routes_need_the_local_token_and_the_page_token_only_open
         .await
         .expect("POST");
     assert_eq!(res.status(), 201);
-    assert_eq!(refused(&http, &url, "token").await, 8.0);
+    assert_eq!(refused(&url, "token").await, 8.0);
     server.stop().await;
 }
 
@@ -251,7 +236,7 @@ async fn post_bodies_must_be_declared_json() {
         .await
         .expect("POST");
     assert_eq!(res.status(), 201);
-    assert_eq!(refused(&http, &url, "content_type").await, 4.0);
+    assert_eq!(refused(&url, "content_type").await, 4.0);
     server.stop().await;
 }
 

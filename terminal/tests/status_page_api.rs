@@ -6,7 +6,8 @@ use possync_terminal::operator::ReconcileChoice;
 use possync_terminal::status::{LocalApiConfig, StatusBindError, StatusServer};
 use serde_json::{json, Value};
 use status_page_support::{
-    start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill, LOCAL_TOKEN, POS_ID,
+    metrics_text, start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill,
+    LOCAL_TOKEN, POS_ID,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -215,14 +216,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
     );
 
     engine_metric.inc_by(3);
-    let metrics = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&url).await;
     assert!(metrics.contains("synced_events 3"), "{metrics}");
     assert!(
         metrics.contains("terminal_outbox_rows{state=\"pending\"} 2"),

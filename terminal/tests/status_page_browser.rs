@@ -10,7 +10,9 @@
 mod status_page_support;
 
 use status_page_support::webdriver::{start_driver, Session};
-use status_page_support::{metric_value, serve_page_elsewhere, start_fake_server, valid_payload};
+use status_page_support::{
+    refused, serve_page_elsewhere, start_fake_server, start_server_on, valid_payload, FakeTill,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
@@ -155,29 +157,58 @@ async fn a_page_of_another_origin_cannot_sell_retry_reconcile_or_read() {
 
     // Every attempt reached the endpoint and was refused for its origin: 3 no-cors POSTs,
     // the read, the form.
-    let http = reqwest::Client::new();
-    let mut refused = 0.0;
+    let mut by_origin = 0.0;
     for _ in 0..100 {
-        let m = http
-            .get(format!("{}/metrics", server.url()))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        refused = metric_value(&m, "terminal_local_api_refused_total{reason=\"origin\"}");
-        if refused >= 5.0 {
+        by_origin = refused(&server.url(), "origin").await;
+        if by_origin >= 5.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(refused, 5.0);
+    assert_eq!(by_origin, 5.0);
 
     // Nothing was enqueued, released or reconciled.
     assert_eq!(*till.rows.lock().expect("rows"), rows_before);
     assert!(engine.reconciles.lock().expect("reconciles").is_empty());
     assert_eq!(engine.flushes.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    session.close().await;
+    drop(driver);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_daemon_restart_the_page_reloads_for_the_new_page_token() {
+    let (server, _, _, _) = start_fake_server();
+    let addr = server.local_addr().to_string();
+    let driver = start_driver().await;
+    let session = Session::new(&driver).await;
+    session.goto(&format!("{}/", server.url())).await;
+    session.wait_text("#catalog-version", |t| t == "42").await;
+
+    // The daemon restarts on the same address with a new page token.
+    server.stop().await;
+    let (server, _, engine, _) = start_server_on(&addr, FakeTill::new(), &[]);
+    session.click("#verify-btn").await;
+    let shown = session
+        .wait_text("#action-result", |t| t.contains("restarted"))
+        .await;
+    assert!(shown.contains("the daemon restarted"), "{shown}");
+    assert!(engine.reconciles.lock().expect("reconciles").is_empty());
+
+    // The page reloads itself; the same button then works.
+    session
+        .wait_text("#action-result", |t| t.starts_with("Verify compares"))
+        .await;
+    session.click("#verify-btn").await;
+    let result = session
+        .wait_text("#action-result", |t| t.starts_with("Verify:"))
+        .await;
+    assert!(result.starts_with("Verify: 2 entries differ"), "{result}");
+    assert_eq!(
+        *engine.reconciles.lock().expect("reconciles"),
+        vec![possync_terminal::operator::ReconcileChoice::Verify]
+    );
 
     session.close().await;
     drop(driver);

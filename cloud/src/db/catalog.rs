@@ -523,6 +523,15 @@ pub fn delete_entities(
     conn: &mut DbConn,
     keys: &[(String, String)],
 ) -> Result<Vec<Entity>, CatalogError> {
+    // Checked before the database sees them: a key no entity can have (e.g. one holding NUL,
+    // which PostgreSQL text cannot even compare) is the caller's mistake, not a storage failure.
+    for (t, id) in keys {
+        if !valid_entity_type(t) || !valid_entity_id(id) {
+            return Err(CatalogError::InvalidEntity(format!(
+                "{t:?}/{id:?} is not an entity key: type 1-32 of [a-z_], id 1-128 printable ASCII"
+            )));
+        }
+    }
     if keys.is_empty() {
         return Ok(Vec::new());
     }

@@ -1079,3 +1079,47 @@ fn fingerprints_and_leaf_reconcile_find_drift_in_its_leaf() {
         assert!(matches!(bad, Err(CatalogError::BadManifest(_))), "{bad:?}");
     });
 }
+
+mod untrusted_input {
+    //! The cloud's own parsers of untrusted input: the snapshot cursor and reconcile range
+    //! bounds. Whatever a client sends, they answer `Ok` with in-range values or a client
+    //! error, never a panic; and every cursor the server hands out decodes back to itself.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_key_part() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[a-z_]{0,40}", "[!-~]{0,130}"]
+    }
+
+    proptest! {
+        #[test]
+        fn any_cursor_text_decodes_or_is_a_bad_cursor(s in prop_oneof![any::<String>(), "[A-Za-z0-9_-]{0,200}"]) {
+            match SnapshotCursor::decode(&s) {
+                Ok(cur) => {
+                    prop_assert!(cur.v >= 0 && cur.t >= 0);
+                    prop_assert!(valid_entity_type(&cur.after.0) && valid_entity_id(&cur.after.1));
+                }
+                Err(e) => prop_assert!(matches!(e, CatalogError::BadCursor(_))),
+            }
+        }
+
+        #[test]
+        fn cursors_the_server_hands_out_decode_to_themselves(
+            v in 0i64..i64::MAX, t in 0i64..i64::MAX, ty in "[a-z][a-z_]{0,31}", id in "[!-~]{1,128}"
+        ) {
+            let cur = SnapshotCursor { v, t, after: (ty, id) };
+            let text = cur.encode().expect("encode");
+            prop_assert_eq!(SnapshotCursor::decode(&text).expect("decode"), cur);
+        }
+
+        #[test]
+        fn any_range_bound_parses_to_a_valid_key_or_is_a_bad_manifest(t in arb_key_part(), id in arb_key_part(), slash in any::<bool>()) {
+            let b = if slash { format!("{t}/{id}") } else { format!("{t}{id}") };
+            match parse_bound("after", Some(&b)) {
+                Ok(Some((t, i))) => prop_assert!(valid_entity_type(t) && valid_entity_id(i) && !t.contains('\0') && !i.contains('\0')),
+                Ok(None) => prop_assert!(false, "a present bound is never None"),
+                Err(e) => prop_assert!(matches!(e, CatalogError::BadManifest(_))),
+            }
+        }
+    }
+}

@@ -24,12 +24,14 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::NaiveDateTime;
+use chrono::{NaiveDateTime, SubsecRound, Timelike};
 use diesel::prelude::*;
-use possync_protocol::{HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SyncStatus};
+use possync_protocol::{
+    sale_flags, HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SaleFlag, SyncStatus,
+};
 use uuid::Uuid;
 
-use super::schema::{idempotency_ledger, sales_events};
+use super::schema::{idempotency_ledger, sales_event_flags, sales_events};
 use super::{for_each_backend, now_utc, read_txn, with_conn, write_txn, DbConn, StoreError};
 
 /// Rows per multi-row INSERT: 200 × 13 columns stays far below SQLite's 32 766 and
@@ -39,23 +41,27 @@ const INSERT_CHUNK: usize = 200;
 /// Most ids listed above the first gap in [`sync_status`]; the count is still exact.
 pub const MAX_IDS_ABOVE_GAP: usize = 1000;
 
-/// One validated event with its payload hash ([`SaleEvent::payload_hash`]); the service has
-/// already run `validate_event` and checked the key against the token.
+/// One validated event with its payload hash ([`SaleEvent::payload_hash`]) and flags; the
+/// service has already run `validate_event` and checked the key against the token.
 #[derive(Debug, Clone)]
 pub struct IngestRequest {
     /// The validated event.
     pub event: SaleEvent,
     /// `SaleEvent::payload_hash`, compared on redelivery.
     pub payload_hash: String,
+    /// What is odd but storable about it ([`sale_flags`] at receipt), stored with the sale.
+    pub flags: Vec<SaleFlag>,
 }
 
 impl IngestRequest {
-    /// Wraps an already validated event, computing its payload hash.
+    /// Wraps an already validated event received now, computing its payload hash and flags.
     pub fn new(event: SaleEvent) -> IngestRequest {
         let payload_hash = event.payload_hash();
+        let flags = sale_flags(&event, chrono::Utc::now());
         IngestRequest {
             event,
             payload_hash,
+            flags,
         }
     }
 }
@@ -78,15 +84,19 @@ pub enum IngestOutcome {
         /// The first ingestion's id (it stays).
         cloud_event_id: Uuid,
     },
+    /// The database refused this event on its own (every other event of its group was
+    /// committed); nothing of it was stored. Answered `rejected`.
+    Refused,
 }
 
 impl IngestOutcome {
-    /// The `cloud_event_id` every outcome carries.
-    pub fn cloud_event_id(&self) -> Uuid {
+    /// The `cloud_event_id` of a stored (or earlier stored) event; `None` for a refused one.
+    pub fn cloud_event_id(&self) -> Option<Uuid> {
         match *self {
             IngestOutcome::Accepted { cloud_event_id }
             | IngestOutcome::Duplicate { cloud_event_id }
-            | IngestOutcome::Conflict { cloud_event_id } => cloud_event_id,
+            | IngestOutcome::Conflict { cloud_event_id } => Some(cloud_event_id),
+            IngestOutcome::Refused => None,
         }
     }
 }
@@ -110,6 +120,13 @@ struct LedgerRow {
     cloud_event_id: String,
     branch_id: String,
     first_seen_at: NaiveDateTime,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = sales_event_flags)]
+struct FlagRow {
+    cloud_event_id: String,
+    flag: &'static str,
 }
 
 #[derive(Debug, Insertable)]
@@ -142,6 +159,23 @@ for_each_backend! {
             n += diesel::insert_into(sales_events::table).values(chunk).execute(c)?;
         }
         Ok(n)
+    }
+
+    pub(super) fn store_flags(c: &mut Conn, rows: &[FlagRow]) -> QueryResult<usize> {
+        let mut n = 0;
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            n += diesel::insert_into(sales_event_flags::table).values(chunk).execute(c)?;
+        }
+        Ok(n)
+    }
+
+    pub(super) fn flags_of(c: &mut Conn, cloud_event_id: &str) -> QueryResult<Vec<String>> {
+        use sales_event_flags::dsl as f;
+        f::sales_event_flags
+            .filter(f::cloud_event_id.eq(cloud_event_id))
+            .order(f::flag.asc())
+            .select(f::flag)
+            .load(c)
     }
 
     /// `(key, payload_hash, cloud_event_id)` of the ledger rows of `keys`.
@@ -288,6 +322,21 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("corrupt id {s:?} in database: {e}")))
 }
 
+/// The `Timestamp` both backends store for `t`, so they hold the same instant: truncated to
+/// the microsecond (both columns hold microseconds, and PostgreSQL would round times before
+/// 2000 towards 2000), and a leap second (`23:59:60.x`, which RFC 3339 allows) written as the
+/// next second's `00.x`, as PostgreSQL itself reads one (SQLite would keep `:60`).
+fn stored_instant(t: chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
+    let t = t.naive_utc().trunc_subsecs(6);
+    let nanos = t.nanosecond();
+    if nanos < 1_000_000_000 {
+        return t;
+    }
+    t.with_nanosecond(nanos - 1_000_000_000)
+        .and_then(|s| s.checked_add_signed(chrono::Duration::seconds(1)))
+        .unwrap_or(t)
+}
+
 fn sales_row(
     req: &IngestRequest,
     cloud_event_id: &str,
@@ -303,7 +352,7 @@ fn sales_row(
         local_event_id: e.local_event_id,
         branch_id: e.branch_id.clone(),
         event_type: e.event_type.as_str().to_string(),
-        occurred_at: e.occurred_at.naive_utc(),
+        occurred_at: stored_instant(e.occurred_at),
         received_at: now,
         payload: possync_protocol::canonical_json(&payload),
         payload_hash: req.payload_hash.clone(),
@@ -359,6 +408,7 @@ pub fn ingest_batch(
     let (claimed, earlier) = write_txn!(conn, |c, m| -> Result<Claimed, StoreError> {
         let claimed: HashSet<Key> = m::claim(c, &ledger_rows)?.into_iter().collect();
         let mut sales = Vec::with_capacity(claimed.len());
+        let mut flags = Vec::new();
         let mut others = Vec::new();
         for row in &ledger_rows {
             let key = (
@@ -369,11 +419,16 @@ pub fn ingest_batch(
             if claimed.contains(&key) {
                 let (i, id) = &first[&key];
                 sales.push(sales_row(&batch[*i], id, now)?);
+                flags.extend(batch[*i].flags.iter().map(|f| FlagRow {
+                    cloud_event_id: id.clone(),
+                    flag: f.as_str(),
+                }));
             } else {
                 others.push(key);
             }
         }
         m::store_sales(c, &sales)?;
+        m::store_flags(c, &flags)?;
         let earlier = if others.is_empty() {
             HashMap::new()
         } else {
@@ -520,6 +575,12 @@ pub fn held_keys(
         keys,
         next_after,
     })
+}
+
+/// The flags stored with a sale (spelled as [`SaleFlag::as_str`]), in name order.
+pub fn flags_of(conn: &mut DbConn, cloud_event_id: Uuid) -> Result<Vec<String>, StoreError> {
+    let id = cloud_event_id.to_string();
+    Ok(with_conn!(conn, |c, m| m::flags_of(c, &id))?)
 }
 
 /// Number of stored sales events, of one branch or of all.

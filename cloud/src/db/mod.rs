@@ -60,11 +60,27 @@ pub enum StoreError {
     /// The caller passed a value the schema cannot hold (e.g. a malformed branch id).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The database refused a row of the transaction — a constraint of the row, or a value it
+    /// cannot hold (PostgreSQL's data exceptions) — and rolled the transaction back. Whether
+    /// one row is to blame, rather than the database, is for the caller to establish: see
+    /// `ingest::commit_isolating`.
+    #[error("row refused by the database: {0}")]
+    Refused(String),
 }
 
 impl From<diesel::result::Error> for StoreError {
     fn from(e: diesel::result::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match e {
+            // Data exceptions (SQLSTATE class 22) and triggers' refusals arrive as `Unknown`:
+            // diesel does not expose the SQLSTATE. They stay candidates until isolation shows
+            // one row failing on its own while the database answers.
+            Error::DatabaseError(
+                Kind::CheckViolation | Kind::NotNullViolation | Kind::Unknown,
+                info,
+            ) => StoreError::Refused(info.message().to_string()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -117,12 +133,13 @@ impl DbConnManager {
             Target::Sqlite(path) => {
                 let mut c = SqliteConnection::establish(path)
                     .map_err(diesel::r2d2::Error::ConnectionError)?;
-                // The busy timeout (set first, so the WAL switch itself waits too) makes a
-                // second writer wait instead of failing; WAL lets readers run beside the writer; NORMAL sync is durable in WAL mode
-                // except against power loss of the host, acceptable for the embedded mode.
+                // The busy timeout makes a second writer wait instead of failing; NORMAL sync
+                // is durable in WAL mode except against power loss of the host, acceptable for
+                // the embedded mode. WAL itself was switched on once, before the pool opened
+                // (see `Database::connect`).
                 c.batch_execute(
-                    "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
-                     PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    "PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                     PRAGMA synchronous = NORMAL;",
                 )
                 .map_err(diesel::r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
@@ -208,6 +225,16 @@ impl Database {
                     })?;
                 }
             }
+            // WAL (readers beside the writer) is a property of the file. Switching to it
+            // takes an exclusive lock, and SQLite answers "database is locked" without
+            // calling the busy handler when another connection is opening the same fresh
+            // file at that moment — which the pool's warm connections did at every first
+            // start. So one connection switches it before the pool exists.
+            let mut first = SqliteConnection::establish(path)?;
+            first
+                .batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
+                .map_err(StoreError::from)?;
+            drop(first);
             (Backend::Sqlite, Target::Sqlite(path.to_string()))
         } else {
             let scheme = url.split("://").next().unwrap_or_default();
@@ -382,11 +409,12 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 4] = [
+    const ALL: [&str; 5] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
         "2026-11-29-000004_till_identity",
+        "2026-11-29-000005_sale_flags",
     ];
 
     #[test]

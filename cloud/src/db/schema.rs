@@ -85,6 +85,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Flags of stored sales: what was odd but storable (append-only).
+    sales_event_flags (cloud_event_id, flag) {
+        cloud_event_id -> Text,
+        flag -> Text,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     terminals,
     pos_devices,
@@ -92,4 +100,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     catalog_entities,
     idempotency_ledger,
     sales_events,
+    sales_event_flags,
 );

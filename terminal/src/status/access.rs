@@ -30,9 +30,9 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse, ResponseError};
+use possync_protocol::token::{digests_match, token_digest as digest};
 use possync_protocol::{ErrorCode, ErrorEnvelope};
 use prometheus::{IntCounterVec, Opts, Registry};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Hosts the daemon always answers to (with its bound port).
@@ -140,17 +140,6 @@ fn echo(value: &str) -> String {
         .collect()
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 /// The token of an `Authorization: Bearer <token>` value, if it is one.
 pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
@@ -173,13 +162,23 @@ pub fn declares_json(value: &str) -> bool {
             .is_some_and(|sub| sub.len() > "+json".len() && sub.ends_with("+json"))
 }
 
+/// `name` split into host and `:port`, if it has one. The colons inside a bracketed IPv6
+/// address (`[::1]`, `[fe80::1]:8080`) are not a port separator.
+fn split_port(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once(':') {
+        Some((h, p))
+            if !h.ends_with(':') && !p.contains(']') && h.starts_with('[') == h.ends_with(']') =>
+        {
+            (h, Some(p))
+        }
+        _ => (name, None),
+    }
+}
+
 /// Whether `name` is acceptable as `--allowed-host`: a DNS name or IPv4 address, or a bracketed
 /// IPv6 address, optionally with `:port`. Wildcards are deliberately not supported.
 pub fn valid_allowed_host(name: &str) -> bool {
-    let (host, port) = match name.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') && !p.contains(']') => (h, Some(p)),
-        _ => (name, None),
-    };
+    let (host, port) = split_port(name);
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok_and(|n| n > 0));
     let host_ok = if let Some(inner) = host.strip_prefix('[') {
         inner
@@ -218,9 +217,7 @@ impl AccessPolicy {
             .collect();
         for h in extra_hosts {
             let h = h.to_ascii_lowercase();
-            let has_port = h.rsplit_once(':').is_some_and(|(host, _)| {
-                !host.ends_with(':') && (host.starts_with('[') == host.ends_with(']'))
-            });
+            let has_port = split_port(&h).1.is_some();
             authorities.push(if has_port { h } else { format!("{h}:{port}") });
         }
         // A browser leaves the default port out of Host and Origin.
@@ -231,6 +228,7 @@ impl AccessPolicy {
                 .collect();
             authorities.extend(bare);
         }
+        authorities.sort();
         authorities.dedup();
         let origins = authorities.iter().map(|a| format!("http://{a}")).collect();
         let page_token = format!("pgt_{}", hex::encode(rand::random::<[u8; 32]>()));
@@ -291,17 +289,16 @@ impl AccessPolicy {
             .and_then(bearer_token)
             .map(digest)
             .ok_or(AccessDenied::Unauthenticated)?;
-        if constant_time_eq(&presented, &self.local_token) {
-            // full access
-        } else if constant_time_eq(&presented, &self.page_token_digest) {
-            if needed != Needs::OperatorAction {
-                return Err(AccessDenied::PageTokenScope(format!(
-                    "{method} {}",
-                    echo(path)
-                )));
-            }
-        } else {
+        let local = digests_match(&presented, &self.local_token);
+        let page = digests_match(&presented, &self.page_token_digest);
+        if !local && !page {
             return Err(AccessDenied::Unauthenticated);
+        }
+        if !local && needed != Needs::OperatorAction {
+            return Err(AccessDenied::PageTokenScope(format!(
+                "{method} {}",
+                echo(path)
+            )));
         }
         match text(header::CONTENT_TYPE) {
             Some(Ok(ct)) if declares_json(ct) => Ok(()),
@@ -442,6 +439,14 @@ mod tests {
             p.check(&Method::GET, "/", &HeaderMap::new()),
             Err(AccessDenied::HostNotAllowed(_))
         ));
+        let v6 = AccessPolicy::new(7070, &["[FE80::1]".into(), "[fe80::2]:9".into()], TOKEN);
+        for ok in ["[fe80::1]:7070", "[fe80::2]:9"] {
+            assert_eq!(
+                v6.check(&Method::GET, "/", &headers(&[("host", ok)])),
+                Ok(()),
+                "{ok}"
+            );
+        }
         let on_80 = AccessPolicy::new(80, &[], TOKEN);
         assert_eq!(
             on_80.check(&Method::GET, "/", &headers(&[("host", "localhost")])),

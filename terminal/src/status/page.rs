@@ -120,6 +120,12 @@ async function post(path, body) {
     body: JSON.stringify(body) });
   let data = null;
   try { data = await res.json(); } catch (_) { data = null; }
+  if (res.status === 401) {
+    // The page token is drawn per daemon run: after a restart, this copy of the page holds a
+    // stale one. A reload fetches the current one.
+    setTimeout(() => location.reload(), 1500);
+    throw new Error("the daemon restarted since this page was loaded; reloading, then try again");
+  }
   if (!res.ok) {
     const err = data && data.error ? data.error.code + ": " + data.error.message : "HTTP " + res.status;
     throw new Error(err);

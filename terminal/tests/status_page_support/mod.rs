@@ -287,6 +287,20 @@ pub fn start_server_allowing(
     Arc<FakeEngine>,
     prometheus::IntCounter,
 ) {
+    start_server_on("127.0.0.1:0", till, allowed_hosts)
+}
+
+/// As [`start_server_allowing`], bound to `bind` (e.g. the port a stopped server used).
+pub fn start_server_on(
+    bind: &str,
+    till: FakeTill,
+    allowed_hosts: &[&str],
+) -> (
+    StatusServer,
+    Arc<FakeTill>,
+    Arc<FakeEngine>,
+    prometheus::IntCounter,
+) {
     let till = Arc::new(till);
     let engine = Arc::new(FakeEngine::default());
     let registry = prometheus::Registry::new();
@@ -299,14 +313,8 @@ pub fn start_server_allowing(
         local_token: LOCAL_TOKEN.to_string(),
         allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
     };
-    let server = StatusServer::start(
-        "127.0.0.1:0",
-        access,
-        till.clone(),
-        engine.clone(),
-        registry,
-    )
-    .expect("status server starts");
+    let server = StatusServer::start(bind, access, till.clone(), engine.clone(), registry)
+        .expect("status server starts");
     (server, till, engine, engine_metric)
 }
 
@@ -359,6 +367,25 @@ pub async fn serve_page_elsewhere(html: String) -> String {
         }
     });
     url
+}
+
+/// `GET /metrics` of the endpoint at `url`, as text.
+pub async fn metrics_text(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// How many requests the endpoint at `url` refused for `reason`
+/// (`terminal_local_api_refused_total`).
+pub async fn refused(url: &str, reason: &str) -> f64 {
+    metric_value(
+        &metrics_text(url).await,
+        &format!("terminal_local_api_refused_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// The value of the first sample of `name` (with its labels, e.g. `x{reason="origin"}`) in

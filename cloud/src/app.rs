@@ -46,6 +46,8 @@ pub struct AppState {
     pub admin_token_sha256: [u8; 32],
     /// Request size limits.
     pub limits: Limits,
+    /// `pos_id` → device nonce bindings already confirmed (see `db::devices`).
+    pub device_bindings: crate::db::devices::KnownBindings,
     /// Fingerprint trees per branch view and catalog version.
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
 }
@@ -77,6 +79,7 @@ impl AppState {
             trusted_proxies: rate_limits.trusted_proxies.clone(),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
+            device_bindings: Default::default(),
             fingerprints: Default::default(),
         })
     }

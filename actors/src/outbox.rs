@@ -144,7 +144,9 @@ pub fn outcomes_for(
             let (blamed, failures, budget) =
                 retry_pacing(item, class, items.len(), cloud_stored_at);
             let failure = match class {
-                FailureClass::NoAnswer => TransientFailure::NoAnswer,
+                FailureClass::NoAnswer | FailureClass::CredentialsRefused => {
+                    TransientFailure::NoAnswer
+                }
                 _ => TransientFailure::CloudAnswered { blamed },
             };
             match backoff(failures, budget, err.retry_after()) {
@@ -993,6 +995,10 @@ mod tests {
         );
         assert_eq!(
             rejected(401, Some(ErrorCode::PosSyncUnauthorized)).class(),
+            CredentialsRefused
+        );
+        assert_eq!(
+            rejected(403, Some(ErrorCode::PosSyncUnauthorized)).class(),
             Refused
         );
         assert_eq!(rejected(413, None).class(), Refused);
@@ -1000,7 +1006,8 @@ mod tests {
 
     proptest::proptest! {
         /// The outage rule: whatever the history, attempts and evidence, a failure without an
-        /// answer from the cloud never sends a sale to needs attention, and never holds it
+        /// answer from the cloud (or a refusal of the till's credentials: a revoked or rotated
+        /// token) never sends a sale to needs attention, and never holds it
         /// longer than the cap (or the server's `Retry-After`).
         #[test]
         fn no_answer_never_exhausts_a_sale(
@@ -1010,7 +1017,7 @@ mod tests {
             blamed in 0u32..50,
             failed_ago in proptest::option::of(0i64..100_000),
             stored_ago in proptest::option::of(0i64..100_000),
-            kind in 0u8..6,
+            kind in 0u8..7,
             retry_after_s in proptest::option::of(0u64..600),
         ) {
             let err = match kind {
@@ -1019,6 +1026,7 @@ mod tests {
                 2 => CloudError::Rejected { status: 502, code: None, message: "bad gateway".into(), retry_after: None, reason: None },
                 3 => CloudError::Rejected { status: 504, code: None, message: "gateway timeout".into(), retry_after: None, reason: None },
                 4 => CloudError::Rejected { status: 429, code: Some(ErrorCode::PosSyncRateLimited), message: "slow".into(), retry_after: retry_after_s.map(Duration::from_secs), reason: None },
+                5 => CloudError::Rejected { status: 401, code: Some(ErrorCode::PosSyncUnauthorized), message: "revoked token".into(), retry_after: None, reason: None },
                 _ => CloudError::Rejected { status: 503, code: None, message: "unavailable".into(), retry_after: retry_after_s.map(Duration::from_secs), reason: None },
             };
             let ra = err.retry_after();

@@ -270,6 +270,10 @@ pub enum FailureClass {
     /// `POS_SYNC_STORAGE_FAILED`). Usually the cloud's trouble; the sale's only when it fails
     /// alone while the cloud stores other sales.
     CloudTrouble,
+    /// The cloud refused our credentials (401 `POS_SYNC_UNAUTHORIZED`: a revoked or rotated
+    /// token). Nothing is wrong with the sales: they wait, paced like an outage, until the till
+    /// has new credentials (`terminal token set`, a re-enrollment), and are never parked.
+    CredentialsRefused,
     /// The cloud refused the request; resending it unchanged cannot succeed.
     Refused,
 }
@@ -280,7 +284,9 @@ impl CloudError {
         match self {
             CloudError::Unreachable(_) | CloudError::BadResponse(_) => FailureClass::NoAnswer,
             CloudError::Rejected { status, code, .. } => {
-                if matches!(status, 408 | 429)
+                if *status == 401 && matches!(code, Some(ErrorCode::PosSyncUnauthorized) | None) {
+                    FailureClass::CredentialsRefused
+                } else if matches!(status, 408 | 429)
                     || code == &Some(ErrorCode::PosSyncRateLimited)
                     || (code.is_none() && matches!(status, 502..=504))
                 {

@@ -38,12 +38,16 @@ pub struct AppState {
     pub ingest: IngestRegistry,
     /// Buckets per client address (before authentication).
     pub address_buckets: Buckets<IpAddr>,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: crate::client_address::TrustedProxies,
     /// Buckets per terminal.
     pub terminal_buckets: Buckets<Uuid>,
     /// sha256 of the admin token: compared in constant time, never kept in clear beyond start.
     pub admin_token_sha256: [u8; 32],
     /// Request size limits.
     pub limits: Limits,
+    /// `pos_id` → device nonce bindings already confirmed (see `db::devices`).
+    pub device_bindings: crate::db::devices::KnownBindings,
     /// Fingerprint trees per branch view and catalog version.
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
     /// Set (to the mapping file's name) when `--catalog-source-only` refuses admin catalog
@@ -75,8 +79,10 @@ impl AppState {
                 rate_limits.max_buckets,
                 rate_limits.bucket_idle,
             ),
+            trusted_proxies: rate_limits.trusted_proxies.clone(),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
+            device_bindings: Default::default(),
             fingerprints: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })

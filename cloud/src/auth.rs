@@ -37,12 +37,28 @@ fn bearer(req: &ServiceRequest) -> Option<String> {
     Some(token.to_string())
 }
 
-/// The client's address as the socket sees it. Proxies' forwarding headers are not trusted:
-/// any client could forge them to dodge its bucket.
-fn client_ip(req: &ServiceRequest) -> IpAddr {
-    req.peer_addr()
+/// The client's address: the socket's peer, or, when that peer is a trusted proxy, the client
+/// its forwarding headers name (see [`crate::client_address`]).
+fn client_ip(state: &AppState, req: &ServiceRequest) -> IpAddr {
+    let peer = req
+        .peer_addr()
         .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    if state.trusted_proxies.is_empty() {
+        return peer;
+    }
+    let values = |name: &str| -> Vec<&str> {
+        req.headers()
+            .get_all(name)
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    };
+    crate::client_address::client_address(
+        peer,
+        &values("forwarded"),
+        &values("x-forwarded-for"),
+        &state.trusted_proxies,
+    )
 }
 
 fn state(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
@@ -52,7 +68,7 @@ fn state(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
 }
 
 fn check_address(state: &AppState, req: &ServiceRequest) -> Result<(), ApiError> {
-    match state.address_buckets.check(&client_ip(req)) {
+    match state.address_buckets.check(&client_ip(state, req)) {
         Admission::Admitted => Ok(()),
         Admission::Refused { retry_after_secs } => {
             state

@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// Burst per client address.
     #[arg(long, default_value_t = 40, env = "POSSYNC_ADDRESS_RATE_BURST")]
     pub address_rate_burst: u32,
+    /// Reverse proxies (addresses or CIDRs, comma-separated) whose `Forwarded` /
+    /// `X-Forwarded-For` headers name the client for the per-address rate limit. Without it
+    /// those headers are ignored, so a client cannot pick its own bucket.
+    #[arg(long, default_value = "", env = "POSSYNC_TRUSTED_PROXIES")]
+    pub trusted_proxies: String,
     /// Most entries in one reconcile manifest.
     #[arg(long, default_value_t = 2000)]
     pub manifest_max_entries: usize,
@@ -600,6 +605,10 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
         per_second: args.address_rate_per_second,
         burst: args.address_rate_burst,
     };
+    config.rate_limits.trusted_proxies = args
+        .trusted_proxies
+        .parse()
+        .map_err(|e: crate::client_address::BadProxyNet| CliError::Input(e.to_string()))?;
     config.limits.manifest_max_entries = args.manifest_max_entries.max(1);
     config.limits.body_timeout = Duration::from_secs(args.body_timeout_secs.max(1));
     config.tombstone_retention = chrono::Duration::days(args.tombstone_retention_days);

@@ -34,7 +34,7 @@ impl Default for Limits {
 }
 
 /// Rate-limit settings for both kinds of bucket.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RateLimits {
     /// Per terminal, on `/v1/pos/*`.
     pub terminal: RateLimit,
@@ -44,6 +44,8 @@ pub struct RateLimits {
     pub max_buckets: usize,
     /// A bucket unused this long may be evicted.
     pub bucket_idle: Duration,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` name the client (`--trusted-proxies`).
+    pub trusted_proxies: crate::client_address::TrustedProxies,
 }
 
 impl Default for RateLimits {
@@ -53,6 +55,7 @@ impl Default for RateLimits {
             address: RateLimit::default(),
             max_buckets: 100_000,
             bucket_idle: Duration::from_secs(600),
+            trusted_proxies: Default::default(),
         }
     }
 }

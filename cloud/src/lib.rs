@@ -17,6 +17,7 @@ pub mod body;
 pub mod catalog_routes;
 pub mod catalog_source;
 pub mod cli;
+pub mod client_address;
 pub mod config;
 pub mod db;
 pub mod error;

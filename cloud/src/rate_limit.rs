@@ -1,11 +1,14 @@
 //! Leaky-bucket rate limits: one bucket per client address (checked before authentication, so
 //! floods of bad tokens are limited too) and one per terminal (checked after it).
 //!
-//! Buckets live in a bounded map: idle buckets are evicted, and when the map is full the least
-//! recently used bucket goes, so an attacker cycling addresses cannot grow memory without
-//! bound. An evicted bucket comes back full, which only ever errs on the side of admitting.
+//! Buckets live in a bounded map kept in recency order (`hashlink::LruCache`): a request moves
+//! its bucket to the back in O(1); when the map is full the least recently used bucket goes,
+//! also O(1), so an attacker cycling addresses cannot grow memory without bound, and a fleet of
+//! 100 000 keys costs the same per request as ten. Idle buckets are dropped from the front
+//! (oldest first) until the first one still in use: O(dropped), never a scan of the whole map.
+//! An evicted bucket comes back full, which only ever errs on the side of admitting.
 
-use std::collections::HashMap;
+use hashlink::LruCache;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -68,11 +71,10 @@ struct Slot {
 }
 
 /// A bounded set of buckets keyed by `K` (an address or a terminal id).
-pub struct Buckets<K> {
+pub struct Buckets<K: Eq + Hash> {
     limit: RateLimit,
-    capacity: usize,
     idle_after: Duration,
-    slots: Mutex<HashMap<K, Slot>>,
+    slots: Mutex<LruCache<K, Slot>>,
 }
 
 /// Whether a request may proceed.
@@ -93,9 +95,8 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     pub fn new(limit: RateLimit, capacity: usize, idle_after: Duration) -> Self {
         Buckets {
             limit,
-            capacity: capacity.max(1),
             idle_after,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(LruCache::new(capacity.max(1))),
         }
     }
 
@@ -105,13 +106,21 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
         // A poisoned lock only means another thread panicked mid-update; the map is still
         // usable, and refusing all traffic would be worse.
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if !slots.contains_key(key) && slots.len() >= self.capacity {
-            self.evict(&mut slots, now);
+        Self::drop_idle(&mut slots, now, self.idle_after);
+        // `get_mut` moves the key to the most recent end; a new key goes there too, pushing the
+        // least recently used one out when the cache is full.
+        if slots.get_mut(key).is_none() {
+            slots.insert(
+                key.clone(),
+                Slot {
+                    bucket: self.limit.bucket(),
+                    last_used: now,
+                },
+            );
         }
-        let slot = slots.entry(key.clone()).or_insert_with(|| Slot {
-            bucket: self.limit.bucket(),
-            last_used: now,
-        });
+        let Some(slot) = slots.get_mut(key) else {
+            return Admission::Admitted;
+        };
         slot.last_used = now;
         if slot.bucket.try_acquire(1) {
             Admission::Admitted
@@ -122,16 +131,16 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
         }
     }
 
-    fn evict(&self, slots: &mut HashMap<K, Slot>, now: Instant) {
-        slots.retain(|_, s| now.duration_since(s.last_used) < self.idle_after);
-        if slots.len() >= self.capacity {
-            if let Some(oldest) = slots
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(k, _)| k.clone())
-            {
-                slots.remove(&oldest);
-            }
+    /// Drops idle buckets from the least recently used end: the order is by last use, so the
+    /// first bucket still in use ends the walk.
+    fn drop_idle(slots: &mut LruCache<K, Slot>, now: Instant, idle_after: Duration) {
+        // `iter` runs from the least recently used end.
+        while slots
+            .iter()
+            .next()
+            .is_some_and(|(_, s)| now.duration_since(s.last_used) >= idle_after)
+        {
+            slots.remove_lru();
         }
     }
 
@@ -139,7 +148,7 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|_, s| now.duration_since(s.last_used) < self.idle_after);
+        Self::drop_idle(&mut slots, now, self.idle_after);
     }
 
     /// Number of buckets tracked now.
@@ -187,6 +196,38 @@ mod tests {
             b.check(&i);
         }
         assert!(b.len() <= 4, "{}", b.len());
+    }
+
+    #[test]
+    fn the_least_recently_used_key_goes_first() {
+        let b = Buckets::new(
+            RateLimit {
+                per_second: 1,
+                burst: 2,
+            },
+            3,
+            Duration::from_secs(60),
+        );
+        for k in [1, 2, 3] {
+            b.check(&k);
+        }
+        b.check(&1); // 1 is now the most recent: 2 is the oldest
+        assert_eq!(
+            b.check(&1),
+            Admission::Refused {
+                retry_after_secs: 1
+            }
+        );
+        b.check(&4); // evicts 2
+        assert_eq!(b.len(), 3);
+        // 1 kept its (empty) bucket; 2 comes back full
+        assert_eq!(
+            b.check(&1),
+            Admission::Refused {
+                retry_after_secs: 1
+            }
+        );
+        assert_eq!(b.check(&2), Admission::Admitted);
     }
 
     #[test]

@@ -265,12 +265,21 @@ pub async fn post_events(
 
     if let Some(nonce) = nonce {
         let pos_ids: BTreeSet<Uuid> = batch.iter().map(|r| r.event.pos_id).collect();
-        let terminal_id = who.terminal_id;
-        let foreign = state
-            .db
-            .run(move |conn| devices::claim_pos_ids(conn, terminal_id, &pos_ids, &nonce))
-            .await
-            .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+        let foreign = if state.device_bindings.all_bound_to(&pos_ids, &nonce) {
+            BTreeSet::new()
+        } else {
+            let terminal_id = who.terminal_id;
+            let (asked, bound_nonce) = (pos_ids.clone(), nonce.clone());
+            let foreign = state
+                .db
+                .run(move |conn| devices::claim_pos_ids(conn, terminal_id, &asked, &bound_nonce))
+                .await
+                .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+            state
+                .device_bindings
+                .remember(pos_ids.difference(&foreign), &nonce);
+            foreign
+        };
         if !foreign.is_empty() {
             let mut kept = Vec::with_capacity(batch.len());
             let mut kept_positions = Vec::with_capacity(batch.len());

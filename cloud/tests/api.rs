@@ -45,6 +45,7 @@ on_both_backends!(
     fingerprints_are_cached_per_version_and_validated,
     terminal_rate_limit_answers_429_with_retry_after,
     address_rate_limit_applies_before_auth,
+    forwarded_addresses_count_only_from_trusted_proxies,
     concurrent_duplicates_over_separate_connections_store_once,
     cli_catalog_commands_feed_the_snapshot,
     responses_are_gzipped_when_accepted,
@@ -73,6 +74,42 @@ fn keys_of(entities: &Value) -> Vec<String> {
 
 mod scenarios {
     use super::*;
+
+    /// Behind a trusted proxy each forwarded client has its own address bucket; without
+    /// `--trusted-proxies` the headers are ignored, so a client cannot pick its bucket.
+    pub async fn forwarded_addresses_count_only_from_trusted_proxies(b: Backend) {
+        async fn statuses(env: &Env, xff: &str, n: usize) -> Vec<u16> {
+            let http = reqwest::Client::new();
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let r = http
+                    .get(env.url("/v1/pos/sync/status"))
+                    .header("x-forwarded-for", xff)
+                    .send()
+                    .await
+                    .expect("request");
+                out.push(r.status().as_u16());
+            }
+            out
+        }
+        let limits = [
+            "--address-rate-per-second",
+            "1",
+            "--address-rate-burst",
+            "2",
+        ];
+        // Trusted: 198.51.100.1 spends its own burst; 198.51.100.2 still has its own.
+        let mut args = limits.to_vec();
+        args.extend(["--trusted-proxies", "127.0.0.1/32,::1"]);
+        let env = Env::start_with(b, &args);
+        assert_eq!(statuses(&env, "198.51.100.1", 3).await, [401, 401, 429]);
+        assert_eq!(statuses(&env, "6.6.6.6, 198.51.100.2", 2).await, [401, 401]);
+        drop(env);
+        // Untrusted: the header changes nothing, everyone is 127.0.0.1.
+        let env = Env::start_with(b, &limits);
+        assert_eq!(statuses(&env, "198.51.100.1", 2).await, [401, 401]);
+        assert_eq!(statuses(&env, "198.51.100.2", 1).await, [429]);
+    }
 
     /// Two terminals of one branch ask for fingerprints: the tree is read from the database
     /// once per catalog version; a catalog change moves the answer; bad nodes are 400.

@@ -161,7 +161,8 @@ pub enum EventStatus {
     Accepted,
     /// Stored before with the same payload; the first `cloud_event_id` is returned.
     Duplicate,
-    /// Stored before with a different payload; the first stays, this one is dropped.
+    /// Stored before with a different payload; the first stays, this one is dropped. Also the
+    /// answer, with `POS_SYNC_POS_CLONED`, for an event whose `pos_id` belongs to another device.
     Conflict,
     /// Failed schema or arithmetic; not stored.
     Rejected,
@@ -174,7 +175,8 @@ pub struct EventResult {
     pub local_event_id: Option<i64>,
     /// What happened to the event.
     pub status: EventStatus,
-    /// `POS_SYNC_EVENT_DUPLICATE` or `POS_SYNC_EVENT_INVALID` where it applies.
+    /// `POS_SYNC_EVENT_DUPLICATE`, `POS_SYNC_EVENT_INVALID` or `POS_SYNC_POS_CLONED` where it
+    /// applies.
     pub code: Option<ErrorCode>,
     /// The cloud's id of the stored sale (the first one, for duplicates and conflicts).
     pub cloud_event_id: Option<Uuid>,

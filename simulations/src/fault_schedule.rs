@@ -22,6 +22,10 @@ pub enum FaultMode {
     Crash,
     /// Both of the above.
     All,
+    /// Terminal 0's live data directory is copied (a consistent snapshot, like imaging a
+    /// running till) into a second daemon half-way through its sales; both then keep selling.
+    /// No other faults, so the run isolates what a cloned disk does to exactly-once.
+    Clone,
 }
 
 impl FaultMode {
@@ -33,6 +37,11 @@ impl FaultMode {
     /// Whether process kills are scheduled.
     pub fn crash(self) -> bool {
         matches!(self, FaultMode::Crash | FaultMode::All)
+    }
+
+    /// Whether a till's data directory is cloned into a second daemon mid-run.
+    pub fn clone_till(self) -> bool {
+        matches!(self, FaultMode::Clone)
     }
 }
 
@@ -202,6 +211,9 @@ impl FaultSchedule {
             }
             *out.entry("terminal_kill".to_string()).or_insert(0) +=
                 t.crash_after_sales.len() as u64;
+        }
+        if self.shape.faults.clone_till() && self.shape.terminals > 0 {
+            out.insert("terminal_clone".to_string(), 1);
         }
         for c in &self.cloud {
             let k = match c {

@@ -246,6 +246,20 @@ async fn run_on(
             churn.counts
         })
     };
+    // The `clone` fault: half-way through terminal 0's sales, its live database is copied into
+    // a second daemon that then sells as much again.
+    let cloner = if schedule.shape.faults.clone_till() && !nodes.is_empty() {
+        let source = nodes[0].clone();
+        let index = nodes.len();
+        let run_dir = run_dir.to_path_buf();
+        let proxy = FaultProxy::start(Vec::new(), upstreams.clone()).await?;
+        let (sold, seed, sales, pace) = (sold.clone(), cfg.seed, cfg.sales, cfg.pace_ms);
+        Some(tokio::spawn(async move {
+            clone_and_sell(source, index, run_dir, proxy, seed, sales, pace, sold).await
+        }))
+    } else {
+        None
+    };
     let abuse = abuser.as_ref().map(|e| {
         let e = e.clone();
         let selling = selling.clone();
@@ -267,8 +281,19 @@ async fn run_on(
             }
         }
     }
-    selling.store(false, Ordering::SeqCst);
     let mut injected: BTreeMap<String, u64> = BTreeMap::new();
+    if let Some(c) = cloner {
+        match c.await {
+            Ok(Ok((node, acks))) => {
+                nodes.push(Arc::new(Mutex::new(node)));
+                acknowledged.push(acks);
+                injected.insert("terminal_clone".into(), 1);
+            }
+            Ok(Err(e)) => errors.push(format!("clone: {e}")),
+            Err(e) => errors.push(format!("clone task panicked: {e}")),
+        }
+    }
+    selling.store(false, Ordering::SeqCst);
     match cloud_faults.await {
         Ok(Ok((kills, outages, mid_commit))) => {
             injected.insert("cloud_kill".into(), kills);
@@ -552,6 +577,49 @@ async fn sell(
         }
     }
     Ok(acks)
+}
+
+/// Waits until `source` has journaled half of its `sales`, clones its live database into a
+/// new till (see [`TerminalNode::clone_of`]) and sells `sales / 2` sales there. Returns the new
+/// till and its receipts for the audit.
+#[allow(clippy::too_many_arguments)]
+async fn clone_and_sell(
+    source: Arc<Mutex<TerminalNode>>,
+    index: usize,
+    run_dir: std::path::PathBuf,
+    proxy: FaultProxy,
+    seed: u64,
+    sales: u32,
+    pace_ms: u64,
+    sold: Arc<AtomicU64>,
+) -> Result<(TerminalNode, Vec<(Receipt, String)>), SimError> {
+    let half = (sales / 2).max(1) as usize;
+    loop {
+        let recorded = source.lock().await.journal().map(|j| j.len()).unwrap_or(0);
+        if recorded >= half {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node = {
+        let src = source.lock().await;
+        TerminalNode::clone_of(&src, index, &run_dir, proxy).await?
+    };
+    let node = Arc::new(Mutex::new(node));
+    let acks = sell(
+        node.clone(),
+        index,
+        seed,
+        (sales / 2).max(1),
+        pace_ms,
+        Vec::new(),
+        sold,
+    )
+    .await?;
+    let node = Arc::try_unwrap(node)
+        .map_err(|_| SimError::Io("clone node still shared after selling".into()))?
+        .into_inner();
+    Ok((node, acks))
 }
 
 /// Executes the cloud-side faults when the fleet-wide sale count reaches their trigger.

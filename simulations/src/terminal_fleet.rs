@@ -179,6 +179,78 @@ impl TerminalNode {
         Ok(node)
     }
 
+    /// A second till made from a copy of `source`'s live database (SQLite's online backup: a
+    /// consistent snapshot, as imaging a running machine gives), with the same enrollment,
+    /// started as its own daemon behind its own proxy.
+    pub async fn clone_of(
+        source: &TerminalNode,
+        index: usize,
+        run_dir: &Path,
+        proxy: FaultProxy,
+    ) -> Result<TerminalNode, SimError> {
+        let data_dir = run_dir.join(format!("terminal-{index}"));
+        std::fs::create_dir_all(&data_dir).map_err(|e| SimError::Io(e.to_string()))?;
+        let from = source.database_path()?;
+        let to = data_dir.join("terminal.db");
+        tokio::task::spawn_blocking(move || -> Result<(), SimError> {
+            let src = rusqlite::Connection::open(&from)
+                .map_err(|e| SimError::Io(format!("opening {}: {e}", from.display())))?;
+            src.busy_timeout(Duration::from_secs(5))
+                .map_err(|e| SimError::Io(e.to_string()))?;
+            src.backup(rusqlite::MAIN_DB, &to, None)
+                .map_err(|e| SimError::Io(format!("copying {}: {e}", from.display())))
+        })
+        .await
+        .map_err(|e| SimError::Io(e.to_string()))??;
+        tracing::warn!(
+            source = source.index,
+            clone = index,
+            "fault: till data directory cloned into a second daemon"
+        );
+        // The new till gets its own network (its proxy); enrolling again as the same terminal
+        // and branch changes only the URL.
+        let e = &source.enrollment;
+        let args: Vec<String> = vec![
+            "enroll".into(),
+            "--cloud-url".into(),
+            proxy.url().to_string(),
+            "--token".into(),
+            e.token.clone(),
+            "--terminal-id".into(),
+            e.terminal_id.clone(),
+            "--branch".into(),
+            e.branch_id.clone(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        run_command(&source.bin, &args, &source.env).await?;
+        // The local API token lives beside the database, not in it: the new till has its own.
+        let token_args: Vec<String> = vec![
+            "local-token".into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        let local_token = run_command(&source.bin, &token_args, &source.env)
+            .await?
+            .trim()
+            .to_string();
+        let mut node = TerminalNode {
+            index,
+            enrollment: source.enrollment.clone(),
+            log: run_dir.join(format!("terminal-{index}.log")),
+            data_dir,
+            proxy,
+            daemon: None,
+            bin: source.bin.clone(),
+            env: source.env.clone(),
+            client: source.client.clone(),
+            local_token,
+            kills: 0,
+        };
+        node.start().await?;
+        Ok(node)
+    }
+
     async fn start(&mut self) -> Result<(), SimError> {
         let args: Vec<String> = vec![
             "run".into(),

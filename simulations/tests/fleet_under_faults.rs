@@ -150,3 +150,40 @@ fn the_audit_catches_a_sale_the_network_lied_about() {
     assert_eq!(r["sales_in_cloud"].as_u64(), Some(20 - lost), "{stdout}");
     assert_eq!(r["passed"], false);
 }
+
+#[test]
+fn a_till_cloned_mid_run_and_its_original_deliver_every_sale_once_without_an_operator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_path = dir.path().join("report.json");
+    let (code, r, stdout) = run_simulation(
+        &[
+            "--terminals",
+            "2",
+            "--branches",
+            "1",
+            "--sales",
+            "20",
+            "--faults",
+            "clone",
+            "--seed",
+            "20261129",
+        ],
+        &report_path,
+    );
+    println!("{stdout}");
+    // Two tills of 20 sales, and the clone of terminal 0 with 10 of its own.
+    assert_eq!(r["sales_created"], 50, "{stdout}");
+    assert_eq!(r["sales_in_cloud"], 50, "{stdout}");
+    assert_eq!(r["lost"], 0, "{stdout}");
+    assert_eq!(r["duplicated"], 0, "{stdout}");
+    assert_eq!(r["needs_attention"], 0, "{stdout}");
+    assert_eq!(r["needs_attention_released_by_operator"], 0, "{stdout}");
+    assert_eq!(r["faults_injected"]["terminal_clone"], 1, "{stdout}");
+    let per = r["per_terminal"].as_array().expect("per terminal");
+    assert_eq!(per.len(), 3, "{stdout}");
+    assert_eq!(
+        per[2]["terminal_id"], per[0]["terminal_id"],
+        "the clone runs as the same terminal"
+    );
+    assert_eq!(code, 0, "{stdout}");
+}

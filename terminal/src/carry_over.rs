@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::cloud_client::HttpCloud;
 use crate::store::{
-    CarryCandidate, CarryDecision, CarryOverCounts, SqliteStore, TerminalStoreError,
+    CarryCandidate, CarryDecision, CarryOverCounts, CarryScope, SqliteStore, TerminalStoreError,
 };
 
 /// Why a carry-over pass stopped; nothing of it was applied.
@@ -120,13 +120,15 @@ async fn held_in_range(
     }
 }
 
-/// One pass: fork if needed, then carry over every earlier key space's unsent rows.
+/// One pass: fork if needed, then carry over every earlier key space's unsent rows
+/// (`scope`: see [`CarryScope`]).
 pub async fn settle(
     store: &SqliteStore,
     cloud: &HttpCloud,
+    scope: CarryScope,
 ) -> Result<SettleReport, CarryOverError> {
     let forked_to = blocking(store, |s| s.fork_if_needed()).await?;
-    let candidates = blocking(store, |s| s.carry_candidates()).await?;
+    let candidates = blocking(store, move |s| s.carry_candidates(scope)).await?;
     let mut report = SettleReport {
         forked_to,
         carried: CarryOverCounts::default(),

@@ -485,7 +485,7 @@ async fn save_and_settle(
         .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
     let carried = if reachable {
         let cloud = daemon::cloud_for(store, enrollment)?;
-        match crate::carry_over::settle(store, &cloud).await {
+        match crate::carry_over::settle(store, &cloud, crate::store::CarryScope::Everything).await {
             Ok(r) => Some(r),
             Err(e) => {
                 eprintln!(

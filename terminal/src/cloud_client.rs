@@ -22,6 +22,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -60,7 +61,16 @@ pub struct HttpCloud {
     /// Reads the enrollment saved now (e.g. by `terminal token set` in another process).
     reload: Option<TargetSource>,
     device_nonce: Option<String>,
+    /// Nonces of the databases this one was copied from, for the sales it inherited.
+    inherited_nonces: Arc<HashMap<Uuid, String>>,
     metrics: Option<ClientMetrics>,
+}
+
+/// The headers of a sales delivery: its attempt number and the device nonce it is sent with.
+#[derive(Debug, Clone, Copy)]
+struct Delivery<'a> {
+    attempt: u32,
+    nonce: Option<&'a str>,
 }
 
 /// Reads the current [`CloudTarget`] from where the enrollment is kept; blocking.
@@ -119,6 +129,7 @@ impl HttpCloud {
             })),
             reload: None,
             device_nonce: None,
+            inherited_nonces: Arc::new(HashMap::new()),
             metrics: None,
         })
     }
@@ -130,12 +141,35 @@ impl HttpCloud {
         self
     }
 
+    /// Sends `nonce` instead of this device's for sales of `pos_id`: sales inherited from the
+    /// database this one was copied from are delivered as that database would deliver them.
+    pub fn with_inherited_nonces(
+        mut self,
+        by_pos: impl IntoIterator<Item = (Uuid, Uuid)>,
+    ) -> HttpCloud {
+        self.inherited_nonces = Arc::new(
+            by_pos
+                .into_iter()
+                .map(|(pos, nonce)| (pos, nonce.to_string()))
+                .collect(),
+        );
+        self
+    }
+
     /// On a `POS_SYNC_UNAUTHORIZED` answer, re-reads the target from `source` and, if the
     /// token or URL changed since (a rotation taken with `terminal token set`, a re-enrollment
     /// while the daemon runs), retries the request once with the new one.
     pub fn with_reload(mut self, source: TargetSource) -> HttpCloud {
         self.reload = Some(source);
         self
+    }
+
+    /// Takes the target from the reload source now if it changed (a `terminal enroll` with a
+    /// new cloud URL while the daemon runs, when the old URL may just be unreachable rather
+    /// than refusing). Returns whether it changed.
+    pub async fn refresh(&self) -> bool {
+        let used = self.current();
+        self.reloaded(&used).await
     }
 
     fn current(&self) -> CloudTarget {
@@ -228,10 +262,26 @@ impl HttpCloud {
         body: Option<&B>,
         sync_attempt: Option<u32>,
     ) -> Result<T, CloudError> {
+        let delivery = sync_attempt.map(|attempt| Delivery {
+            attempt,
+            nonce: None,
+        });
+        self.call_with_delivery(method, route, query, body, delivery)
+            .await
+    }
+
+    async fn call_with_delivery<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &'static str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        delivery: Option<Delivery<'_>>,
+    ) -> Result<T, CloudError> {
         let started = Instant::now();
         let used = self.current();
         let mut result = self
-            .call_once(&used, method.clone(), route, query, body, sync_attempt)
+            .call_once(&used, method.clone(), route, query, body, delivery)
             .await;
         if matches!(
             &result,
@@ -243,7 +293,7 @@ impl HttpCloud {
         {
             let fresh = self.current();
             result = self
-                .call_once(&fresh, method, route, query, body, sync_attempt)
+                .call_once(&fresh, method, route, query, body, delivery)
                 .await;
         }
         if let Some(m) = &self.metrics {
@@ -339,7 +389,7 @@ impl HttpCloud {
         route: &str,
         query: &[(&str, String)],
         body: Option<&B>,
-        sync_attempt: Option<u32>,
+        delivery: Option<Delivery<'_>>,
     ) -> Result<T, CloudError> {
         let url = format!("{}{}{}", target.base_url, POS_API_PREFIX, route);
         let request_id = Uuid::now_v7().to_string();
@@ -351,9 +401,9 @@ impl HttpCloud {
         if !query.is_empty() {
             req = req.query(query);
         }
-        if let Some(attempt) = sync_attempt {
-            req = req.header(SYNC_ATTEMPT_HEADER, attempt.to_string());
-            if let Some(nonce) = &self.device_nonce {
+        if let Some(d) = delivery {
+            req = req.header(SYNC_ATTEMPT_HEADER, d.attempt.to_string());
+            if let Some(nonce) = d.nonce {
                 req = req.header(DEVICE_NONCE_HEADER, nonce);
             }
         }
@@ -496,12 +546,28 @@ impl CloudApi for HttpCloud {
         events: &[SaleEvent],
         sync_attempt: u32,
     ) -> Result<SalesEventsResponse, CloudError> {
-        let attempt = Some(sync_attempt);
+        // The outbox sends one pos_id per request (`claim_batch`), so the first event's
+        // pos_id says whose nonce this is.
+        let nonce = events
+            .first()
+            .and_then(|e| self.inherited_nonces.get(&e.pos_id))
+            .or(self.device_nonce.as_ref())
+            .cloned();
         let body = SalesEventsRequest {
             events: events.to_vec(),
         };
-        self.call(Method::POST, "/sales/events", &[], Some(&body), attempt)
-            .await
+        let delivery = Delivery {
+            attempt: sync_attempt,
+            nonce: nonce.as_deref(),
+        };
+        self.call_with_delivery(
+            Method::POST,
+            "/sales/events",
+            &[],
+            Some(&body),
+            Some(delivery),
+        )
+        .await
     }
 
     async fn probe(&self) -> Result<(), CloudError> {

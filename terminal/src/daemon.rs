@@ -17,7 +17,7 @@ use crate::carry_over;
 use crate::cli::CommandError;
 use crate::cloud_client::{CloudTarget, HttpCloud};
 use crate::status::{LocalApiConfig, StatusServer};
-use crate::store::{Enrollment, SqliteStore};
+use crate::store::{CarryScope, Enrollment, SqliteStore};
 use crate::wiring::{EngineControl, StoreTill};
 
 /// Name of the file, in the data dir, where a running daemon says where its status endpoint
@@ -118,11 +118,13 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
 /// set` reaches a running daemon without a restart).
 pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, CommandError> {
     let source = store.clone();
+    let inherited = store.inherited()?;
     Ok(HttpCloud::new(CloudTarget {
         base_url: enrollment.cloud_url.clone(),
         token: enrollment.token.clone(),
     })?
     .with_device_nonce(store.device_nonce())
+    .with_inherited_nonces(inherited.into_iter().map(|i| (i.pos_id, i.nonce)))
     .with_reload(Arc::new(move || {
         source.enrollment().ok().flatten().map(|e| CloudTarget {
             base_url: e.cloud_url,
@@ -168,14 +170,24 @@ pub async fn start_engine_with_cloud(
     Ok((engine, cloud))
 }
 
-/// Runs a carry-over pass every `interval` until aborted. A failed pass (cloud unreachable,
+/// Runs a carry-over pass every `interval` until aborted, first taking a changed enrollment
+/// into the shared cloud client. A failed pass (cloud unreachable,
 /// token refused) changes nothing and is tried again on the next tick.
 async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Thorough until one pass succeeded (see `CarryScope::Everything`), then cheap.
+    let mut scope = CarryScope::Everything;
     loop {
         tick.tick().await;
-        match carry_over::settle(&store, &cloud).await {
+        // A new cloud URL saved by `terminal enroll` is taken here: the old URL may not refuse
+        // (which would reload at once), it may simply be gone.
+        cloud.refresh().await;
+        let result = carry_over::settle(&store, &cloud, scope).await;
+        if result.is_ok() {
+            scope = CarryScope::OtherPosIds;
+        }
+        match result {
             Ok(r) if r.forked_to.is_some() || r.carried != Default::default() => {
                 tracing::warn!(
                     posId = ?r.forked_to,

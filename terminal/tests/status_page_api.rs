@@ -293,3 +293,20 @@ async fn first_snapshot_progress_is_reported() {
     assert_eq!(snap["percent"], 25.0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_unknown_route_gets_404_with_the_envelope() {
+    let (server, _till, _engine, _) = start_fake_server();
+    let r = reqwest::get(format!("{}/no/such/route", server.url()))
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.expect("envelope");
+    assert_eq!(body["error"]["code"], "POS_REQUEST_INVALID", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("GET /no/such/route")),
+        "{body}"
+    );
+}

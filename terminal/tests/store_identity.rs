@@ -9,7 +9,7 @@ use fixtures::*;
 use possync_actors::{DeliveryOutcome, LocalStore};
 use possync_protocol::{EventType, HeldKey, SaleEvent};
 use possync_terminal::carry_over::decide;
-use possync_terminal::store::{CarryDecision, ChangeReason, Enrollment, SqliteStore};
+use possync_terminal::store::{CarryDecision, CarryScope, ChangeReason, Enrollment, SqliteStore};
 use uuid::Uuid;
 
 fn sell(store: &SqliteStore, n: i64) -> i64 {
@@ -72,7 +72,10 @@ fn a_new_token_for_the_same_terminal_keeps_pos_and_releases_unauthorized_sales()
             .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    assert!(store.carry_candidates().expect("candidates").is_empty());
+    assert!(store
+        .carry_candidates(CarryScope::Everything)
+        .expect("candidates")
+        .is_empty());
 }
 
 #[test]
@@ -118,7 +121,9 @@ fn reenrolling_as_another_terminal_forks_and_carries_unsent_sales_over_exactly_o
         .expect("enqueue");
     assert_eq!((fresh.pos_id, fresh.local_event_id), (new_pos, 1));
 
-    let candidates = store.carry_candidates().expect("candidates");
+    let candidates = store
+        .carry_candidates(CarryScope::Everything)
+        .expect("candidates");
     assert_eq!(
         candidates
             .iter()
@@ -185,7 +190,10 @@ fn reenrolling_as_another_terminal_forks_and_carries_unsent_sales_over_exactly_o
     assert_eq!(changes[0].reason, ChangeReason::Reenrolled);
     assert_eq!(changes[1].reason, ChangeReason::CarryOver);
     assert_eq!((changes[1].rekeyed, changes[1].already_held), (2, 1));
-    assert!(store.carry_candidates().expect("none left").is_empty());
+    assert!(store
+        .carry_candidates(CarryScope::Everything)
+        .expect("none left")
+        .is_empty());
 }
 
 #[test]
@@ -204,7 +212,12 @@ fn a_clone_or_conflict_answer_forks_and_only_an_invalid_sale_stays_parked() {
         .expect("the cloud said: cloned");
     assert_ne!(new_pos, old_pos);
     assert_eq!(store.fork_if_needed().expect("once"), None);
-    let decisions = decide(store.carry_candidates().expect("candidates"), &[]);
+    let decisions = decide(
+        store
+            .carry_candidates(CarryScope::Everything)
+            .expect("candidates"),
+        &[],
+    );
     assert!(decisions
         .iter()
         .all(|d| matches!(d, CarryDecision::Rekey { .. })));
@@ -238,21 +251,132 @@ fn a_clone_or_conflict_answer_forks_and_only_an_invalid_sale_stays_parked() {
 }
 
 #[test]
-fn a_copied_database_file_gets_a_new_device_nonce_and_the_original_keeps_its_own() {
+fn a_copied_database_file_gets_a_new_device_and_pos_but_delivers_inherited_sales_under_their_keys()
+{
     let (dir, path) = temp_db();
     let store = open(&path);
-    let nonce = store.device_nonce();
+    store.save_enrollment(&enrollment()).expect("enroll");
+    let (nonce, pos) = (store.device_nonce(), store.pos_id());
+    sell(&store, 1);
+    sell(&store, 2);
     drop(store);
-    assert_eq!(open(&path).device_nonce(), nonce, "same file, same device");
-    let copy = dir.path().join("copy.db");
-    std::fs::copy(&path, &copy).expect("copy");
-    let cloned = open(&copy);
-    assert_ne!(cloned.device_nonce(), nonce);
-    assert_eq!(open(&copy).device_nonce(), cloned.device_nonce());
-    assert_eq!(open(&path).device_nonce(), nonce);
+    let original = open(&path);
+    assert_eq!(original.device_nonce(), nonce, "same file, same device");
+    assert_eq!(original.pos_id(), pos);
+
+    let copy_path = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy_path).expect("copy");
+    let copy = open(&copy_path);
+    assert_ne!(copy.device_nonce(), nonce);
+    assert_ne!(
+        copy.pos_id(),
+        pos,
+        "the copy's own sales get a pos_id of their own"
+    );
     assert_eq!(
-        cloned.pos_id(),
-        open(&path).pos_id(),
-        "the copy shares the pos_id"
+        copy.inherited().expect("inherited"),
+        vec![possync_terminal::store::Inherited {
+            pos_id: pos,
+            nonce,
+            below: 3
+        }]
+    );
+    assert_eq!(open(&copy_path).device_nonce(), copy.device_nonce(), "once");
+    assert_eq!(
+        open(&path).device_nonce(),
+        nonce,
+        "the original is untouched"
+    );
+
+    let own = copy
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-copy", 1, 7))
+        .expect("enqueue");
+    assert_eq!((own.pos_id, own.local_event_id), (copy.pos_id(), 1));
+    assert!(
+        copy.carry_candidates(CarryScope::Everything)
+            .expect("candidates")
+            .is_empty(),
+        "inherited sales are not re-keyed"
+    );
+    // One pos_id per batch: the inherited sales under their original keys, then its own.
+    let first = copy.claim_batch(100, Utc::now()).expect("claim");
+    let second = copy.claim_batch(100, Utc::now()).expect("claim");
+    let keys = |items: &[possync_actors::OutboxItem]| -> Vec<(Uuid, i64)> {
+        items
+            .iter()
+            .map(|i| (i.event.pos_id, i.event.local_event_id))
+            .collect()
+    };
+    let mut all = vec![keys(&first), keys(&second)];
+    all.sort();
+    let mut expected = vec![vec![(pos, 1), (pos, 2)], vec![(copy.pos_id(), 1)]];
+    expected.sort();
+    assert_eq!(all, expected);
+    assert_eq!(
+        copy.identity_changes().expect("changes")[0].reason,
+        ChangeReason::Copied
+    );
+}
+
+#[test]
+fn moving_the_data_directory_on_its_disk_or_reaching_it_by_a_link_is_not_a_copy() {
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    let (nonce, pos) = (store.device_nonce(), store.pos_id());
+    drop(store);
+    let moved_dir = dir.path().join("moved");
+    std::fs::create_dir(&moved_dir).expect("dir");
+    let moved = moved_dir.join("terminal.db");
+    std::fs::rename(&path, &moved).expect("move");
+    let store = open(&moved);
+    assert_eq!((store.device_nonce(), store.pos_id()), (nonce, pos));
+    drop(store);
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&moved, &link).expect("symlink");
+        let store = open(&link);
+        assert_eq!((store.device_nonce(), store.pos_id()), (nonce, pos));
+        assert!(store.identity_changes().expect("changes").is_empty());
+    }
+}
+
+#[test]
+fn rows_an_older_build_left_under_another_terminal_are_found_by_a_thorough_pass_only() {
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    sell(&store, 1);
+    sell(&store, 2);
+    // What a build from before till identity did on re-enrollment: a new terminal, same pos_id.
+    raw(&path)
+        .execute(
+            "UPDATE sync_state SET value = ?1 WHERE key = 'enrollment'",
+            [serde_json::to_string(&other_terminal()).expect("json")],
+        )
+        .expect("old-style re-enrollment");
+    assert!(store.claim_batch(10, Utc::now()).expect("claim").is_empty());
+    assert!(store
+        .carry_candidates(CarryScope::OtherPosIds)
+        .expect("cheap pass")
+        .is_empty());
+    let candidates = store
+        .carry_candidates(CarryScope::Everything)
+        .expect("thorough pass");
+    assert_eq!(candidates.len(), 2);
+    let counts = store
+        .apply_carry_over(&decide(candidates, &[]))
+        .expect("carry");
+    assert_eq!(counts.rekeyed, 2);
+    let items = store.claim_batch(10, Utc::now()).expect("claim");
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.event.terminal_id, i.event.local_event_id))
+            .collect::<Vec<_>>(),
+        vec![
+            (other_terminal().terminal_id, 3),
+            (other_terminal().terminal_id, 4)
+        ]
     );
 }

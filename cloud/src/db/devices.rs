@@ -12,13 +12,14 @@
 //! The binding is never updated, only inserted (`ON CONFLICT DO NOTHING`), so two requests
 //! racing to bind one `pos_id` agree on the winner: the primary key admits one row.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::schema::pos_devices;
-use super::{for_each_backend, now_utc, write_txn, DbConn, StoreError};
+use super::{for_each_backend, now_utc, with_conn, write_txn, DbConn, StoreError};
 
 /// Longest device nonce accepted; the terminal sends a hyphenated UUID (36 characters).
 pub const MAX_NONCE_LEN: usize = 64;
@@ -58,8 +59,48 @@ pub fn valid_nonce(nonce: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// Most bindings one process remembers before it starts over.
+pub const MAX_KNOWN_BINDINGS: usize = 100_000;
+
+/// `(pos_id, nonce)` bindings this process has seen in the database. A binding never changes
+/// once made, so a remembered one is always right, and a request whose `pos_id`s are all
+/// remembered for its nonce needs no database round trip. When full, it starts over: forgetting
+/// costs a lookup, never a wrong answer.
+#[derive(Debug, Default)]
+pub struct KnownBindings {
+    map: Mutex<HashMap<Uuid, String>>,
+}
+
+impl KnownBindings {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, String>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether every `pos_id` is known to be bound to `nonce`.
+    pub fn all_bound_to(&self, pos_ids: &BTreeSet<Uuid>, nonce: &str) -> bool {
+        let map = self.map();
+        pos_ids
+            .iter()
+            .all(|p| map.get(p).is_some_and(|n| n == nonce))
+    }
+
+    /// Remembers that these `pos_id`s are bound to `nonce`.
+    pub fn remember<'a>(&self, pos_ids: impl IntoIterator<Item = &'a Uuid>, nonce: &str) {
+        let mut map = self.map();
+        for p in pos_ids {
+            if map.len() >= MAX_KNOWN_BINDINGS {
+                map.clear();
+            }
+            map.insert(*p, nonce.to_string());
+        }
+    }
+}
+
 /// Binds every `pos_id` not yet bound to `nonce` and returns those bound to another device.
-/// One transaction; an empty set means every `pos_id` of the request belongs to this device.
+/// When every `pos_id` is bound already (the common case) this is one read; otherwise one
+/// write transaction. An empty set means every `pos_id` of the request belongs to this device.
 pub fn claim_pos_ids(
     conn: &mut DbConn,
     terminal_id: Uuid,
@@ -70,6 +111,21 @@ pub fn claim_pos_ids(
         return Err(StoreError::InvalidInput(format!(
             "device nonce must be 1-{MAX_NONCE_LEN} of [A-Za-z0-9-]"
         )));
+    }
+    let mut bound_elsewhere = BTreeSet::new();
+    let mut all_bound = true;
+    for pos in pos_ids {
+        let key = pos.to_string();
+        match with_conn!(conn, |c, m| m::owner(c, &key))? {
+            Some(owner) if owner == nonce => {}
+            Some(_) => {
+                bound_elsewhere.insert(*pos);
+            }
+            None => all_bound = false,
+        }
+    }
+    if all_bound {
+        return Ok(bound_elsewhere);
     }
     let now = now_utc();
     let terminal = terminal_id.to_string();
@@ -125,6 +181,20 @@ mod tests {
                 Err(StoreError::InvalidInput(_))
             ));
         });
+    }
+
+    #[test]
+    fn known_bindings_answer_only_for_the_bound_nonce_and_start_over_when_full() {
+        let known = KnownBindings::default();
+        let (p1, p2) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(!known.all_bound_to(&[p1].into(), "a"));
+        known.remember(&[p1], "a");
+        assert!(known.all_bound_to(&[p1].into(), "a"));
+        assert!(!known.all_bound_to(&[p1].into(), "b"));
+        assert!(!known.all_bound_to(&[p1, p2].into(), "a"));
+        let many: Vec<Uuid> = (0..MAX_KNOWN_BINDINGS).map(|_| Uuid::new_v4()).collect();
+        known.remember(&many, "c");
+        assert!(known.map().len() <= MAX_KNOWN_BINDINGS);
     }
 
     #[test]

@@ -544,7 +544,16 @@ pub fn held_keys(
     let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
     let mut rows = with_conn!(conn, |c, m| m::held_of_pos(c, &pos, after, fetch))?;
     let more = rows.len() > limit;
-    rows.truncate(limit);
+    if more {
+        // The cursor is a local id, so a page must not end inside the group of keys sharing
+        // one (a pos_id once used by two terminals): the rest of that group would be skipped.
+        let next = rows[limit].1;
+        rows.truncate(limit);
+        let whole = rows.iter().filter(|r| r.1 != next).count();
+        if whole > 0 {
+            rows.truncate(whole);
+        }
+    }
     let keys = rows
         .into_iter()
         .map(|(t, local_event_id, payload_hash, id)| {

@@ -375,6 +375,40 @@ fn held_keys_list_one_pos_across_terminals_in_pages() {
     });
 }
 
+#[test]
+fn a_held_keys_page_never_ends_inside_one_local_id() {
+    each_backend(|db| {
+        let mut conn = db.conn().expect("conn");
+        let (t1, t2) = (Uuid::now_v7(), Uuid::now_v7());
+        let pos = Uuid::new_v4();
+        // One pos_id used by two terminals (before re-enrollment started a new pos_id).
+        let batch = vec![
+            sale(t1, pos, 1, "A1", 100),
+            sale(t1, pos, 2, "A2", 100),
+            sale(t2, pos, 2, "B2", 100),
+            sale(t2, pos, 3, "B3", 100),
+        ];
+        ingest_batch(&mut conn, &batch).expect("ingest");
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = held_keys(&mut conn, pos, after, 2).expect("page");
+            seen.extend(page.keys.iter().map(|k| (k.local_event_id, k.terminal_id)));
+            match page.next_after {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        seen.sort();
+        let mut expected = vec![(1, t1), (2, t1), (2, t2), (3, t2)];
+        expected.sort();
+        assert_eq!(
+            seen, expected,
+            "every key once, none skipped at a page boundary"
+        );
+    });
+}
+
 /// `(receipt_no, occurred_at, payload)` as stored for `cloud_event_id`.
 fn stored_row(c: &mut DbConn, id: Uuid) -> (String, NaiveDateTime, String) {
     use crate::db::schema::sales_events::dsl as s;

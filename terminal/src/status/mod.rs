@@ -77,6 +77,14 @@ pub enum StatusError {
     /// The blocking pool refused the job (shutting down).
     #[error("local database worker unavailable")]
     Worker,
+    /// No route of the local API has this method and path.
+    #[error("no route {method} {path} (see docs/api.md, \"Terminal local API\")")]
+    UnknownRoute {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
 }
 
 impl StatusError {
@@ -86,6 +94,7 @@ impl StatusError {
             StatusError::BadRequest { code, .. } => *code,
             StatusError::Engine(e) => e.code.unwrap_or(ErrorCode::PosCatalogReconcileFailed),
             StatusError::Worker => ErrorCode::PosSyncStorageFailed,
+            StatusError::UnknownRoute { .. } => ErrorCode::PosRequestInvalid,
         }
     }
 }
@@ -102,6 +111,7 @@ impl ResponseError for StatusError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             StatusError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            StatusError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             StatusError::Engine(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -114,6 +124,15 @@ impl ResponseError for StatusError {
             self.to_string(),
         ))
     }
+}
+
+/// Any request no route takes (unknown path, or a method a path does not serve): 404 with
+/// the envelope, like every other refusal of the local API.
+async fn unknown_route(req: actix_web::HttpRequest) -> Result<HttpResponse, StatusError> {
+    Err(StatusError::UnknownRoute {
+        method: req.method().to_string(),
+        path: req.path().chars().take(200).collect(),
+    })
 }
 
 /// Gauges computed from the database at scrape time, beside the engine's own metrics.
@@ -391,6 +410,7 @@ impl StatusServer {
                 .route("/outbox/retry", web::post().to(outbox_retry))
                 .route("/reconcile", web::post().to(reconcile))
                 .route("/metrics", web::get().to(metrics))
+                .default_service(web::to(unknown_route))
         })
         .workers(2)
         .disable_signals()

@@ -144,7 +144,10 @@ function render(s) {
     text(outage, "cloud unreachable since " + new Date(s.offline_since).toLocaleString() +
       " (" + ago(s.offline_seconds) + "): sales are recorded and will be sent by themselves when it is back");
   } else { outage.hidden = true; text(outage, ""); }
-  text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id);
+  const change = (s.identity_changes || []).slice(-1)[0];
+  text($("ids"), (s.branch_id || "not enrolled") + " · terminal " + (s.terminal_id || "–") + " · pos " + s.pos_id +
+    (change ? " · identity " + change.reason + " " + change.at.slice(0, 19) + "Z (re-keyed " + change.rekeyed +
+      ", already in cloud " + change.already_held + ")" : ""));
   text($("updated"), "updated " + new Date(s.generated_at).toLocaleTimeString());
 
   const c = s.catalog;

@@ -22,12 +22,18 @@
 //! stored under both keys.
 //!
 //! The device nonce is regenerated whenever the database file is not the file that created it
-//! (another inode or device, another machine id): a copied data directory or a restored backup
-//! then presents a nonce the cloud has not bound its `pos_id` to.
+//! (another inode or creation time, another machine id): a copied data directory or a restored backup.
+//! The copy then forks at once ([`ChangeReason::Copied`]): its own new sales get a fresh
+//! `pos_id`, while the unsent sales it *inherited* (recorded before the copy, identical in both
+//! databases) keep their keys and are delivered with the *old* nonce ([`Inherited`]). Whichever
+//! database delivers an inherited sale first, the other's delivery is a duplicate of the same
+//! key with the same payload: exactly once, with no race between the two. Only when the copy
+//! cannot tell (an image with the same inode and machine id) does the cloud find out — from a
+//! second nonce on one `pos_id` or from a conflict — and the fork happens on its answer.
 
 use chrono::{DateTime, Utc};
 use possync_protocol::SaleEvent;
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use uuid::Uuid;
@@ -73,6 +79,29 @@ pub enum ChangeReason {
     Conflict,
     /// Unsent sales of an earlier key space were moved into the current one.
     CarryOver,
+    /// The database file is a copy or a restore (see [`ensure_device_nonce`]).
+    Copied,
+}
+
+/// Sales this database inherited from the database it was copied from: rows of `pos_id` with
+/// `local_event_id < below`. They keep their keys and are delivered with that database's
+/// device nonce, because the original may deliver the very same sales.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inherited {
+    /// The original's `pos_id`.
+    pub pos_id: Uuid,
+    /// The original's device nonce.
+    pub nonce: Uuid,
+    /// The first `local_event_id` the copy itself would have given.
+    pub below: i64,
+}
+
+/// Every inheritance recorded (a copy of a copy has two).
+pub fn inherited(conn: &Connection) -> Result<Vec<Inherited>, TerminalStoreError> {
+    match Kv::SyncState.get(conn, "inherited")? {
+        None => Ok(Vec::new()),
+        Some(text) => Ok(serde_json::from_str(&text)?),
+    }
 }
 
 /// One change of the till's key space, newest last in [`changes`].
@@ -142,19 +171,27 @@ pub struct CarryOverCounts {
     pub skipped: usize,
 }
 
-/// A stable fingerprint of the database file on this machine: `<dev>:<inode>` plus the
-/// machine id when there is one. A copy (another file) or a restore (a new file) differs.
+/// A stable fingerprint of the database file on this machine: its inode and creation time,
+/// plus the machine id when there is one. A copy or a restore into a new file differs in both.
+/// The device number is left out on purpose: overlay filesystems (containers) may report a new
+/// one after every remount, which would make every restart look like a copy.
 pub fn file_fingerprint(path: &Path) -> String {
     let file = std::fs::metadata(path)
         .map(|m| {
+            let born = m
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_string())
+                .unwrap_or_default();
             #[cfg(unix)]
             {
                 use std::os::unix::fs::MetadataExt;
-                format!("{}:{}", m.dev(), m.ino())
+                format!("{}:{born}", m.ino())
             }
             #[cfg(not(unix))]
             {
-                format!("{:?}", m.created().ok())
+                born
             }
         })
         .unwrap_or_default();
@@ -180,11 +217,26 @@ pub fn ensure_device_nonce(conn: &mut Connection, path: &Path) -> Result<Uuid, T
     let tx = conn.transaction()?;
     Kv::SyncState.set(&tx, "device_nonce", &nonce.to_string())?;
     Kv::SyncState.set(&tx, "device_fingerprint", &fingerprint)?;
+    let previous = stored_nonce
+        .as_deref()
+        .and_then(|n| Uuid::parse_str(n).ok());
+    if let Some(old_nonce) = previous {
+        let mut all = inherited(&tx)?;
+        all.push(Inherited {
+            pos_id: pos_id(&tx)?,
+            nonce: old_nonce,
+            below: Kv::SyncState
+                .get_i64(&tx, "next_local_event_id")?
+                .unwrap_or(1),
+        });
+        Kv::SyncState.set(&tx, "inherited", &serde_json::to_string(&all)?)?;
+        fork_in(&tx, ChangeReason::Copied)?;
+    }
     tx.commit()?;
-    if stored_nonce.is_some() {
+    if previous.is_some() {
         tracing::warn!(
             device = %nonce,
-            "database file is a copy or a restore (not the file that created the device nonce); new device nonce"
+            "database file is a copy or a restore (not the file that created the device nonce): new device nonce and pos_id; inherited unsent sales keep their keys"
         );
     }
     Ok(nonce)
@@ -265,11 +317,7 @@ pub fn fork_needed(conn: &Connection) -> Result<Option<ChangeReason>, TerminalSt
             [ks.pos_id.to_string()],
             |r| r.get(0),
         )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     Ok(code.map(|c| {
         if c == "POS_SYNC_POS_CLONED" {
             ChangeReason::Cloned
@@ -290,28 +338,56 @@ pub fn fork(conn: &mut Connection) -> Result<Option<Uuid>, TerminalStoreError> {
     Ok(Some(to))
 }
 
+/// How far [`carry_candidates`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarryScope {
+    /// Rows of other `pos_id`s only: a column comparison per unsent row, cheap enough for
+    /// every pass even with a long outage's queue. Sufficient because every change of terminal
+    /// or branch starts a new `pos_id` ([`fork_in`] in `save_enrollment`), so rows of the
+    /// current `pos_id` always carry the current terminal and branch.
+    OtherPosIds,
+    /// Also rows of the current `pos_id` stamped with another terminal or branch, which only a
+    /// build from before till identity could leave (it re-enrolled without a new `pos_id`).
+    /// Reads every unsent row's JSON: once per daemon start and per enrollment.
+    Everything,
+}
+
 /// Unsent rows outside the current key space (not `in_flight`: a delivery may be under way),
 /// oldest first. Empty before enrollment.
-pub fn carry_candidates(conn: &Connection) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+pub fn carry_candidates(
+    conn: &Connection,
+    scope: CarryScope,
+) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
     let Some(ks) = key_space(conn)? else {
         return Ok(Vec::new());
     };
+    // Cheap terms first: a row of the current pos_id is looked into (its JSON) only in a
+    // thorough pass, and the inherited list (usually empty) is checked before the event's JSON.
     let mut stmt = conn.prepare_cached(
         "SELECT journal_id, pos_id, local_event_id, event, status, attempts, updated_at
          FROM sync_journal
          WHERE status IN ('pending', 'failed', 'needs_attention')
            AND (pos_id <> ?1
-                OR json_extract(event, '$.terminal_id') IS NOT ?2
-                OR json_extract(event, '$.branch_id') IS NOT ?3)
+                OR (?5 AND (json_extract(event, '$.terminal_id') IS NOT ?2
+                            OR json_extract(event, '$.branch_id') IS NOT ?3)))
+           AND NOT (status <> 'needs_attention'
+                    AND EXISTS (SELECT 1 FROM json_each(?4) i
+                                WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                                  AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
+                    AND json_extract(event, '$.terminal_id') IS ?2
+                    AND json_extract(event, '$.branch_id') IS ?3)
          ORDER BY journal_id",
     )?;
     type Raw = (i64, String, i64, String, String, i64, String);
+    let inherited = serde_json::to_string(&inherited(conn)?)?;
     let raw: Vec<Raw> = stmt
         .query_map(
             params![
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
-                ks.branch_id
+                ks.branch_id,
+                inherited,
+                scope == CarryScope::Everything
             ],
             |r| {
                 Ok((
@@ -364,20 +440,17 @@ pub fn apply_carry_over(
         let row = match d {
             CarryDecision::AlreadyHeld { row, .. } | CarryDecision::Rekey { row } => row,
         };
-        let unchanged: Option<String> = tx
+        // The guard: only a row exactly as it was when the cloud was asked.
+        let unchanged: Option<(String, Option<String>)> = tx
             .query_row(
-                "SELECT event FROM sync_journal
+                "SELECT event, last_error_code FROM sync_journal
                  WHERE journal_id = ?1 AND status = ?2 AND attempts = ?3 AND updated_at = ?4
                    AND status IN ('pending', 'failed', 'needs_attention')",
                 params![row.journal_id, row.status, row.attempts, row.updated_at],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
-        let Some(event) = unchanged else {
+            .optional()?;
+        let Some((event, code)) = unchanged else {
             counts.skipped += 1;
             continue;
         };
@@ -402,14 +475,8 @@ pub fn apply_carry_over(
                     obj.insert("pos_id".into(), ks.pos_id.to_string().into());
                     obj.insert("local_event_id".into(), local_event_id.into());
                 }
-                let keep_parked = row.status == "needs_attention" && {
-                    let code: Option<String> = tx.query_row(
-                        "SELECT last_error_code FROM sync_journal WHERE journal_id = ?1",
-                        [row.journal_id],
-                        |r| r.get(0),
-                    )?;
-                    !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()))
-                };
+                let keep_parked = row.status == "needs_attention"
+                    && !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()));
                 tx.execute(
                     "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4,
                          status = CASE WHEN ?5 THEN status ELSE 'pending' END,

@@ -361,15 +361,23 @@ pub fn claim_batch(
     let Some(ks) = super::identity::key_space(&tx)? else {
         return Ok(Vec::new());
     };
-    type ClaimedRow = (i64, String, i64, i64, i64, Option<String>);
-    let rows: Vec<ClaimedRow> = tx
+    // Sales inherited from the database this one was copied from keep their keys too (see
+    // `identity::Inherited`). One request carries one pos_id, because the device nonce sent
+    // with it depends on the pos_id: the batch is the first pos_id's rows.
+    let inherited = serde_json::to_string(&super::identity::inherited(&tx)?)?;
+    type ClaimedRow = (i64, String, i64, i64, i64, Option<String>, String);
+    let mut rows: Vec<ClaimedRow> = tx
         .prepare_cached(
-            "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at
+            "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at,
+                    pos_id
              FROM sync_journal
              WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
-               AND pos_id = ?3
                AND json_extract(event, '$.terminal_id') = ?4
                AND json_extract(event, '$.branch_id') = ?5
+               AND (pos_id = ?3
+                    OR EXISTS (SELECT 1 FROM json_each(?6) i
+                               WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                                 AND sync_journal.local_event_id < json_extract(i.value, '$.below')))
              ORDER BY local_event_id LIMIT ?2",
         )?
         .query_map(
@@ -378,7 +386,8 @@ pub fn claim_batch(
                 i64::try_from(limit).unwrap_or(i64::MAX),
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
-                ks.branch_id
+                ks.branch_id,
+                inherited
             ],
             |r| {
                 Ok((
@@ -388,12 +397,16 @@ pub fn claim_batch(
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             },
         )?
         .collect::<Result<_, _>>()?;
+    if let Some(first_pos) = rows.first().map(|r| r.6.clone()) {
+        rows.retain(|r| r.6 == first_pos);
+    }
     let mut items = Vec::with_capacity(rows.len());
-    for (journal_id, text, attempts, answered, blamed, last_failed_at) in rows {
+    for (journal_id, text, attempts, answered, blamed, last_failed_at, _) in rows {
         let history = FailureHistory {
             answered_failures: u32::try_from(answered).unwrap_or(u32::MAX),
             sale_failures: u32::try_from(blamed).unwrap_or(u32::MAX),

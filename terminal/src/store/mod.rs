@@ -21,7 +21,8 @@ pub mod schema;
 pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
 pub use error::TerminalStoreError;
 pub use identity::{
-    CarryCandidate, CarryDecision, CarryOverCounts, ChangeReason, IdentityChange, KeySpace,
+    CarryCandidate, CarryDecision, CarryOverCounts, CarryScope, ChangeReason, IdentityChange,
+    Inherited, KeySpace,
 };
 pub use journal::{EnqueuedSale, JournalRow, JournalStatus, RetryTarget};
 pub use legacy::{migrate_legacy, LegacyOutcome, LegacyReport};
@@ -276,6 +277,11 @@ impl SqliteStore {
         self.inner.device_nonce
     }
 
+    /// Sales inherited from the database this one was copied from (delivered with its nonce).
+    pub fn inherited(&self) -> Result<Vec<Inherited>, TerminalStoreError> {
+        identity::inherited(&self.conn())
+    }
+
     /// The key space new sales are stamped with and the outbox delivers; `None` before
     /// enrollment.
     pub fn key_space(&self) -> Result<Option<KeySpace>, TerminalStoreError> {
@@ -293,8 +299,11 @@ impl SqliteStore {
     }
 
     /// Unsent rows of earlier key spaces, waiting to be carried over.
-    pub fn carry_candidates(&self) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
-        identity::carry_candidates(&self.conn())
+    pub fn carry_candidates(
+        &self,
+        scope: CarryScope,
+    ) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+        identity::carry_candidates(&self.conn(), scope)
     }
 
     /// Applies a carry-over (one transaction; rows changed since they were read are skipped).

@@ -409,7 +409,6 @@ impl Reconciler {
         report.method = VerifyMethod::Manifest;
         let mut limit = cfg.reconcile_range_entries.max(1);
         let mut after: Option<String> = None;
-        let mut failures = 0u32;
         loop {
             let from = after.clone();
             let fetched = ctx
@@ -433,10 +432,8 @@ impl Reconciler {
                 range: range.clone(),
                 entries,
             };
-            match ctx.cloud.reconcile(&req).await {
+            match with_retries(ctx, "reconcile range", || ctx.cloud.reconcile(&req)).await {
                 Ok(resp) => {
-                    ctx.backoff.report_contact(true);
-                    failures = 0;
                     if action == ReconcileAction::Apply {
                         let plan = resp.plan;
                         let r = range.clone();
@@ -451,7 +448,6 @@ impl Reconciler {
                     after = range.through;
                 }
                 Err(e) if too_large(&e) => {
-                    ctx.backoff.report_contact(true);
                     limit = shrink(limit).ok_or(EngineError::Cloud(e))?;
                     tracing::info!(
                         terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
@@ -459,37 +455,7 @@ impl Reconciler {
                         errorCode = "POS_CATALOG_MANIFEST_TOO_LARGE", "manifest too large; shrinking ranges"
                     );
                 }
-                Err(e) if e.can_retry() && failures < MAX_TRANSIENT_RETRIES => {
-                    ctx.backoff.report_contact(e.cloud_answered());
-                    failures += 1;
-                    let now = ctx.now();
-                    let wait = match backoff::ask(
-                        ctx.backoff.get(),
-                        &cfg.backoff,
-                        failures,
-                        Budget::Attempts,
-                        e.retry_after(),
-                        now,
-                    )
-                    .await
-                    {
-                        Decision::RetryAt(t) => (t - now).to_std().unwrap_or(Duration::ZERO),
-                        Decision::GiveUp => return Err(EngineError::Cloud(e)),
-                    };
-                    if wait > MAX_RETRY_WAIT {
-                        return Err(EngineError::Cloud(e));
-                    }
-                    tracing::warn!(
-                        terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                        eventId = "reconcile", syncAttempt = failures,
-                        errorCode = %e.code_str(), "reconcile range failed; retrying"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    ctx.backoff.report_contact(e.cloud_answered());
-                    return Err(EngineError::Cloud(e));
-                }
+                Err(e) => return Err(EngineError::Cloud(e)),
             }
         }
         report.applied = action == ReconcileAction::Apply;

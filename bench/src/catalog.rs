@@ -188,6 +188,42 @@ pub fn raw_insert(path: &Path, rows: &[RawRow]) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
+/// A real `cloud serve` (on `database_url`, or its embedded SQLite file) with its rate limits
+/// out of the way — a benchmark measures sync, not the limiter — seeded with `entities`
+/// products by `cloud catalog import` (file written under `work`). Returns the cloud and how
+/// long the import took.
+pub fn seeded_cloud(
+    database_url: Option<&str>,
+    work: &Path,
+    entities: usize,
+) -> anyhow::Result<(possync_testkit::cloud::CloudProcess, Duration)> {
+    let unlimited = "1000000";
+    let cloud = possync_testkit::cloud::CloudProcess::start_with(
+        database_url,
+        &[
+            "--rate-per-second",
+            unlimited,
+            "--rate-burst",
+            unlimited,
+            "--address-rate-per-second",
+            unlimited,
+            "--address-rate-burst",
+            unlimited,
+        ],
+    )?;
+    let import_file = work.join("catalog.jsonl");
+    write_import_file(&import_file, entities)?;
+    let path_arg = import_file.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = cloud.cli(&["catalog", "import", &path_arg])?;
+    let took = t0.elapsed();
+    let imported: serde_json::Value = serde_json::from_str(out.trim())?;
+    if imported["imported"].as_u64() != Some(entities as u64) {
+        bail!("cloud catalog import answered {out:?}");
+    }
+    Ok((cloud, took))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

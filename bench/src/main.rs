@@ -31,7 +31,6 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
 use possync_protocol::SalePayload;
 use possync_terminal::store::SqliteStore;
-use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
 
 use stats::{ms, ratio, summarize, Summary};
@@ -141,30 +140,11 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         CloudDb::Postgres => Some(TestDatabase::create()?),
         CloudDb::Sqlite => None,
     };
-    let unlimited = "1000000";
-    let mut cloud = CloudProcess::start_with(
+    let (mut cloud, import) = catalog::seeded_cloud(
         pg.as_ref().map(|d| d.url.as_str()),
-        &[
-            "--rate-per-second",
-            unlimited,
-            "--rate-burst",
-            unlimited,
-            "--address-rate-per-second",
-            unlimited,
-            "--address-rate-burst",
-            unlimited,
-        ],
+        work.path(),
+        opts.entities,
     )?;
-    let import_file = work.path().join("catalog.jsonl");
-    catalog::write_import_file(&import_file, opts.entities)?;
-    let path_arg = import_file.to_string_lossy().into_owned();
-    let t0 = Instant::now();
-    let out = cloud.cli(&["catalog", "import", &path_arg])?;
-    let import = t0.elapsed();
-    let imported: serde_json::Value = serde_json::from_str(out.trim())?;
-    if imported["imported"].as_u64() != Some(opts.entities as u64) {
-        bail!("cloud catalog import answered {out:?}");
-    }
     println!(
         "seeded: {} entities by `cloud catalog import` in {}",
         opts.entities,

@@ -147,48 +147,42 @@ pub async fn reconcile(
     let route = Route::Reconcile;
     let max_entries = state.limits.manifest_max_entries;
     let max_bytes = state.limits.max_body_bytes;
-    if !is_json(&req) {
-        return Err(route.bad_request("content-type must be application/json".into()));
-    }
-    let body = read_limited(
-        &req,
-        payload,
-        max_bytes,
-        || ApiError::ManifestTooLarge {
-            max_entries,
-            max_bytes,
-        },
-        |e| route.bad_request(format!("could not read body: {e}")),
-    )
-    .await?;
-    let manifest: ReconcileRequest = serde_json::from_slice(&body)
-        .map_err(|e| route.bad_request(format!("manifest is not valid: {e}")))?;
+    let manifest: ReconcileRequest = reconcile_body(&state, &req, payload).await?;
     if manifest.entries.len() > max_entries {
         return Err(ApiError::ManifestTooLarge {
             max_entries,
             max_bytes,
         });
     }
-    let mode = manifest.mode;
+    let label = match manifest.mode {
+        ReconcileMode::Verify => "verify",
+        ReconcileMode::Plan => "plan",
+    };
     let branch = terminal.0.branch_id.clone();
     let answer = state
         .db
         .run(move |conn| catalog::reconcile(conn, &branch, &manifest, max_entries))
         .await
         .map_err(|e| route.map(e, max_bytes))?;
-    let mode_label = match mode {
-        ReconcileMode::Verify => "verify",
-        ReconcileMode::Plan => "plan",
-    };
+    Ok(reconciled(&state, &terminal, label, answer))
+}
+
+/// Counts and logs a reconcile answer (range or leaves), and sends it.
+fn reconciled(
+    state: &AppState,
+    terminal: &Terminal,
+    label: &str,
+    answer: possync_protocol::ReconcileResponse,
+) -> HttpResponse {
     state
         .metrics
         .reconcile_runs
-        .with_label_values(&[mode_label])
+        .with_label_values(&[label])
         .inc();
     tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
-        mode = mode_label, checked = answer.summary.checked, upserts = answer.summary.upserts,
+        mode = label, checked = answer.summary.checked, upserts = answer.summary.upserts,
         deletes = answer.summary.deletes, "reconcile");
-    Ok(HttpResponse::Ok().json(answer))
+    HttpResponse::Ok().json(answer)
 }
 
 /// Reads a JSON body of the reconcile family (size-limited, `application/json`).
@@ -295,26 +289,17 @@ pub async fn reconcile_leaves(
             max_bytes,
         });
     }
-    let mode = ask.mode;
+    let label = match ask.mode {
+        ReconcileMode::Verify => "verify_leaves",
+        ReconcileMode::Plan => "plan_leaves",
+    };
     let branch = terminal.0.branch_id.clone();
     let answer = state
         .db
         .run(move |conn| catalog::reconcile_leaves(conn, &branch, &ask, max_entries))
         .await
         .map_err(|e| route.map(e, max_bytes))?;
-    let mode_label = match mode {
-        ReconcileMode::Verify => "verify_leaves",
-        ReconcileMode::Plan => "plan_leaves",
-    };
-    state
-        .metrics
-        .reconcile_runs
-        .with_label_values(&[mode_label])
-        .inc();
-    tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
-        mode = mode_label, checked = answer.summary.checked, upserts = answer.summary.upserts,
-        deletes = answer.summary.deletes, "reconcile");
-    Ok(HttpResponse::Ok().json(answer))
+    Ok(reconciled(&state, &terminal, label, answer))
 }
 
 #[cfg(test)]

@@ -254,6 +254,19 @@ impl HttpCloud {
             .await
     }
 
+    /// Counts one call by route and outcome (`ok` or the error's code) and times it.
+    fn observe(&self, route: &str, started: Instant, error: Option<&CloudError>) {
+        if let Some(m) = &self.metrics {
+            let outcome = error.map_or_else(|| "ok".to_string(), CloudError::code_str);
+            m.requests
+                .with_label_values(&[route, outcome.as_str()])
+                .inc();
+            m.seconds
+                .with_label_values(&[route])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -296,18 +309,7 @@ impl HttpCloud {
                 .call_once(&fresh, method, route, query, body, delivery)
                 .await;
         }
-        if let Some(m) = &self.metrics {
-            let outcome = match &result {
-                Ok(_) => "ok".to_string(),
-                Err(e) => e.code_str(),
-            };
-            m.requests
-                .with_label_values(&[route, outcome.as_str()])
-                .inc();
-            m.seconds
-                .with_label_values(&[route])
-                .observe(started.elapsed().as_secs_f64());
-        }
+        self.observe(route, started, result.as_ref().err());
         result
     }
 
@@ -367,18 +369,7 @@ impl HttpCloud {
             }
         }
         .await;
-        if let Some(m) = &self.metrics {
-            let outcome = match &result {
-                Ok(_) => "ok".to_string(),
-                Err(e) => e.code_str(),
-            };
-            m.requests
-                .with_label_values(&[route, outcome.as_str()])
-                .inc();
-            m.seconds
-                .with_label_values(&[route])
-                .observe(started.elapsed().as_secs_f64());
-        }
+        self.observe(route, started, result.as_ref().err());
         result
     }
 

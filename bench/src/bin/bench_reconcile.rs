@@ -20,7 +20,6 @@ use clap::{Parser, ValueEnum};
 use possync_actors::LocalStore;
 use possync_bench::{catalog, daemon};
 use possync_protocol::{ReconcileMode, ReconcileRequest, ReconcileResponse};
-use possync_testkit::cloud::CloudProcess;
 use possync_testkit::pg::TestDatabase;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -99,27 +98,11 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         CloudDb::Postgres => Some(TestDatabase::create()?),
         CloudDb::Sqlite => None,
     };
-    let unlimited = "1000000";
-    let mut cloud = CloudProcess::start_with(
+    let (mut cloud, _) = catalog::seeded_cloud(
         pg.as_ref().map(|d| d.url.as_str()),
-        &[
-            "--rate-per-second",
-            unlimited,
-            "--rate-burst",
-            unlimited,
-            "--address-rate-per-second",
-            unlimited,
-            "--address-rate-burst",
-            unlimited,
-        ],
+        work.path(),
+        opts.entities,
     )?;
-    let import_file = work.path().join("catalog.jsonl");
-    catalog::write_import_file(&import_file, opts.entities)?;
-    let out = cloud.cli(&["catalog", "import", &import_file.to_string_lossy()])?;
-    let imported: serde_json::Value = serde_json::from_str(out.trim())?;
-    if imported["imported"].as_u64() != Some(opts.entities as u64) {
-        bail!("cloud catalog import answered {out:?}");
-    }
     let (terminal_id, token) = cloud.add_terminal("b1")?;
     let data_dir = work.path().join("terminal");
     std::fs::create_dir_all(&data_dir)?;

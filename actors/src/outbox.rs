@@ -295,11 +295,7 @@ impl SalesOutbox {
         let cfg = &ctx.config;
         if let Some(hold) = &mut state.hold {
             let (since, now) = (hold.since, ctx.now());
-            let cloud_back = ctx
-                .board
-                .snapshot()
-                .last_contact_at
-                .is_some_and(|at| at > since);
+            let cloud_back = ctx.board.last_contact_at().is_some_and(|at| at > since);
             if !cloud_back {
                 Self::refresh_counts(&ctx).await?;
                 if !hold.probing && now >= hold.until {

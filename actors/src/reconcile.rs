@@ -41,6 +41,16 @@ pub enum ReconcileAction {
     Apply,
 }
 
+impl ReconcileAction {
+    /// The protocol mode that asks the cloud for this action.
+    pub fn mode(self) -> ReconcileMode {
+        match self {
+            ReconcileAction::Verify => ReconcileMode::Verify,
+            ReconcileAction::Apply => ReconcileMode::Plan,
+        }
+    }
+}
+
 /// How a run compared the catalogs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -297,10 +307,7 @@ impl Reconciler {
         action: ReconcileAction,
     ) -> Result<ReconcileReport, EngineError> {
         let cfg = &ctx.config;
-        let mode = match action {
-            ReconcileAction::Verify => ReconcileMode::Verify,
-            ReconcileAction::Apply => ReconcileMode::Plan,
-        };
+        let mode = action.mode();
         let mut report = ReconcileReport::new(action);
         ctx.board
             .set_state(ActorKind::Reconciler, "fingerprinting the local catalog");
@@ -337,20 +344,26 @@ impl Reconciler {
             report.applied = action == ReconcileAction::Apply;
             return Ok(report);
         }
-        // Local entries of the differing leaves, once; groups bounded by the entry limit.
+        // Local entries of the differing leaves, read once and filed by leaf; groups bounded by
+        // the entry limit.
         let wanted = differing.clone();
         let entries = ctx
             .store_call(move |s| s.manifest_in_leaves(&wanted))
             .await?;
-        let per_leaf = |leaves: &[u32]| {
-            entries
+        let held = entries.len();
+        let mut by_leaf: std::collections::HashMap<u32, Vec<ManifestEntry>> =
+            std::collections::HashMap::new();
+        for e in entries {
+            let leaf = leaf_of(EntityKey::new(&e.entity_type, &e.id).as_str());
+            by_leaf.entry(leaf).or_default().push(e);
+        }
+        let count_in = |leaves: &[u32]| {
+            leaves
                 .iter()
-                .filter(|e| {
-                    leaves.contains(&leaf_of(EntityKey::new(&e.entity_type, &e.id).as_str()))
-                })
-                .count()
+                .map(|l| by_leaf.get(l).map_or(0, Vec::len))
+                .sum::<usize>()
         };
-        let groups = leaf_groups(&differing, &per_leaf, cfg.reconcile_range_entries.max(1));
+        let groups = leaf_groups(&differing, &count_in, cfg.reconcile_range_entries.max(1));
         for (i, leaves) in groups.into_iter().enumerate() {
             ctx.board.set_state(
                 ActorKind::Reconciler,
@@ -366,11 +379,10 @@ impl Reconciler {
             );
             let req = LeafReconcileRequest {
                 mode,
-                entries: entries
+                entries: leaves
                     .iter()
-                    .filter(|e| {
-                        leaves.contains(&leaf_of(EntityKey::new(&e.entity_type, &e.id).as_str()))
-                    })
+                    .filter_map(|l| by_leaf.get(l))
+                    .flatten()
                     .cloned()
                     .collect(),
                 leaves,
@@ -387,8 +399,8 @@ impl Reconciler {
             report.add(&resp.summary, resp.catalog_version);
         }
         // Leaves that matched count as checked and unchanged (the whole catalog was compared).
-        let matched = i64::try_from(local.count()).unwrap_or(i64::MAX)
-            - i64::try_from(entries.len()).unwrap_or(0);
+        let matched =
+            i64::try_from(local.count()).unwrap_or(i64::MAX) - i64::try_from(held).unwrap_or(0);
         report.checked += matched.max(0);
         report.unchanged += matched.max(0);
         report.applied = action == ReconcileAction::Apply;
@@ -401,10 +413,7 @@ impl Reconciler {
         action: ReconcileAction,
     ) -> Result<ReconcileReport, EngineError> {
         let cfg = &ctx.config;
-        let mode = match action {
-            ReconcileAction::Verify => ReconcileMode::Verify,
-            ReconcileAction::Apply => ReconcileMode::Plan,
-        };
+        let mode = action.mode();
         let mut report = ReconcileReport::new(action);
         report.method = VerifyMethod::Manifest;
         let mut limit = cfg.reconcile_range_entries.max(1);

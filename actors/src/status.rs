@@ -127,6 +127,14 @@ impl SharedBoard {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// When the cloud last answered (without copying the whole board).
+    pub fn last_contact_at(&self) -> Option<DateTime<Utc>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_contact_at
+    }
+
     /// Sets an actor's state line.
     pub fn set_state(&self, kind: ActorKind, state: impl Into<String>) {
         let state = state.into();

@@ -27,6 +27,16 @@ use crate::ports::{
     LocalStore, OutboxCounts, OutboxItem, StoreError, Traffic,
 };
 
+/// The fingerprint tree of the live entities of a key → entity map: how the fake store and the
+/// fake cloud both see their catalogs (the real ones compute the same from their tables).
+fn live_tree(entities: &BTreeMap<String, Entity>) -> FingerprintTree {
+    let mut tree = FingerprintTree::default();
+    for (k, e) in entities.iter().filter(|(_, e)| !e.deleted) {
+        tree.add(k, e.version, &e.hash);
+    }
+    tree
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -417,11 +427,7 @@ impl LocalStore for MemoryStore {
 
     fn fingerprint_tree(&self) -> Result<FingerprintTree, StoreError> {
         let g = self.check(StoreOp::ManifestAfter)?;
-        let mut tree = FingerprintTree::default();
-        for (k, e) in g.entities.iter().filter(|(_, e)| !e.deleted) {
-            tree.add(k, e.version, &e.hash);
-        }
-        Ok(tree)
+        Ok(live_tree(&g.entities))
     }
 
     fn manifest_in_leaves(&self, leaves: &[u32]) -> Result<Vec<ManifestEntry>, StoreError> {
@@ -998,10 +1004,7 @@ impl CloudApi for FakeCloud {
             return Err(Self::not_found());
         }
         let g = lock(&self.inner);
-        let mut tree = FingerprintTree::default();
-        for (k, e) in g.entities.iter().filter(|(_, e)| !e.deleted) {
-            tree.add(k, e.version, &e.hash);
-        }
+        let tree = live_tree(&g.entities);
         let resp = FingerprintResponse {
             catalog_version: g.version,
             nodes: req.nodes.iter().map(|n| tree.fingerprint(*n)).collect(),

@@ -148,12 +148,6 @@ pub async fn reconcile(
     let max_entries = state.limits.manifest_max_entries;
     let max_bytes = state.limits.max_body_bytes;
     let manifest: ReconcileRequest = reconcile_body(&state, &req, payload).await?;
-    if manifest.entries.len() > max_entries {
-        return Err(ApiError::ManifestTooLarge {
-            max_entries,
-            max_bytes,
-        });
-    }
     let label = match manifest.mode {
         ReconcileMode::Verify => "verify",
         ReconcileMode::Plan => "plan",
@@ -283,12 +277,6 @@ pub async fn reconcile_leaves(
     let max_entries = state.limits.manifest_max_entries;
     let max_bytes = state.limits.max_body_bytes;
     let ask: LeafReconcileRequest = reconcile_body(&state, &req, payload).await?;
-    if ask.entries.len() > max_entries {
-        return Err(ApiError::ManifestTooLarge {
-            max_entries,
-            max_bytes,
-        });
-    }
     let label = match ask.mode {
         ReconcileMode::Verify => "verify_leaves",
         ReconcileMode::Plan => "plan_leaves",

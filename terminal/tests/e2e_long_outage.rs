@@ -5,8 +5,7 @@
 
 mod e2e_support;
 
-use e2e_support::{enroll, pos_entry, sale_payload, Cable, Cloud, Daemon};
-use serde_json::json;
+use e2e_support::{enroll, pos_entry, Cable, Cloud, Daemon};
 use std::time::{Duration, Instant};
 
 /// Compressed policy: the whole budget (3 attempts of at most 10, 20, 40 ms) is spent in well
@@ -38,13 +37,7 @@ async fn an_outage_longer_than_the_budget_flushes_every_sale_by_itself() {
         .await;
     let pos_id = s["pos_id"].as_str().expect("pos_id").to_string();
     for n in 1..=3 {
-        let (code, body) = daemon
-            .post(
-                "/sales",
-                json!({"type": "sale", "payload": sale_payload(n)}),
-            )
-            .await;
-        assert_eq!(code, 201, "{body}");
+        daemon.sell(n).await;
     }
     daemon
         .wait_status("online sales synced", |s| s["outbox"]["synced"] == 3)
@@ -54,13 +47,7 @@ async fn an_outage_longer_than_the_budget_flushes_every_sale_by_itself() {
     cloud.process.terminate().expect("stop cloud");
     let outage_began = Instant::now();
     for n in 4..=33 {
-        let (code, body) = daemon
-            .post(
-                "/sales",
-                json!({"type": "sale", "payload": sale_payload(n)}),
-            )
-            .await;
-        assert_eq!(code, 201, "{body}");
+        daemon.sell(n).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let s = daemon

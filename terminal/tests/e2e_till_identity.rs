@@ -30,13 +30,7 @@ fn refused_and_waiting(n: i64) -> impl Fn(&Value) -> bool {
 
 async fn sell(daemon: &Daemon, numbers: std::ops::RangeInclusive<i64>) {
     for n in numbers {
-        let (code, body) = daemon
-            .post(
-                "/sales",
-                json!({"type": "sale", "payload": sale_payload(n)}),
-            )
-            .await;
-        assert_eq!(code, 201, "{body}");
+        daemon.sell(n).await;
     }
 }
 

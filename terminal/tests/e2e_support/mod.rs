@@ -327,6 +327,19 @@ impl Daemon {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Records sale `n` (see [`sale_payload`]) through `POST /sales`; panics unless it is 201.
+    /// Returns the answer (`pos_id`, `local_event_id`, …).
+    pub async fn sell(&self, n: i64) -> Value {
+        let (code, body) = self
+            .post(
+                "/sales",
+                json!({"type": "sale", "payload": sale_payload(n)}),
+            )
+            .await;
+        assert_eq!(code, 201, "sale {n}: {body}");
+        body
+    }
+
     /// Polls `/status` until `pred` holds; panics with the last status otherwise.
     pub async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let mut last = Value::Null;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ports::Clock;
-use crate::status::{ActorKind, SharedBoard};
+use crate::status::{ActorKind, ActorState, SharedBoard};
 
 /// How retries are paced. Defaults: base 1 s, cap 5 min, 12 attempts.
 ///
@@ -160,7 +160,7 @@ impl Actor for Backoff {
     ) -> Result<Self::State, ActorProcessingErr> {
         let seed = args.seed.unwrap_or_else(|| rand::rng().random());
         tracing::info!(seed, "backoff jitter seeded");
-        args.board.set_state(ActorKind::Backoff, "ready");
+        args.board.set_state(ActorKind::Backoff, ActorState::Ready);
         Ok(BackoffState {
             policy: args.policy,
             rng: StdRng::seed_from_u64(seed),

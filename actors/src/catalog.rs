@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::{self, Budget, Decision};
-use crate::engine::SyncContext;
+use crate::context::SyncContext;
 use crate::ports::{CatalogPosition, CloudError};
-use crate::status::ActorKind;
+use crate::status::{ActorKind, ActorState};
 
 /// The next call the syncer should make, derived from the stored position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,14 +101,14 @@ pub fn recovery_for(request: &CatalogRequest, err: &CloudError) -> CatalogRecove
 }
 
 /// Status line for a position: snapshot progress, or idle at a version.
-pub fn position_state(pos: &CatalogPosition) -> String {
+pub fn position_state(pos: &CatalogPosition) -> ActorState {
     if pos.snapshot_in_progress || pos.catalog_version.is_none() {
-        format!(
-            "snapshotting {}/{}",
-            pos.snapshot_received, pos.snapshot_total
-        )
+        ActorState::Snapshotting {
+            received: pos.snapshot_received,
+            total: pos.snapshot_total,
+        }
     } else {
-        "idle".to_string()
+        ActorState::Idle
     }
 }
 
@@ -265,7 +265,7 @@ impl CatalogSyncer {
                         tracing::warn!(
                             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                             eventId = "catalog", syncAttempt = state.failures + 1,
-                            errorCode = %err.code_str(), "catalog position expired; taking a fresh snapshot"
+                            errorCode = %err.code(), "catalog position expired; taking a fresh snapshot"
                         );
                         ctx.store_call(|s| s.require_resnapshot()).await?;
                         state.failures = 0;
@@ -293,22 +293,18 @@ impl CatalogSyncer {
                             }
                         };
                         let delay = (when - now).to_std().unwrap_or(Duration::ZERO);
-                        let label = if reachable {
-                            "backing_off"
-                        } else {
-                            "offline, retrying"
-                        };
                         ctx.board.set_state(
                             ActorKind::CatalogSyncer,
-                            format!(
-                                "{label} until {}",
-                                when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                            ),
+                            if reachable {
+                                ActorState::BackingOff { until: when }
+                            } else {
+                                ActorState::Offline { until: when }
+                            },
                         );
                         tracing::warn!(
                             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                             eventId = "catalog", syncAttempt = state.failures,
-                            errorCode = %err.code_str(), retry_in_ms = delay.as_millis() as u64,
+                            errorCode = %err.code(), retry_in_ms = delay.as_millis() as u64,
                             "catalog sync failed; will retry"
                         );
                         Self::schedule(myself, state, delay);
@@ -342,7 +338,7 @@ impl Actor for CatalogSyncer {
         state
             .ctx
             .board
-            .set_state(ActorKind::CatalogSyncer, "starting");
+            .set_state(ActorKind::CatalogSyncer, ActorState::Starting);
         Self::schedule(&myself, &mut state, Duration::ZERO);
         Ok(state)
     }
@@ -468,6 +464,6 @@ mod tests {
             snapshot_total: 100_000,
             ..CatalogPosition::default()
         };
-        assert_eq!(position_state(&p), "snapshotting 3000/100000");
+        assert_eq!(position_state(&p).to_string(), "snapshotting 3000/100000");
     }
 }

@@ -16,7 +16,7 @@
 //!   `BackoffPolicy::max_attempts` counts only failures pinned on the sale itself
 //!   ([`outbox::blame_sale`]: the cloud's own error, the sale sent alone, and the cloud stored
 //!   other sales since the sale's previous failure). Only those end in `needs_attention` with
-//!   the terminal-local code [`outbox::ATTEMPTS_EXHAUSTED`]; an outage of any length never
+//!   the terminal-local code [`TerminalCode::AttemptsExhausted`]; an outage of any length never
 //!   does. Every failure paces the next try: the delay after the n-th failure is
 //!   `rand(0 ..= min(cap, base·2^(n-1)))`, never less than `Retry-After`.
 //! - **Outage hold.** After a failure that is the cloud's trouble the outbox sends no sale;
@@ -41,28 +41,30 @@
 //!   with its state reloaded from the store; more than `max_restarts` (10) restarts within
 //!   `restart_window` (60 s) leaves it down, shown as `failed` in [`EngineStatus`]. Store
 //!   failures are not retried in place: they fail the actor, so the restart re-reads the store.
-//! - **Status states**: CatalogSyncer `snapshotting n/total`, `idle`,
-//!   `backing_off until <time>`, `offline, retrying until <time>`; SalesOutbox `idle`,
-//!   `sending (n batches in flight)`, `waiting (next retry at <time>)`,
-//!   `holding: cloud away, next probe at <time>`; Reconciler `idle`,
-//!   `verifying range n`, `applying range n`; every actor `starting`, `stopped` or `failed`.
+//! - **Status states** are [`ActorState`] values (their lines and stable `phase` names are
+//!   listed in `docs/terminal-operations.md`); codes are [`TerminalCode`] values.
 
 #![warn(missing_docs)]
 
 pub mod backoff;
 pub mod catalog;
+pub mod code;
+pub mod context;
 pub mod engine;
 pub mod metrics;
 pub mod outbox;
 pub mod ports;
 pub mod reconcile;
 pub mod status;
+#[cfg(feature = "testing")]
+pub mod store_contract;
 pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use backoff::{BackoffPolicy, Decision};
+pub use code::TerminalCode;
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use ports::*;
 pub use reconcile::{ReconcileAction, ReconcileReport};
-pub use status::{ActorKind, ActorStatus, EngineStatus};
+pub use status::{ActorKind, ActorState, ActorStatus, EngineStatus};

@@ -15,18 +15,13 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::backoff::{self, Budget, Decision};
-use crate::engine::SyncContext;
+use crate::code::TerminalCode;
+use crate::context::SyncContext;
 use crate::ports::{
     CloudError, DeliveryOutcome, FailureClass, FailureHistory, OutboxItem, TransientFailure,
 };
-use crate::status::ActorKind;
+use crate::status::{ActorKind, ActorState};
 use chrono::{DateTime, Utc};
-
-/// Journal code for a sale whose automatic retries are used up. It is a terminal-local code
-/// (the cloud never sends it); the message names the last error the cloud gave. Only failures
-/// blamed on the sale itself (see [`blame_sale`]) use up attempts, so an outage never ends
-/// here. An operator retry (`terminal outbox retry`) resets the attempts.
-pub const ATTEMPTS_EXHAUSTED: &str = "POS_SYNC_ATTEMPTS_EXHAUSTED";
 
 /// Whether a transient failure is the sale's own, so that it counts toward `max_attempts`.
 ///
@@ -112,7 +107,7 @@ pub fn outcomes_for(
                             };
                             DeliveryOutcome::NeedsAttention {
                                 journal_id: item.journal_id,
-                                code: r.code.unwrap_or(default_code).as_str().to_string(),
+                                code: TerminalCode::Api(r.code.unwrap_or(default_code)),
                                 message: r.message.unwrap_or_else(|| {
                                     format!("cloud answered {:?}", r.status).to_lowercase()
                                 }),
@@ -125,7 +120,7 @@ pub fn outcomes_for(
         },
         Err(e) => e,
     };
-    let code = err.code_str();
+    let code = err.code();
     let message = err.to_string();
     let class = err.class();
     if class == FailureClass::Refused {
@@ -133,7 +128,7 @@ pub fn outcomes_for(
             .iter()
             .map(|item| DeliveryOutcome::NeedsAttention {
                 journal_id: item.journal_id,
-                code: code.clone(),
+                code,
                 message: message.clone(),
             })
             .collect();
@@ -155,12 +150,16 @@ pub fn outcomes_for(
                     failure,
                     failed_at: now,
                     not_before,
-                    code: code.clone(),
+                    code,
                     message: message.clone(),
                 },
+                // A terminal-local code (the cloud never sends it); the message names the
+                // last error the cloud gave. Only failures blamed on the sale itself (see
+                // [`blame_sale`]) use up attempts, so an outage never ends here. An operator
+                // retry (`terminal outbox retry`) resets the attempts.
                 Decision::GiveUp => DeliveryOutcome::NeedsAttention {
                     journal_id: item.journal_id,
-                    code: ATTEMPTS_EXHAUSTED.to_string(),
+                    code: TerminalCode::AttemptsExhausted,
                     message: format!(
                         "the cloud failed this sale {failures} times on its own while storing \
                          other sales; last error {code}: {message}"
@@ -311,11 +310,9 @@ impl SalesOutbox {
                 if state.in_flight == 0 {
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
-                        format!(
-                            "holding: cloud away, next probe at {}",
-                            hold.until
-                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                        ),
+                        ActorState::Holding {
+                            next_probe_at: hold.until,
+                        },
                     );
                 }
                 if !hold.probing {
@@ -371,7 +368,9 @@ impl SalesOutbox {
         if state.in_flight > 0 {
             ctx.board.set_state(
                 ActorKind::SalesOutbox,
-                format!("sending ({} batches in flight)", state.in_flight),
+                ActorState::Sending {
+                    batches: state.in_flight,
+                },
             );
         } else {
             let next_due = ctx.store_call(|s| s.next_due_at()).await?;
@@ -383,13 +382,12 @@ impl SalesOutbox {
                     delay = delay.min(until);
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
-                        format!(
-                            "waiting (next retry at {})",
-                            due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                        ),
+                        ActorState::Waiting { next_retry_at: due },
                     );
                 }
-                None => ctx.board.set_state(ActorKind::SalesOutbox, "idle"),
+                None => ctx
+                    .board
+                    .set_state(ActorKind::SalesOutbox, ActorState::Idle),
             }
             state.generation = state.generation.wrapping_add(1);
             let g = state.generation;
@@ -549,7 +547,7 @@ impl SalesOutbox {
                     };
                     tracing::debug!(
                         terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
-                        errorCode = %e.code_str(), "cloud still away"
+                        errorCode = %e.code(), "cloud still away"
                     );
                 }
             }
@@ -558,14 +556,14 @@ impl SalesOutbox {
     }
 
     fn log_outcomes(
-        cfg: &crate::engine::EngineConfig,
+        cfg: &crate::context::EngineConfig,
         items: &[OutboxItem],
         outcomes: &[DeliveryOutcome],
     ) {
         let first = items.first().map(|i| i.event.local_event_id).unwrap_or(0);
         let last = items.last().map(|i| i.event.local_event_id).unwrap_or(0);
         let attempt = items.iter().map(|i| i.attempts + 1).max().unwrap_or(1);
-        let mut retry_code: Option<&str> = None;
+        let mut retry_code: Option<TerminalCode> = None;
         let mut synced = 0usize;
         for (item, o) in items.iter().zip(outcomes) {
             match o {
@@ -575,7 +573,7 @@ impl SalesOutbox {
                     eventId = item.event.local_event_id, syncAttempt = item.attempts + 1,
                     errorCode = %code, %message, "sale needs attention"
                 ),
-                DeliveryOutcome::RetryLater { code, .. } => retry_code = Some(code.as_str()),
+                DeliveryOutcome::RetryLater { code, .. } => retry_code = Some(*code),
             }
         }
         if let Some(code) = retry_code {
@@ -625,7 +623,8 @@ impl Actor for SalesOutbox {
         _myself: ActorRef<Self::Msg>,
         ctx: Arc<SyncContext>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        ctx.board.set_state(ActorKind::SalesOutbox, "starting");
+        ctx.board
+            .set_state(ActorKind::SalesOutbox, ActorState::Starting);
         Ok(OutboxState {
             ctx,
             in_flight: 0,
@@ -737,7 +736,7 @@ mod tests {
             failure: TransientFailure::NoAnswer,
             failed_at: t(0),
             not_before: t(at),
-            code: "NETWORK".into(),
+            code: TerminalCode::Network,
             message: "down".into(),
         };
         let synced = DeliveryOutcome::Synced {
@@ -750,7 +749,7 @@ mod tests {
         // attempts exhausted everywhere: nothing left to wait for
         let gave_up = DeliveryOutcome::NeedsAttention {
             journal_id: 1,
-            code: ATTEMPTS_EXHAUSTED.into(),
+            code: TerminalCode::AttemptsExhausted,
             message: "gave up".into(),
         };
         assert_eq!(hold_after(&[gave_up]), None);
@@ -761,7 +760,7 @@ mod tests {
             failure: TransientFailure::CloudAnswered { blamed },
             failed_at: t(0),
             not_before: t(7),
-            code: "POS_SYNC_STORAGE_FAILED".into(),
+            code: TerminalCode::STORAGE_FAILED,
             message: "insert failed".into(),
         };
         assert_eq!(hold_after(&[answered(true)]), None);
@@ -823,10 +822,10 @@ mod tests {
             }
         ));
         assert!(
-            matches!(&out[2], DeliveryOutcome::NeedsAttention { code, .. } if code == "POS_SYNC_EVENT_DUPLICATE")
+            matches!(&out[2], DeliveryOutcome::NeedsAttention { code, .. } if *code == ErrorCode::PosSyncEventDuplicate)
         );
         assert!(
-            matches!(&out[3], DeliveryOutcome::NeedsAttention { code, .. } if code == "POS_SYNC_EVENT_INVALID")
+            matches!(&out[3], DeliveryOutcome::NeedsAttention { code, .. } if *code == ErrorCode::PosSyncEventInvalid)
         );
     }
 
@@ -857,7 +856,7 @@ mod tests {
         for o in out {
             assert!(
                 matches!(o, DeliveryOutcome::RetryLater { not_before, ref code, .. }
-                if not_before == t0() + chrono::Duration::seconds(30) && code == "POS_SYNC_RATE_LIMITED")
+                if not_before == t0() + chrono::Duration::seconds(30) && *code == ErrorCode::PosSyncRateLimited)
             );
         }
         let out = outcomes_for(
@@ -867,7 +866,9 @@ mod tests {
             t0(),
             &mut retry_in(2),
         );
-        assert!(matches!(&out[0], DeliveryOutcome::RetryLater { code, .. } if code == "NETWORK"));
+        assert!(
+            matches!(&out[0], DeliveryOutcome::RetryLater { code, .. } if *code == TerminalCode::Network)
+        );
     }
 
     fn storage_failed() -> CloudError {
@@ -904,7 +905,7 @@ mod tests {
         );
         assert!(matches!(
             &out[0],
-            DeliveryOutcome::RetryLater { failure: TransientFailure::NoAnswer, code, .. } if code == "NETWORK"
+            DeliveryOutcome::RetryLater { failure: TransientFailure::NoAnswer, code, .. } if *code == TerminalCode::Network
         ));
     }
 
@@ -927,7 +928,7 @@ mod tests {
         );
         assert!(
             matches!(&out[0], DeliveryOutcome::NeedsAttention { code, message, .. }
-            if code == ATTEMPTS_EXHAUSTED && message.contains("3 times") && message.contains("POS_SYNC_STORAGE_FAILED")),
+            if *code == TerminalCode::AttemptsExhausted && message.contains("3 times") && message.contains(ErrorCode::PosSyncStorageFailed.as_str())),
             "{out:?}"
         );
         // the same failure while the cloud stored nothing since: the cloud's trouble
@@ -1077,7 +1078,7 @@ mod tests {
             panic!("no backoff for a refusal")
         });
         assert_eq!(out.len(), 2);
-        assert!(out.iter().all(|o| matches!(o, DeliveryOutcome::NeedsAttention { code, .. } if code == "POS_SYNC_UNAUTHORIZED")));
+        assert!(out.iter().all(|o| matches!(o, DeliveryOutcome::NeedsAttention { code, .. } if *code == ErrorCode::PosSyncUnauthorized)));
     }
 
     #[test]
@@ -1088,7 +1089,7 @@ mod tests {
         };
         let out = outcomes_for(&items, Ok(short), None, t0(), &mut retry_in(5));
         assert!(out.iter().all(
-            |o| matches!(o, DeliveryOutcome::RetryLater { code, .. } if code == "BAD_RESPONSE")
+            |o| matches!(o, DeliveryOutcome::RetryLater { code, .. } if *code == TerminalCode::BadResponse)
         ));
         let swapped = SalesEventsResponse {
             results: vec![

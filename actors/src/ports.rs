@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use thiserror::Error;
 
+use crate::code::TerminalCode;
+
 /// Primary key of a `sync_journal` row (its SQLite rowid).
 pub type JournalId = i64;
 
@@ -124,8 +126,8 @@ pub enum DeliveryOutcome {
     NeedsAttention {
         /// The row that needs an operator.
         journal_id: JournalId,
-        /// Stable code: the cloud's, or `POS_SYNC_ATTEMPTS_EXHAUSTED`.
-        code: String,
+        /// The cloud's code, or [`TerminalCode::AttemptsExhausted`].
+        code: TerminalCode,
         /// What happened, for the status page.
         message: String,
     },
@@ -140,7 +142,7 @@ pub enum DeliveryOutcome {
         /// Not to be claimed again before this time (backoff, `Retry-After`).
         not_before: DateTime<Utc>,
         /// Code of the failure (`NETWORK`, `POS_SYNC_STORAGE_FAILED`, …).
-        code: String,
+        code: TerminalCode,
         /// The failure, for the status page.
         message: String,
     },
@@ -330,13 +332,14 @@ impl CloudError {
         }
     }
 
-    /// A stable code (or `NETWORK`) for logs and the journal's `last_error_code`.
-    pub fn code_str(&self) -> String {
+    /// The code for logs and the journal's `last_error_code`: the cloud's own when it sent
+    /// one, else what kind of non-answer this was.
+    pub fn code(&self) -> TerminalCode {
         match self {
-            CloudError::Unreachable(_) => "NETWORK".to_string(),
-            CloudError::BadResponse(_) => "BAD_RESPONSE".to_string(),
-            CloudError::Rejected { code: Some(c), .. } => c.as_str().to_string(),
-            CloudError::Rejected { status, .. } => format!("HTTP_{status}"),
+            CloudError::Unreachable(_) => TerminalCode::Network,
+            CloudError::BadResponse(_) => TerminalCode::BadResponse,
+            CloudError::Rejected { code: Some(c), .. } => TerminalCode::Api(*c),
+            CloudError::Rejected { status, .. } => TerminalCode::Http(*status),
         }
     }
 }

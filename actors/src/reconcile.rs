@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::{self, Budget, Decision};
-use crate::engine::{EngineError, SyncContext};
+use crate::context::{EngineError, SyncContext};
 use crate::ports::CloudError;
-use crate::status::{ActorKind, VerifyOutcome};
+use crate::status::{ActorKind, ActorState, VerifyOutcome};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +240,7 @@ where
                 tracing::warn!(
                     terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                     eventId = "reconcile", syncAttempt = failures,
-                    errorCode = %e.code_str(), "{what} failed; retrying"
+                    errorCode = %e.code(), "{what} failed; retrying"
                 );
                 tokio::time::sleep(wait).await;
             }
@@ -310,7 +310,7 @@ impl Reconciler {
         let mode = action.mode();
         let mut report = ReconcileReport::new(action);
         ctx.board
-            .set_state(ActorKind::Reconciler, "fingerprinting the local catalog");
+            .set_state(ActorKind::Reconciler, ActorState::Fingerprinting);
         let local = Arc::new(ctx.store_call(|s| s.fingerprint_tree()).await?);
         // The root is the sum of its children: asking the 16 children answers both.
         let mut ask = NodeId::ROOT.children();
@@ -319,7 +319,9 @@ impl Reconciler {
         while !ask.is_empty() {
             ctx.board.set_state(
                 ActorKind::Reconciler,
-                format!("comparing fingerprints (level {})", ask[0].level),
+                ActorState::ComparingFingerprints {
+                    level: ask[0].level,
+                },
             );
             let mut next = Vec::new();
             for chunk in ask.chunks(MAX_NODES_PER_REQUEST) {
@@ -367,15 +369,11 @@ impl Reconciler {
         for (i, leaves) in groups.into_iter().enumerate() {
             ctx.board.set_state(
                 ActorKind::Reconciler,
-                format!(
-                    "{} leaves, group {}",
-                    if action == ReconcileAction::Verify {
-                        "verifying"
-                    } else {
-                        "applying"
-                    },
-                    i + 1
-                ),
+                ActorState::Reconciling {
+                    apply: action == ReconcileAction::Apply,
+                    leaves: true,
+                    number: i + 1,
+                },
             );
             let req = LeafReconcileRequest {
                 mode,
@@ -426,15 +424,11 @@ impl Reconciler {
             let (range, entries, last) = cut_range(after.clone(), fetched, limit);
             ctx.board.set_state(
                 ActorKind::Reconciler,
-                format!(
-                    "{} range {}",
-                    if action == ReconcileAction::Verify {
-                        "verifying"
-                    } else {
-                        "applying"
-                    },
-                    report.ranges + 1
-                ),
+                ActorState::Reconciling {
+                    apply: action == ReconcileAction::Apply,
+                    leaves: false,
+                    number: report.ranges + 1,
+                },
             );
             let req = ReconcileRequest {
                 mode,
@@ -461,7 +455,7 @@ impl Reconciler {
                     tracing::info!(
                         terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                         eventId = "reconcile", range_entries = limit,
-                        errorCode = "POS_CATALOG_MANIFEST_TOO_LARGE", "manifest too large; shrinking ranges"
+                        errorCode = %possync_protocol::ErrorCode::PosCatalogManifestTooLarge, "manifest too large; shrinking ranges"
                     );
                 }
                 Err(e) => return Err(EngineError::Cloud(e)),
@@ -482,7 +476,7 @@ impl Actor for Reconciler {
         _myself: ActorRef<Self::Msg>,
         ctx: Arc<SyncContext>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        ctx.board.set_state(ActorKind::Reconciler, "idle");
+        ctx.board.set_state(ActorKind::Reconciler, ActorState::Idle);
         Ok(ReconcilerState { ctx })
     }
 
@@ -554,11 +548,11 @@ impl Reconciler {
                     .inc_by(r.bytes_sent + r.bytes_received);
                 ctx.board.set_state(
                     ActorKind::Reconciler,
-                    format!(
-                        "idle (last {:?}: {} upserts, {} deletes)",
-                        r.mode, r.upserts, r.deletes
-                    )
-                    .to_lowercase(),
+                    ActorState::Reconciled {
+                        apply: r.mode == ReconcileAction::Apply,
+                        upserts: r.upserts,
+                        deletes: r.deletes,
+                    },
                 );
                 if action == ReconcileAction::Verify {
                     ctx.metrics
@@ -582,7 +576,7 @@ impl Reconciler {
                     "reconcile failed"
                 );
                 ctx.board
-                    .set_state(ActorKind::Reconciler, "idle (last run failed)");
+                    .set_state(ActorKind::Reconciler, ActorState::ReconcileFailed);
                 ctx.board.set_error(ActorKind::Reconciler, e.to_string());
                 if action == ReconcileAction::Verify {
                     ctx.board.set_verify(VerifyOutcome {

@@ -13,10 +13,10 @@ use tokio::time::Instant;
 
 use crate::backoff::{Backoff, BackoffArgs};
 use crate::catalog::{CatalogMsg, CatalogSyncer};
-use crate::engine::{EngineError, SyncContext};
+use crate::context::{EngineError, SyncContext};
 use crate::outbox::{OutboxMsg, SalesOutbox};
 use crate::reconcile::{ReconcileAction, ReconcileMsg, ReconcileReport, Reconciler};
-use crate::status::ActorKind;
+use crate::status::{ActorKind, ActorState};
 
 /// Messages of the [`SyncSupervisor`]; the engine facade talks only to it.
 #[derive(Debug)]
@@ -159,7 +159,7 @@ impl SyncSupervisor {
                 terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
                 "actor failed too often; leaving it down"
             );
-            state.ctx.board.set_state(kind, "failed");
+            state.ctx.board.set_state(kind, ActorState::Failed);
             return;
         }
         let n = state.ctx.board.count_restart(kind);
@@ -222,7 +222,7 @@ impl Actor for SyncSupervisor {
             let _ = child.kill_and_wait(Some(SHUTDOWN_GRACE)).await;
         }
         for kind in ActorKind::ALL {
-            state.ctx.board.set_state(kind, "stopped");
+            state.ctx.board.set_state(kind, ActorState::Stopped);
         }
         state.ctx.backoff.set(None);
         Ok(())
@@ -285,7 +285,7 @@ impl Actor for SyncSupervisor {
                 let cfg = &state.ctx.config;
                 tracing::error!(
                     terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
-                    errorCode = "ACTOR_FAILED", error = %err, "sync actor failed"
+                    errorCode = %crate::code::TerminalCode::ActorFailed, error = %err, "sync actor failed"
                 );
                 state.ctx.board.set_error(kind, err.to_string());
                 Self::forget(state, kind);
@@ -295,7 +295,7 @@ impl Actor for SyncSupervisor {
                 if let Some(kind) = state.children.kind_of(&cell) {
                     tracing::info!(actor = kind.as_str(), ?reason, "sync actor stopped");
                     Self::forget(state, kind);
-                    state.ctx.board.set_state(kind, "stopped");
+                    state.ctx.board.set_state(kind, ActorState::Stopped);
                 }
             }
             _ => {}

@@ -12,9 +12,9 @@ use possync_protocol::fingerprint::{
 };
 use possync_protocol::{
     entity_hash, validate_event, DeltaPage, Entity, EntityKey, EntityRef, ErrorCode, EventResult,
-    EventStatus, EventType, KeyRange, ManifestEntry, Payment, PaymentMethod, ReconcileMode,
-    ReconcilePlan, ReconcileRequest, ReconcileResponse, ReconcileSummary, SaleEvent, SaleLine,
-    SalePayload, SalesEventsResponse, SnapshotPage, Totals,
+    EventStatus, EventType, KeyRange, ManifestEntry, ReconcileMode, ReconcilePlan,
+    ReconcileRequest, ReconcileResponse, ReconcileSummary, SaleEvent, SalesEventsResponse,
+    SnapshotPage,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use uuid::Uuid;
 
+use crate::code::TerminalCode;
 use crate::ports::{
     CatalogPosition, Clock, CloudApi, CloudError, DeliveryOutcome, FailureHistory, JournalId,
     LocalStore, OutboxCounts, OutboxItem, StoreError, Traffic,
@@ -54,7 +55,7 @@ pub fn entity(entity_type: &str, id: &str, version: i64, data: serde_json::Value
     }
 }
 
-/// A valid one-line cash sale.
+/// A valid one-line cash sale (2 × 250 minor units; the testkit's payload builder).
 pub fn sale_event(terminal_id: Uuid, pos_id: Uuid, local_event_id: i64) -> SaleEvent {
     SaleEvent {
         terminal_id,
@@ -66,29 +67,7 @@ pub fn sale_event(terminal_id: Uuid, pos_id: Uuid, local_event_id: i64) -> SaleE
             .with_ymd_and_hms(2026, 11, 25, 10, 0, 0)
             .single()
             .unwrap_or_default(),
-        payload: SalePayload {
-            receipt_no: format!("B1-T1-{local_event_id:06}"),
-            currency: "EUR".into(),
-            lines: vec![SaleLine {
-                product_id: "p1".into(),
-                sku: "SKU1".into(),
-                name: "Coffee".into(),
-                qty: 2,
-                unit_price_minor: 250,
-                discount_minor: 0,
-                tax_minor: 0,
-                total_minor: 500,
-            }],
-            totals: Totals {
-                subtotal_minor: 500,
-                tax_minor: 0,
-                total_minor: 500,
-            },
-            payments: vec![Payment {
-                method: PaymentMethod::Cash,
-                amount_minor: 500,
-            }],
-        },
+        payload: possync_testkit::one_line_payload(&format!("B1-T1-{local_event_id:06}"), 2, 250),
     }
 }
 
@@ -182,7 +161,7 @@ pub struct MemJournalRow {
     pub attempts: u32,
     pub history: FailureHistory,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub last_error_code: Option<String>,
+    pub last_error_code: Option<TerminalCode>,
     pub last_error_message: Option<String>,
     pub cloud_event_id: Option<String>,
 }
@@ -537,7 +516,7 @@ impl LocalStore for MemoryStore {
                 }
                 DeliveryOutcome::NeedsAttention { code, message, .. } => {
                     r.status = "needs_attention";
-                    r.last_error_code = Some(code.clone());
+                    r.last_error_code = Some(*code);
                     r.last_error_message = Some(message.clone());
                     r.next_attempt_at = None;
                 }
@@ -552,7 +531,7 @@ impl LocalStore for MemoryStore {
                     r.status = "failed";
                     r.history = r.history.after(*failure, *failed_at);
                     r.next_attempt_at = Some(*not_before);
-                    r.last_error_code = Some(code.clone());
+                    r.last_error_code = Some(*code);
                     r.last_error_message = Some(message.clone());
                 }
             }
@@ -1237,7 +1216,7 @@ mod tests {
                 failure: crate::ports::TransientFailure::NoAnswer,
                 failed_at: now,
                 not_before: now + chrono::Duration::seconds(10),
-                code: "NETWORK".into(),
+                code: TerminalCode::Network,
                 message: "x".into(),
             }])
             .expect("record");

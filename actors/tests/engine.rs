@@ -4,15 +4,15 @@
 //! for conditions (with a generous overall deadline) and assert on recorded facts.
 
 use possync_actors::backoff::BackoffPolicy;
-use possync_actors::outbox::ATTEMPTS_EXHAUSTED;
 use possync_actors::reconcile::VerifyMethod;
 use possync_actors::testing::{
     entity, eventually, sale_event, world, CloudFault, Endpoint, FakeCloud, ManualClock,
     MemoryStore, StoreFault, StoreOp,
 };
+use possync_actors::TerminalCode;
 use possync_actors::{
-    ActorKind, Clock, CloudError, DeliveryOutcome, Engine, EngineConfig, EngineError, LocalStore,
-    ReconcileAction, SystemClock,
+    ActorKind, ActorState, Clock, CloudError, DeliveryOutcome, Engine, EngineConfig, EngineError,
+    LocalStore, ReconcileAction, SystemClock,
 };
 use possync_protocol::{ErrorCode, ReconcileMode};
 use prometheus::Registry;
@@ -116,7 +116,7 @@ async fn snapshot_over_several_pages_then_deltas_without_a_new_snapshot() {
     assert!(metric(&registry, "delta_sync_runs", None) >= 2.0);
     eventually("idle and online", || {
         let s = engine.status();
-        s.online && s.actors[&ActorKind::CatalogSyncer].state == "idle"
+        s.online && s.actors[&ActorKind::CatalogSyncer].state == ActorState::Idle
     })
     .await;
     engine.shutdown().await;
@@ -226,13 +226,13 @@ async fn per_event_outcomes_reach_the_journal() {
     assert_eq!(rows[1].status, "synced");
     assert_eq!(rows[2].status, "needs_attention");
     assert_eq!(
-        rows[2].last_error_code.as_deref(),
-        Some("POS_SYNC_EVENT_DUPLICATE")
+        rows[2].last_error_code,
+        Some(TerminalCode::Api(ErrorCode::PosSyncEventDuplicate))
     );
     assert_eq!(rows[3].status, "needs_attention");
     assert_eq!(
-        rows[3].last_error_code.as_deref(),
-        Some("POS_SYNC_EVENT_INVALID")
+        rows[3].last_error_code,
+        Some(TerminalCode::Api(ErrorCode::PosSyncEventInvalid))
     );
     assert!(rows[3].last_error_message.is_some());
     assert!(store.outcomes().iter().any(|o| matches!(
@@ -276,7 +276,7 @@ async fn transient_failures_retry_and_then_deliver_exactly_once() {
     let registry = Registry::new();
     let engine = start(config(), &store, &cloud, Arc::new(SystemClock), &registry).await;
     eventually("all synced", || store.journal_in("synced").len() == 3).await;
-    let codes: Vec<String> = store
+    let codes: Vec<TerminalCode> = store
         .outcomes()
         .into_iter()
         .filter_map(|o| match o {
@@ -284,9 +284,9 @@ async fn transient_failures_retry_and_then_deliver_exactly_once() {
             _ => None,
         })
         .collect();
-    assert!(codes.contains(&"POS_SYNC_STORAGE_FAILED".to_string()));
-    assert!(codes.contains(&"NETWORK".to_string()));
-    assert!(codes.contains(&"BAD_RESPONSE".to_string()));
+    assert!(codes.contains(&TerminalCode::STORAGE_FAILED));
+    assert!(codes.contains(&TerminalCode::Network));
+    assert!(codes.contains(&TerminalCode::BadResponse));
     // After the cloud's own error each sale went alone, so each met a different share of the
     // remaining faults; every failed attempt was counted as one retry.
     let attempts: u32 = store.journal().iter().map(|r| r.attempts).sum();
@@ -324,8 +324,8 @@ async fn retry_after_is_honoured_before_the_next_attempt() {
     let due = row.next_attempt_at.expect("retry time");
     assert!(due >= t0 + chrono::Duration::seconds(30), "{due} vs {t0}");
     assert_eq!(
-        row.last_error_code.as_deref(),
-        Some("POS_SYNC_RATE_LIMITED")
+        row.last_error_code,
+        Some(TerminalCode::Api(ErrorCode::PosSyncRateLimited))
     );
     // While the clock stands still the row is not due, whatever the outbox polls.
     assert!(store
@@ -366,9 +366,10 @@ async fn while_the_cloud_is_down_new_sales_wait_for_the_backoff_instead_of_each_
         engine.flush_outbox_now().await.expect("nudge");
     }
     eventually("outbox reports the hold", || {
-        engine.status().actors[&ActorKind::SalesOutbox]
-            .state
-            .starts_with("holding")
+        matches!(
+            engine.status().actors[&ActorKind::SalesOutbox].state,
+            ActorState::Holding { .. }
+        )
     })
     .await;
     // The clock stands still inside the backoff: the nudges claim nothing and send nothing.
@@ -490,8 +491,8 @@ async fn a_sale_the_cloud_keeps_failing_while_storing_others_needs_attention_alo
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].event.local_event_id, 1);
     assert_eq!(
-        parked[0].last_error_code.as_deref(),
-        Some(ATTEMPTS_EXHAUSTED)
+        parked[0].last_error_code,
+        Some(TerminalCode::AttemptsExhausted)
     );
     assert_eq!(
         parked[0].history.sale_failures, 2,
@@ -531,9 +532,10 @@ async fn outbox_concurrency_never_exceeds_the_limit() {
         engine.flush_outbox_now().await.expect("nudge");
         // a nudge while full claims nothing more
         eventually("nudge handled", || {
-            engine.status().actors[&ActorKind::SalesOutbox]
-                .state
-                .starts_with("sending")
+            matches!(
+                engine.status().actors[&ActorKind::SalesOutbox].state,
+                ActorState::Sending { .. }
+            )
         })
         .await;
         assert_eq!(store.journal_in("in_flight").len(), 2 * limit);
@@ -589,7 +591,7 @@ async fn an_actor_that_keeps_failing_stays_down_and_shows_failed() {
     cfg.max_restarts = 3;
     let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
     eventually("outbox failed", || {
-        engine.status().actors[&ActorKind::SalesOutbox].state == "failed"
+        engine.status().actors[&ActorKind::SalesOutbox].state == ActorState::Failed
     })
     .await;
     assert_eq!(engine.status().actors[&ActorKind::SalesOutbox].restarts, 3);
@@ -807,9 +809,10 @@ async fn an_unreachable_cloud_shows_offline_and_the_catalog_catches_up_when_it_r
     eventually("offline shown", || {
         let s = engine.status();
         !s.online
-            && s.actors[&ActorKind::CatalogSyncer]
-                .state
-                .starts_with("offline")
+            && matches!(
+                s.actors[&ActorKind::CatalogSyncer].state,
+                ActorState::Offline { .. }
+            )
             && cloud.calls(Endpoint::Snapshot) >= 2
     })
     .await;

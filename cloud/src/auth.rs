@@ -115,7 +115,7 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
             .rate_limited_total
             .with_label_values(&["terminal"])
             .inc();
-        tracing::info!(terminalId = %identity.terminal_id, branchId = %identity.branch_id, errorCode = "POS_SYNC_RATE_LIMITED", "terminal rate limited");
+        tracing::info!(terminalId = %identity.terminal_id, branchId = %identity.branch_id, errorCode = %possync_protocol::ErrorCode::PosSyncRateLimited, "terminal rate limited");
         return Err(ApiError::RateLimited { retry_after_secs });
     }
     Ok(identity)

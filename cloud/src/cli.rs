@@ -224,7 +224,7 @@ pub enum SourceCommand {
 #[derive(Debug, Error)]
 pub enum CliError {
     /// Database trouble.
-    #[error("POS_SYNC_STORAGE_FAILED: {0}")]
+    #[error("{code}: {0}", code = possync_protocol::ErrorCode::PosSyncStorageFailed)]
     Store(#[from] StoreError),
     /// Catalog input refused by the store.
     #[error("{0}")]

@@ -166,7 +166,7 @@ impl BranchIngestor {
                 Err(e) => Err(IngestError::Storage(format!("ingest task failed: {e}"))),
             };
             if let Err(e) = &result {
-                tracing::error!(branchId = %act.branch_id, events = total, errorCode = "POS_SYNC_STORAGE_FAILED", cause = %e, "group commit failed");
+                tracing::error!(branchId = %act.branch_id, events = total, errorCode = %ErrorCode::PosSyncStorageFailed, cause = %e, "group commit failed");
             }
             distribute(result, &sizes, replies);
             act.waiting_events = act.waiting_events.saturating_sub(total);

@@ -229,7 +229,10 @@ mod tests {
             .with_label_values(&["/healthz", "200"])
             .observe(0.001);
         let text = m.render();
-        assert!(text.contains("errors_total{code=\"POS_SYNC_STORAGE_FAILED\"} 0"));
+        assert!(text.contains(&format!(
+            "errors_total{{code=\"{}\"}} 0",
+            possync_protocol::ErrorCode::PosSyncStorageFailed
+        )));
         assert!(text.contains("synced_events{status=\"conflict\"} 0"));
         for name in [
             "synced_events",

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Error)]
 pub enum ServeError {
     /// The database could not be opened or migrated.
-    #[error("POS_SYNC_STORAGE_FAILED: {0}")]
+    #[error("{code}: {0}", code = possync_protocol::ErrorCode::PosSyncStorageFailed)]
     Store(#[from] StoreError),
     /// The catalog source is unusable (SQLite cloud, bad mapping, capture not installed).
     #[error("{0}")]

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use possync_actors::CloudError;
+use possync_actors::{CloudError, TerminalCode};
 use possync_protocol::{HeldKey, MAX_HELD_KEYS_PER_PAGE};
 use serde::Serialize;
 use thiserror::Error;
@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use crate::cloud_client::HttpCloud;
 use crate::store::{
-    CarryCandidate, CarryDecision, CarryOverCounts, CarryScope, SqliteStore, TerminalStoreError,
+    off_thread, CarryCandidate, CarryDecision, CarryOverCounts, CarryScope, SqliteStore,
+    TerminalStoreError, WorkerLost,
 };
 
 /// Why a carry-over pass stopped; nothing of it was applied.
@@ -36,17 +37,17 @@ pub enum CarryOverError {
     #[error(transparent)]
     Cloud(#[from] CloudError),
     /// The blocking worker died.
-    #[error("worker failed: {0}")]
-    Worker(String),
+    #[error(transparent)]
+    Worker(#[from] WorkerLost),
 }
 
 impl CarryOverError {
-    /// The stable code for logs.
-    pub fn code(&self) -> String {
+    /// The code for logs.
+    pub fn code(&self) -> TerminalCode {
         match self {
-            CarryOverError::Store(e) => e.code().as_str().to_string(),
-            CarryOverError::Cloud(e) => e.code_str(),
-            CarryOverError::Worker(_) => "POS_SYNC_STORAGE_FAILED".to_string(),
+            CarryOverError::Store(e) => e.code().into(),
+            CarryOverError::Cloud(e) => e.code(),
+            CarryOverError::Worker(_) => TerminalCode::STORAGE_FAILED,
         }
     }
 }
@@ -94,9 +95,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&SqliteStore) -> Result<T, TerminalStoreError> + Send + 'static,
 ) -> Result<T, CarryOverError> {
     let store = store.clone();
-    Ok(tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| CarryOverError::Worker(e.to_string()))??)
+    off_thread(move || f(&store).map_err(CarryOverError::from)).await
 }
 
 /// Every key the cloud holds for `pos_id` with a local id in `from..=to`.

@@ -9,7 +9,7 @@
 //! Every failure prints ONE line `error: CODE: cause` on stderr and exits non-zero.
 
 use clap::{Args, Parser, Subcommand};
-use possync_actors::{CloudError, EngineError, ReconcileAction};
+use possync_actors::{CloudError, EngineError, ReconcileAction, TerminalCode};
 use possync_protocol::ErrorCode;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,12 +17,12 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::cloud_client::{CloudTarget, HttpCloud};
-use crate::daemon::{self, DaemonOptions, Tuning};
+use crate::daemon::{self, DaemonError, DaemonOptions, Tuning};
 use crate::data_dir::{self, LocalTokenError};
-use crate::operator::{JournalState, RetrySelection, Till, TillError};
-use crate::status::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
-use crate::store::{Enrollment, SqliteStore, TerminalStoreError};
-use crate::wiring::{control_error, StoreTill};
+use crate::local_api::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
+use crate::operator::{JournalStatus, RetryTarget, Till, TillError};
+use crate::store::{off_thread, Enrollment, SqliteStore, TerminalStoreError, WorkerLost};
+use crate::wiring::StoreTill;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "terminal.db";
@@ -55,6 +55,12 @@ pub enum CommandError {
     #[error("terminal is not enrolled (run `terminal enroll` first)")]
     /// No enrollment in the database yet.
     NotEnrolled,
+    #[error(transparent)]
+    /// The blocking worker running a database operation died (a panic in it).
+    Worker(#[from] WorkerLost),
+    #[error(transparent)]
+    /// The daemon (or an engine for this command) could not start.
+    Start(#[from] DaemonError),
     #[error("{what}: {source}")]
     /// A file or directory could not be read or written.
     Io {
@@ -75,31 +81,31 @@ pub enum CommandError {
     /// The running daemon answered with an error.
     #[error("daemon: {message}")]
     Daemon {
-        /// The stable code from the daemon's error envelope.
-        code: Option<String>,
+        /// The code from the daemon's error envelope.
+        code: Option<TerminalCode>,
         /// The daemon's message.
         message: String,
     },
 }
 
 impl CommandError {
-    /// The stable code (or the nearest cause name) printed first on the error line.
-    pub fn code(&self) -> String {
+    /// The code printed first on the error line and logged as `errorCode`.
+    pub fn code(&self) -> TerminalCode {
         match self {
-            CommandError::Store(e) => e.code().as_str().to_string(),
-            CommandError::Cloud(e) => e.code_str(),
+            CommandError::Store(e) => e.code().into(),
+            CommandError::Cloud(e) => e.code(),
             CommandError::Engine(e) => e.code(),
-            CommandError::StatusBind(_) => "STATUS_BIND_FAILED".to_string(),
-            CommandError::Till(e) => e.code().as_str().to_string(),
+            CommandError::StatusBind(_) => TerminalCode::StatusBindFailed,
+            CommandError::Till(e) => e.code().into(),
             CommandError::NotEnrolled | CommandError::WrongIdentity(_) => {
-                ErrorCode::PosSyncUnauthorized.as_str().to_string()
+                ErrorCode::PosSyncUnauthorized.into()
             }
-            CommandError::Io { .. } | CommandError::LocalToken(_) => "IO_FAILED".to_string(),
-            CommandError::AlreadyRunning(_) => "DAEMON_ALREADY_RUNNING".to_string(),
-            CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.as_str().to_string(),
-            CommandError::Daemon { code, .. } => {
-                code.clone().unwrap_or_else(|| "DAEMON_FAILED".to_string())
-            }
+            CommandError::Worker(_) => TerminalCode::STORAGE_FAILED,
+            CommandError::Start(e) => e.code(),
+            CommandError::Io { .. } | CommandError::LocalToken(_) => TerminalCode::IoFailed,
+            CommandError::AlreadyRunning(_) => TerminalCode::DaemonAlreadyRunning,
+            CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.into(),
+            CommandError::Daemon { code, .. } => code.unwrap_or(TerminalCode::DaemonFailed),
         }
     }
 
@@ -329,8 +335,10 @@ fn open_store(data_dir: &Path) -> Result<SqliteStore, CommandError> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| CommandError::Invalid(format!("output to JSON: {e}")))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| CommandError::Io {
+        what: "writing the output as JSON".into(),
+        source: e.into(),
+    })?;
     println!("{text}");
     Ok(())
 }
@@ -353,6 +361,7 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
                 tuning: args.tuning(),
             })
             .await
+            .map_err(CommandError::from)
         }
         Command::Status => status(&data_dir).await,
         Command::Reconcile(args) => {
@@ -367,11 +376,7 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
         Command::Outbox(OutboxCommand::List { status, limit }) => {
             let state = match status.as_deref() {
                 None => None,
-                Some(s) => Some(JournalState::parse(s).ok_or_else(|| {
-                    CommandError::Invalid(format!(
-                        "unknown status {s:?} (pending, in_flight, failed, synced, needs_attention)"
-                    ))
-                })?),
+                Some(s) => Some(s.parse::<JournalStatus>().map_err(CommandError::Invalid)?),
             };
             let till = StoreTill::new(open_store(&data_dir)?);
             let rows = blocking(move || till.journal(state, limit.max(1))).await?;
@@ -379,8 +384,8 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
         }
         Command::Outbox(OutboxCommand::Retry { id, all }) => {
             let selection = match (id, all) {
-                (_, true) => RetrySelection::AllNeedingAttention,
-                (Some(id), false) => RetrySelection::One(id),
+                (_, true) => RetryTarget::AllNeedingAttention,
+                (Some(id), false) => RetryTarget::One(id),
                 (None, false) => {
                     return Err(CommandError::Invalid("give a journal id or --all".into()))
                 }
@@ -391,9 +396,9 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
         }
         Command::Migrate(args) => migrate(&data_dir, args).await,
         Command::LocalToken => {
-            let token = tokio::task::spawn_blocking(move || data_dir::local_token(&data_dir))
-                .await
-                .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            let token =
+                off_thread(move || Ok::<_, CommandError>(data_dir::local_token(&data_dir)?))
+                    .await?;
             println!("{token}");
             Ok(())
         }
@@ -404,10 +409,7 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TillError> + Send + 'static,
 ) -> Result<T, CommandError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))?
-        .map_err(CommandError::from)
+    off_thread(move || f().map_err(CommandError::from)).await
 }
 
 async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
@@ -436,7 +438,7 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
         Err(e) if e.can_retry() => {
             eprintln!(
                 "warning: token not verified ({}: {e}); enrolled anyway — it is checked on the first sync",
-                e.code_str()
+                e.code()
             );
             false
         }
@@ -480,9 +482,8 @@ async fn save_and_settle(
 ) -> Result<EnrollmentOutcome, CommandError> {
     let saved = store.clone();
     let to_save = enrollment.clone();
-    let saved = tokio::task::spawn_blocking(move || saved.save_enrollment(&to_save))
-        .await
-        .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+    let saved =
+        off_thread(move || saved.save_enrollment(&to_save).map_err(CommandError::from)).await?;
     let carried = if reachable {
         let cloud = daemon::cloud_for(store, enrollment)?;
         match crate::carry_over::settle(store, &cloud, crate::store::CarryScope::Everything).await {
@@ -522,7 +523,7 @@ async fn token_set(data_dir: &Path, token: String) -> Result<(), CommandError> {
         Err(e) if e.can_retry() => {
             eprintln!(
                 "warning: token not verified ({}: {e}); saved anyway — it is checked on the first sync",
-                e.code_str()
+                e.code()
             );
             false
         }
@@ -595,7 +596,7 @@ async fn reconcile(data_dir: &Path, action: ReconcileAction) -> Result<(), Comma
         })?;
         if !ok {
             return Err(CommandError::Daemon {
-                code: body["error"]["code"].as_str().map(str::to_string),
+                code: body["error"]["code"].as_str().and_then(TerminalCode::parse),
                 message: body["error"]["message"]
                     .as_str()
                     .unwrap_or("reconcile failed")
@@ -610,16 +611,7 @@ async fn reconcile(data_dir: &Path, action: ReconcileAction) -> Result<(), Comma
     let engine = daemon::start_engine(&store, &Tuning::default(), &registry).await?;
     let result = engine.reconcile(action).await;
     engine.shutdown().await;
-    match result {
-        Ok(report) => print_json(&report),
-        Err(e) => {
-            let c = control_error(e);
-            Err(CommandError::Daemon {
-                code: c.code.map(|c| c.as_str().to_string()),
-                message: c.message,
-            })
-        }
-    }
+    print_json(&result?)
 }
 
 async fn sale_add(data_dir: &Path, file: &Path) -> Result<(), CommandError> {
@@ -654,18 +646,18 @@ async fn sale_add(data_dir: &Path, file: &Path) -> Result<(), CommandError> {
 async fn migrate(data_dir: &Path, args: MigrateArgs) -> Result<(), CommandError> {
     match args.legacy_db {
         Some(path) => {
-            let report = tokio::task::spawn_blocking(move || crate::store::migrate_legacy(&path))
-                .await
-                .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            let report =
+                off_thread(move || crate::store::migrate_legacy(&path).map_err(CommandError::from))
+                    .await?;
             print_json(&report)
         }
         None => {
             ensure_dir(data_dir)?;
             let path = db_path(data_dir);
-            let (_, report) =
-                tokio::task::spawn_blocking(move || SqliteStore::open_with_report(&path))
-                    .await
-                    .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            let (_, report) = off_thread(move || {
+                SqliteStore::open_with_report(&path).map_err(CommandError::from)
+            })
+            .await?;
             print_json(&report)
         }
     }

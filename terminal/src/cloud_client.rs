@@ -257,7 +257,7 @@ impl HttpCloud {
     /// Counts one call by route and outcome (`ok` or the error's code) and times it.
     fn observe(&self, route: &str, started: Instant, error: Option<&CloudError>) {
         if let Some(m) = &self.metrics {
-            let outcome = error.map_or_else(|| "ok".to_string(), CloudError::code_str);
+            let outcome = error.map_or_else(|| "ok".to_string(), |e| e.code().to_string());
             m.requests
                 .with_label_values(&[route, outcome.as_str()])
                 .inc();
@@ -587,6 +587,7 @@ impl CloudApi for HttpCloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use possync_actors::TerminalCode;
     use reqwest::header::HeaderValue;
 
     use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -694,7 +695,7 @@ mod tests {
         let cloud = client(url).with_metrics(&registry).expect("metrics");
 
         let e = cloud.delta(0, 100).await.expect_err("429");
-        assert_eq!(e.code_str(), "POS_SYNC_RATE_LIMITED");
+        assert_eq!(e.code(), ErrorCode::PosSyncRateLimited);
         assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
         assert!(e.can_retry());
 
@@ -723,9 +724,17 @@ mod tests {
         )
         .expect("encode");
         let text = String::from_utf8(text).expect("utf8");
+        let rate_limited = format!(
+            r#"terminal_cloud_requests_total{{outcome="{}",route="/catalog/delta"}} 1"#,
+            ErrorCode::PosSyncRateLimited
+        );
+        let bad_response = format!(
+            r#"terminal_cloud_requests_total{{outcome="{}",route="/catalog/snapshot"}} 1"#,
+            TerminalCode::BadResponse
+        );
         for line in [
-            r#"terminal_cloud_requests_total{outcome="POS_SYNC_RATE_LIMITED",route="/catalog/delta"} 1"#,
-            r#"terminal_cloud_requests_total{outcome="BAD_RESPONSE",route="/catalog/snapshot"} 1"#,
+            rate_limited.as_str(),
+            bad_response.as_str(),
             r#"terminal_cloud_requests_total{outcome="ok",route="/sales/events"} 2"#,
             r#"terminal_cloud_request_seconds_count{route="/sales/events"} 2"#,
         ] {
@@ -745,16 +754,28 @@ mod tests {
             .await
             .expect_err("refused");
         assert!(matches!(e, CloudError::Unreachable(_)), "{e:?}");
-        assert_eq!(e.code_str(), "NETWORK");
+        assert_eq!(e.code(), TerminalCode::Network);
         assert!(e.can_retry());
+    }
+
+    /// The body of a cloud error, as the cloud writes it.
+    fn envelope(code: ErrorCode, message: &str, details: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"error": {
+            "code": code, "message": message, "retryable": code.can_retry(429), "details": details,
+        }}))
+        .expect("envelope")
     }
 
     #[test]
     fn envelope_becomes_rejected_with_code_retry_after_and_reason() {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        let body = br#"{"error":{"code":"POS_CATALOG_DELTA_FAILED","message":"too old","retryable":false,"details":{"reason":"resnapshot_required"}}}"#;
-        let e = rejection(StatusCode::GONE, &h, body);
+        let body = envelope(
+            ErrorCode::PosCatalogDeltaFailed,
+            "too old",
+            serde_json::json!({"reason": "resnapshot_required"}),
+        );
+        let e = rejection(StatusCode::GONE, &h, &body);
         assert_eq!(
             e,
             CloudError::Rejected {
@@ -795,10 +816,14 @@ mod tests {
     fn a_malformed_retry_after_is_ignored_not_fatal() {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        let body = br#"{"error":{"code":"POS_SYNC_RATE_LIMITED","message":"slow down","retryable":true,"details":{}}}"#;
-        let e = rejection(StatusCode::TOO_MANY_REQUESTS, &h, body);
+        let body = envelope(
+            ErrorCode::PosSyncRateLimited,
+            "slow down",
+            serde_json::json!({}),
+        );
+        let e = rejection(StatusCode::TOO_MANY_REQUESTS, &h, &body);
         assert_eq!(e.retry_after(), None);
         assert!(e.can_retry());
-        assert_eq!(e.code_str(), "POS_SYNC_RATE_LIMITED");
+        assert_eq!(e.code(), ErrorCode::PosSyncRateLimited);
     }
 }

@@ -6,19 +6,68 @@
 //! durability; shutdown order only makes sure no request is cut mid-answer.
 
 use chrono::{DateTime, Utc};
-use possync_actors::{BackoffPolicy, Engine, EngineConfig, EngineError, SystemClock};
+use possync_actors::{
+    BackoffPolicy, CloudError, Engine, EngineConfig, EngineError, SystemClock, TerminalCode,
+};
+use possync_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use thiserror::Error;
 use tracing::Instrument;
 
 use crate::carry_over;
-use crate::cli::CommandError;
 use crate::cloud_client::{CloudTarget, HttpCloud};
-use crate::status::{LocalApiConfig, StatusServer};
-use crate::store::{CarryScope, Enrollment, SqliteStore};
+use crate::data_dir::LocalTokenError;
+use crate::local_api::{LocalApiConfig, StatusBindError, StatusServer};
+use crate::store::{CarryScope, Enrollment, SqliteStore, TerminalStoreError};
 use crate::wiring::{EngineControl, StoreTill};
+
+/// Why the daemon could not start (or an engine for a one-off command could not).
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The local database failed or could not be migrated.
+    #[error(transparent)]
+    Store(#[from] TerminalStoreError),
+    /// The cloud client could not be built (e.g. a malformed cloud URL).
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    /// The sync engine could not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The loopback API could not bind.
+    #[error(transparent)]
+    LocalApi(#[from] StatusBindError),
+    /// The local API token could not be read or created.
+    #[error(transparent)]
+    LocalToken(#[from] LocalTokenError),
+    /// The database has no enrollment yet.
+    #[error("terminal is not enrolled (run `terminal enroll` first)")]
+    NotEnrolled,
+    /// The data dir could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    /// The code logged and printed for this failure.
+    pub fn code(&self) -> TerminalCode {
+        match self {
+            DaemonError::Store(e) => e.code().into(),
+            DaemonError::Cloud(e) => e.code(),
+            DaemonError::Engine(e) => e.code(),
+            DaemonError::LocalApi(_) => TerminalCode::StatusBindFailed,
+            DaemonError::LocalToken(_) | DaemonError::Io { .. } => TerminalCode::IoFailed,
+            DaemonError::NotEnrolled => ErrorCode::PosSyncUnauthorized.into(),
+        }
+    }
+}
 
 /// Name of the file, in the data dir, where a running daemon says where its status endpoint
 /// is, so `terminal status` and `terminal reconcile` can reach it.
@@ -116,7 +165,7 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
 /// The cloud client of an enrolled store: its device nonce on every sales request, and the
 /// enrollment re-read from the store when the cloud refuses the token (so a `terminal token
 /// set` reaches a running daemon without a restart).
-pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, CommandError> {
+pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, DaemonError> {
     let source = store.clone();
     let inherited = store.inherited()?;
     Ok(HttpCloud::new(CloudTarget {
@@ -138,7 +187,7 @@ pub async fn start_engine(
     store: &SqliteStore,
     tuning: &Tuning,
     registry: &prometheus::Registry,
-) -> Result<Engine, CommandError> {
+) -> Result<Engine, DaemonError> {
     start_engine_with_cloud(store, tuning, registry)
         .await
         .map(|(engine, _)| engine)
@@ -149,8 +198,8 @@ pub async fn start_engine_with_cloud(
     store: &SqliteStore,
     tuning: &Tuning,
     registry: &prometheus::Registry,
-) -> Result<(Engine, HttpCloud), CommandError> {
-    let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
+) -> Result<(Engine, HttpCloud), DaemonError> {
+    let enrollment = store.enrollment()?.ok_or(DaemonError::NotEnrolled)?;
     let cloud = cloud_for(store, &enrollment)?
         .with_metrics(registry)
         .map_err(EngineError::Metrics)?;
@@ -206,15 +255,15 @@ async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duratio
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(opts: DaemonOptions) -> Result<(), CommandError> {
-    crate::data_dir::create(&opts.data_dir).map_err(|e| CommandError::Io {
+pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
+    crate::data_dir::create(&opts.data_dir).map_err(|e| DaemonError::Io {
         what: format!("creating data dir {}", opts.data_dir.display()),
         source: e,
     })?;
     let local_token = crate::data_dir::local_token(&opts.data_dir)?;
     let db = opts.data_dir.join(crate::cli::DB_FILE);
     let (store, opened) = SqliteStore::open_with_report(&db)?;
-    let enrollment = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
+    let enrollment = store.enrollment()?.ok_or(DaemonError::NotEnrolled)?;
     let root = tracing::info_span!(
         "terminal",
         terminalId = %enrollment.terminal_id,

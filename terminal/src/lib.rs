@@ -1,14 +1,15 @@
 //! # possync-terminal
 //!
 //! The POS daemon: local SQLite store, the sync engine's production ports, the loopback
-//! status endpoint and the `terminal` command line.
+//! API and the `terminal` command line.
 //!
 //! - [`data_dir`]: the data directory's permissions and the local API token.
 //! - [`store`]: the rusqlite store (sync tables, outbox, legacy migration).
 //! - [`cloud_client`]: the HTTP implementation of the engine's `CloudApi`.
 //! - [`carry_over`]: moving unsent sales to a new key space (re-enrollment, clone, restore).
 //! - [`operator`]: what the status endpoint and CLI need from the till and the engine.
-//! - [`status`]: the loopback status endpoint and its HTML page.
+//! - [`local_api`]: the daemon's loopback API — `/status` and its HTML page, `POST /sales`
+//!   for the checkout, the outbox and reconcile commands — and who may call it.
 //! - [`wiring`]: the operator ports implemented over the store and the engine.
 //! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands.
 
@@ -19,8 +20,8 @@ pub mod cli;
 pub mod cloud_client;
 pub mod daemon;
 pub mod data_dir;
+pub mod local_api;
 pub mod logging;
 pub mod operator;
-pub mod status;
 pub mod store;
 pub mod wiring;

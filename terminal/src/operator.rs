@@ -6,14 +6,23 @@
 //! and CLI are tested against fakes (a till with a given queue, an engine that is "offline"),
 //! and the same surfaces work with the engine absent (the CLI reading the database while no
 //! daemon runs). The production implementations live in [`crate::wiring`].
+//!
+//! The ports carry the store's and the engine's own types (queries, journal rows, reports);
+//! only what the operator surfaces add of their own (identity, receipts, views) is defined
+//! here.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use possync_actors::{CatalogPosition, OutboxCounts};
+use possync_actors::{
+    ActorKind, ActorStatus, CatalogPosition, EngineStatus, OutboxCounts, ReconcileAction,
+    ReconcileReport, TerminalCode,
+};
 use possync_protocol::{Entity, ErrorCode, EventType, SalePayload};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
+
+pub use crate::store::{CatalogQuery, JournalRow, JournalStatus, RetryTarget};
 
 /// A failure of a till operation, mapped once to a stable code.
 #[derive(Debug, Error)]
@@ -67,56 +76,6 @@ pub struct EnqueueReceipt {
     pub local_event_id: i64,
 }
 
-/// An offline catalog lookup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupQuery {
-    /// Exact barcode of a product.
-    Barcode(String),
-    /// Exact SKU of a product.
-    Sku(String),
-    /// Free text over product names.
-    Text(String),
-}
-
-/// Which `sync_journal` rows an operator retry releases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetrySelection {
-    /// One row, by journal id.
-    One(i64),
-    /// Every row in `needs_attention`.
-    AllNeedingAttention,
-}
-
-/// The states a `sync_journal` row moves through (docs/local-schema.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JournalState {
-    /// Waiting for delivery.
-    Pending,
-    /// Claimed by the outbox, answer not yet recorded.
-    InFlight,
-    /// A transient failure; due again after backoff.
-    Failed,
-    /// The cloud holds it. Final.
-    Synced,
-    /// Rejected, conflicting or out of attempts: an operator must look.
-    NeedsAttention,
-}
-
-impl JournalState {
-    /// Parses the wire/CLI spelling (`needs_attention`, also accepting `needs-attention`).
-    pub fn parse(s: &str) -> Option<JournalState> {
-        match s.trim().replace('-', "_").as_str() {
-            "pending" => Some(JournalState::Pending),
-            "in_flight" => Some(JournalState::InFlight),
-            "failed" => Some(JournalState::Failed),
-            "synced" => Some(JournalState::Synced),
-            "needs_attention" => Some(JournalState::NeedsAttention),
-            _ => None,
-        }
-    }
-}
-
 /// How far the local catalog is, for the status page.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CatalogSummary {
@@ -148,50 +107,36 @@ pub trait Till: Send + Sync + 'static {
         payload: &SalePayload,
     ) -> Result<EnqueueReceipt, TillError>;
     /// Offline catalog lookup over the local copy.
-    fn lookup(&self, query: &LookupQuery) -> Result<Vec<Entity>, TillError>;
+    fn lookup(&self, query: &CatalogQuery) -> Result<Vec<Entity>, TillError>;
     /// Catalog version, entity count and last sync time.
     fn catalog_summary(&self) -> Result<CatalogSummary, TillError>;
     /// Snapshot progress and delta position.
     fn catalog_position(&self) -> Result<CatalogPosition, TillError>;
     /// Journal rows by state and the oldest undelivered sale.
     fn outbox_counts(&self) -> Result<OutboxCounts, TillError>;
-    /// Journal rows (newest first), optionally of one state, as JSON objects with at least
-    /// `journal_id`, `local_event_id`, `status`, `attempts`, `last_error_code`,
-    /// `last_error_message`, `receipt_no`.
+    /// Journal rows (newest first), optionally of one state.
     fn journal(
         &self,
-        state: Option<JournalState>,
+        state: Option<JournalStatus>,
         limit: usize,
-    ) -> Result<Vec<serde_json::Value>, TillError>;
+    ) -> Result<Vec<JournalRow>, TillError>;
     /// Moves `needs_attention` rows back to `pending` with attempts reset; returns how many.
-    fn retry(&self, selection: RetrySelection) -> Result<usize, TillError>;
+    fn retry(&self, target: RetryTarget) -> Result<usize, TillError>;
 }
 
-/// Verify (report drift, change nothing) or apply (repair the catalog).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReconcileChoice {
-    /// Report drift only.
-    Verify,
-    /// Repair the local catalog.
-    Apply,
-}
-
-/// One supervised actor as the status page shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One supervised actor as the status page shows it: `{"name", "state", "phase",
+/// "restarts", "last_error"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ActorView {
-    /// Actor name, e.g. `catalog_syncer`.
-    pub name: String,
-    /// Human-readable state, e.g. `idle`, `offline`.
-    pub state: String,
-    /// Supervisor restarts since the engine started.
-    pub restarts: u32,
-    /// The last error it hit (kept after recovery).
-    pub last_error: Option<String>,
+    /// Which actor.
+    pub name: ActorKind,
+    /// Its state, restarts and last error.
+    #[serde(flatten)]
+    pub status: ActorStatus,
 }
 
 /// The engine's live state, as far as the operator surfaces need it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EngineView {
     /// Whether the last call to the cloud got an answer.
     pub online: bool,
@@ -201,17 +146,18 @@ pub struct EngineView {
     pub offline_since: Option<DateTime<Utc>>,
     /// Each supervised actor.
     pub actors: Vec<ActorView>,
-    /// The engine's own status document, passed through for tools that want more.
-    pub detail: serde_json::Value,
+    /// The engine's whole status, for tools that want more.
+    pub detail: EngineStatus,
 }
 
 /// A failure of an engine command (e.g. reconcile while the cloud is down).
 #[derive(Debug, Error)]
-#[error("{message}")]
+#[error("{code}: {message}")]
 pub struct SyncControlError {
-    /// The stable code of the cloud's refusal, when there was one.
-    pub code: Option<ErrorCode>,
-    /// What went wrong, led by the engine's code.
+    /// The engine's code: the cloud's refusal, a storage failure, `NETWORK`,
+    /// `ENGINE_UNAVAILABLE`, …
+    pub code: TerminalCode,
+    /// What went wrong.
     pub message: String,
 }
 
@@ -220,12 +166,9 @@ pub struct SyncControlError {
 pub trait SyncControl: Send + Sync + 'static {
     /// Current state (cheap; called on every `/status`).
     fn view(&self) -> EngineView;
-    /// Runs a verify or apply reconcile to completion and returns its report as JSON
-    /// (`checked`, `unchanged`, `upserts`, `deletes`, `applied`, `catalog_version`, …).
-    async fn reconcile(
-        &self,
-        choice: ReconcileChoice,
-    ) -> Result<serde_json::Value, SyncControlError>;
+    /// Runs a verify or apply reconcile to completion and returns its report.
+    async fn reconcile(&self, action: ReconcileAction)
+        -> Result<ReconcileReport, SyncControlError>;
     /// Asks the outbox to deliver now (after an enqueue or an operator retry).
     async fn flush_outbox_now(&self);
     /// Asks the catalog syncer to poll deltas now.

@@ -8,15 +8,18 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use possync_actors::{
     CatalogPosition, Engine, EngineError, LocalStore, OutboxCounts, ReconcileAction,
+    ReconcileReport, TerminalCode,
 };
-use possync_protocol::{Entity, ErrorCode, EventType, SalePayload};
+use possync_protocol::{Entity, EventType, SalePayload};
 use tokio::sync::RwLock;
 
 use crate::operator::{
-    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
-    ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
+    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, SyncControl, SyncControlError,
+    Till, TillError,
 };
-use crate::store::{CatalogQuery, JournalStatus, RetryTarget, SqliteStore, TerminalStoreError};
+use crate::store::{
+    CatalogQuery, JournalRow, JournalStatus, RetryTarget, SqliteStore, TerminalStoreError,
+};
 
 impl From<TerminalStoreError> for TillError {
     fn from(e: TerminalStoreError) -> Self {
@@ -39,16 +42,6 @@ impl StoreTill {
     /// Wraps an open store.
     pub fn new(store: SqliteStore) -> StoreTill {
         StoreTill { store }
-    }
-}
-
-fn journal_status(s: JournalState) -> JournalStatus {
-    match s {
-        JournalState::Pending => JournalStatus::Pending,
-        JournalState::InFlight => JournalStatus::InFlight,
-        JournalState::Failed => JournalStatus::Failed,
-        JournalState::Synced => JournalStatus::Synced,
-        JournalState::NeedsAttention => JournalStatus::NeedsAttention,
     }
 }
 
@@ -79,13 +72,8 @@ impl Till for StoreTill {
         })
     }
 
-    fn lookup(&self, query: &LookupQuery) -> Result<Vec<Entity>, TillError> {
-        let q = match query {
-            LookupQuery::Barcode(b) => CatalogQuery::Barcode(b.clone()),
-            LookupQuery::Sku(s) => CatalogQuery::Sku(s.clone()),
-            LookupQuery::Text(t) => CatalogQuery::Text(t.clone()),
-        };
-        Ok(self.store.lookup(q)?)
+    fn lookup(&self, query: &CatalogQuery) -> Result<Vec<Entity>, TillError> {
+        Ok(self.store.lookup(query.clone())?)
     }
 
     fn catalog_summary(&self) -> Result<CatalogSummary, TillError> {
@@ -107,26 +95,16 @@ impl Till for StoreTill {
 
     fn journal(
         &self,
-        state: Option<JournalState>,
+        state: Option<JournalStatus>,
         limit: usize,
-    ) -> Result<Vec<serde_json::Value>, TillError> {
-        let rows = self.store.list_journal(state.map(journal_status), limit)?;
-        rows.into_iter()
-            .map(|r| {
-                serde_json::to_value(r)
-                    .map_err(|e| TillError::Storage(format!("journal row to JSON: {e}")))
-            })
-            .collect()
+    ) -> Result<Vec<JournalRow>, TillError> {
+        Ok(self.store.list_journal(state, limit)?)
     }
 
-    fn retry(&self, selection: RetrySelection) -> Result<usize, TillError> {
-        let target = match selection {
-            RetrySelection::One(id) => RetryTarget::One(id),
-            RetrySelection::AllNeedingAttention => RetryTarget::AllNeedingAttention,
-        };
+    fn retry(&self, target: RetryTarget) -> Result<usize, TillError> {
         let n = self.store.retry_journal(target)?;
         if n == 0 {
-            if let RetrySelection::One(id) = selection {
+            if let RetryTarget::One(id) = target {
                 return Err(TillError::NotFound(format!(
                     "journal row {id} is not waiting for a retry (needs_attention or failed)"
                 )));
@@ -136,16 +114,11 @@ impl Till for StoreTill {
     }
 }
 
-/// Maps an engine failure to the operator-facing error, keeping the cloud's stable code.
-pub fn control_error(e: EngineError) -> SyncControlError {
-    let code = match &e {
-        EngineError::Cloud(possync_actors::CloudError::Rejected { code, .. }) => *code,
-        EngineError::Store(_) => Some(ErrorCode::PosSyncStorageFailed),
-        _ => None,
-    };
+/// Maps an engine failure to the operator-facing error, keeping the engine's code.
+fn control_error(e: EngineError) -> SyncControlError {
     SyncControlError {
-        code,
-        message: format!("{}: {e}", e.code()),
+        code: e.code(),
+        message: e.to_string(),
     }
 }
 
@@ -172,8 +145,8 @@ impl EngineControl {
 
     fn stopped() -> SyncControlError {
         SyncControlError {
-            code: None,
-            message: "ENGINE_UNAVAILABLE: the sync engine is stopped".into(),
+            code: TerminalCode::EngineUnavailable,
+            message: "the sync engine is stopped".into(),
         }
     }
 }
@@ -196,31 +169,21 @@ impl SyncControl for EngineControl {
                 .actors
                 .iter()
                 .map(|(kind, a)| ActorView {
-                    name: kind.as_str().to_string(),
-                    state: a.state.clone(),
-                    restarts: a.restarts,
-                    last_error: a.last_error.clone(),
+                    name: *kind,
+                    status: a.clone(),
                 })
                 .collect(),
-            detail: serde_json::to_value(&status).unwrap_or(serde_json::Value::Null),
+            detail: status,
         }
     }
 
     async fn reconcile(
         &self,
-        choice: ReconcileChoice,
-    ) -> Result<serde_json::Value, SyncControlError> {
+        action: ReconcileAction,
+    ) -> Result<ReconcileReport, SyncControlError> {
         let guard = self.engine.read().await;
         let engine = guard.as_ref().ok_or_else(Self::stopped)?;
-        let action = match choice {
-            ReconcileChoice::Verify => ReconcileAction::Verify,
-            ReconcileChoice::Apply => ReconcileAction::Apply,
-        };
-        let report = engine.reconcile(action).await.map_err(control_error)?;
-        serde_json::to_value(report).map_err(|e| SyncControlError {
-            code: None,
-            message: format!("reconcile report to JSON: {e}"),
-        })
+        engine.reconcile(action).await.map_err(control_error)
     }
 
     async fn flush_outbox_now(&self) {

@@ -2,8 +2,8 @@
 
 mod status_page_support;
 
-use possync_terminal::operator::ReconcileChoice;
-use possync_terminal::status::{LocalApiConfig, StatusBindError, StatusServer};
+use possync_actors::ReconcileAction;
+use possync_terminal::local_api::{LocalApiConfig, StatusBindError, StatusServer};
 use serde_json::{json, Value};
 use status_page_support::{
     metrics_text, start_fake_server, start_server_with, valid_payload, FakeEngine, FakeTill,
@@ -41,7 +41,7 @@ async fn status_reports_catalog_queue_actors_and_attention() {
             >= 600
     );
     assert_eq!(s["needs_attention"][0]["journal_id"], 3);
-    assert_eq!(s["actors"][0]["name"], "CatalogSyncer");
+    assert_eq!(s["actors"][0]["name"], "catalog_syncer");
     assert_eq!(s["actors"][0]["restarts"], 1);
     let errors = s["last_errors"].as_array().expect("errors");
     assert!(errors
@@ -212,7 +212,7 @@ async fn lookup_outbox_retry_reconcile_and_metrics() {
     assert_eq!(env["error"]["code"], "POS_CATALOG_RECONCILE_FAILED");
     assert_eq!(
         *engine.reconciles.lock().expect("reconciles"),
-        vec![ReconcileChoice::Verify]
+        vec![ReconcileAction::Verify]
     );
 
     engine_metric.inc_by(3);

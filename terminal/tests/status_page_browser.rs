@@ -46,11 +46,12 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
         .await;
     assert_eq!(
         result,
-        "Verify: 2 entries differ (checked 2, unchanged 0, upserts 1, deletes 1, catalog v42)"
+        "Verify: 2 entries differ (checked 2, unchanged 0, upserts 1, deletes 1, catalog v42; \
+         cost 1 round trip, 100 B sent, 200 B received by manifest)"
     );
     assert_eq!(
         *engine.reconciles.lock().expect("reconciles"),
-        vec![possync_terminal::operator::ReconcileChoice::Verify]
+        vec![possync_actors::ReconcileAction::Verify]
     );
 
     // Reconcile applies and says what it repaired.
@@ -60,11 +61,12 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
         .await;
     assert_eq!(
         result,
-        "Reconcile applied: repaired 2 entries (checked 2, unchanged 0, upserts 1, deletes 1, catalog v42)"
+        "Reconcile applied: repaired 2 entries (checked 2, unchanged 0, upserts 1, deletes 1, \
+         catalog v42; cost 1 round trip, 100 B sent, 200 B received by manifest)"
     );
     assert_eq!(
         engine.reconciles.lock().expect("reconciles").last(),
-        Some(&possync_terminal::operator::ReconcileChoice::Apply)
+        Some(&possync_actors::ReconcileAction::Apply)
     );
 
     // Retry on the needs-attention row releases it.
@@ -78,7 +80,7 @@ async fn verify_button_shows_the_reconcile_result_and_retry_releases_a_sale() {
         .lock()
         .expect("rows")
         .iter()
-        .filter(|r| r["status"] == "needs_attention")
+        .filter(|r| r.status == possync_terminal::operator::JournalStatus::NeedsAttention)
         .cloned()
         .collect();
     assert!(still.is_empty(), "{still:?}");
@@ -102,7 +104,7 @@ fn attacker_page(daemon: &str) -> String {
     // The attack is real: what the form sends is a sale body the endpoint would accept.
     let form_body = format!("{form_name}=\"}}");
     assert!(
-        possync_terminal::status::SaleRequest::parse(form_body.as_bytes()).is_ok(),
+        possync_terminal::local_api::SaleRequest::parse(form_body.as_bytes()).is_ok(),
         "{form_body}"
     );
     let html_attr = |s: &str| s.replace('&', "&amp;").replace('\'', "&#39;");
@@ -207,7 +209,7 @@ async fn after_a_daemon_restart_the_page_reloads_for_the_new_page_token() {
     assert!(result.starts_with("Verify: 2 entries differ"), "{result}");
     assert_eq!(
         *engine.reconciles.lock().expect("reconciles"),
-        vec![possync_terminal::operator::ReconcileChoice::Verify]
+        vec![possync_actors::ReconcileAction::Verify]
     );
 
     session.close().await;

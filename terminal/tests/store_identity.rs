@@ -7,7 +7,7 @@ mod fixtures;
 use chrono::Utc;
 use fixtures::*;
 use possync_actors::{DeliveryOutcome, LocalStore};
-use possync_protocol::{EventType, HeldKey, SaleEvent};
+use possync_protocol::{ErrorCode, EventType, HeldKey, SaleEvent};
 use possync_terminal::carry_over::decide;
 use possync_terminal::store::{CarryDecision, CarryScope, ChangeReason, Enrollment, SqliteStore};
 use uuid::Uuid;
@@ -23,7 +23,7 @@ fn sell(store: &SqliteStore, n: i64) -> i64 {
         .journal_id
 }
 
-fn park(store: &SqliteStore, journal_ids: &[i64], code: &str) {
+fn park(store: &SqliteStore, journal_ids: &[i64], code: ErrorCode) {
     store.claim_batch(100, Utc::now()).expect("claim");
     let outcomes: Vec<DeliveryOutcome> = journal_ids
         .iter()
@@ -53,7 +53,7 @@ fn a_new_token_for_the_same_terminal_keeps_pos_and_releases_unauthorized_sales()
     store.save_enrollment(&enrollment()).expect("enroll");
     let pos = store.pos_id();
     let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
-    park(&store, &ids[..2], "POS_SYNC_UNAUTHORIZED");
+    park(&store, &ids[..2], ErrorCode::PosSyncUnauthorized);
     assert_eq!(store.outbox_counts().expect("counts").needs_attention, 2);
 
     let rotated = Enrollment {
@@ -94,7 +94,7 @@ fn reenrolling_as_another_terminal_forks_and_carries_unsent_sales_over_exactly_o
             duplicate: false,
         }])
         .expect("synced");
-    park(&store, &ids[1..2], "POS_SYNC_UNAUTHORIZED");
+    park(&store, &ids[1..2], ErrorCode::PosSyncUnauthorized);
     let old_events: Vec<SaleEvent> = {
         let c = raw(&path);
         let mut stmt = c
@@ -204,8 +204,8 @@ fn a_clone_or_conflict_answer_forks_and_only_an_invalid_sale_stays_parked() {
     let old_pos = store.pos_id();
     assert_eq!(store.fork_if_needed().expect("nothing to fork"), None);
     let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
-    park(&store, &ids[..1], "POS_SYNC_POS_CLONED");
-    park(&store, &ids[1..2], "POS_SYNC_EVENT_INVALID");
+    park(&store, &ids[..1], ErrorCode::PosSyncPosCloned);
+    park(&store, &ids[1..2], ErrorCode::PosSyncEventInvalid);
     let new_pos = store
         .fork_if_needed()
         .expect("fork")

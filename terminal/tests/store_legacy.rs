@@ -4,10 +4,10 @@
 mod fixtures;
 
 use chrono::Utc;
+use fixtures::legacy::LegacyFixture;
 use fixtures::*;
 use possync_actors::LocalStore;
 use possync_protocol::{validate_event, EventType, SnapshotPage};
-use possync_terminal::store::legacy_fixture::LegacyFixture;
 use possync_terminal::store::schema::table_exists;
 use possync_terminal::store::{
     migrate_legacy, CatalogQuery, JournalStatus, LegacyOutcome, SqliteStore, TerminalStoreError,

@@ -5,7 +5,7 @@ mod fixtures;
 
 use chrono::{Duration, Utc};
 use fixtures::*;
-use possync_actors::{DeliveryOutcome, FailureHistory, LocalStore, TransientFailure};
+use possync_actors::{DeliveryOutcome, FailureHistory, LocalStore, TerminalCode, TransientFailure};
 use possync_protocol::{validate_event, ErrorCode, EventType};
 use possync_terminal::store::{JournalStatus, RetryTarget, TerminalStoreError};
 
@@ -156,7 +156,7 @@ fn a_synced_row_cannot_be_updated_or_deleted() {
     store
         .record_outcomes(&[DeliveryOutcome::NeedsAttention {
             journal_id: e.journal_id,
-            code: "POS_SYNC_EVENT_DUPLICATE".into(),
+            code: ErrorCode::PosSyncEventDuplicate.into(),
             message: "late".into(),
         }])
         .expect("ignored");
@@ -235,12 +235,12 @@ fn claim_record_release_and_retry_follow_the_state_machine() {
                 failure: TransientFailure::NoAnswer,
                 failed_at: t0,
                 not_before: later,
-                code: "NETWORK".into(),
+                code: TerminalCode::Network,
                 message: "connection refused".into(),
             },
             DeliveryOutcome::NeedsAttention {
                 journal_id: ids[3],
-                code: "POS_SYNC_EVENT_INVALID".into(),
+                code: ErrorCode::PosSyncEventInvalid.into(),
                 message: "rejected by the cloud".into(),
             },
         ])
@@ -381,12 +381,12 @@ fn the_outbox_never_writes_sales_or_local_inventory() {
                 failure: TransientFailure::CloudAnswered { blamed: false },
                 failed_at: Utc::now(),
                 not_before: Utc::now(),
-                code: "HTTP_503".into(),
+                code: TerminalCode::Http(503),
                 message: "x".into(),
             },
             DeliveryOutcome::NeedsAttention {
                 journal_id: ids[2],
-                code: "C".into(),
+                code: TerminalCode::Http(500),
                 message: "m".into(),
             },
         ])
@@ -462,7 +462,7 @@ fn failure_history_round_trips_and_an_operator_retry_clears_it() {
             failure: TransientFailure::CloudAnswered { blamed: true },
             failed_at,
             not_before: t0,
-            code: "POS_SYNC_STORAGE_FAILED".into(),
+            code: TerminalCode::STORAGE_FAILED,
             message: "m".into(),
         }])
         .expect("record");
@@ -484,7 +484,7 @@ fn failure_history_round_trips_and_an_operator_retry_clears_it() {
             failure: TransientFailure::NoAnswer,
             failed_at,
             not_before: t0,
-            code: "NETWORK".into(),
+            code: TerminalCode::Network,
             message: "m".into(),
         }])
         .expect("record");
@@ -501,7 +501,7 @@ fn failure_history_round_trips_and_an_operator_retry_clears_it() {
     store
         .record_outcomes(&[DeliveryOutcome::NeedsAttention {
             journal_id: third[0].journal_id,
-            code: "POS_SYNC_ATTEMPTS_EXHAUSTED".into(),
+            code: TerminalCode::AttemptsExhausted,
             message: "m".into(),
         }])
         .expect("record");

@@ -63,7 +63,10 @@ impl TerminalStoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             TerminalStoreError::Invalid(_) => ErrorCode::PosSyncEventInvalid,
-            TerminalStoreError::InvalidEnrollment(_) => ErrorCode::PosSyncUnauthorized,
+            // Whatever layer reports it, a till without a usable identity is "unauthorized".
+            TerminalStoreError::InvalidEnrollment(_) | TerminalStoreError::NotEnrolled => {
+                ErrorCode::PosSyncUnauthorized
+            }
             _ => ErrorCode::PosSyncStorageFailed,
         }
     }
@@ -97,6 +100,10 @@ mod tests {
         assert_eq!(
             TerminalStoreError::Corrupt("x".into()).code(),
             ErrorCode::PosSyncStorageFailed
+        );
+        assert_eq!(
+            TerminalStoreError::NotEnrolled.code(),
+            ErrorCode::PosSyncUnauthorized
         );
         assert!(matches!(
             StoreError::from(TerminalStoreError::Corrupt("bad".into())),

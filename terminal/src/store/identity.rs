@@ -32,7 +32,8 @@
 //! second nonce on one `pos_id` or from a conflict — and the fork happens on its answer.
 
 use chrono::{DateTime, Utc};
-use possync_protocol::SaleEvent;
+use possync_actors::TerminalCode;
+use possync_protocol::{ErrorCode, SaleEvent};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -48,11 +49,11 @@ pub const CHANGES_KEPT: usize = 20;
 /// Journal codes that say "the sale is fine, its key is not": such rows go back to `pending`
 /// when they are re-keyed. Any other `needs_attention` row (e.g. `POS_SYNC_EVENT_INVALID`)
 /// keeps its state and code under the new key, so an operator retry can deliver it.
-const KEY_PROBLEMS: &[&str] = &[
-    "POS_SYNC_UNAUTHORIZED",
-    "POS_SYNC_POS_CLONED",
-    "POS_SYNC_EVENT_DUPLICATE",
-    "POS_SYNC_ATTEMPTS_EXHAUSTED",
+const KEY_PROBLEMS: [TerminalCode; 4] = [
+    TerminalCode::Api(ErrorCode::PosSyncUnauthorized),
+    TerminalCode::Api(ErrorCode::PosSyncPosCloned),
+    TerminalCode::Api(ErrorCode::PosSyncEventDuplicate),
+    TerminalCode::AttemptsExhausted,
 ];
 
 /// The key space new sales are stamped with and the outbox delivers.
@@ -312,14 +313,18 @@ pub fn fork_needed(conn: &Connection) -> Result<Option<ChangeReason>, TerminalSt
         .query_row(
             "SELECT last_error_code FROM sync_journal
              WHERE status = 'needs_attention' AND pos_id = ?1
-               AND last_error_code IN ('POS_SYNC_POS_CLONED', 'POS_SYNC_EVENT_DUPLICATE')
+               AND last_error_code IN (?2, ?3)
              ORDER BY last_error_code DESC LIMIT 1",
-            [ks.pos_id.to_string()],
+            params![
+                ks.pos_id.to_string(),
+                ErrorCode::PosSyncPosCloned.as_str(),
+                ErrorCode::PosSyncEventDuplicate.as_str()
+            ],
             |r| r.get(0),
         )
         .optional()?;
     Ok(code.map(|c| {
-        if c == "POS_SYNC_POS_CLONED" {
+        if TerminalCode::parse(&c) == Some(TerminalCode::Api(ErrorCode::PosSyncPosCloned)) {
             ChangeReason::Cloned
         } else {
             ChangeReason::Conflict
@@ -460,9 +465,14 @@ pub fn apply_carry_over(
                 tx.execute(
                     "UPDATE sync_journal SET status = 'synced', cloud_event_id = ?2, synced_at = ?3,
                          updated_at = ?3, next_attempt_at = NULL,
-                         last_error_code = 'POS_SYNC_EVENT_DUPLICATE', last_error_message = NULL
+                         last_error_code = ?4, last_error_message = NULL
                      WHERE journal_id = ?1",
-                    params![row.journal_id, cloud_event_id.to_string(), now],
+                    params![
+                        row.journal_id,
+                        cloud_event_id.to_string(),
+                        now,
+                        ErrorCode::PosSyncEventDuplicate.as_str()
+                    ],
                 )?;
                 counts.already_held += 1;
             }
@@ -476,7 +486,9 @@ pub fn apply_carry_over(
                     obj.insert("local_event_id".into(), local_event_id.into());
                 }
                 let keep_parked = row.status == "needs_attention"
-                    && !code.is_some_and(|c| KEY_PROBLEMS.contains(&c.as_str()));
+                    && !code
+                        .and_then(|c| TerminalCode::parse(&c))
+                        .is_some_and(|c| KEY_PROBLEMS.contains(&c));
                 tx.execute(
                     "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4,
                          status = CASE WHEN ?5 THEN status ELSE 'pending' END,
@@ -535,7 +547,11 @@ pub fn release_unauthorized(tx: &Transaction<'_>) -> Result<usize, TerminalStore
         "UPDATE sync_journal SET status = 'pending', attempts = 0, next_attempt_at = NULL,
              updated_at = ?2
          WHERE status = 'needs_attention' AND pos_id = ?1
-           AND last_error_code = 'POS_SYNC_UNAUTHORIZED'",
-        params![ks.pos_id.to_string(), time_text(Utc::now())],
+           AND last_error_code = ?3",
+        params![
+            ks.pos_id.to_string(),
+            time_text(Utc::now()),
+            ErrorCode::PosSyncUnauthorized.as_str()
+        ],
     )?)
 }

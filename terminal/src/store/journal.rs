@@ -1,4 +1,4 @@
-//! The sales outbox (`sync_journal`) and the till's own records (`sales`, `local_inventory`).
+//! The sales outbox (`sync_journal`) and the till's own receipts (`sales`).
 //!
 //! A sale is enqueued in one transaction that takes the next `local_event_id`, writes the
 //! receipt and writes its journal row; the engine then moves the row
@@ -6,8 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use possync_actors::{DeliveryOutcome, FailureHistory, OutboxCounts, OutboxItem, TransientFailure};
-use possync_protocol::{validate_event, EventType, SaleEvent, SalePayload};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use possync_protocol::{validate_event, ErrorCode, EventType, SaleEvent, SalePayload};
+use rusqlite::{params, Connection, Transaction};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -62,10 +62,12 @@ impl fmt::Display for JournalStatus {
 
 impl FromStr for JournalStatus {
     type Err = String;
+    /// The stored spelling; `needs-attention` (as typed on a command line) is accepted too.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().replace('-', "_");
         JournalStatus::ALL
             .into_iter()
-            .find(|st| st.as_str() == s)
+            .find(|st| st.as_str() == wanted)
             .ok_or_else(|| {
                 format!("unknown journal status {s:?} (pending, in_flight, failed, synced, needs_attention)")
             })
@@ -84,7 +86,7 @@ pub struct EnqueuedSale {
 }
 
 /// One `sync_journal` row as the operator sees it (`terminal outbox list`, `GET /outbox`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalRow {
     /// Row id, the handle for an operator retry.
     pub journal_id: i64,
@@ -426,12 +428,18 @@ pub fn claim_batch(
                 });
             }
             Err(e) => {
-                tracing::error!(journal_id, error = %e, errorCode = "POS_SYNC_EVENT_INVALID", "stored event unreadable");
+                let code = ErrorCode::PosSyncEventInvalid;
+                tracing::error!(journal_id, error = %e, errorCode = %code, "stored event unreadable");
                 tx.prepare_cached(
-                    "UPDATE sync_journal SET status = 'needs_attention', last_error_code = 'POS_SYNC_EVENT_INVALID',
+                    "UPDATE sync_journal SET status = 'needs_attention', last_error_code = ?4,
                          last_error_message = ?2, updated_at = ?3 WHERE journal_id = ?1",
                 )?
-                .execute(params![journal_id, format!("stored event unreadable: {e}"), stamp])?;
+                .execute(params![
+                    journal_id,
+                    format!("stored event unreadable: {e}"),
+                    stamp,
+                    code.as_str()
+                ])?;
             }
         }
     }
@@ -465,7 +473,7 @@ pub fn record_outcomes(
                     journal_id,
                     cloud_event_id,
                     now,
-                    duplicate.then_some("POS_SYNC_EVENT_DUPLICATE"),
+                    duplicate.then_some(ErrorCode::PosSyncEventDuplicate.as_str()),
                 ])?;
             }
             DeliveryOutcome::NeedsAttention {
@@ -478,7 +486,7 @@ pub fn record_outcomes(
                          last_error_code = ?2, last_error_message = ?3, next_attempt_at = NULL, updated_at = ?4
                      WHERE journal_id = ?1 AND status <> 'synced'",
                 )?
-                .execute(params![journal_id, code, message, now])?;
+                .execute(params![journal_id, code.to_string(), message, now])?;
             }
             DeliveryOutcome::RetryLater {
                 journal_id,
@@ -502,7 +510,7 @@ pub fn record_outcomes(
                 )?
                 .execute(params![
                     journal_id,
-                    code,
+                    code.to_string(),
                     message,
                     time_text(*not_before),
                     now,
@@ -660,64 +668,6 @@ pub fn for_report(conn: &Connection) -> Result<Vec<(Uuid, i64, String)>, Termina
             Ok((pos, id, st))
         })
         .collect()
-}
-
-/// The key a product's stock is counted under: itself, or the legacy id it was matched from.
-fn inventory_key(conn: &Connection, product_id: &str) -> Result<String, TerminalStoreError> {
-    let direct: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM local_inventory WHERE product_id = ?1",
-            [product_id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if direct.is_some() {
-        return Ok(product_id.to_string());
-    }
-    let legacy: Option<String> = conn
-        .query_row(
-            "SELECT m.legacy_entity_id FROM catalog_id_map m
-             JOIN local_inventory i ON i.product_id = m.legacy_entity_id
-             WHERE m.cloud_entity_id = ?1 ORDER BY m.legacy_id LIMIT 1",
-            [product_id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(legacy.unwrap_or_else(|| product_id.to_string()))
-}
-
-/// Local stock of a product (see `SqliteStore::local_inventory`).
-pub fn local_inventory(
-    conn: &Connection,
-    product_id: &str,
-) -> Result<Option<i64>, TerminalStoreError> {
-    let key = inventory_key(conn, product_id)?;
-    Ok(conn
-        .query_row(
-            "SELECT qty FROM local_inventory WHERE product_id = ?1",
-            [key],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
-/// Adds `delta` to a product's stock in one transaction; returns the new quantity.
-pub fn adjust_local_inventory(
-    conn: &mut Connection,
-    product_id: &str,
-    delta: i64,
-) -> Result<i64, TerminalStoreError> {
-    let tx = conn.transaction()?;
-    let key = inventory_key(&tx, product_id)?;
-    let qty: i64 = tx.query_row(
-        "INSERT INTO local_inventory (product_id, qty, updated_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (product_id) DO UPDATE SET qty = qty + excluded.qty, updated_at = excluded.updated_at
-         RETURNING qty",
-        params![key, delta, time_text(Utc::now())],
-        |r| r.get(0),
-    )?;
-    tx.commit()?;
-    Ok(qty)
 }
 
 #[cfg(test)]

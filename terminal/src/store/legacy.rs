@@ -1,5 +1,5 @@
 //! Migration of the legacy local database — the layout that synced through Google Drive
-//! (see [`super::legacy_fixture`]) — into this schema, in place, after a backup.
+//! (built for the tests by `terminal/tests/fixtures/legacy.rs`) — into this schema, in place, after a backup.
 //!
 //! Three steps, each its own transaction, each safe to repeat after a crash:
 //! 1. retire: `products` → `legacy_products`, `sales` → `legacy_sales`, every `drive_*`
@@ -14,7 +14,8 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use possync_protocol::{
-    entity_hash, validate_payload, EventType, Payment, PaymentMethod, SaleLine, SalePayload, Totals,
+    entity_hash, validate_payload, ErrorCode, EventType, Payment, PaymentMethod, SaleLine,
+    SalePayload, Totals,
 };
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
@@ -401,8 +402,9 @@ pub fn convert_if_pending(
             continue;
         }
         let needs_attention = c.problem.map(|m| {
-            tracing::warn!(legacy_sale_id = id, errorCode = "POS_SYNC_EVENT_INVALID", message = %m, "legacy sale needs attention");
-            ("POS_SYNC_EVENT_INVALID".to_string(), m)
+            let code = ErrorCode::PosSyncEventInvalid;
+            tracing::warn!(legacy_sale_id = id, errorCode = %code, message = %m, "legacy sale needs attention");
+            (code.as_str().to_string(), m)
         });
         if needs_attention.is_some() {
             report.sales_needing_attention += 1;

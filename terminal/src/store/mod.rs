@@ -13,9 +13,9 @@
 mod catalog;
 mod error;
 pub mod identity;
+mod inventory;
 mod journal;
 pub mod legacy;
-pub mod legacy_fixture;
 pub mod schema;
 
 pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
@@ -42,6 +42,25 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use uuid::Uuid;
+
+/// Blocking store work lost its worker thread (a panic inside it, or the runtime shutting
+/// down): the operation's transaction did not report success, so callers treat it as a storage
+/// failure (`POS_SYNC_STORAGE_FAILED`) — never as bad input.
+#[derive(Debug, thiserror::Error)]
+#[error("local database worker failed: {0}")]
+pub struct WorkerLost(String);
+
+/// Runs blocking store work (SQLite) on tokio's blocking pool for an async caller; the one
+/// way the CLI and the carry-over reach the store from async code.
+pub async fn off_thread<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<WorkerLost> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| E::from(WorkerLost(e.to_string())))?
+}
 
 /// How long a statement waits for another connection's lock (e.g. the CLI while the daemon
 /// writes) before failing with `POS_SYNC_STORAGE_FAILED`.
@@ -416,7 +435,7 @@ impl SqliteStore {
     /// Local stock of a product. A cloud product id that a legacy product was matched to
     /// reads the stock counted under the legacy id.
     pub fn local_inventory(&self, product_id: &str) -> Result<Option<i64>, TerminalStoreError> {
-        journal::local_inventory(&self.conn(), product_id)
+        inventory::local_inventory(&self.conn(), product_id)
     }
 
     /// Adds `delta` to a product's local stock (creating the row at `delta`); returns the new
@@ -427,7 +446,7 @@ impl SqliteStore {
         delta: i64,
     ) -> Result<i64, TerminalStoreError> {
         let mut conn = self.conn();
-        journal::adjust_local_inventory(&mut conn, product_id, delta)
+        inventory::adjust_local_inventory(&mut conn, product_id, delta)
     }
 
     /// [`LocalStore::catalog_position`] with the store's own error type.

@@ -8,13 +8,16 @@ pub mod webdriver;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use possync_actors::{CatalogPosition, OutboxCounts};
-use possync_protocol::{Entity, EventType, SalePayload};
-use possync_terminal::operator::{
-    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalState, LookupQuery,
-    ReconcileChoice, RetrySelection, SyncControl, SyncControlError, Till, TillError,
+use possync_actors::{
+    ActorKind, ActorState, ActorStatus, CatalogPosition, EngineStatus, OutboxCounts,
+    ReconcileAction, ReconcileReport, TerminalCode,
 };
-use possync_terminal::status::{LocalApiConfig, StatusServer};
+use possync_protocol::{Entity, ErrorCode, EventType, SalePayload};
+use possync_terminal::local_api::{LocalApiConfig, StatusServer};
+use possync_terminal::operator::{
+    ActorView, CatalogQuery, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalRow,
+    JournalStatus, RetryTarget, SyncControl, SyncControlError, Till, TillError,
+};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,9 +28,9 @@ pub const POS_ID: &str = "0194b7a2-6c1e-7f00-8000-000000000001";
 pub const LOCAL_TOKEN: &str =
     "ltk_00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
-/// A till whose journal is a list of JSON rows and whose catalog is two products.
+/// A till whose journal is a list of rows and whose catalog is two products.
 pub struct FakeTill {
-    pub rows: Mutex<Vec<Value>>,
+    pub rows: Mutex<Vec<JournalRow>>,
     pub entities: Vec<Entity>,
     pub snapshot_in_progress: bool,
 }
@@ -49,25 +52,29 @@ impl FakeTill {
     /// Two synced sales, one pending, one needing attention.
     pub fn new() -> FakeTill {
         let now = Utc::now();
-        let row = |id: i64, status: &str, code: Option<&str>, created: DateTime<Utc>| {
-            json!({
-                "journal_id": id, "local_event_id": id, "status": status, "attempts": if code.is_some() { 12 } else { 0 },
-                "next_attempt_at": null, "last_error_code": code,
-                "last_error_message": code.map(|_| "total does not match lines"),
-                "cloud_event_id": null, "created_at": created, "receipt_no": format!("B1-T1-{id:06}"),
-            })
+        let row = |id: i64, status, code: Option<ErrorCode>, created: DateTime<Utc>| JournalRow {
+            journal_id: id,
+            local_event_id: id,
+            status,
+            attempts: if code.is_some() { 12 } else { 0 },
+            next_attempt_at: None,
+            last_error_code: code.map(|c| c.as_str().to_string()),
+            last_error_message: code.map(|_| "total does not match lines".to_string()),
+            cloud_event_id: None,
+            created_at: created,
+            receipt_no: Some(format!("B1-T1-{id:06}")),
         };
         FakeTill {
             rows: Mutex::new(vec![
-                row(1, "synced", None, now - Duration::minutes(30)),
-                row(2, "synced", None, now - Duration::minutes(20)),
+                row(1, JournalStatus::Synced, None, now - Duration::minutes(30)),
+                row(2, JournalStatus::Synced, None, now - Duration::minutes(20)),
                 row(
                     3,
-                    "needs_attention",
-                    Some("POS_SYNC_EVENT_INVALID"),
+                    JournalStatus::NeedsAttention,
+                    Some(ErrorCode::PosSyncEventInvalid),
                     now - Duration::minutes(15),
                 ),
-                row(4, "pending", None, now - Duration::minutes(10)),
+                row(4, JournalStatus::Pending, None, now - Duration::minutes(10)),
             ]),
             entities: vec![
                 product("p1", "SKU-1", "4006381333931", "Espresso beans 1kg"),
@@ -77,12 +84,12 @@ impl FakeTill {
         }
     }
 
-    fn count(&self, status: &str) -> i64 {
+    fn count(&self, status: JournalStatus) -> i64 {
         self.rows
             .lock()
             .expect("rows")
             .iter()
-            .filter(|r| r["status"] == status)
+            .filter(|r| r.status == status)
             .count() as i64
     }
 }
@@ -106,25 +113,32 @@ impl Till for FakeTill {
             .map_err(|e| TillError::Invalid(e.to_string()))?;
         let mut rows = self.rows.lock().expect("rows");
         let id = rows.len() as i64 + 1;
-        rows.push(json!({
-            "journal_id": id, "local_event_id": id, "status": "pending", "attempts": 0,
-            "last_error_code": null, "last_error_message": null, "created_at": occurred_at,
-            "receipt_no": payload.receipt_no,
-        }));
+        rows.push(JournalRow {
+            journal_id: id,
+            local_event_id: id,
+            status: JournalStatus::Pending,
+            attempts: 0,
+            next_attempt_at: None,
+            last_error_code: None,
+            last_error_message: None,
+            cloud_event_id: None,
+            created_at: occurred_at,
+            receipt_no: Some(payload.receipt_no.clone()),
+        });
         Ok(EnqueueReceipt {
             pos_id: Uuid::parse_str(POS_ID).expect("uuid"),
             local_event_id: id,
         })
     }
 
-    fn lookup(&self, query: &LookupQuery) -> Result<Vec<Entity>, TillError> {
+    fn lookup(&self, query: &CatalogQuery) -> Result<Vec<Entity>, TillError> {
         Ok(self
             .entities
             .iter()
             .filter(|e| match query {
-                LookupQuery::Barcode(b) => e.data["barcode"] == b.as_str(),
-                LookupQuery::Sku(s) => e.data["sku"] == s.as_str(),
-                LookupQuery::Text(t) => e.data["name"]
+                CatalogQuery::Barcode(b) => e.data["barcode"] == b.as_str(),
+                CatalogQuery::Sku(s) => e.data["sku"] == s.as_str(),
+                CatalogQuery::Text(t) => e.data["name"]
                     .as_str()
                     .is_some_and(|n| n.to_lowercase().contains(&t.to_lowercase())),
             })
@@ -156,49 +170,52 @@ impl Till for FakeTill {
             .lock()
             .expect("rows")
             .iter()
-            .filter(|r| r["status"] == "pending")
-            .filter_map(|r| serde_json::from_value::<DateTime<Utc>>(r["created_at"].clone()).ok())
+            .filter(|r| r.status == JournalStatus::Pending)
+            .map(|r| r.created_at)
             .min();
         Ok(OutboxCounts {
-            pending: self.count("pending"),
-            in_flight: self.count("in_flight"),
-            failed: self.count("failed"),
-            synced: self.count("synced"),
-            needs_attention: self.count("needs_attention"),
+            pending: self.count(JournalStatus::Pending),
+            in_flight: self.count(JournalStatus::InFlight),
+            failed: self.count(JournalStatus::Failed),
+            synced: self.count(JournalStatus::Synced),
+            needs_attention: self.count(JournalStatus::NeedsAttention),
             oldest_pending_at: oldest,
         })
     }
 
-    fn journal(&self, state: Option<JournalState>, limit: usize) -> Result<Vec<Value>, TillError> {
-        let wanted = state.map(|s| serde_json::to_value(s).expect("state"));
+    fn journal(
+        &self,
+        state: Option<JournalStatus>,
+        limit: usize,
+    ) -> Result<Vec<JournalRow>, TillError> {
         Ok(self
             .rows
             .lock()
             .expect("rows")
             .iter()
             .rev()
-            .filter(|r| wanted.as_ref().is_none_or(|w| &r["status"] == w))
+            .filter(|r| state.is_none_or(|s| r.status == s))
             .take(limit)
             .cloned()
             .collect())
     }
 
-    fn retry(&self, selection: RetrySelection) -> Result<usize, TillError> {
+    fn retry(&self, target: RetryTarget) -> Result<usize, TillError> {
         let mut rows = self.rows.lock().expect("rows");
         let mut n = 0;
         for r in rows.iter_mut() {
-            let hit = match selection {
-                RetrySelection::One(id) => r["journal_id"] == id,
-                RetrySelection::AllNeedingAttention => true,
+            let hit = match target {
+                RetryTarget::One(id) => r.journal_id == id,
+                RetryTarget::AllNeedingAttention => true,
             };
-            if hit && r["status"] == "needs_attention" {
-                r["status"] = json!("pending");
-                r["attempts"] = json!(0);
+            if hit && r.status == JournalStatus::NeedsAttention {
+                r.status = JournalStatus::Pending;
+                r.attempts = 0;
                 n += 1;
             }
         }
         if n == 0 {
-            if let RetrySelection::One(id) = selection {
+            if let RetryTarget::One(id) = target {
                 return Err(TillError::NotFound(format!(
                     "no needs_attention journal row {id}"
                 )));
@@ -212,7 +229,7 @@ impl Till for FakeTill {
 #[derive(Default)]
 pub struct FakeEngine {
     pub flushes: AtomicUsize,
-    pub reconciles: Mutex<Vec<ReconcileChoice>>,
+    pub reconciles: Mutex<Vec<ReconcileAction>>,
 }
 
 #[async_trait]
@@ -224,28 +241,47 @@ impl SyncControl for FakeEngine {
             offline_since: Some(chrono::Utc::now() - chrono::Duration::minutes(90)),
             actors: vec![
                 ActorView {
-                    name: "CatalogSyncer".into(),
-                    state: "idle".into(),
-                    restarts: 1,
-                    last_error: Some("NETWORK: connection refused".into()),
+                    name: ActorKind::CatalogSyncer,
+                    status: ActorStatus {
+                        state: ActorState::Idle,
+                        restarts: 1,
+                        last_error: Some(format!("{}: connection refused", TerminalCode::Network)),
+                    },
                 },
                 ActorView {
-                    name: "SalesOutbox".into(),
-                    state: "waiting".into(),
-                    restarts: 0,
-                    last_error: None,
+                    name: ActorKind::SalesOutbox,
+                    status: ActorStatus {
+                        state: ActorState::Waiting {
+                            next_retry_at: Utc::now() + Duration::seconds(30),
+                        },
+                        restarts: 0,
+                        last_error: None,
+                    },
                 },
             ],
-            detail: json!({"fake": true}),
+            detail: EngineStatus::default(),
         }
     }
 
-    async fn reconcile(&self, choice: ReconcileChoice) -> Result<Value, SyncControlError> {
-        self.reconciles.lock().expect("reconciles").push(choice);
-        Ok(json!({
-            "mode": choice, "ranges": 1, "checked": 2, "unchanged": 0, "upserts": 1, "deletes": 1,
-            "applied": choice == ReconcileChoice::Apply, "catalog_version": 42,
-        }))
+    async fn reconcile(
+        &self,
+        action: ReconcileAction,
+    ) -> Result<ReconcileReport, SyncControlError> {
+        self.reconciles.lock().expect("reconciles").push(action);
+        Ok(ReconcileReport {
+            mode: action,
+            method: possync_actors::reconcile::VerifyMethod::Manifest,
+            round_trips: 1,
+            bytes_sent: 100,
+            bytes_received: 200,
+            ranges: 1,
+            checked: 2,
+            unchanged: 0,
+            upserts: 1,
+            deletes: 1,
+            applied: action == ReconcileAction::Apply,
+            catalog_version: Some(42),
+        })
     }
 
     async fn flush_outbox_now(&self) {

@@ -5,16 +5,17 @@
 //! is running, so the two can never disagree about what a field means.
 
 use chrono::{DateTime, Utc};
+use possync_actors::EngineStatus;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::operator::{ActorView, EngineView, JournalState, Till, TillError};
+use crate::operator::{ActorView, EngineView, JournalRow, JournalStatus, Till, TillError};
 
 /// Most needs-attention rows listed on the status page (the count is always exact).
 pub const NEEDS_ATTENTION_LISTED: usize = 100;
 
 /// The whole status document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusReport {
     /// When the document was built.
     pub generated_at: DateTime<Utc>,
@@ -48,9 +49,9 @@ pub struct StatusReport {
     /// Recent errors an operator may act on: actors' last failures and needs-attention causes.
     pub last_errors: Vec<String>,
     /// Journal rows waiting for an operator (first [`NEEDS_ATTENTION_LISTED`]).
-    pub needs_attention: Vec<serde_json::Value>,
+    pub needs_attention: Vec<JournalRow>,
     /// The engine's own status document, when a daemon runs.
-    pub engine: Option<serde_json::Value>,
+    pub engine: Option<EngineStatus>,
 }
 
 /// The local catalog copy.
@@ -115,7 +116,7 @@ pub fn build_report(
     let position = till.catalog_position()?;
     let counts = till.outbox_counts()?;
     let needs_attention =
-        till.journal(Some(JournalState::NeedsAttention), NEEDS_ATTENTION_LISTED)?;
+        till.journal(Some(JournalStatus::NeedsAttention), NEEDS_ATTENTION_LISTED)?;
 
     let last_synced_at = summary.last_synced_at.or(position.last_synced_at);
     let percent = (position.snapshot_in_progress && position.snapshot_total > 0).then(|| {
@@ -126,22 +127,19 @@ pub fn build_report(
     let mut last_errors: Vec<String> = Vec::new();
     if let Some(view) = engine {
         for a in &view.actors {
-            if let Some(e) = &a.last_error {
-                last_errors.push(format!("{}: {}", a.name, e));
+            if let Some(e) = &a.status.last_error {
+                last_errors.push(format!("{}: {}", a.name.as_str(), e));
             }
         }
     }
     for row in needs_attention.iter().take(10) {
-        let id = row.get("local_event_id").cloned().unwrap_or_default();
-        let code = row
-            .get("last_error_code")
-            .and_then(|c| c.as_str())
-            .unwrap_or("?");
-        let msg = row
-            .get("last_error_message")
-            .and_then(|c| c.as_str())
-            .unwrap_or("");
-        last_errors.push(format!("sale {id}: {code} {msg}").trim_end().to_string());
+        let code = row.last_error_code.as_deref().unwrap_or("?");
+        let msg = row.last_error_message.as_deref().unwrap_or("");
+        last_errors.push(
+            format!("sale {}: {code} {msg}", row.local_event_id)
+                .trim_end()
+                .to_string(),
+        );
     }
 
     Ok(StatusReport {

@@ -11,7 +11,8 @@ use possync_protocol::{ErrorCode, EventType, SalePayload};
 use serde::Deserialize;
 
 use super::StatusError;
-use crate::operator::{JournalState, LookupQuery, ReconcileChoice, RetrySelection, TillError};
+use crate::operator::{CatalogQuery, JournalStatus, RetryTarget, TillError};
+use possync_actors::ReconcileAction;
 
 /// Most journal rows one `GET /outbox` returns.
 pub const OUTBOX_LIST_MAX: usize = 1000;
@@ -76,7 +77,7 @@ struct LookupParams {
 }
 
 /// `GET /catalog/lookup?barcode=` | `?sku=` | `?q=`: exactly one of them.
-pub fn lookup_query(query: &str) -> Result<LookupQuery, StatusError> {
+pub fn lookup_query(query: &str) -> Result<CatalogQuery, StatusError> {
     let p = web::Query::<LookupParams>::from_query(query).map_err(|e| {
         bad_request(
             ErrorCode::PosSyncEventInvalid,
@@ -85,9 +86,9 @@ pub fn lookup_query(query: &str) -> Result<LookupQuery, StatusError> {
     })?;
     let p = p.into_inner();
     match (p.barcode, p.sku, p.q) {
-        (Some(b), None, None) => Ok(LookupQuery::Barcode(b)),
-        (None, Some(s), None) => Ok(LookupQuery::Sku(s)),
-        (None, None, Some(q)) => Ok(LookupQuery::Text(q)),
+        (Some(b), None, None) => Ok(CatalogQuery::Barcode(b)),
+        (None, Some(s), None) => Ok(CatalogQuery::Sku(s)),
+        (None, None, Some(q)) => Ok(CatalogQuery::Text(q)),
         _ => Err(bad_request(
             ErrorCode::PosSyncEventInvalid,
             "give exactly one of barcode=, sku= or q=",
@@ -103,7 +104,7 @@ struct OutboxParams {
 
 /// `GET /outbox?status=S&limit=N`: the state filter (none when absent or empty) and the row
 /// limit, clamped to 1..=[`OUTBOX_LIST_MAX`].
-pub fn outbox_query(query: &str) -> Result<(Option<JournalState>, usize), StatusError> {
+pub fn outbox_query(query: &str) -> Result<(Option<JournalStatus>, usize), StatusError> {
     let p = web::Query::<OutboxParams>::from_query(query).map_err(|e| {
         bad_request(
             ErrorCode::PosSyncEventInvalid,
@@ -113,7 +114,7 @@ pub fn outbox_query(query: &str) -> Result<(Option<JournalState>, usize), Status
     let p = p.into_inner();
     let filter = match p.status.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(JournalState::parse(s).ok_or_else(|| {
+        Some(s) => Some(s.parse::<JournalStatus>().map_err(|_| {
             bad_request(
                 ErrorCode::PosSyncEventInvalid,
                 format!(
@@ -152,7 +153,7 @@ struct RetryBody {
 }
 
 /// Parses a `POST /outbox/retry` body.
-pub fn retry_selection(bytes: &[u8]) -> Result<RetrySelection, StatusError> {
+pub fn retry_selection(bytes: &[u8]) -> Result<RetryTarget, StatusError> {
     let req: RetryBody = serde_json::from_slice(bytes).map_err(|e| {
         bad_request(
             ErrorCode::PosSyncEventInvalid,
@@ -160,8 +161,8 @@ pub fn retry_selection(bytes: &[u8]) -> Result<RetrySelection, StatusError> {
         )
     })?;
     match (req.journal_id, req.all) {
-        (Some(id), false) => Ok(RetrySelection::One(id)),
-        (None, true) => Ok(RetrySelection::AllNeedingAttention),
+        (Some(id), false) => Ok(RetryTarget::One(id)),
+        (None, true) => Ok(RetryTarget::AllNeedingAttention),
         _ => Err(bad_request(
             ErrorCode::PosSyncEventInvalid,
             "give either journal_id or all=true",
@@ -171,11 +172,11 @@ pub fn retry_selection(bytes: &[u8]) -> Result<RetrySelection, StatusError> {
 
 #[derive(Debug, Deserialize)]
 struct ReconcileBody {
-    mode: ReconcileChoice,
+    mode: ReconcileAction,
 }
 
 /// Parses a `POST /reconcile` body.
-pub fn reconcile_choice(bytes: &[u8]) -> Result<ReconcileChoice, StatusError> {
+pub fn reconcile_choice(bytes: &[u8]) -> Result<ReconcileAction, StatusError> {
     serde_json::from_slice::<ReconcileBody>(bytes)
         .map(|b| b.mode)
         .map_err(|e| {
@@ -225,18 +226,18 @@ mod tests {
     fn queries_parse_or_answer_a_coded_400() {
         assert_eq!(
             lookup_query("barcode=4006381333931").expect("barcode"),
-            LookupQuery::Barcode("4006381333931".into())
+            CatalogQuery::Barcode("4006381333931".into())
         );
         assert_eq!(
             lookup_query("q=oat%20milk").expect("text"),
-            LookupQuery::Text("oat milk".into())
+            CatalogQuery::Text("oat milk".into())
         );
         assert!(lookup_query("").is_err());
         assert!(lookup_query("sku=a&q=b").is_err());
         assert_eq!(outbox_query("").expect("default"), (None, 100));
         assert_eq!(
             outbox_query("status=needs_attention&limit=5").expect("filter"),
-            (Some(JournalState::NeedsAttention), 5)
+            (Some(JournalStatus::NeedsAttention), 5)
         );
         assert_eq!(outbox_query("limit=0").expect("clamped").1, 1);
         assert_eq!(
@@ -251,7 +252,7 @@ mod tests {
         }
         assert_eq!(
             retry_selection(br#"{"all": true}"#).expect("all"),
-            RetrySelection::AllNeedingAttention
+            RetryTarget::AllNeedingAttention
         );
         assert!(retry_selection(br#"{"all": true, "journal_id": 1}"#).is_err());
         assert_eq!(
@@ -368,9 +369,9 @@ mod tests {
             let query = url.query().unwrap_or_default().to_string();
             let parsed = lookup_query(&query).expect("parses");
             let expected = match which {
-                0 => LookupQuery::Barcode(value),
-                1 => LookupQuery::Sku(value),
-                _ => LookupQuery::Text(value),
+                0 => CatalogQuery::Barcode(value),
+                1 => CatalogQuery::Sku(value),
+                _ => CatalogQuery::Text(value),
             };
             prop_assert_eq!(parsed, expected);
         }

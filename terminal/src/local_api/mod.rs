@@ -1,4 +1,4 @@
-//! The loopback status endpoint (docs/terminal-operations.md): JSON status, the operator's HTML page, offline
+//! The daemon's loopback API (docs/terminal-operations.md): JSON status, the operator's HTML page, offline
 //! catalog lookup, atomic sale enqueue, outbox listing and retry, reconcile, and metrics.
 //!
 //! It binds loopback addresses only, and every request passes [`access`]: an allowed `Host`,
@@ -92,7 +92,10 @@ impl StatusError {
         match self {
             StatusError::Till(e) => e.code(),
             StatusError::BadRequest { code, .. } => *code,
-            StatusError::Engine(e) => e.code.unwrap_or(ErrorCode::PosCatalogReconcileFailed),
+            // The envelope speaks the contract's codes; a failure the contract has no code
+            // for (`NETWORK`, `ENGINE_UNAVAILABLE`) is a failed reconcile, and its message
+            // names the engine's own code.
+            StatusError::Engine(e) => e.code.api().unwrap_or(ErrorCode::PosCatalogReconcileFailed),
             StatusError::Worker => ErrorCode::PosSyncStorageFailed,
             StatusError::UnknownRoute { .. } => ErrorCode::PosRequestInvalid,
         }

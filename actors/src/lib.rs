@@ -48,6 +48,8 @@
 
 pub mod backoff;
 pub mod catalog;
+#[cfg(feature = "testing")]
+pub mod cloud_contract;
 pub mod code;
 pub mod context;
 pub mod engine;

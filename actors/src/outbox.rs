@@ -74,7 +74,7 @@ pub fn retry_pacing(
 ///   be trusted, so it is treated like no answer (the ledger makes a resend safe).
 /// - Transient failure: retry at the time `backoff(failures, budget, retry_after)` decides.
 ///   Only a failure [`blame_sale`] pins on the sale has a budget, so only such failures can
-///   end in needs attention ([`ATTEMPTS_EXHAUSTED`]); an outage never does.
+///   end in needs attention ([`TerminalCode::AttemptsExhausted`]); an outage never does.
 /// - Any other whole-request refusal (400, 401, 403, 413 …): needs attention for every item;
 ///   resending the same request unchanged cannot succeed.
 ///

@@ -10,7 +10,8 @@
 //! - [`operator`]: what the status endpoint and CLI need from the till and the engine.
 //! - [`status`]: the loopback status endpoint and its HTML page.
 //! - [`wiring`]: the operator ports implemented over the store and the engine.
-//! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands.
+//! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands;
+//!   [`first_sync`]: the snapshot's progress bar (TTY) or progress log lines.
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod cloud_client;
 pub mod daemon;
 pub mod data_dir;
+pub mod first_sync;
 pub mod logging;
 pub mod operator;
 pub mod status;

@@ -130,6 +130,8 @@ pub enum CatalogMsg {
     SyncNow,
     /// The cloud call of the current step finished.
     Fetched {
+        /// Which call (a call aborted since is ignored).
+        fetch: u64,
         /// What was asked.
         request: CatalogRequest,
         /// What came back.
@@ -138,13 +140,19 @@ pub enum CatalogMsg {
 }
 
 /// The cloud call in progress. It runs as its own task so the actor stays responsive (a stop
-/// or a nudge does not wait for a slow network); dropping it — the actor stopped or failed —
-/// aborts the call.
-struct FetchTask(tokio::task::JoinHandle<()>);
+/// or a nudge does not wait for a slow network) and so the next snapshot page can be fetched
+/// while the current one is written; dropping it — the actor stopped or failed, or the
+/// prefetched page is no longer the one the stored position asks for — aborts the call.
+struct FetchTask {
+    handle: tokio::task::JoinHandle<()>,
+    /// Tags its `Fetched` message.
+    fetch: u64,
+    request: CatalogRequest,
+}
 
 impl Drop for FetchTask {
     fn drop(&mut self) {
-        self.0.abort();
+        self.handle.abort();
     }
 }
 
@@ -154,6 +162,8 @@ pub struct CatalogState {
     generation: u64,
     failures: u32,
     fetching: Option<FetchTask>,
+    /// Numbers the calls, so the answer of an aborted one is recognised and dropped.
+    fetches: u64,
     /// A nudge arrived while a call was in progress: continue at once after it.
     nudged: bool,
 }
@@ -186,13 +196,26 @@ impl CatalogSyncer {
         let ctx = state.ctx.clone();
         let pos = ctx.store_call(|s| s.catalog_position()).await?;
         ctx.board.set_catalog(pos.clone());
-        let request = next_request(&pos);
+        Self::start_fetch(myself, state, next_request(&pos));
+        Ok(())
+    }
+
+    /// Starts the cloud call for `request` as its own task (see [`FetchTask`]).
+    fn start_fetch(
+        myself: &ActorRef<CatalogMsg>,
+        state: &mut CatalogState,
+        request: CatalogRequest,
+    ) {
+        let ctx = &state.ctx;
         let me = myself.clone();
         let cloud = ctx.cloud.clone();
         let (snapshot_limit, delta_limit) =
             (ctx.config.snapshot_page_limit, ctx.config.delta_page_limit);
-        let task = tokio::spawn(async move {
-            let result = match &request {
+        state.fetches = state.fetches.wrapping_add(1);
+        let fetch = state.fetches;
+        let asked = request.clone();
+        let handle = tokio::spawn(async move {
+            let result = match &asked {
                 CatalogRequest::Snapshot { cursor } => cloud
                     .snapshot(cursor.as_deref(), snapshot_limit)
                     .await
@@ -202,10 +225,17 @@ impl CatalogSyncer {
                     .await
                     .map(CatalogPage::Delta),
             };
-            let _ = me.cast(CatalogMsg::Fetched { request, result });
+            let _ = me.cast(CatalogMsg::Fetched {
+                fetch,
+                request: asked,
+                result,
+            });
         });
-        state.fetching = Some(FetchTask(task));
-        Ok(())
+        state.fetching = Some(FetchTask {
+            handle,
+            fetch,
+            request,
+        });
     }
 
     /// Stores what the call returned (or recovers from its failure) and schedules the next step.
@@ -225,6 +255,14 @@ impl CatalogSyncer {
                 let next = match page {
                     CatalogPage::Snapshot(page, fresh) => {
                         let next = after_snapshot_page(&page);
+                        // Pipeline: page N+1 travels while page N is written. Its answer
+                        // waits in the mailbox until this step is done.
+                        if let Some(cursor) = &page.next_cursor {
+                            let ahead = CatalogRequest::Snapshot {
+                                cursor: Some(cursor.clone()),
+                            };
+                            Self::start_fetch(myself, state, ahead);
+                        }
                         ctx.store_call(move |s| s.apply_snapshot_page(&page, fresh))
                             .await?;
                         ctx.metrics.snapshot_pages.inc();
@@ -248,6 +286,15 @@ impl CatalogSyncer {
                 let pos = ctx.store_call(|s| s.catalog_position()).await?;
                 ctx.board
                     .set_state(ActorKind::CatalogSyncer, position_state(&pos));
+                // A prefetched page is used only if it is the one the stored position asks
+                // for next (it always is, unless the position was reset meanwhile).
+                if state
+                    .fetching
+                    .as_ref()
+                    .is_some_and(|f| f.request != next_request(&pos))
+                {
+                    state.fetching = None;
+                }
                 ctx.board.set_catalog(pos);
                 let delay = match next {
                     AfterPage::Continue => Duration::ZERO,
@@ -333,6 +380,7 @@ impl Actor for CatalogSyncer {
             generation: 0,
             failures: 0,
             fetching: None,
+            fetches: 0,
             nudged: false,
         };
         state
@@ -362,9 +410,15 @@ impl Actor for CatalogSyncer {
                 Self::schedule(&myself, state, Duration::ZERO);
                 Ok(())
             }
-            CatalogMsg::Fetched { request, result } => {
+            CatalogMsg::Fetched {
+                fetch,
+                request,
+                result,
+            } if state.fetching.as_ref().is_some_and(|f| f.fetch == fetch) => {
                 Self::finish_step(&myself, state, request, result).await
             }
+            // The answer of a call aborted since.
+            CatalogMsg::Fetched { .. } => Ok(()),
         }
     }
 }

@@ -64,6 +64,11 @@ impl Engine {
         self.board.snapshot()
     }
 
+    /// The catalog position the CatalogSyncer last stored (snapshot progress included).
+    pub fn catalog_position(&self) -> crate::ports::CatalogPosition {
+        self.board.catalog()
+    }
+
     /// Asks the CatalogSyncer to fetch deltas (or continue its snapshot) now.
     pub async fn sync_catalog_now(&self) -> Result<(), EngineError> {
         self.ask(SupervisorMsg::SyncCatalogNow).await?

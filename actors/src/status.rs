@@ -299,6 +299,15 @@ impl SharedBoard {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The catalog position (without copying the whole board).
+    pub fn catalog(&self) -> CatalogPosition {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .catalog
+            .clone()
+    }
+
     /// When the cloud last answered (without copying the whole board).
     pub fn last_contact_at(&self) -> Option<DateTime<Utc>> {
         self.0

@@ -134,12 +134,28 @@ async fn a_restart_mid_snapshot_resumes_from_the_stored_cursor() {
     eventually("snapshot complete", || version(&store) == Some(10)).await;
     assert!(catalog_matches(&store, &cloud));
     let cursors = cloud.snapshot_cursors();
-    // pages 1, 2, 3 (lost), 3 again, 4: only the page in progress was fetched twice
-    assert_eq!(cursors.len(), 5, "{cursors:?}");
+    // Pages 1, 2, 3 (lost in the store), then 3 again from the stored cursor, and 4. Page N+1
+    // is fetched while page N is written, so page 4 may also have been fetched before the
+    // failure: only the page in progress and the one prefetched beside it come twice.
     assert_eq!(cursors[0], None);
-    assert_eq!(cursors[2], cursors[3]);
-    assert_ne!(cursors[1], cursors[2]);
-    assert_ne!(cursors[3], cursors[4]);
+    let times = |c: &Option<String>| cursors.iter().filter(|x| *x == c).count();
+    assert_eq!(times(&None), 1, "{cursors:?}");
+    let lost = &cursors[2];
+    assert_eq!(
+        times(lost),
+        2,
+        "the page being stored is fetched again: {cursors:?}"
+    );
+    assert_eq!(
+        times(&cursors[1]),
+        1,
+        "a stored page is never fetched again: {cursors:?}"
+    );
+    assert!(
+        (5..=6).contains(&cursors.len()),
+        "at most the prefetched page besides: {cursors:?}"
+    );
+    assert!(cursors.iter().all(|c| times(c) <= 2), "{cursors:?}");
     let status = engine.status();
     assert_eq!(status.actors[&ActorKind::CatalogSyncer].restarts, 1);
     assert!(status.actors[&ActorKind::CatalogSyncer]

@@ -52,18 +52,66 @@ pub fn write_import_file(path: &Path, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A content encoding asked of the cloud for snapshot pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireEncoding {
+    /// No compression: the plain transfer.
+    Identity,
+    /// zstd (the terminal's default).
+    Zstd,
+    /// gzip.
+    Gzip,
+}
+
+impl WireEncoding {
+    /// Every encoding, in report order.
+    pub const ALL: [WireEncoding; 3] = [
+        WireEncoding::Identity,
+        WireEncoding::Zstd,
+        WireEncoding::Gzip,
+    ];
+
+    /// The `Accept-Encoding` / `Content-Encoding` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireEncoding::Identity => "identity",
+            WireEncoding::Zstd => "zstd",
+            WireEncoding::Gzip => "gzip",
+        }
+    }
+
+    fn decode(self, wire: &[u8]) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            WireEncoding::Identity => wire.to_vec(),
+            WireEncoding::Zstd => zstd::stream::decode_all(wire)?,
+            WireEncoding::Gzip => {
+                let mut out = Vec::with_capacity(wire.len() * 8);
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(wire), &mut out)?;
+                out
+            }
+        })
+    }
+}
+
 /// What one pass over every snapshot page cost.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TransferPass {
-    /// Wall time spent in HTTP (request until the last body byte, gzip decoded).
+    /// The encoding asked for (and checked in `Content-Encoding`).
+    pub encoding: WireEncoding,
+    /// Wall time spent in HTTP and decoding (request until the last body byte, decompressed):
+    /// the transfer part of a floor.
     pub http: Duration,
+    /// Of which decompressing the bodies.
+    pub decode: Duration,
     /// Wall time spent parsing the pages into [`SnapshotPage`] (what the terminal also does).
     pub parse: Duration,
     /// Pages fetched.
     pub pages: usize,
     /// Entities received.
     pub entities: usize,
-    /// Body bytes received (after decoding).
+    /// Body bytes on the wire (before decoding).
+    pub wire_bytes: u64,
+    /// Body bytes after decoding (the JSON).
     pub bytes: u64,
     /// The version the snapshot was taken at.
     pub snapshot_version: i64,
@@ -71,20 +119,34 @@ pub struct TransferPass {
     pub kept: Vec<Entity>,
 }
 
-/// Fetches every snapshot page as the terminal `token` would, keeping the rows only if `keep`.
-/// Nothing is written anywhere.
+/// Fetches every snapshot page as the terminal `token` would, in `encoding`, keeping the rows
+/// only if `keep`. `client` must not decode bodies itself (`no_gzip`, `no_zstd`): the pass
+/// counts wire bytes and times decoding. Nothing is written anywhere.
 pub async fn fetch_all_pages(
     client: &reqwest::Client,
     base_url: &str,
     token: &str,
+    encoding: WireEncoding,
     keep: bool,
 ) -> anyhow::Result<TransferPass> {
-    let mut pass = TransferPass::default();
+    let mut pass = TransferPass {
+        encoding,
+        http: Duration::ZERO,
+        decode: Duration::ZERO,
+        parse: Duration::ZERO,
+        pages: 0,
+        entities: 0,
+        wire_bytes: 0,
+        bytes: 0,
+        snapshot_version: 0,
+        kept: Vec::new(),
+    };
     let mut cursor: Option<String> = None;
     loop {
         let mut req = client
             .get(format!("{base_url}/v1/pos/catalog/snapshot"))
             .bearer_auth(token)
+            .header(reqwest::header::ACCEPT_ENCODING, encoding.name())
             .query(&[("limit", PAGE_LIMIT.to_string())]);
         if let Some(c) = &cursor {
             req = req.query(&[("cursor", c)]);
@@ -92,18 +154,34 @@ pub async fn fetch_all_pages(
         let t0 = Instant::now();
         let resp = req.send().await.context("GET snapshot page")?;
         let status = resp.status();
-        let body = resp.bytes().await.context("reading snapshot page")?;
-        pass.http += t0.elapsed();
+        let got = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("identity")
+            .to_string();
+        let wire = resp.bytes().await.context("reading snapshot page")?;
         if !status.is_success() {
             bail!(
                 "snapshot page answered {status}: {}",
-                String::from_utf8_lossy(&body)
+                String::from_utf8_lossy(&wire)
             );
         }
+        if got != encoding.name() {
+            bail!(
+                "asked for {} and got Content-Encoding {got}",
+                encoding.name()
+            );
+        }
+        let t_decode = Instant::now();
+        let body = encoding.decode(&wire)?;
+        pass.decode += t_decode.elapsed();
+        pass.http += t0.elapsed();
         let t1 = Instant::now();
         let page: SnapshotPage = serde_json::from_slice(&body).context("parsing snapshot page")?;
         pass.parse += t1.elapsed();
         pass.pages += 1;
+        pass.wire_bytes += wire.len() as u64;
         pass.bytes += body.len() as u64;
         pass.entities += page.entities.len();
         pass.snapshot_version = page.snapshot_version;
@@ -116,6 +194,11 @@ pub async fn fetch_all_pages(
         }
     }
     Ok(pass)
+}
+
+/// A client that leaves bodies encoded, for [`fetch_all_pages`].
+pub fn wire_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().no_gzip().no_zstd().build()?)
 }
 
 /// The rows of a snapshot as the terminal stores them, serialised before the clock starts so

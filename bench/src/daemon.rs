@@ -65,10 +65,16 @@ impl Daemon {
     /// and the log level of the environment (`POSSYNC_LOG`/`RUST_LOG`; the daemon's own default
     /// is `info`), logging into `daemon.log` in the data dir, and waits for its `status on` line.
     pub fn start(data_dir: &Path) -> anyhow::Result<Daemon> {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// [`Daemon::start`] with further `terminal run` arguments (e.g. `--catalog-encoding`).
+    pub fn start_with(data_dir: &Path, run_args: &[&str]) -> anyhow::Result<Daemon> {
         let mut cmd = Command::new(terminal_binary()?);
         cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["run", "--status-bind", "127.0.0.1:0"]);
+            .args(["run", "--status-bind", "127.0.0.1:0"])
+            .args(run_args);
         let (child, url) = spawn_announcing(cmd, "status on ", &data_dir.join("daemon.log"))?;
         let token = possync_terminal::data_dir::local_token(data_dir)?;
         Ok(Daemon { child, url, token })

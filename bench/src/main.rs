@@ -8,10 +8,15 @@
 //!    `terminal run`, and the clock runs from spawning it until the catalog is complete: the
 //!    daemon's own completion stamp (`catalog.last_synced_at`, written by the snapshot's last
 //!    page), confirmed by `/status` showing the snapshot's version with all N entities (polled
-//!    every 250 ms; each poll counts the catalog, so polling faster would slow what it measures). Beside it: the transfer (every snapshot
-//!    page fetched over HTTP by the same terminal token, nothing stored) and the raw insert
-//!    (the same rows bulk-inserted into an empty file with the terminal's schema in one
-//!    transaction). Ratio = snapshot ÷ (raw insert + transfer).
+//!    every 250 ms; each poll counts the catalog, so polling faster would slow what it
+//!    measures). Beside it two floors, each raw insert + transfer: the raw insert (the same rows
+//!    bulk-inserted into an empty file with the terminal's schema in one transaction), and the
+//!    transfer of every snapshot page over HTTP by the same terminal token, nothing stored —
+//!    once plain (`identity`: the true floor, no avoidable work in it) and once in the encoding
+//!    the terminal asks for (`zstd` by default: what its transfer costs). Wire bytes are
+//!    printed per encoding (identity, zstd, gzip). The transfers are measured from the cloud's
+//!    snapshot page cache, as the terminal's pages were served (the first pass, which filled
+//!    it, is printed as the cold transfer).
 //! 2. **Sale enqueue**: `POST /sales` on the daemon and `SqliteStore::enqueue_sale` in-process,
 //!    beside a plain `INSERT` committed with `synchronous=FULL` in WAL (one transaction each)
 //!    into a scratch file in the same directory; the three series are interleaved sale by sale so
@@ -37,8 +42,9 @@ use stats::{ms, ratio, summarize, Summary};
 
 /// Targets from the terminal issue: printed beside the figures, never enforced.
 const SNAPSHOT_TARGET_RATIO: f64 = 2.0;
+const SNAPSHOT_GOAL_RATIO: f64 = 1.3;
 const ENQUEUE_TARGET_RATIO: f64 = 2.0;
-const RSS_TARGET_MIB: f64 = 64.0;
+const RSS_TARGET_MIB: f64 = 32.0;
 /// How often `/status` is polled (each call counts the catalog, so polling often would slow
 /// the snapshot it measures; the figure comes from the daemon's own completion stamp).
 const STATUS_POLL: Duration = Duration::from_millis(250);
@@ -69,6 +75,9 @@ struct Options {
     /// The cloud's database.
     #[arg(long, value_enum, default_value_t = CloudDb::Postgres)]
     cloud_db: CloudDb,
+    /// Content encoding the terminal asks for (`terminal run --catalog-encoding`).
+    #[arg(long, default_value = "zstd")]
+    catalog_encoding: String,
     /// Directory under which the terminal's data dir and the scratch files are created (a
     /// fresh temporary directory inside it, removed afterwards).
     #[arg(long)]
@@ -88,8 +97,11 @@ struct Figures {
     import: Duration,
     readiness: Readiness,
     daemon_started: Duration,
+    /// The first pass (identity): the cloud read every page from its database.
+    cold_transfer: catalog::TransferPass,
+    /// Passes after the snapshot, every encoding twice (pages served from the cloud's cache,
+    /// as they were to the terminal).
     transfer_passes: Vec<catalog::TransferPass>,
-    transfer_identity: catalog::TransferPass,
     raw_insert: Duration,
     online: EnqueueFigures,
     offline: EnqueueFigures,
@@ -153,12 +165,14 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let branch = "b1";
     let (terminal_id, token) = cloud.add_terminal(branch)?;
     let client = reqwest::Client::builder().build()?;
+    let wire = catalog::wire_client()?;
 
-    // --- baselines: transfer (also warms the cloud's caches) and raw insert ------------------
+    // --- baselines: transfer (also warms the cloud's page cache) and raw insert ---------------
     let first = rt.block_on(catalog::fetch_all_pages(
-        &client,
+        &wire,
         &cloud.base_url,
         &token,
+        catalog::WireEncoding::Identity,
         true,
     ))?;
     if first.entities != opts.entities {
@@ -172,10 +186,21 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     let rows = catalog::raw_rows(&first.kept)?;
     let raw_insert = catalog::raw_insert(&work.path().join("raw-catalog.db"), &rows)?;
     drop(rows);
-    let mut transfer_passes = vec![catalog::TransferPass {
+    let cold_transfer = catalog::TransferPass {
         kept: Vec::new(),
         ..first
-    }];
+    };
+    // Every encoding once before the terminal runs, so the cloud holds each page's gzip form
+    // too and no pass pays for deriving it.
+    for encoding in catalog::WireEncoding::ALL {
+        rt.block_on(catalog::fetch_all_pages(
+            &wire,
+            &cloud.base_url,
+            &token,
+            encoding,
+            false,
+        ))?;
+    }
 
     // --- the terminal: empty, enrolled, then `terminal run` until offline-ready --------------
     let data_dir = work.path().join("terminal");
@@ -183,7 +208,10 @@ fn run(opts: &Options) -> anyhow::Result<()> {
     daemon::enroll(&data_dir, &cloud.base_url, terminal_id, &token, branch)?;
     let spawned_at = chrono::Utc::now();
     let t0 = Instant::now();
-    let terminal = daemon::Daemon::start(&data_dir)?;
+    let terminal = daemon::Daemon::start_with(
+        &data_dir,
+        &["--catalog-encoding", opts.catalog_encoding.as_str()],
+    )?;
     let daemon_started = t0.elapsed();
     let readiness = rt.block_on(wait_offline_ready(
         &client,
@@ -193,21 +221,18 @@ fn run(opts: &Options) -> anyhow::Result<()> {
         (t0, spawned_at),
     ))?;
     let after_snapshot = terminal.memory()?;
-    transfer_passes.push(rt.block_on(catalog::fetch_all_pages(
-        &client,
-        &cloud.base_url,
-        &token,
-        false,
-    ))?);
-    // Not part of the floor (the terminal asks for gzip): says how much of the transfer is the
-    // cloud compressing pages rather than reading and encoding them.
-    let plain = reqwest::Client::builder().no_gzip().build()?;
-    let transfer_identity = rt.block_on(catalog::fetch_all_pages(
-        &plain,
-        &cloud.base_url,
-        &token,
-        false,
-    ))?;
+    let mut transfer_passes = Vec::new();
+    for _ in 0..2 {
+        for encoding in catalog::WireEncoding::ALL {
+            transfer_passes.push(rt.block_on(catalog::fetch_all_pages(
+                &wire,
+                &cloud.base_url,
+                &token,
+                encoding,
+                false,
+            ))?);
+        }
+    }
 
     // --- sale enqueue, cloud up then cloud stopped ---------------------------------------------
     let till = TillUnderTest {
@@ -238,8 +263,8 @@ fn run(opts: &Options) -> anyhow::Result<()> {
             import,
             readiness,
             daemon_started,
+            cold_transfer,
             transfer_passes,
-            transfer_identity,
             raw_insert,
             online,
             offline,
@@ -443,29 +468,31 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// The fastest pass of `encoding`.
+fn best_pass(f: &Figures, encoding: catalog::WireEncoding) -> Option<&catalog::TransferPass> {
+    f.transfer_passes
+        .iter()
+        .filter(|p| p.encoding == encoding)
+        .min_by_key(|p| p.http)
+}
+
 fn report(opts: &Options, f: &Figures) {
-    let transfer = f
-        .transfer_passes
-        .iter()
-        .map(|p| p.http)
-        .min()
-        .unwrap_or_default();
-    let parse = f
-        .transfer_passes
-        .iter()
-        .map(|p| p.parse)
-        .min()
-        .unwrap_or_default();
-    let floor = f.raw_insert + transfer;
+    use catalog::WireEncoding;
+    let transfer_of = |e: WireEncoding| best_pass(f, e).map(|p| p.http).unwrap_or_default();
     let snapshot = f.readiness.snapshot();
-    let snap_ratio = ratio(snapshot, floor);
-    let pages = f.transfer_passes.first().map_or(0, |p| p.pages);
-    let bytes = f.transfer_passes.first().map_or(0, |p| p.bytes);
+    let plain_floor = f.raw_insert + transfer_of(WireEncoding::Identity);
+    let terminal_encoding = WireEncoding::ALL
+        .into_iter()
+        .find(|e| e.name() == opts.catalog_encoding)
+        .unwrap_or(WireEncoding::Zstd);
+    let compressed_floor = f.raw_insert + transfer_of(terminal_encoding);
+    let plain_ratio = ratio(snapshot, plain_floor);
+    let compressed_ratio = ratio(snapshot, compressed_floor);
 
     println!();
     println!(
-        "== (a) empty terminal → offline-ready, {} entities ==",
-        opts.entities
+        "== (a) empty terminal → offline-ready, {} entities (terminal asks for {}) ==",
+        opts.entities, opts.catalog_encoding
     );
     println!(
         "snapshot (spawn `terminal run` → catalog complete, by the daemon's own stamp): {}",
@@ -484,32 +511,62 @@ fn report(opts: &Options, f: &Figures) {
         ms(f.readiness.polls.max)
     );
     println!(
-        "transfer (all {pages} pages over HTTP, {:.1} MiB of JSON, nothing stored): {} (passes: {})",
-        bytes as f64 / 1048576.0,
-        ms(transfer),
-        f.transfer_passes
-            .iter()
-            .map(|p| ms(p.http))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "transfer of all {} pages ({:.1} MiB of JSON), nothing stored — per encoding, best of {} passes from the cloud's page cache:",
+        f.cold_transfer.pages,
+        f.cold_transfer.bytes as f64 / 1048576.0,
+        f.transfer_passes.len() / WireEncoding::ALL.len()
+    );
+    for e in WireEncoding::ALL {
+        if let Some(p) = best_pass(f, e) {
+            println!(
+                "  {:<8} {:>8.2} MiB on the wire ({:>4.1}% of JSON)  {} (of which decoding {}; passes: {})",
+                e.name(),
+                p.wire_bytes as f64 / 1048576.0,
+                p.wire_bytes as f64 * 100.0 / p.bytes.max(1) as f64,
+                ms(p.http),
+                ms(p.decode),
+                f.transfer_passes
+                    .iter()
+                    .filter(|q| q.encoding == e)
+                    .map(|q| ms(q.http))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    println!(
+        "  cold (the cloud reading every page from its database, identity): {}",
+        ms(f.cold_transfer.http)
     );
     println!(
-        "  JSON parsing of those pages (not in the floor): {}",
-        ms(parse)
-    );
-    println!(
-        "  the same pages without gzip (not in the floor): {}",
-        ms(f.transfer_identity.http)
+        "  JSON parsing of those pages (not in a floor): {}",
+        ms(best_pass(f, WireEncoding::Identity)
+            .map(|p| p.parse)
+            .unwrap_or_default())
     );
     println!(
         "raw insert (same rows, terminal schema, one transaction): {}",
         ms(f.raw_insert)
     );
     println!(
-        "ratio snapshot / (raw insert + transfer) = {} / {} = {snap_ratio:.2}  (target ≤ {SNAPSHOT_TARGET_RATIO:.1}: {})",
+        "floor, plain:      raw insert + identity transfer = {}",
+        ms(plain_floor)
+    );
+    println!(
+        "floor, compressed: raw insert + {} transfer     = {}",
+        terminal_encoding.name(),
+        ms(compressed_floor)
+    );
+    println!(
+        "ratio snapshot / plain floor      = {} / {} = {plain_ratio:.2}  (target ≤ {SNAPSHOT_TARGET_RATIO:.1}, goal {SNAPSHOT_GOAL_RATIO:.1}: {})",
         ms(snapshot),
-        ms(floor),
-        verdict(snap_ratio <= SNAPSHOT_TARGET_RATIO)
+        ms(plain_floor),
+        verdict(plain_ratio <= SNAPSHOT_TARGET_RATIO)
+    );
+    println!(
+        "ratio snapshot / compressed floor = {} / {} = {compressed_ratio:.2}",
+        ms(snapshot),
+        ms(compressed_floor),
     );
     println!("(seeding by `cloud catalog import`: {})", ms(f.import));
 

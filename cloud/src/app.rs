@@ -50,6 +50,8 @@ pub struct AppState {
     pub device_bindings: crate::db::devices::KnownBindings,
     /// Fingerprint trees per branch view and catalog version.
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
+    /// Snapshot pages encoded once per branch view and catalog version.
+    pub snapshot_pages: crate::snapshot_cache::SnapshotPageCache,
     /// Set (to the mapping file's name) when `--catalog-source-only` refuses admin catalog
     /// writes.
     pub catalog_source_only: std::sync::OnceLock<String>,
@@ -84,6 +86,7 @@ impl AppState {
             limits,
             device_bindings: Default::default(),
             fingerprints: Default::default(),
+            snapshot_pages: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })
     }
@@ -210,8 +213,8 @@ pub fn build(
             web::scope("/v1/pos")
                 .wrap(from_fn(auth::terminal_guard))
                 .service(
+                    // Encoded by the route itself, once per page (snapshot_cache).
                     web::resource("/catalog/snapshot")
-                        .wrap(Compress::default())
                         .route(web::get().to(catalog_routes::snapshot)),
                 )
                 .service(

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use possync_protocol::fingerprint::{
     FingerprintRequest, FingerprintResponse, LeafReconcileRequest, MAX_NODES_PER_REQUEST,
@@ -19,6 +20,7 @@ use crate::db::catalog::{self, CatalogError};
 use crate::db::StoreError;
 use crate::error::ApiError;
 use crate::fingerprint_cache::CachedTree;
+use crate::snapshot_cache::{EncodedPage, PageEncoding, PageKey, Served};
 
 /// Which route a catalog failure happened on, to pick its stable code.
 #[derive(Debug, Clone, Copy)]
@@ -84,26 +86,85 @@ fn page_limit(q: &HashMap<String, String>, route: Route) -> Result<u32, ApiError
     }
 }
 
-/// `GET /v1/pos/catalog/snapshot?cursor&limit`.
+/// `GET /v1/pos/catalog/snapshot?cursor&limit`: served from the encoded page cache
+/// (`snapshot_cache`), in the encoding `Accept-Encoding` negotiates (zstd, gzip, identity).
 pub async fn snapshot(
     state: web::Data<AppState>,
     terminal: Terminal,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let route = Route::Snapshot;
+    let max_bytes = state.limits.max_body_bytes;
     let q = query_map(&req, route)?;
     let limit = page_limit(&q, route)?;
     let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
-    let branch = terminal.0.branch_id.clone();
-    let page = state
+    let encoding = PageEncoding::negotiate(req.headers().get(header::ACCEPT_ENCODING));
+    let catalog_version = state
         .db
-        .run(move |conn| catalog::snapshot_page(conn, &branch, cursor.as_deref(), limit))
+        .run(catalog::current_version)
         .await
-        .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+        .map_err(|e| route.map(e, max_bytes))?;
+    let key = PageKey {
+        branch: terminal.0.branch_id.clone(),
+        catalog_version,
+        cursor,
+        limit,
+    };
+    let read = {
+        let (state, key) = (state.clone(), key.clone());
+        move || async move {
+            state.metrics.snapshot_page_reads_total.inc();
+            state
+                .db
+                .run(move |conn| {
+                    let page =
+                        catalog::snapshot_page(conn, &key.branch, key.cursor.as_deref(), limit)?;
+                    let json = serde_json::to_vec(&page).map_err(|e| {
+                        CatalogError::Store(StoreError::Unavailable(format!(
+                            "encoding a snapshot page: {e}"
+                        )))
+                    })?;
+                    EncodedPage::new(page.snapshot_version, page.entities.len(), &json)
+                        .map_err(|e| CatalogError::Store(StoreError::Unavailable(e.to_string())))
+                })
+                .await
+        }
+    };
+    let (page, served) = match state.snapshot_pages.get_or_read(key.clone(), read).await {
+        Ok(found) => found,
+        Err(e) => {
+            state.snapshot_pages.forget_failed(&key);
+            return Err(route.map(e, max_bytes));
+        }
+    };
+    if served == Served::Cached {
+        state.metrics.snapshot_page_cache_hits_total.inc();
+    }
+    let body = {
+        let page = page.clone();
+        web::block(move || page.body(encoding))
+            .await
+            .map_err(|e| route.server_failure(format!("encoding a snapshot page: {e}")))?
+            .map_err(|e| route.server_failure(e.to_string()))?
+    };
+    state.snapshot_pages.account(&key, &page);
     state.metrics.snapshot_pages.inc();
+    state
+        .metrics
+        .snapshot_page_bytes_total
+        .with_label_values(&[encoding.label()])
+        .inc_by(body.len() as u64);
     tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
-        snapshotVersion = page.snapshot_version, entities = page.entities.len(), "snapshot page");
-    Ok(HttpResponse::Ok().json(page))
+        snapshotVersion = page.snapshot_version, entities = page.entities,
+        encoding = encoding.label(), bytes = body.len(), cached = served == Served::Cached,
+        "snapshot page");
+    let mut resp = HttpResponse::Ok();
+    resp.content_type("application/json")
+        .insert_header((header::VARY, "accept-encoding"));
+    if let Some(ce) = encoding.content_encoding() {
+        resp.insert_header((header::CONTENT_ENCODING, ce));
+    }
+    Ok(resp.body(body))
 }
 
 /// `GET /v1/pos/catalog/delta?since&limit`. A missing `since` means 0 (everything retained).

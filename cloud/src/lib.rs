@@ -27,4 +27,5 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod sales_routes;
 pub mod server;
+pub mod snapshot_cache;
 pub mod telemetry;

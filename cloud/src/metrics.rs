@@ -22,6 +22,13 @@ pub struct Metrics {
     pub delta_sync_runs: IntCounter,
     /// Snapshot pages served.
     pub snapshot_pages: IntCounter,
+    /// Snapshot pages read from the database (once per page, branch view and catalog version
+    /// while the page cache holds it; see `snapshot_cache`).
+    pub snapshot_page_reads_total: IntCounter,
+    /// Snapshot pages served from the page cache (held, or read by a concurrent request).
+    pub snapshot_page_cache_hits_total: IntCounter,
+    /// Snapshot page body bytes sent, by content encoding (`zstd`, `gzip`, `identity`).
+    pub snapshot_page_bytes_total: IntCounterVec,
     /// Request latency by route pattern and status.
     pub http_request_duration_seconds: HistogramVec,
     /// Error responses by stable code.
@@ -94,6 +101,30 @@ impl Metrics {
             &r,
             IntCounter::new("snapshot_pages", "Snapshot pages served")
                 .unwrap_or_else(|_| unreachable_metric("snapshot_pages")),
+        );
+        let snapshot_page_reads_total = reg(
+            &r,
+            IntCounter::new(
+                "snapshot_page_reads_total",
+                "Snapshot pages read from the database",
+            )
+            .unwrap_or_else(|_| unreachable_metric("snapshot_page_reads_total")),
+        );
+        let snapshot_page_cache_hits_total = reg(
+            &r,
+            IntCounter::new(
+                "snapshot_page_cache_hits_total",
+                "Snapshot pages served from the encoded page cache",
+            )
+            .unwrap_or_else(|_| unreachable_metric("snapshot_page_cache_hits_total")),
+        );
+        let snapshot_page_bytes_total = reg(
+            &r,
+            counter_vec(
+                "snapshot_page_bytes_total",
+                "Snapshot page body bytes sent, by content encoding",
+                &["encoding"],
+            ),
         );
         let http_request_duration_seconds = reg(
             &r,
@@ -184,6 +215,9 @@ impl Metrics {
             reconcile_runs,
             delta_sync_runs,
             snapshot_pages,
+            snapshot_page_reads_total,
+            snapshot_page_cache_hits_total,
+            snapshot_page_bytes_total,
             http_request_duration_seconds,
             errors_total,
             rate_limited_total,
@@ -240,6 +274,8 @@ mod tests {
             "reconcile_runs",
             "delta_sync_runs",
             "snapshot_pages",
+            "snapshot_page_reads_total",
+            "snapshot_page_cache_hits_total",
             "http_request_duration_seconds_bucket",
             "errors_total",
             "rate_limited_total",

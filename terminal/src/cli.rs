@@ -16,7 +16,7 @@ use std::time::Duration;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::cloud_client::{CloudTarget, HttpCloud};
+use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud};
 use crate::daemon::{self, DaemonError, DaemonOptions, Tuning};
 use crate::data_dir::{self, LocalTokenError};
 use crate::local_api::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
@@ -227,6 +227,10 @@ pub struct RunArgs {
     /// random point of the first day); 0 turns it off.
     #[arg(long, env = "POSSYNC_VERIFY_EVERY_S")]
     pub verify_every_s: Option<u64>,
+    /// Content encoding asked for on the cloud's snapshot and delta pages: zstd (default,
+    /// fewest bytes for little CPU), gzip (a proxy that strips zstd), identity (fast LAN).
+    #[arg(long, env = "POSSYNC_CATALOG_ENCODING", value_enum, default_value_t = CatalogEncoding::Zstd)]
+    pub catalog_encoding: CatalogEncoding,
 }
 
 impl RunArgs {
@@ -256,6 +260,7 @@ impl RunArgs {
         if let Some(s) = self.verify_every_s {
             t.verify_every = (s > 0).then(|| Duration::from_secs(s));
         }
+        t.catalog_encoding = self.catalog_encoding;
         t
     }
 }

@@ -37,6 +37,50 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a whole request may take (a 1000-entity snapshot page on a slow link included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The content encoding the terminal asks for on the cloud's JSON answers (snapshot and
+/// delta pages above all). `zstd` is the default: on the benchmark's catalog it moves ~9×
+/// fewer bytes than identity for a few ms of CPU per 1 000-entity page on each side; `gzip`
+/// is for a proxy that strips zstd; `identity` for a fast LAN where bytes cost nothing and
+/// CPU does (docs/terminal-operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CatalogEncoding {
+    /// `Accept-Encoding: gzip, zstd` (the cloud prefers zstd).
+    #[default]
+    Zstd,
+    /// `Accept-Encoding: gzip`.
+    Gzip,
+    /// No compression.
+    Identity,
+}
+
+impl CatalogEncoding {
+    /// The name used on the command line and in `POSSYNC_CATALOG_ENCODING`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CatalogEncoding::Zstd => "zstd",
+            CatalogEncoding::Gzip => "gzip",
+            CatalogEncoding::Identity => "identity",
+        }
+    }
+}
+
+/// The client for answers the engine decodes as they arrive: decoders for `encoding` (which
+/// also sets the `Accept-Encoding` it sends).
+fn answer_client(
+    connect: Duration,
+    request: Duration,
+    encoding: CatalogEncoding,
+) -> Result<reqwest::Client, CloudError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .timeout(request)
+        .gzip(encoding != CatalogEncoding::Identity)
+        .zstd(encoding == CatalogEncoding::Zstd)
+        .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))
+}
+
 /// Where a cloud is and how this terminal authenticates to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudTarget {
@@ -64,6 +108,8 @@ pub struct HttpCloud {
     /// Nonces of the databases this one was copied from, for the sales it inherited.
     inherited_nonces: Arc<HashMap<Uuid, String>>,
     metrics: Option<ClientMetrics>,
+    /// Timeouts, kept to rebuild `client` for another encoding.
+    timeouts: (Duration, Duration),
 }
 
 /// The headers of a sales delivery: its attempt number and the device nonce it is sent with.
@@ -94,7 +140,7 @@ struct ClientMetrics {
 }
 
 impl HttpCloud {
-    /// Builds a client with connect/request timeouts, gzip responses and rustls.
+    /// Builds a client with connect/request timeouts, zstd (or gzip) answers and rustls.
     pub fn new(target: CloudTarget) -> Result<HttpCloud, CloudError> {
         Self::with_timeouts(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
     }
@@ -105,13 +151,7 @@ impl HttpCloud {
         connect: Duration,
         request: Duration,
     ) -> Result<HttpCloud, CloudError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect)
-            .timeout(request)
-            .gzip(true)
-            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
+        let client = answer_client(connect, request, CatalogEncoding::default())?;
         let wire = reqwest::Client::builder()
             .connect_timeout(connect)
             .timeout(request)
@@ -131,7 +171,17 @@ impl HttpCloud {
             device_nonce: None,
             inherited_nonces: Arc::new(HashMap::new()),
             metrics: None,
+            timeouts: (connect, request),
         })
+    }
+
+    /// Asks for `encoding` on the cloud's JSON answers (default [`CatalogEncoding::Zstd`]).
+    pub fn with_catalog_encoding(
+        mut self,
+        encoding: CatalogEncoding,
+    ) -> Result<HttpCloud, CloudError> {
+        self.client = answer_client(self.timeouts.0, self.timeouts.1, encoding)?;
+        Ok(self)
     }
 
     /// Sends `x-device-nonce` with every sales request, so the cloud can tell a second

@@ -18,10 +18,10 @@ use thiserror::Error;
 use tracing::Instrument;
 
 use crate::carry_over;
-use crate::cloud_client::{CloudTarget, HttpCloud};
+use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud};
 use crate::data_dir::LocalTokenError;
 use crate::local_api::{LocalApiConfig, StatusBindError, StatusServer};
-use crate::store::{CarryScope, Enrollment, SqliteStore, TerminalStoreError};
+use crate::store::{CarryScope, Enrollment, SqliteStore, TerminalStoreError, WAL_CHECKPOINT_EVERY};
 use crate::wiring::{EngineControl, StoreTill};
 
 /// Why the daemon could not start (or an engine for a one-off command could not).
@@ -110,6 +110,8 @@ pub struct Tuning {
     pub carry_over_interval: Duration,
     /// Automatic catalog verify period (`None`: only on demand).
     pub verify_every: Option<Duration>,
+    /// Content encoding asked for on the cloud's answers (snapshot and delta pages).
+    pub catalog_encoding: CatalogEncoding,
 }
 
 /// Default pause between carry-over passes: a pass with nothing to do is one local query.
@@ -127,6 +129,7 @@ impl Default for Tuning {
             max_attempts: e.backoff.max_attempts,
             carry_over_interval: DEFAULT_CARRY_OVER_INTERVAL,
             verify_every: e.verify_every,
+            catalog_encoding: CatalogEncoding::default(),
         }
     }
 }
@@ -201,6 +204,7 @@ pub async fn start_engine_with_cloud(
 ) -> Result<(Engine, HttpCloud), DaemonError> {
     let enrollment = store.enrollment()?.ok_or(DaemonError::NotEnrolled)?;
     let cloud = cloud_for(store, &enrollment)?
+        .with_catalog_encoding(tuning.catalog_encoding)?
         .with_metrics(registry)
         .map_err(EngineError::Metrics)?;
     let config = engine_config(
@@ -217,6 +221,24 @@ pub async fn start_engine_with_cloud(
     )
     .await?;
     Ok((engine, cloud))
+}
+
+/// Checkpoints the WAL every [`WAL_CHECKPOINT_EVERY`] on the store's checkpoint connection,
+/// so no sale's commit pays for one (see [`SqliteStore::checkpoint_in_background`]). A failed
+/// checkpoint (the database busy past the timeout) is tried again on the next tick; until
+/// then the WAL only grows.
+async fn checkpoint_loop(store: SqliteStore) {
+    let mut tick = tokio::time::interval(WAL_CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.checkpoint_wal()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint task failed; retrying"),
+        }
+    }
 }
 
 /// Runs a carry-over pass every `interval` until aborted, first taking a changed enrollment
@@ -280,12 +302,15 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             "terminal daemon starting"
         );
         let registry = prometheus::Registry::new();
+        store.checkpoint_in_background()?;
+        let checkpointer = tokio::spawn(checkpoint_loop(store.clone()).in_current_span());
         let (engine, cloud) = start_engine_with_cloud(&store, &opts.tuning, &registry).await?;
         let carrier = tokio::spawn(
             carry_over_loop(store.clone(), cloud, opts.tuning.carry_over_interval)
                 .in_current_span(),
         );
         let control = Arc::new(EngineControl::new(engine));
+        let progress = tokio::spawn(crate::first_sync::watch(control.clone()).in_current_span());
         let server = match StatusServer::start(
             &opts.status_bind,
             LocalApiConfig {
@@ -299,6 +324,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             Ok(s) => s,
             Err(e) => {
                 carrier.abort();
+                checkpointer.abort();
+                progress.abort();
                 control.shutdown().await;
                 return Err(e.into());
             }
@@ -324,6 +351,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         let signal = wait_for_signal().await;
         tracing::info!(signal, "shutting down");
         carrier.abort();
+        checkpointer.abort();
+        progress.abort();
         server.stop().await;
         control.shutdown().await;
         let _ = std::fs::remove_file(&daemon_file);

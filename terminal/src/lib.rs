@@ -11,7 +11,8 @@
 //! - [`local_api`]: the daemon's loopback API — `/status` and its HTML page, `POST /sales`
 //!   for the checkout, the outbox and reconcile commands — and who may call it.
 //! - [`wiring`]: the operator ports implemented over the store and the engine.
-//! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands.
+//! - [`daemon`], [`cli`], [`logging`]: `terminal run` and the other commands;
+//!   [`first_sync`]: the snapshot's progress bar (TTY) or progress log lines.
 
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod cloud_client;
 pub mod daemon;
 pub mod data_dir;
+pub mod first_sync;
 pub mod local_api;
 pub mod logging;
 pub mod operator;

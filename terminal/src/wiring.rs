@@ -143,6 +143,15 @@ impl EngineControl {
         }
     }
 
+    /// The catalog position the engine last stored; `None` once the engine is stopped.
+    pub async fn catalog_position(&self) -> Option<possync_actors::CatalogPosition> {
+        self.engine
+            .read()
+            .await
+            .as_ref()
+            .map(|e| e.catalog_position())
+    }
+
     fn stopped() -> SyncControlError {
         SyncControlError {
             code: TerminalCode::EngineUnavailable,

@@ -18,7 +18,9 @@ use chrono::Utc;
 use possync_protocol::{ErrorCode, ErrorEnvelope};
 use prometheus::{Encoder, Gauge, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 use tracing::Instrument as _;
 
@@ -176,10 +178,41 @@ impl StoreGauges {
     }
 }
 
+/// How long the outbox nudge of a sale waits for the sales right behind it (a basket
+/// scanned, a queue at the till): they share one nudge, so the outbox claims and sends them
+/// as one batch instead of committing a claim and an answer per sale while the next sales
+/// wait for the same connection and disk. A sale is durable before its 201 either way; this
+/// only delays its delivery by at most this long.
+pub const SALE_NUDGE_DELAY: Duration = Duration::from_millis(20);
+
+/// The one pending outbox nudge for recently recorded sales (see [`SALE_NUDGE_DELAY`]).
+#[derive(Default)]
+struct SaleNudge {
+    pending: AtomicBool,
+}
+
+impl SaleNudge {
+    /// Nudges the outbox [`SALE_NUDGE_DELAY`] from now unless a nudge is already due. A sale
+    /// recorded after the due nudge took the flag down schedules the next one, so none is
+    /// left without one.
+    fn after_sale(self: &Arc<Self>, engine: Arc<dyn SyncControl>) {
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        actix_web::rt::spawn(async move {
+            tokio::time::sleep(SALE_NUDGE_DELAY).await;
+            me.pending.store(false, Ordering::Release);
+            engine.flush_outbox_now().await;
+        });
+    }
+}
+
 /// Shared state of the handlers.
 struct Shared {
     till: Arc<dyn Till>,
     engine: Arc<dyn SyncControl>,
+    sale_nudge: Arc<SaleNudge>,
     registry: Registry,
     gauges: StoreGauges,
     /// The operator page with this run's page token in it.
@@ -237,15 +270,10 @@ async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, Statu
     let req = SaleRequest::parse(&body)?;
     let till = state.till.clone();
     let occurred_at = req.occurred_at.unwrap_or_else(Utc::now);
+    // The store logs the sale (one line per sale); the 201 goes out once it is committed.
     let receipt =
         blocking(move || till.enqueue_sale(req.event_type, occurred_at, &req.payload)).await?;
-    tracing::info!(
-        eventId = receipt.local_event_id,
-        posId = %receipt.pos_id,
-        "sale enqueued"
-    );
-    let engine = state.engine.clone();
-    actix_web::rt::spawn(async move { engine.flush_outbox_now().await });
+    state.sale_nudge.after_sale(state.engine.clone());
     Ok(HttpResponse::Created().json(receipt))
 }
 
@@ -381,6 +409,7 @@ impl StatusServer {
         let gate = web::Data::new(Gate::register(policy, &registry)?);
         let shared = web::Data::new(Shared {
             till,
+            sale_nudge: Arc::default(),
             engine,
             registry,
             gauges,

@@ -65,6 +65,9 @@ where
 /// How long a statement waits for another connection's lock (e.g. the CLI while the daemon
 /// writes) before failing with `POS_SYNC_STORAGE_FAILED`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the daemon checkpoints the WAL in the background (see
+/// [`SqliteStore::checkpoint_in_background`]).
+pub const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// The terminal's local database. Cheap to clone (one shared connection behind a mutex), so
 /// the engine, the HTTP handlers and the CLI can all hold it; every method is one transaction.
@@ -81,6 +84,9 @@ struct Inner {
     /// This device's nonce (see [`identity::ensure_device_nonce`]).
     device_nonce: Uuid,
     path: PathBuf,
+    /// Its own connection for WAL checkpoints (see [`SqliteStore::checkpoint_wal`]), opened
+    /// on first use, so a checkpoint never holds `conn`.
+    checkpointer: Mutex<Option<Connection>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -280,6 +286,7 @@ impl SqliteStore {
                 pos_id_at_open: pos_id,
                 device_nonce,
                 path: path.to_path_buf(),
+                checkpointer: Mutex::new(None),
             }),
         };
         Ok((store, report))
@@ -331,6 +338,42 @@ impl SqliteStore {
         decisions: &[CarryDecision],
     ) -> Result<CarryOverCounts, TerminalStoreError> {
         identity::apply_carry_over(&mut self.conn(), decisions)
+    }
+
+    /// Stops SQLite from checkpointing the WAL inside a committing transaction (by default
+    /// the commit that crosses 1 000 WAL pages copies them into the database file and fsyncs
+    /// it — a sale's `POST /sales` paid for that). The caller then runs
+    /// [`SqliteStore::checkpoint_wal`] regularly, off the sale path: the daemon does, every
+    /// [`WAL_CHECKPOINT_EVERY`]. Durability is the same either way: a commit is durable once
+    /// its WAL frames are fsynced (`synchronous=FULL`), checkpointed or not.
+    pub fn checkpoint_in_background(&self) -> Result<(), TerminalStoreError> {
+        self.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// Copies committed WAL frames into the database file (`wal_checkpoint(PASSIVE)`: never
+    /// waits for a writer or a reader, so a sale committing meanwhile is not held up) on the
+    /// store's own checkpoint connection. Returns the WAL frames checkpointed.
+    pub fn checkpoint_wal(&self) -> Result<i64, TerminalStoreError> {
+        let mut slot = self
+            .inner
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.is_none() {
+            let conn = Connection::open(&self.inner.path)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            *slot = Some(conn);
+        }
+        let Some(conn) = slot.as_ref() else {
+            return Ok(0);
+        };
+        let (_busy, _log, done): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        Ok(done.max(0))
     }
 
     /// Path of the database file.

@@ -721,6 +721,7 @@ mod tests {
                         amount_minor: 100,
                     }],
                 },
+                chain_hash: None,
             },
         }
     }

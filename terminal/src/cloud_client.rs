@@ -684,6 +684,7 @@ mod tests {
             event_type: EventType::Sale,
             occurred_at: chrono::Utc::now(),
             payload,
+            chain_hash: None,
         }
     }
 

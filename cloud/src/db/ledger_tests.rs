@@ -14,12 +14,13 @@ fn sale(terminal: Uuid, pos: Uuid, id: i64, receipt: &str, unit: i64) -> IngestR
         event_type: EventType::Sale,
         occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
         payload: possync_testkit::one_line_payload(receipt, 2, unit),
+        chain_hash: None,
     })
 }
 
 fn accepted(o: &IngestOutcome) -> Uuid {
     match o {
-        IngestOutcome::Accepted { cloud_event_id } => *cloud_event_id,
+        IngestOutcome::Accepted { cloud_event_id, .. } => *cloud_event_id,
         other => panic!("expected accepted, got {other:?}"),
     }
 }
@@ -262,8 +263,10 @@ fn eight_concurrent_deliveries_of_one_key_store_it_once() {
         let id = winners[0].cloud_event_id().expect("stored");
         for o in &outcomes {
             assert!(
-                *o == IngestOutcome::Accepted { cloud_event_id: id }
-                    || *o == IngestOutcome::Duplicate { cloud_event_id: id },
+                *o == IngestOutcome::Accepted {
+                    cloud_event_id: id,
+                    chain_break: false
+                } || *o == IngestOutcome::Duplicate { cloud_event_id: id },
                 "round {round}: {o:?}"
             );
         }

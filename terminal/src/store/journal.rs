@@ -787,3 +787,53 @@ mod tests {
         assert!("done".parse::<JournalStatus>().is_err());
     }
 }
+
+/// The whole journal as audit records, by `pos_id` then `local_event_id`, for
+/// `terminal audit verify` (`possync_protocol::journal_chain::ChainVerifier`). The chained
+/// fields are read from the stored event, so an edit of a stored sale shows as a break.
+pub fn audit_records(
+    conn: &Connection,
+) -> Result<Vec<possync_protocol::journal_chain::AuditRecord>, TerminalStoreError> {
+    #[derive(Deserialize)]
+    struct Stored {
+        terminal_id: Option<Uuid>,
+        branch_id: Option<String>,
+        #[serde(rename = "type")]
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        payload: SalePayload,
+    }
+    let mut stmt = conn.prepare(
+        "SELECT pos_id, local_event_id, event, chain_hash FROM sync_journal
+         ORDER BY pos_id, local_event_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (pos, local_event_id, event, chain_hash) = row?;
+        let pos_id = Uuid::parse_str(&pos)
+            .map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {pos:?}: {e}")))?;
+        let e: Stored = serde_json::from_str(&event)?;
+        out.push(possync_protocol::journal_chain::AuditRecord {
+            pos_id,
+            local_event_id,
+            terminal_id: e.terminal_id,
+            branch_id: e.branch_id,
+            event_type: e.event_type,
+            occurred_at: e.occurred_at,
+            payload: serde_json::to_value(&e.payload)?,
+            chain_hash,
+            prev_chain_hash: None,
+            cloud_event_id: None,
+            received_at: None,
+        });
+    }
+    Ok(out)
+}

@@ -314,6 +314,13 @@ impl SqliteStore {
         identity::apply_carry_over(&mut self.conn(), decisions)
     }
 
+    /// The journal as audit records, by `pos_id` then `local_event_id` (`terminal audit verify`).
+    pub fn audit_records(
+        &self,
+    ) -> Result<Vec<possync_protocol::journal_chain::AuditRecord>, TerminalStoreError> {
+        journal::audit_records(&self.conn())
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.path

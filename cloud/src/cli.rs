@@ -687,6 +687,41 @@ pub async fn run_serve(config: ServeConfig) -> Result<(), CliError> {
     server::run(config).await.map_err(CliError::from)
 }
 
+/// Verifies a journal export (JSON Lines of [`possync_protocol::journal_chain::AuditRecord`])
+/// with [`possync_protocol::journal_chain::ChainVerifier`]; no database. The summary on success,
+/// the first bad line otherwise (an unparsable line is bad too).
+pub fn verify_journal_file(file: &Path) -> Result<String, CliError> {
+    use possync_protocol::journal_chain::{AuditRecord, ChainVerifier};
+    use std::io::BufRead;
+    let io = |source| CliError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let reader: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(file).map_err(io)?,
+        ))
+    };
+    let mut verifier = ChainVerifier::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: AuditRecord = serde_json::from_str(&line).map_err(|e| CliError::Chain {
+            line: i + 1,
+            fault: format!("not a journal record: {e}"),
+        })?;
+        verifier.check(&record).map_err(|f| CliError::Chain {
+            line: i + 1,
+            fault: f.to_string(),
+        })?;
+    }
+    Ok(format!("intact and gapless: {verifier}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,39 +804,4 @@ mod tests {
         assert!(a.starts_with("adm_") && a.len() > 60, "{a}");
         assert_eq!(a, b);
     }
-}
-
-/// Verifies a journal export (JSON Lines of [`possync_protocol::journal_chain::AuditRecord`])
-/// with [`possync_protocol::journal_chain::ChainVerifier`]; no database. The summary on success,
-/// the first bad line otherwise (an unparsable line is bad too).
-pub fn verify_journal_file(file: &Path) -> Result<String, CliError> {
-    use possync_protocol::journal_chain::{AuditRecord, ChainVerifier};
-    use std::io::BufRead;
-    let io = |source| CliError::Io {
-        path: file.to_path_buf(),
-        source,
-    };
-    let reader: Box<dyn BufRead> = if file == Path::new("-") {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(file).map_err(io)?,
-        ))
-    };
-    let mut verifier = ChainVerifier::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(io)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record: AuditRecord = serde_json::from_str(&line).map_err(|e| CliError::Chain {
-            line: i + 1,
-            fault: format!("not a journal record: {e}"),
-        })?;
-        verifier.check(&record).map_err(|f| CliError::Chain {
-            line: i + 1,
-            fault: f.to_string(),
-        })?;
-    }
-    Ok(format!("intact and gapless: {verifier}"))
 }

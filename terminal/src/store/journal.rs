@@ -771,23 +771,6 @@ pub fn adjust_local_inventory(
     Ok(qty)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_spelling_round_trips() {
-        for st in JournalStatus::ALL {
-            assert_eq!(st.as_str().parse::<JournalStatus>(), Ok(st));
-            assert_eq!(
-                serde_json::to_value(st).expect("ser"),
-                serde_json::Value::String(st.as_str().into())
-            );
-        }
-        assert!("done".parse::<JournalStatus>().is_err());
-    }
-}
-
 /// The whole journal as audit records, by `pos_id` then `local_event_id`, for
 /// `terminal audit verify` (`possync_protocol::journal_chain::ChainVerifier`). The chained
 /// fields are read from the stored event, so an edit of a stored sale shows as a break.
@@ -836,4 +819,21 @@ pub fn audit_records(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_spelling_round_trips() {
+        for st in JournalStatus::ALL {
+            assert_eq!(st.as_str().parse::<JournalStatus>(), Ok(st));
+            assert_eq!(
+                serde_json::to_value(st).expect("ser"),
+                serde_json::Value::String(st.as_str().into())
+            );
+        }
+        assert!("done".parse::<JournalStatus>().is_err());
+    }
 }

@@ -98,6 +98,35 @@ async fn a_sale_changed_on_the_till_is_one_chain_break_in_the_cloud_and_in_the_e
         .collect();
     assert_eq!(warned.len(), 1, "{coded:?}");
 
+    // The fleet view and the metrics name it.
+    let fleet: serde_json::Value = reqwest::Client::new()
+        .get(cloud.process.url("/v1/admin/fleet"))
+        .bearer_auth(&cloud.process.admin_token)
+        .send()
+        .await
+        .expect("fleet")
+        .json()
+        .await
+        .expect("fleet json");
+    assert_eq!(
+        fleet["chain_breaks"].as_array().map(Vec::len),
+        Some(1),
+        "{fleet}"
+    );
+    assert_eq!(fleet["chain_breaks"][0]["local_event_id"], 3, "{fleet}");
+    assert_eq!(fleet["gaps"], json!([]), "{fleet}");
+    let metrics = reqwest::get(cloud.process.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("sales_chain_breaks{branch=\"b1\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sales_gaps{branch=\"b1\"} 0"), "{metrics}");
+
     // The export shows it too, offline, at the third record.
     let export = cloud
         .process

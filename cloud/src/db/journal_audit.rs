@@ -280,3 +280,63 @@ pub fn pending_gaps(conn: &mut DbConn) -> Result<Vec<PendingGaps>, StoreError> {
     }
     Ok(out)
 }
+
+/// What the fleet view and the metrics show of the sales journal: pending gaps per till and
+/// recorded chain breaks, per branch.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JournalSignals {
+    /// Tills with sales missing below their highest stored id.
+    pub gaps: Vec<PendingGaps>,
+    /// Recorded chain breaks: `(branch_id, terminal_id, pos_id, local_event_id)`.
+    pub chain_breaks: Vec<ChainBreak>,
+}
+
+/// One recorded chain break.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainBreak {
+    /// The branch.
+    pub branch_id: String,
+    /// The terminal that delivered the event.
+    pub terminal_id: String,
+    /// The event's `pos_id`.
+    pub pos_id: String,
+    /// The event whose link broke.
+    pub local_event_id: i64,
+}
+
+impl JournalSignals {
+    /// Missing sales per branch.
+    pub fn gaps_per_branch(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for g in &self.gaps {
+            *out.entry(g.branch_id.clone()).or_insert(0) += g.missing_events;
+        }
+        out
+    }
+
+    /// Chain breaks per branch.
+    pub fn breaks_per_branch(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for b in &self.chain_breaks {
+            *out.entry(b.branch_id.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// Reads the journal signals of every branch.
+pub fn journal_signals(conn: &mut DbConn) -> Result<JournalSignals, StoreError> {
+    let gaps = pending_gaps(conn)?;
+    let mut chain_breaks = Vec::new();
+    for branch in chain_breaks_per_branch(conn)?.into_keys() {
+        for (terminal_id, pos_id, local_event_id) in chain_breaks_of(conn, &branch)? {
+            chain_breaks.push(ChainBreak {
+                branch_id: branch.clone(),
+                terminal_id,
+                pos_id,
+                local_event_id,
+            });
+        }
+    }
+    Ok(JournalSignals { gaps, chain_breaks })
+}

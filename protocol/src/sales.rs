@@ -36,6 +36,17 @@ pub enum EventType {
     Void,
 }
 
+impl std::str::FromStr for EventType {
+    type Err = String;
+    /// Parses the wire spelling (`sale`, `refund`, `void`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [EventType::Sale, EventType::Refund, EventType::Void]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown event type {s:?} (sale, refund, void)"))
+    }
+}
+
 impl EventType {
     /// The wire spelling.
     pub const fn as_str(self) -> &'static str {

@@ -6,7 +6,7 @@
 
 mod e2e_support;
 
-use e2e_support::{enroll, sale_payload, terminal_cli, Cable, Cloud, Daemon};
+use e2e_support::{enroll, terminal_cli, Cable, Cloud, Daemon};
 use serde_json::json;
 
 fn cloud_verify(file: &std::path::Path) -> (bool, String, String) {
@@ -37,13 +37,7 @@ async fn a_sale_changed_on_the_till_is_one_chain_break_in_the_cloud_and_in_the_e
     cable.cut();
     let mut daemon = Daemon::start(dir.path(), &[]);
     for n in 1..=5 {
-        let (code, body) = daemon
-            .post(
-                "/sales",
-                json!({"type": "sale", "payload": sale_payload(n)}),
-            )
-            .await;
-        assert_eq!(code, 201, "{body}");
+        daemon.sell(n).await;
     }
     daemon
         .wait_status("five queued", |s| s["outbox"]["queued"] == 5)

@@ -134,12 +134,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 fn record(r: ExportRow, branch: &str) -> Result<AuditRecord, StoreError> {
-    let event_type = match r.4.as_str() {
-        "sale" => EventType::Sale,
-        "refund" => EventType::Refund,
-        "void" => EventType::Void,
-        other => return Err(corrupt("event type", other)),
-    };
+    let event_type: EventType = r.4.parse().map_err(|e| corrupt("event type", e))?;
     Ok(AuditRecord {
         pos_id: Uuid::parse_str(&r.2).map_err(|e| corrupt("pos_id", e))?,
         local_event_id: r.3,

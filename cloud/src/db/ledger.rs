@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{NaiveDateTime, SubsecRound, Timelike};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use possync_protocol::{
     sale_flags, HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SaleFlag, SyncStatus,
@@ -404,15 +404,10 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
 /// the microsecond (both columns hold microseconds, and PostgreSQL would round times before
 /// 2000 towards 2000), and a leap second (`23:59:60.x`, which RFC 3339 allows) written as the
 /// next second's `00.x`, as PostgreSQL itself reads one (SQLite would keep `:60`).
+/// This is also the instant the hash chain covers (`journal_chain::canonical_instant`), so a
+/// stored sale's canonical bytes can be rebuilt from its row.
 fn stored_instant(t: chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
-    let t = t.naive_utc().trunc_subsecs(6);
-    let nanos = t.nanosecond();
-    if nanos < 1_000_000_000 {
-        return t;
-    }
-    t.with_nanosecond(nanos - 1_000_000_000)
-        .and_then(|s| s.checked_add_signed(chrono::Duration::seconds(1)))
-        .unwrap_or(t)
+    possync_protocol::journal_chain::canonical_instant(t).naive_utc()
 }
 
 fn sales_row(
@@ -442,16 +437,9 @@ fn sales_row(
 }
 
 fn stored_end(r: EndRow) -> Result<StoredEnd, StoreError> {
-    let event_type = match r.4.as_str() {
-        "sale" => possync_protocol::EventType::Sale,
-        "refund" => possync_protocol::EventType::Refund,
-        "void" => possync_protocol::EventType::Void,
-        other => {
-            return Err(StoreError::Unavailable(format!(
-                "corrupt event type {other:?} in database"
-            )))
-        }
-    };
+    let event_type =
+        r.4.parse()
+            .map_err(|e| StoreError::Unavailable(format!("corrupt row in database: {e}")))?;
     Ok(StoredEnd {
         cloud_event_id: r.0,
         branch_id: r.1,

@@ -550,7 +550,10 @@ fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
         .expect("park");
     }
     conn.execute_batch(
-        "ALTER TABLE sync_journal DROP COLUMN answered_failures;
+        "DROP TRIGGER sync_journal_chain_hash_fixed;
+         ALTER TABLE sync_journal DROP COLUMN chain_hash;
+         DELETE FROM schema_migrations WHERE version = 6;
+         ALTER TABLE sync_journal DROP COLUMN answered_failures;
          ALTER TABLE sync_journal DROP COLUMN sale_failures;
          ALTER TABLE sync_journal DROP COLUMN last_failed_at;
          DELETE FROM schema_migrations WHERE version = 5;
@@ -588,4 +591,79 @@ fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
         ),
         4
     );
+}
+
+/// Migration 0006 rewrites nothing: sales already in the journal stay unchained, and each
+/// `pos_id`'s chain starts at its first sale enqueued after it (docs/journal-chain.md). The
+/// journal then verifies; a chained sale edited in the file does not.
+#[test]
+fn the_chain_starts_at_the_migration_and_an_edit_after_it_shows() {
+    use possync_protocol::journal_chain::{ChainFault, ChainVerifier};
+    let (_dir, path) = temp_db();
+    {
+        let store = open(&path);
+        store.save_enrollment(&enrollment()).expect("enroll");
+        for i in 1..=2 {
+            store
+                .enqueue_sale(
+                    EventType::Sale,
+                    Utc::now(),
+                    &payload(&format!("R-{i}"), 1, 100),
+                )
+                .expect("enqueue");
+        }
+    }
+    // What version 5 left behind: the same rows, no chain.
+    raw(&path)
+        .execute_batch(
+            "DROP TRIGGER sync_journal_chain_hash_fixed;
+             ALTER TABLE sync_journal DROP COLUMN chain_hash;
+             DELETE FROM schema_migrations WHERE version = 6;
+             PRAGMA user_version = 5;",
+        )
+        .expect("downgrade");
+    let store = open(&path);
+    for i in 3..=4 {
+        store
+            .enqueue_sale(
+                EventType::Sale,
+                Utc::now(),
+                &payload(&format!("R-{i}"), 1, 100),
+            )
+            .expect("enqueue");
+    }
+    let verify = |store: &possync_terminal::store::SqliteStore| {
+        let mut v = ChainVerifier::new();
+        for r in store.audit_records().expect("records") {
+            v.check(&r)?;
+        }
+        Ok::<_, ChainFault>(v)
+    };
+    let records = store.audit_records().expect("records");
+    let chained: Vec<bool> = records.iter().map(|r| r.chain_hash.is_some()).collect();
+    assert_eq!(chained, vec![false, false, true, true]);
+    let v = verify(&store).expect("intact");
+    assert_eq!((v.records, v.links_verified), (4, 2));
+
+    raw(&path)
+        .execute(
+            "UPDATE sync_journal SET event = json_set(event, '$.payload.receipt_no', 'X')
+             WHERE local_event_id = 4",
+            [],
+        )
+        .expect("edit");
+    assert!(matches!(
+        verify(&store),
+        Err(ChainFault::Break {
+            local_event_id: 4,
+            ..
+        })
+    ));
+    // The link cannot be re-pointed without re-keying the row.
+    assert!(raw(&path)
+        .execute(
+            "UPDATE sync_journal SET chain_hash = ?1 WHERE local_event_id = 4",
+            ["0".repeat(64)],
+        )
+        .is_err());
 }

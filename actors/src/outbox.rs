@@ -720,6 +720,7 @@ mod tests {
                         amount_minor: 100,
                     }],
                 },
+                chain_hash: None,
             },
         }
     }

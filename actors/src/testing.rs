@@ -68,6 +68,7 @@ pub fn sale_event(terminal_id: Uuid, pos_id: Uuid, local_event_id: i64) -> SaleE
             .single()
             .unwrap_or_default(),
         payload: possync_testkit::one_line_payload(&format!("B1-T1-{local_event_id:06}"), 2, 250),
+        chain_hash: None,
     }
 }
 
@@ -229,9 +230,27 @@ impl MemoryStore {
         }
     }
 
-    /// Adds a sale to the journal as `pending`; returns its journal id.
-    pub fn enqueue(&self, event: SaleEvent) -> JournalId {
+    /// Adds a sale to the journal as `pending`, chained as the real store chains it
+    /// (`possync_protocol::journal_chain`) unless it already carries a `chain_hash`; returns
+    /// its journal id.
+    pub fn enqueue(&self, mut event: SaleEvent) -> JournalId {
         let mut g = lock(&self.inner);
+        if event.chain_hash.is_none() {
+            let predecessor = g
+                .journal
+                .values()
+                .find(|r| {
+                    r.event.pos_id == event.pos_id
+                        && r.event.local_event_id == event.local_event_id - 1
+                })
+                .and_then(|r| r.event.chain_hash.clone());
+            let prev = possync_protocol::journal_chain::prev_of(
+                event.pos_id,
+                event.local_event_id,
+                predecessor.as_deref(),
+            );
+            event.chain_hash = event.expected_chain_hash(&prev).ok();
+        }
         g.next_journal_id += 1;
         let id = g.next_journal_id;
         g.journal.insert(

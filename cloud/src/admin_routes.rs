@@ -27,8 +27,23 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
 }
 
-/// `GET /metrics`: Prometheus text exposition.
+/// `GET /metrics`: Prometheus text exposition. The journal gauges (`sales_gaps`,
+/// `sales_chain_breaks`) are read from the database first; if it does not answer they keep
+/// their last figures and the rest is served anyway.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    match state
+        .db
+        .run(crate::db::journal_audit::journal_signals)
+        .await
+    {
+        Ok(signals) => state
+            .metrics
+            .set_journal_signals(&signals.gaps_per_branch(), &signals.breaks_per_branch()),
+        Err(e) => {
+            tracing::warn!(errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e,
+            "journal gauges not refreshed")
+        }
+    }
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
         .body(state.metrics.render())
@@ -185,4 +200,15 @@ pub async fn sales_summary(
         HttpResponse::Ok()
             .json(serde_json::json!({ "branch_id": q.branch, "sales_events": count })),
     )
+}
+
+/// `GET /v1/admin/fleet`: the sales journal's signals per branch and till (consume-only):
+/// pending gap ranges ("missing 1042–1047 from T") and recorded chain breaks.
+pub async fn fleet(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let signals = state
+        .db
+        .run(crate::db::journal_audit::journal_signals)
+        .await
+        .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(signals))
 }

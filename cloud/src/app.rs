@@ -260,7 +260,8 @@ pub fn build(
                 .service(
                     web::resource("/sales/summary")
                         .route(web::get().to(admin_routes::sales_summary)),
-                ),
+                )
+                .service(web::resource("/fleet").route(web::get().to(admin_routes::fleet))),
         )
 }
 

@@ -430,6 +430,7 @@ mod tests {
             .iter()
             .map(|id| IngestOutcome::Accepted {
                 cloud_event_id: *id,
+                chain_break: false,
             })
             .collect();
         let (tx1, mut rx1) = oneshot::channel();

@@ -2,8 +2,8 @@
 //! in-process servers (tests) never share or collide on counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the cloud exports. Cheap to clone (the collectors are shared handles).
@@ -48,6 +48,11 @@ pub struct Metrics {
     /// how it showed: `device` (a second device nonce; the events were refused with
     /// `POS_SYNC_POS_CLONED`) or `payload` (a key came again with a different payload).
     pub pos_identity_conflicts: IntCounterVec,
+    /// Sales missing below the highest stored `local_event_id` of their till, per branch
+    /// (read from the database at each scrape: every instance reports the same figure).
+    pub sales_gaps: IntGaugeVec,
+    /// Recorded chain breaks of the sales journal, per branch (from the database).
+    pub sales_chain_breaks: IntGaugeVec,
 }
 
 /// Registration can only fail on duplicate names, which is a programming error caught by the
@@ -187,6 +192,24 @@ impl Metrics {
                 &["reason"],
             ),
         );
+        let gauge_vec = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["branch"])
+                .unwrap_or_else(|_| unreachable_metric(name))
+        };
+        let sales_gaps = reg(
+            &r,
+            gauge_vec(
+                "sales_gaps",
+                "Sales missing below the highest stored local_event_id of their till, per branch",
+            ),
+        );
+        let sales_chain_breaks = reg(
+            &r,
+            gauge_vec(
+                "sales_chain_breaks",
+                "Recorded breaks of the sales journal's hash chain, per branch",
+            ),
+        );
         for reason in ["device", "payload"] {
             pos_identity_conflicts.with_label_values(&[reason]);
         }
@@ -226,6 +249,27 @@ impl Metrics {
             tombstones_purged,
             fingerprint_tree_builds,
             pos_identity_conflicts,
+            sales_gaps,
+            sales_chain_breaks,
+        }
+    }
+
+    /// Sets the journal gauges to the database's figures (branches absent from both maps are
+    /// dropped from the exposition).
+    pub fn set_journal_signals(
+        &self,
+        gaps: &std::collections::BTreeMap<String, i64>,
+        breaks: &std::collections::BTreeMap<String, i64>,
+    ) {
+        self.sales_gaps.reset();
+        self.sales_chain_breaks.reset();
+        for branch in gaps.keys().chain(breaks.keys()) {
+            self.sales_gaps
+                .with_label_values(&[branch])
+                .set(gaps.get(branch).copied().unwrap_or(0));
+            self.sales_chain_breaks
+                .with_label_values(&[branch])
+                .set(breaks.get(branch).copied().unwrap_or(0));
         }
     }
 

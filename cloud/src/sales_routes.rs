@@ -165,9 +165,22 @@ fn from_outcome(local_event_id: i64, outcome: IngestOutcome) -> EventResult {
                 "the database cannot store this event as sent; nothing of it was stored".into(),
             )
         }
-        IngestOutcome::Accepted { cloud_event_id } => {
-            (EventStatus::Accepted, None, cloud_event_id, None)
-        }
+        IngestOutcome::Accepted {
+            cloud_event_id,
+            chain_break: false,
+        } => (EventStatus::Accepted, None, cloud_event_id, None),
+        IngestOutcome::Accepted {
+            cloud_event_id,
+            chain_break: true,
+        } => (
+            EventStatus::Accepted,
+            Some(ErrorCode::PosSyncChainBreak),
+            cloud_event_id,
+            Some(
+                "stored; its chain_hash does not follow from its predecessor's: a chain break is recorded"
+                    .to_string(),
+            ),
+        ),
         IngestOutcome::Duplicate { cloud_event_id } => (
             EventStatus::Duplicate,
             Some(ErrorCode::PosSyncEventDuplicate),
@@ -528,7 +541,13 @@ mod tests {
         assert_eq!(r.status, EventStatus::Conflict);
         assert_eq!(r.code, Some(ErrorCode::PosSyncEventDuplicate));
         assert_eq!(r.cloud_event_id, Some(id));
-        let r = from_outcome(3, IngestOutcome::Accepted { cloud_event_id: id });
+        let r = from_outcome(
+            3,
+            IngestOutcome::Accepted {
+                cloud_event_id: id,
+                chain_break: false,
+            },
+        );
         assert_eq!(r.code, None);
         let r = from_outcome(3, IngestOutcome::Refused);
         assert_eq!(r.status, EventStatus::Rejected);

@@ -49,11 +49,16 @@ pub enum ErrorCode {
     /// that did not arrive in time (408), an over-long URL (414) or a malformed request (400).
     /// Beyond the contract's nine codes, so that every non-2xx answer has a stable code.
     PosRequestInvalid,
+    /// The event's `chain_hash` does not follow from its predecessor's `chain_hash` and its
+    /// own canonical bytes (see `journal_chain`): one of the two was changed after the till
+    /// chained it. Per-event code on an `accepted` (stored) event, never an HTTP error: the
+    /// journal is evidence, so the event is kept and the break recorded.
+    PosSyncChainBreak,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -69,6 +74,7 @@ impl ErrorCode {
         ErrorCode::PosLocalUnauthorized,
         ErrorCode::PosLocalUnsupportedMediaType,
         ErrorCode::PosRequestInvalid,
+        ErrorCode::PosSyncChainBreak,
     ];
 
     /// The codes only the till's loopback API answers (never the cloud).
@@ -102,6 +108,7 @@ impl ErrorCode {
             ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
             ErrorCode::PosRequestInvalid => "POS_REQUEST_INVALID",
+            ErrorCode::PosSyncChainBreak => "POS_SYNC_CHAIN_BREAK",
         }
     }
 
@@ -130,7 +137,8 @@ impl ErrorCode {
             | ErrorCode::PosLocalOriginNotAllowed
             | ErrorCode::PosLocalUnauthorized
             | ErrorCode::PosLocalUnsupportedMediaType
-            | ErrorCode::PosSyncPosCloned => false,
+            | ErrorCode::PosSyncPosCloned
+            | ErrorCode::PosSyncChainBreak => false,
         }
     }
 }

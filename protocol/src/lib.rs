@@ -2,7 +2,7 @@
 //!
 //! Everything the cloud and the terminal must agree on, in one place so they cannot drift:
 //! the JSON wire types of the sync API, the stable error codes with their HTTP statuses
-//! and retry rules, the canonical entity hash, and the validation of a sale.
+//! and retry rules, the canonical entity hash, the sales journal's hash chain, and the validation of a sale.
 //!
 //! This crate does no I/O.
 
@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod error;
 pub mod fingerprint;
+pub mod journal_chain;
 pub mod sales;
 pub mod token;
 

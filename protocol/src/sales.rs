@@ -36,6 +36,17 @@ pub enum EventType {
     Void,
 }
 
+impl std::str::FromStr for EventType {
+    type Err = String;
+    /// Parses the wire spelling (`sale`, `refund`, `void`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [EventType::Sale, EventType::Refund, EventType::Void]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown event type {s:?} (sale, refund, void)"))
+    }
+}
+
 impl EventType {
     /// The wire spelling.
     pub const fn as_str(self) -> &'static str {
@@ -65,6 +76,11 @@ pub struct SaleEvent {
     pub occurred_at: DateTime<Utc>,
     /// The receipt.
     pub payload: SalePayload,
+    /// The till's hash chain link for this event (see [`crate::journal_chain`]): 64 lower-case
+    /// hex digits, absent for sales recorded before chaining began. Not part of
+    /// [`SaleEvent::payload_hash`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_hash: Option<String>,
 }
 
 impl SaleEvent {
@@ -342,6 +358,14 @@ pub fn validate_event(event: &SaleEvent) -> Result<(), SaleInvalid> {
             "must be 1-64 of [a-z0-9_-]",
         ));
     }
+    if let Some(h) = &event.chain_hash {
+        if !crate::journal_chain::is_chain_hash(h) {
+            return Err(SaleInvalid::field(
+                "chain_hash",
+                "must be 64 lower-case hex digits",
+            ));
+        }
+    }
     let year = event.occurred_at.year();
     if !(OCCURRED_AT_MIN_YEAR..=OCCURRED_AT_MAX_YEAR).contains(&year) {
         return Err(SaleInvalid::field(
@@ -600,6 +624,7 @@ mod tests {
             event_type: EventType::Sale,
             occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
             payload: payload(vec![line(1, 100, 0)]),
+            chain_hash: None,
         };
         let mut other_key = ev.clone();
         other_key.local_event_id = 2;
@@ -618,6 +643,7 @@ mod tests {
             event_type: EventType::Sale,
             occurred_at: occurred_at.parse().expect("time"),
             payload,
+            chain_hash: None,
         }
     }
 
@@ -812,6 +838,7 @@ mod tests {
                             })
                             .collect(),
                     },
+                    chain_hash: None,
                 },
             )
     }

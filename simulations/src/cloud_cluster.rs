@@ -294,6 +294,16 @@ impl CloudCluster {
         Ok(())
     }
 
+    /// `cloud audit export --branch B`: the branch's journal as JSON Lines.
+    pub async fn audit_export(&self, branch: &str) -> Result<String, SimError> {
+        run_command(
+            &self.bin,
+            &self.cli_args(&["audit", "export", "--branch", branch]),
+            &self.env(),
+        )
+        .await
+    }
+
     fn cli_args(&self, a: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
         v.push("--database-url".into());

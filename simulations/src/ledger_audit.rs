@@ -93,12 +93,20 @@ pub struct AuditFindings {
     pub unknown_terminal_rows: u64,
     /// Up to 20 concrete findings, for the summary.
     pub examples: Vec<String>,
+    /// Chain breaks: recorded by the cloud on ingest, plus faults found verifying each
+    /// branch's `cloud audit export` offline (docs/journal-chain.md). Must be 0.
+    #[serde(default)]
+    pub chain_breaks: u64,
+    /// Links verified offline over the exports.
+    #[serde(default)]
+    pub chain_links_verified: u64,
 }
 
 impl AuditFindings {
     /// Whether the run proved what it must: nothing lost, doubled or crossing.
     pub fn clean(&self) -> bool {
         self.lost == 0
+            && self.chain_breaks == 0
             && self.duplicated == 0
             && self.cross_branch == 0
             && self.unknown_terminal_rows == 0
@@ -208,6 +216,58 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
         }
     }
     f
+}
+
+/// Checks every chain: the breaks the cloud recorded on ingest (`sales_chain_links`), then
+/// each branch's export verified offline with the protocol's verifier. Adds to `f`.
+pub fn audit_chains(f: &mut AuditFindings, recorded_breaks: u64, exports: &[(String, String)]) {
+    use possync_protocol::journal_chain::{AuditRecord, ChainVerifier};
+    f.chain_breaks += recorded_breaks;
+    if recorded_breaks > 0 {
+        f.example(format!(
+            "{recorded_breaks} chain breaks recorded by the cloud on ingest"
+        ));
+    }
+    for (branch, text) in exports {
+        let mut v = ChainVerifier::new();
+        for (i, line) in text.lines().enumerate() {
+            let checked = serde_json::from_str::<AuditRecord>(line)
+                .map_err(|e| e.to_string())
+                .and_then(|r| v.check(&r).map_err(|e| e.to_string()));
+            if let Err(e) = checked {
+                // Gaps are the lost/needs-attention audit's business; a fault here that is
+                // not a gap is a chain fault.
+                if !e.starts_with("gap") {
+                    f.chain_breaks += 1;
+                    f.example(format!("branch {branch} export line {}: {e}", i + 1));
+                }
+                break;
+            }
+        }
+        f.chain_links_verified += v.links_verified;
+    }
+}
+
+/// Chain breaks the cloud recorded on ingest.
+pub async fn read_recorded_breaks(db_url: &str) -> Result<u64, SimError> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let url = db_url.to_string();
+    tokio::task::spawn_blocking(move || -> Result<u64, SimError> {
+        let mut c = PgConnection::establish(&url)
+            .map_err(|e| SimError::Postgres(format!("cannot reach {url}: {e}")))?;
+        let rows = diesel::sql_query(
+            "SELECT count(*)::bigint AS n FROM sales_chain_links WHERE NOT intact",
+        )
+        .load::<Count>(&mut c)
+        .map_err(|e| SimError::Postgres(format!("reading sales_chain_links: {e}")))?;
+        Ok(rows.first().map_or(0, |r| u64::try_from(r.n).unwrap_or(0)))
+    })
+    .await
+    .map_err(|e| SimError::Postgres(e.to_string()))?
 }
 
 #[cfg(test)]

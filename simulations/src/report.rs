@@ -168,6 +168,14 @@ impl RunReport {
         line(&mut s, "needs_attention", self.needs_attention.to_string());
         line(
             &mut s,
+            "chain_breaks",
+            format!(
+                "{} ({} links verified offline over the exports)",
+                self.audit.chain_breaks, self.audit.chain_links_verified
+            ),
+        );
+        line(
+            &mut s,
             "longest outage",
             format!(
                 "{} ms ({:.1} × the {} ms attempt budget)",

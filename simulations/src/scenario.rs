@@ -15,7 +15,9 @@ use crate::catalog_churn::{branch_truth, compare_catalog, seed_catalog, CatalogC
 use crate::cloud_cluster::{CloudCluster, Enrollment, RunDatabase, DEFAULT_PG_SERVER};
 use crate::daemon::Binaries;
 use crate::fault_schedule::{CloudFault, FaultMode, FaultSchedule, ScheduleShape};
-use crate::ledger_audit::{audit, read_cloud_sales, TerminalLedger};
+use crate::ledger_audit::{
+    audit, audit_chains, read_cloud_sales, read_recorded_breaks, TerminalLedger,
+};
 use crate::proxy::{FaultProxy, Upstreams};
 use crate::report::{AbuseReport, RunReport, TerminalReport, Timings};
 use crate::sale_script::{is_valid, SaleScript};
@@ -444,7 +446,14 @@ async fn run_on(
             journal,
         });
     }
-    let findings = audit(&ledgers, &cloud_sales);
+    let mut findings = audit(&ledgers, &cloud_sales);
+    let mut exports = Vec::with_capacity(branches.len());
+    for b in &branches {
+        let text = cluster.lock().await.audit_export(b).await?;
+        exports.push((b.to_string(), text));
+    }
+    let recorded = read_recorded_breaks(&db.url).await?;
+    audit_chains(&mut findings, recorded, &exports);
     let audit_done = Instant::now();
 
     for t in &per_terminal {

@@ -72,6 +72,16 @@ pub enum CommandError {
     /// Input the command could not use (a sale file that is not a sale).
     #[error("{0}")]
     Invalid(String),
+    /// `audit verify` found a bad record (the first one).
+    #[error("journal row {row} of {rows}: {fault}")]
+    Chain {
+        /// 1-based position in `(pos_id, local_event_id)` order.
+        row: usize,
+        /// Rows in the journal.
+        rows: usize,
+        /// What is wrong with it.
+        fault: possync_protocol::journal_chain::ChainFault,
+    },
     /// The enrolled token belongs to another terminal or branch than the one given.
     #[error("{0}")]
     WrongIdentity(String),
@@ -105,6 +115,7 @@ impl CommandError {
             CommandError::Io { .. } | CommandError::LocalToken(_) => TerminalCode::IoFailed,
             CommandError::AlreadyRunning(_) => TerminalCode::DaemonAlreadyRunning,
             CommandError::Invalid(_) => ErrorCode::PosSyncEventInvalid.into(),
+            CommandError::Chain { .. } => ErrorCode::PosSyncChainBreak.into(),
             CommandError::Daemon { code, .. } => code.unwrap_or(TerminalCode::DaemonFailed),
         }
     }
@@ -158,6 +169,17 @@ pub enum Command {
     /// The enrollment's token: `token set TOKEN` after `cloud terminal rotate`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The sales journal's hash chains: `audit verify` (docs/journal-chain.md).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `terminal audit …`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verifies this till's own journal: exit 0 when every chain is intact and gapless, else
+    /// exit 1 naming the first bad record.
+    Verify,
 }
 
 /// `terminal token …`.
@@ -408,6 +430,26 @@ pub async fn execute(cli: Cli) -> Result<(), CommandError> {
             Ok(())
         }
         Command::Token(TokenCommand::Set { token }) => token_set(&data_dir, token).await,
+        Command::Audit(AuditCommand::Verify) => {
+            let store = open_store(&data_dir)?;
+            let records = tokio::task::spawn_blocking(move || store.audit_records())
+                .await
+                .map_err(|e| CommandError::Invalid(format!("worker failed: {e}")))??;
+            let mut verifier = possync_protocol::journal_chain::ChainVerifier::new();
+            for (i, r) in records.iter().enumerate() {
+                verifier.check(r).map_err(|fault| CommandError::Chain {
+                    row: i + 1,
+                    rows: records.len(),
+                    fault,
+                })?;
+            }
+            print_json(&serde_json::json!({
+                "intact": true,
+                "records": verifier.records,
+                "chains": verifier.chains(),
+                "links_verified": verifier.links_verified,
+            }))
+        }
     }
 }
 

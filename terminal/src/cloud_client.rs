@@ -735,6 +735,7 @@ mod tests {
             event_type: EventType::Sale,
             occurred_at: chrono::Utc::now(),
             payload,
+            chain_hash: None,
         }
     }
 

@@ -513,24 +513,33 @@ fn failure_history_round_trips_and_an_operator_retry_clears_it() {
     assert_eq!(fresh[0].history, FailureHistory::default());
 }
 
+/// What migration 0006 added, removed again (to make a file an older version left behind).
+const UNDO_0006: &str = "DROP TRIGGER sync_journal_chain_hash_fixed;
+     ALTER TABLE sync_journal DROP COLUMN chain_hash;
+     DELETE FROM schema_migrations WHERE version = 6;\n";
+
+/// A fresh, enrolled store holding sales `R-1`..`R-n`, closed again.
+fn enrolled_journal(n: i64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    for i in 1..=n {
+        store
+            .enqueue_sale(
+                EventType::Sale,
+                Utc::now(),
+                &payload(&format!("R-{i}"), 1, 100),
+            )
+            .expect("enqueue");
+    }
+    (dir, path)
+}
+
 /// Migration 0005 releases the sales an earlier version parked after unanswered attempts, and
 /// nothing else: a sale the cloud refused, or one parked for its own failure, stays put.
 #[test]
 fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
-    let (_dir, path) = temp_db();
-    {
-        let store = open(&path);
-        store.save_enrollment(&enrollment()).expect("enroll");
-        for i in 1..=6 {
-            store
-                .enqueue_sale(
-                    EventType::Sale,
-                    Utc::now(),
-                    &payload(&format!("R-{i}"), 1, 100),
-                )
-                .expect("enqueue");
-        }
-    }
+    let (_dir, path) = enrolled_journal(6);
     // Make the file what version 4 left behind: no history columns, rows parked as it did.
     let conn = raw(&path);
     let parked = [
@@ -550,11 +559,12 @@ fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
         .expect("park");
     }
     conn.execute_batch(
-        "ALTER TABLE sync_journal DROP COLUMN answered_failures;
+        &(UNDO_0006.to_string()
+            + "ALTER TABLE sync_journal DROP COLUMN answered_failures;
          ALTER TABLE sync_journal DROP COLUMN sale_failures;
          ALTER TABLE sync_journal DROP COLUMN last_failed_at;
          DELETE FROM schema_migrations WHERE version = 5;
-         PRAGMA user_version = 4;",
+         PRAGMA user_version = 4;"),
     )
     .expect("downgrade");
     drop(conn);
@@ -588,4 +598,61 @@ fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
         ),
         4
     );
+}
+
+/// Migration 0006 rewrites nothing: sales already in the journal stay unchained, and each
+/// `pos_id`'s chain starts at its first sale enqueued after it (docs/journal-chain.md). The
+/// journal then verifies; a chained sale edited in the file does not.
+#[test]
+fn the_chain_starts_at_the_migration_and_an_edit_after_it_shows() {
+    use possync_protocol::journal_chain::{ChainFault, ChainVerifier};
+    let (_dir, path) = enrolled_journal(2);
+    // What version 5 left behind: the same rows, no chain.
+    raw(&path)
+        .execute_batch(&(UNDO_0006.to_string() + "PRAGMA user_version = 5;"))
+        .expect("downgrade");
+    let store = open(&path);
+    for i in 3..=4 {
+        store
+            .enqueue_sale(
+                EventType::Sale,
+                Utc::now(),
+                &payload(&format!("R-{i}"), 1, 100),
+            )
+            .expect("enqueue");
+    }
+    let verify = |store: &possync_terminal::store::SqliteStore| {
+        let mut v = ChainVerifier::new();
+        for r in store.audit_records().expect("records") {
+            v.check(&r)?;
+        }
+        Ok::<_, ChainFault>(v)
+    };
+    let records = store.audit_records().expect("records");
+    let chained: Vec<bool> = records.iter().map(|r| r.chain_hash.is_some()).collect();
+    assert_eq!(chained, vec![false, false, true, true]);
+    let v = verify(&store).expect("intact");
+    assert_eq!((v.records, v.links_verified), (4, 2));
+
+    raw(&path)
+        .execute(
+            "UPDATE sync_journal SET event = json_set(event, '$.payload.receipt_no', 'X')
+             WHERE local_event_id = 4",
+            [],
+        )
+        .expect("edit");
+    assert!(matches!(
+        verify(&store),
+        Err(ChainFault::Break {
+            local_event_id: 4,
+            ..
+        })
+    ));
+    // The link cannot be re-pointed without re-keying the row.
+    assert!(raw(&path)
+        .execute(
+            "UPDATE sync_journal SET chain_hash = ?1 WHERE local_event_id = 4",
+            ["0".repeat(64)],
+        )
+        .is_err());
 }

@@ -58,6 +58,7 @@ pub fn sample_sale_event(
             .single()
             .unwrap_or_else(Utc::now),
         payload: cash_payload(format!("R-{local_event_id:06}"), lines),
+        chain_hash: None,
     }
 }
 

@@ -24,14 +24,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{NaiveDateTime, SubsecRound, Timelike};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use possync_protocol::{
     sale_flags, HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SaleFlag, SyncStatus,
 };
 use uuid::Uuid;
 
-use super::schema::{idempotency_ledger, sales_event_flags, sales_events};
+use super::chain_links::{links_to_verify, LinkVerdict, StoredEnd};
+use super::schema::{idempotency_ledger, sales_chain_links, sales_event_flags, sales_events};
 use super::{for_each_backend, now_utc, read_txn, with_conn, write_txn, DbConn, StoreError};
 
 /// Rows per multi-row INSERT: 200 × 13 columns stays far below SQLite's 32 766 and
@@ -73,6 +74,9 @@ pub enum IngestOutcome {
     Accepted {
         /// The new sale's id.
         cloud_event_id: Uuid,
+        /// Its `chain_hash` does not follow from its (stored) predecessor: a chain break,
+        /// recorded with the sale, which is stored anyway.
+        chain_break: bool,
     },
     /// Stored before with the same payload; the first ingestion's id.
     Duplicate {
@@ -93,7 +97,7 @@ impl IngestOutcome {
     /// The `cloud_event_id` of a stored (or earlier stored) event; `None` for a refused one.
     pub fn cloud_event_id(&self) -> Option<Uuid> {
         match *self {
-            IngestOutcome::Accepted { cloud_event_id }
+            IngestOutcome::Accepted { cloud_event_id, .. }
             | IngestOutcome::Duplicate { cloud_event_id }
             | IngestOutcome::Conflict { cloud_event_id } => Some(cloud_event_id),
             IngestOutcome::Refused => None,
@@ -107,8 +111,34 @@ type Key = (String, String, i64);
 /// Keys stored by earlier batches → their `(payload_hash, cloud_event_id)`.
 type EarlierDeliveries = HashMap<Key, (String, String)>;
 
-/// What the ingest transaction learns: keys it claimed, and the earlier deliveries of the rest.
-type Claimed = (HashSet<Key>, EarlierDeliveries);
+/// What the ingest transaction learns: keys it claimed, the earlier deliveries of the rest, and
+/// the chain links it verified.
+type Claimed = (HashSet<Key>, EarlierDeliveries, Vec<LinkVerdict>);
+
+/// A stored event's chain fields as loaded: `(cloud_event_id, branch_id, pos_id,
+/// local_event_id, event_type, occurred_at, payload, chain_hash)`.
+type EndRow = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    NaiveDateTime,
+    String,
+    Option<String>,
+);
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = sales_chain_links)]
+struct LinkRow {
+    cloud_event_id: String,
+    branch_id: String,
+    pos_id: String,
+    local_event_id: i64,
+    intact: bool,
+    expected_hash: String,
+    verified_at: NaiveDateTime,
+}
 
 #[derive(Debug, Insertable)]
 #[diesel(table_name = idempotency_ledger)]
@@ -145,6 +175,7 @@ struct SalesRow {
     receipt_no: String,
     total_minor: i64,
     currency: String,
+    chain_hash: Option<String>,
 }
 
 for_each_backend! {
@@ -165,6 +196,53 @@ for_each_backend! {
         let mut n = 0;
         for chunk in rows.chunks(INSERT_CHUNK) {
             n += diesel::insert_into(sales_event_flags::table).values(chunk).execute(c)?;
+        }
+        Ok(n)
+    }
+
+    /// The stored events `(pos_id, local_event_id)` of `keys`, under any terminal.
+    pub(super) fn chain_ends(c: &mut Conn, keys: &[(String, i64)]) -> QueryResult<Vec<EndRow>> {
+        use sales_events::dsl as s;
+        let wanted: HashSet<&(String, i64)> = keys.iter().collect();
+        let mut out = Vec::new();
+        for chunk in keys.chunks(INSERT_CHUNK) {
+            let pos: HashSet<&str> = chunk.iter().map(|k| k.0.as_str()).collect();
+            let ids: HashSet<i64> = chunk.iter().map(|k| k.1).collect();
+            let rows: Vec<EndRow> = s::sales_events
+                .filter(s::pos_id.eq_any(pos))
+                .filter(s::local_event_id.eq_any(ids))
+                .select((s::cloud_event_id, s::branch_id, s::pos_id, s::local_event_id,
+                         s::event_type, s::occurred_at, s::payload, s::chain_hash))
+                .load(c)?;
+            out.extend(rows.into_iter().filter(|r| wanted.contains(&(r.2.clone(), r.3))));
+        }
+        Ok(out)
+    }
+
+    /// Which of `ids` already have a verified link.
+    pub(super) fn linked(c: &mut Conn, ids: &[String]) -> QueryResult<Vec<String>> {
+        use sales_chain_links::dsl as l;
+        let mut out = Vec::new();
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            out.extend(
+                l::sales_chain_links
+                    .filter(l::cloud_event_id.eq_any(chunk))
+                    .select(l::cloud_event_id)
+                    .load::<String>(c)?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub(super) fn store_links(c: &mut Conn, rows: &[LinkRow]) -> QueryResult<usize> {
+        let mut n = 0;
+        for row in rows {
+            // A link verified concurrently by another process (both ends committed at once)
+            // keeps its first verdict.
+            n += diesel::insert_into(sales_chain_links::table)
+                .values(row)
+                .on_conflict_do_nothing()
+                .execute(c)?;
         }
         Ok(n)
     }
@@ -326,15 +404,10 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
 /// the microsecond (both columns hold microseconds, and PostgreSQL would round times before
 /// 2000 towards 2000), and a leap second (`23:59:60.x`, which RFC 3339 allows) written as the
 /// next second's `00.x`, as PostgreSQL itself reads one (SQLite would keep `:60`).
+/// This is also the instant the hash chain covers (`journal_chain::canonical_instant`), so a
+/// stored sale's canonical bytes can be rebuilt from its row.
 fn stored_instant(t: chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
-    let t = t.naive_utc().trunc_subsecs(6);
-    let nanos = t.nanosecond();
-    if nanos < 1_000_000_000 {
-        return t;
-    }
-    t.with_nanosecond(nanos - 1_000_000_000)
-        .and_then(|s| s.checked_add_signed(chrono::Duration::seconds(1)))
-        .unwrap_or(t)
+    possync_protocol::journal_chain::canonical_instant(t).naive_utc()
 }
 
 fn sales_row(
@@ -359,7 +432,50 @@ fn sales_row(
         receipt_no: e.payload.receipt_no.clone(),
         total_minor: e.payload.totals.total_minor,
         currency: e.payload.currency.clone(),
+        chain_hash: e.chain_hash.clone(),
     })
+}
+
+fn stored_end(r: EndRow) -> Result<StoredEnd, StoreError> {
+    let event_type =
+        r.4.parse()
+            .map_err(|e| StoreError::Unavailable(format!("corrupt row in database: {e}")))?;
+    Ok(StoredEnd {
+        cloud_event_id: r.0,
+        branch_id: r.1,
+        pos_id: parse_id(&r.2)?,
+        local_event_id: r.3,
+        event_type,
+        occurred_at: r.5,
+        payload: r.6,
+        chain_hash: r.7,
+    })
+}
+
+/// The chain links that the sales stored now complete, verified against what is stored.
+fn verify_links_of(
+    stored: &[SalesRow],
+    ends: Vec<EndRow>,
+    linked: Vec<String>,
+) -> Result<Vec<LinkVerdict>, StoreError> {
+    let now_ids: HashSet<String> = stored.iter().map(|r| r.cloud_event_id.clone()).collect();
+    let ends = ends
+        .into_iter()
+        .map(stored_end)
+        .collect::<Result<Vec<_>, _>>()?;
+    let linked: HashSet<String> = linked.into_iter().collect();
+    Ok(links_to_verify(&now_ids, &ends, &linked))
+}
+
+/// `(pos_id, n - 1)`, `(pos_id, n)` and `(pos_id, n + 1)` of every stored sale.
+fn neighbour_keys(stored: &[SalesRow]) -> Vec<(String, i64)> {
+    let mut keys: Vec<(String, i64)> = stored
+        .iter()
+        .flat_map(|r| [-1, 0, 1].map(|d| (r.pos_id.clone(), r.local_event_id + d)))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 /// Ingests a batch of validated events in one transaction and returns one outcome per event,
@@ -405,7 +521,7 @@ pub fn ingest_batch(
         ))
     });
 
-    let (claimed, earlier) = write_txn!(conn, |c, m| -> Result<Claimed, StoreError> {
+    let (claimed, earlier, verdicts) = write_txn!(conn, |c, m| -> Result<Claimed, StoreError> {
         let claimed: HashSet<Key> = m::claim(c, &ledger_rows)?.into_iter().collect();
         let mut sales = Vec::with_capacity(claimed.len());
         let mut flags = Vec::new();
@@ -429,6 +545,27 @@ pub fn ingest_batch(
         }
         m::store_sales(c, &sales)?;
         m::store_flags(c, &flags)?;
+        let ends = m::chain_ends(c, &neighbour_keys(&sales))?;
+        let waiting: Vec<String> = ends
+            .iter()
+            .filter(|e| e.7.is_some())
+            .map(|e| e.0.clone())
+            .collect();
+        let linked = m::linked(c, &waiting)?;
+        let verdicts = verify_links_of(&sales, ends, linked)?;
+        let links: Vec<LinkRow> = verdicts
+            .iter()
+            .map(|v| LinkRow {
+                cloud_event_id: v.cloud_event_id.clone(),
+                branch_id: v.branch_id.clone(),
+                pos_id: v.pos_id.to_string(),
+                local_event_id: v.local_event_id,
+                intact: v.intact,
+                expected_hash: v.expected_hash.clone(),
+                verified_at: now,
+            })
+            .collect();
+        m::store_links(c, &links)?;
         let earlier = if others.is_empty() {
             HashMap::new()
         } else {
@@ -437,8 +574,19 @@ pub fn ingest_batch(
                 .map(|(k, h, id)| (k, (h, id)))
                 .collect()
         };
-        Ok((claimed, earlier))
+        Ok((claimed, earlier, verdicts))
     })?;
+    for v in verdicts.iter().filter(|v| !v.intact) {
+        tracing::warn!(branchId = %v.branch_id, posId = %v.pos_id, eventId = v.local_event_id,
+            cloudEventId = %v.cloud_event_id, expected = %v.expected_hash,
+            errorCode = possync_protocol::ErrorCode::PosSyncChainBreak.as_str(),
+            "chain break: the sale is stored, but its chain_hash does not follow from its predecessor");
+    }
+    let broken: HashSet<&str> = verdicts
+        .iter()
+        .filter(|v| !v.intact)
+        .map(|v| v.cloud_event_id.as_str())
+        .collect();
 
     let mut out = Vec::with_capacity(batch.len());
     for (i, (key, req)) in keys.iter().zip(batch).enumerate() {
@@ -457,7 +605,10 @@ pub fn ingest_batch(
         };
         let cloud_event_id = parse_id(stored_id)?;
         out.push(if i == *first_i && claimed.contains(key) {
-            IngestOutcome::Accepted { cloud_event_id }
+            IngestOutcome::Accepted {
+                cloud_event_id,
+                chain_break: broken.contains(stored_id),
+            }
         } else if req.payload_hash == stored_hash {
             IngestOutcome::Duplicate { cloud_event_id }
         } else {

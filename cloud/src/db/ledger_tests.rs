@@ -14,12 +14,13 @@ fn sale(terminal: Uuid, pos: Uuid, id: i64, receipt: &str, unit: i64) -> IngestR
         event_type: EventType::Sale,
         occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
         payload: possync_testkit::one_line_payload(receipt, 2, unit),
+        chain_hash: None,
     })
 }
 
 fn accepted(o: &IngestOutcome) -> Uuid {
     match o {
-        IngestOutcome::Accepted { cloud_event_id } => *cloud_event_id,
+        IngestOutcome::Accepted { cloud_event_id, .. } => *cloud_event_id,
         other => panic!("expected accepted, got {other:?}"),
     }
 }
@@ -262,8 +263,10 @@ fn eight_concurrent_deliveries_of_one_key_store_it_once() {
         let id = winners[0].cloud_event_id().expect("stored");
         for o in &outcomes {
             assert!(
-                *o == IngestOutcome::Accepted { cloud_event_id: id }
-                    || *o == IngestOutcome::Duplicate { cloud_event_id: id },
+                *o == IngestOutcome::Accepted {
+                    cloud_event_id: id,
+                    chain_break: false
+                } || *o == IngestOutcome::Duplicate { cloud_event_id: id },
                 "round {round}: {o:?}"
             );
         }
@@ -551,5 +554,141 @@ fn a_sale_in_a_leap_second_is_stored() {
         // Both backends hold the instant PostgreSQL reads `23:59:60.5` as.
         let next: NaiveDateTime = "2017-01-01T00:00:00.5".parse().expect("time");
         assert_eq!(at, next);
+    });
+}
+
+/// Sales 1..=n of one till, chained as the till chains them.
+fn chained(t: Uuid, p: Uuid, n: i64) -> Vec<IngestRequest> {
+    let mut prev = possync_protocol::journal_chain::genesis(p);
+    (1..=n)
+        .map(|i| {
+            let mut r = sale(t, p, i, &format!("R{i}"), 100 + i);
+            let h = r.event.expected_chain_hash(&prev).expect("hash");
+            r.event.chain_hash = Some(h.clone());
+            prev = h;
+            r
+        })
+        .collect()
+}
+
+fn breaks(o: &[IngestOutcome]) -> Vec<bool> {
+    o.iter()
+        .map(|o| {
+            matches!(
+                o,
+                IngestOutcome::Accepted {
+                    chain_break: true,
+                    ..
+                }
+            )
+        })
+        .collect()
+}
+
+fn records(c: &mut DbConn) -> Vec<possync_protocol::journal_chain::AuditRecord> {
+    let mut out = Vec::new();
+    crate::db::journal_audit::export_journal(c, "b1", None, None, &mut |r| {
+        out.push(r.clone());
+        Ok(())
+    })
+    .expect("export");
+    out
+}
+
+fn first_fault(
+    rs: &[possync_protocol::journal_chain::AuditRecord],
+) -> Option<(usize, possync_protocol::journal_chain::ChainFault)> {
+    let mut v = possync_protocol::journal_chain::ChainVerifier::new();
+    rs.iter()
+        .enumerate()
+        .find_map(|(i, r)| v.check(r).err().map(|f| (i, f)))
+}
+
+#[test]
+fn a_sale_changed_after_chaining_is_stored_and_reported_as_exactly_one_break() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut batch = chained(t, p, 4);
+        // Changed after the till chained it: a bigger total, same chain_hash.
+        batch[2] = {
+            let mut r = batch[2].clone();
+            r.event.payload = possync_testkit::one_line_payload("R3", 2, 999);
+            IngestRequest::new(r.event)
+        };
+        let out = ingest_batch(&mut c, &batch).expect("ingest");
+        assert_eq!(breaks(&out), vec![false, false, true, false]);
+        assert_eq!(count_sales(&mut c, Some("b1")).expect("count"), 4);
+        let per_branch = crate::db::journal_audit::chain_breaks_per_branch(&mut c).expect("breaks");
+        assert_eq!(per_branch.get("b1"), Some(&1));
+        // The export shows the same break at the same record.
+        let rs = records(&mut c);
+        assert_eq!(rs.len(), 4);
+        assert!(matches!(
+            first_fault(&rs),
+            Some((
+                2,
+                possync_protocol::journal_chain::ChainFault::Break {
+                    local_event_id: 3,
+                    ..
+                }
+            ))
+        ));
+    });
+}
+
+#[test]
+fn out_of_order_arrival_verifies_and_a_gap_heals_when_the_missing_sale_arrives() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let all = chained(t, p, 5);
+        // 4 and 5 first, then 1, then 3: 2 is missing in transit.
+        for part in [&all[3..5], &all[0..1], &all[2..3]] {
+            let out = ingest_batch(&mut c, part).expect("ingest");
+            assert!(breaks(&out).iter().all(|b| !b), "{out:?}");
+        }
+        let gaps = crate::db::journal_audit::pending_gaps(&mut c).expect("gaps");
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0].missing, vec![(2, 2)]);
+        assert!(matches!(
+            first_fault(&records(&mut c)),
+            Some((
+                1,
+                possync_protocol::journal_chain::ChainFault::Gap { from: 2, to: 2, .. }
+            ))
+        ));
+        // 2 arrives: the gap is gone, and its link and 3's verify (no break anywhere).
+        let out = ingest_batch(&mut c, &all[1..2]).expect("ingest");
+        assert_eq!(breaks(&out), vec![false]);
+        assert!(crate::db::journal_audit::pending_gaps(&mut c)
+            .expect("gaps")
+            .is_empty());
+        assert!(crate::db::journal_audit::chain_breaks_per_branch(&mut c)
+            .expect("breaks")
+            .is_empty());
+        let rs = records(&mut c);
+        assert_eq!(rs.len(), 5);
+        assert_eq!(first_fault(&rs), None);
+    });
+}
+
+#[test]
+fn a_late_predecessor_reveals_a_break_in_its_stored_successor() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut all = chained(t, p, 3);
+        // 3 carries a hash that does not follow from 2.
+        all[2].event.chain_hash = Some("0".repeat(64));
+        ingest_batch(&mut c, &all[2..3]).expect("ingest 3");
+        ingest_batch(&mut c, &all[0..1]).expect("ingest 1");
+        let none = crate::db::journal_audit::chain_breaks_per_branch(&mut c).expect("breaks");
+        assert!(none.is_empty(), "3 waits for 2: {none:?}");
+        let out = ingest_batch(&mut c, &all[1..2]).expect("ingest 2");
+        // 2 itself is intact; the break recorded is 3's.
+        assert_eq!(breaks(&out), vec![false]);
+        let b = crate::db::journal_audit::chain_breaks_of(&mut c, "b1").expect("breaks");
+        assert_eq!(b, vec![(t.to_string(), p.to_string(), 3)]);
     });
 }

@@ -12,7 +12,9 @@
 //! in the ingestion actors, `spawn_blocking`), never on an async worker thread.
 
 pub mod catalog;
+pub mod chain_links;
 pub mod devices;
+pub mod journal_audit;
 pub mod ledger;
 pub mod schema;
 pub mod terminals;
@@ -409,12 +411,13 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 5] = [
+    const ALL: [&str; 6] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
         "2026-11-29-000004_till_identity",
         "2026-11-29-000005_sale_flags",
+        "2026-11-29-000006_journal_chain",
     ];
 
     #[test]

@@ -82,6 +82,20 @@ diesel::table! {
         receipt_no -> Text,
         total_minor -> BigInt,
         currency -> Text,
+        chain_hash -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// Verified links of the sales journal's hash chain; `intact = false` is a break (append-only).
+    sales_chain_links (cloud_event_id) {
+        cloud_event_id -> Text,
+        branch_id -> Text,
+        pos_id -> Text,
+        local_event_id -> BigInt,
+        intact -> Bool,
+        expected_hash -> Text,
+        verified_at -> Timestamp,
     }
 }
 
@@ -101,4 +115,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     idempotency_ledger,
     sales_events,
     sales_event_flags,
+    sales_chain_links,
 );

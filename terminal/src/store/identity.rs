@@ -40,7 +40,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::error::TerminalStoreError;
-use super::journal::take_local_event_id;
+use super::journal::{chain_link, take_local_event_id};
 use super::{read_enrollment, time_text, Kv};
 
 /// How many identity changes the store remembers for the status page.
@@ -485,12 +485,21 @@ pub fn apply_carry_over(
                     obj.insert("pos_id".into(), ks.pos_id.to_string().into());
                     obj.insert("local_event_id".into(), local_event_id.into());
                 }
+                let moved: SaleEvent = serde_json::from_value(value.clone())?;
+                let link = chain_link(
+                    &tx,
+                    ks.pos_id,
+                    local_event_id,
+                    moved.event_type,
+                    moved.occurred_at,
+                    &serde_json::to_value(&moved.payload)?,
+                )?;
                 let keep_parked = row.status == "needs_attention"
                     && !code
                         .and_then(|c| TerminalCode::parse(&c))
                         .is_some_and(|c| KEY_PROBLEMS.contains(&c));
                 tx.execute(
-                    "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4,
+                    "UPDATE sync_journal SET pos_id = ?2, local_event_id = ?3, event = ?4, chain_hash = ?7,
                          status = CASE WHEN ?5 THEN status ELSE 'pending' END,
                          attempts = CASE WHEN ?5 THEN attempts ELSE 0 END,
                          last_error_code = CASE WHEN ?5 THEN last_error_code ELSE NULL END,
@@ -503,7 +512,8 @@ pub fn apply_carry_over(
                         local_event_id,
                         serde_json::to_string(&value)?,
                         keep_parked,
-                        now
+                        now,
+                        link
                     ],
                 )?;
                 tracing::info!(

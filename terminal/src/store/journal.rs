@@ -6,8 +6,9 @@
 
 use chrono::{DateTime, Utc};
 use possync_actors::{DeliveryOutcome, FailureHistory, OutboxCounts, OutboxItem, TransientFailure};
+use possync_protocol::journal_chain::{canonical_event_bytes, chain_hash, prev_of};
 use possync_protocol::{validate_event, ErrorCode, EventType, SaleEvent, SalePayload};
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -138,6 +139,7 @@ fn event_json(
         event_type,
         occurred_at,
         payload: payload.clone(),
+        chain_hash: None,
     };
     let mut value = serde_json::to_value(&event)?;
     if enrollment.is_some() {
@@ -156,6 +158,35 @@ pub(crate) fn take_local_event_id(tx: &Transaction<'_>) -> Result<i64, TerminalS
         .unwrap_or(1);
     Kv::SyncState.set(tx, "next_local_event_id", &(next + 1).to_string())?;
     Ok(next)
+}
+
+/// The `chain_hash` of event `local_event_id` of `pos_id` (docs/journal-chain.md): linked to
+/// the row `(pos_id, local_event_id - 1)` as this transaction sees it, or to the genesis when
+/// that row has no `chain_hash` (enqueued before chaining began) or there is none.
+pub(crate) fn chain_link(
+    tx: &Transaction<'_>,
+    pos_id: Uuid,
+    local_event_id: i64,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &serde_json::Value,
+) -> Result<String, TerminalStoreError> {
+    let predecessor: Option<String> = if local_event_id > 1 {
+        tx.prepare_cached(
+            "SELECT chain_hash FROM sync_journal WHERE pos_id = ?1 AND local_event_id = ?2",
+        )?
+        .query_row(params![pos_id.to_string(), local_event_id - 1], |r| {
+            r.get::<_, Option<String>>(0)
+        })
+        .optional()?
+        .flatten()
+    } else {
+        None
+    };
+    let prev = prev_of(pos_id, local_event_id, predecessor.as_deref());
+    let bytes = canonical_event_bytes(pos_id, local_event_id, event_type, occurred_at, payload);
+    chain_hash(&prev, &bytes)
+        .map_err(|e| TerminalStoreError::Corrupt(format!("chain of {pos_id}: {e}")))
 }
 
 /// What `insert_queued_sale` needs beyond the sale itself.
@@ -202,11 +233,19 @@ pub(crate) fn insert_queued_sale(
         None => ("pending", None, None),
         Some((c, m)) => ("needs_attention", Some(c.as_str()), Some(m.as_str())),
     };
+    let link = chain_link(
+        tx,
+        s.pos_id,
+        local_event_id,
+        s.event_type,
+        s.occurred_at,
+        &serde_json::to_value(s.payload)?,
+    )?;
     tx.prepare_cached(
         "INSERT INTO sync_journal
             (pos_id, local_event_id, event_type, event, status, attempts,
-             last_error_code, last_error_message, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8)",
+             last_error_code, last_error_message, created_at, updated_at, chain_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8, ?9)",
     )?
     .execute(params![
         s.pos_id.to_string(),
@@ -216,7 +255,8 @@ pub(crate) fn insert_queued_sale(
         status,
         code,
         message,
-        now
+        now,
+        link
     ])?;
     let journal_id = tx.last_insert_rowid();
     Ok(EnqueuedSale {
@@ -367,11 +407,20 @@ pub fn claim_batch(
     // `identity::Inherited`). One request carries one pos_id, because the device nonce sent
     // with it depends on the pos_id: the batch is the first pos_id's rows.
     let inherited = serde_json::to_string(&super::identity::inherited(&tx)?)?;
-    type ClaimedRow = (i64, String, i64, i64, i64, Option<String>, String);
+    type ClaimedRow = (
+        i64,
+        String,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        String,
+        Option<String>,
+    );
     let mut rows: Vec<ClaimedRow> = tx
         .prepare_cached(
             "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at,
-                    pos_id
+                    pos_id, chain_hash
              FROM sync_journal
              WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
                AND json_extract(event, '$.terminal_id') = ?4
@@ -400,6 +449,7 @@ pub fn claim_batch(
                     r.get(4)?,
                     r.get(5)?,
                     r.get(6)?,
+                    r.get(7)?,
                 ))
             },
         )?
@@ -408,14 +458,15 @@ pub fn claim_batch(
         rows.retain(|r| r.6 == first_pos);
     }
     let mut items = Vec::with_capacity(rows.len());
-    for (journal_id, text, attempts, answered, blamed, last_failed_at, _) in rows {
+    for (journal_id, text, attempts, answered, blamed, last_failed_at, _, link) in rows {
         let history = FailureHistory {
             answered_failures: u32::try_from(answered).unwrap_or(u32::MAX),
             sale_failures: u32::try_from(blamed).unwrap_or(u32::MAX),
             last_failed_at: last_failed_at.as_deref().map(parse_time).transpose()?,
         };
         match serde_json::from_str::<SaleEvent>(&text) {
-            Ok(event) => {
+            Ok(mut event) => {
+                event.chain_hash = link;
                 tx.prepare_cached(
                     "UPDATE sync_journal SET status = 'in_flight', updated_at = ?2 WHERE journal_id = ?1",
                 )?
@@ -668,6 +719,56 @@ pub fn for_report(conn: &Connection) -> Result<Vec<(Uuid, i64, String)>, Termina
             Ok((pos, id, st))
         })
         .collect()
+}
+
+/// The whole journal as audit records, by `pos_id` then `local_event_id`, for
+/// `terminal audit verify` (`possync_protocol::journal_chain::ChainVerifier`). The chained
+/// fields are read from the stored event, so an edit of a stored sale shows as a break.
+pub fn audit_records(
+    conn: &Connection,
+) -> Result<Vec<possync_protocol::journal_chain::AuditRecord>, TerminalStoreError> {
+    #[derive(Deserialize)]
+    struct Stored {
+        terminal_id: Option<Uuid>,
+        branch_id: Option<String>,
+        #[serde(rename = "type")]
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        payload: SalePayload,
+    }
+    let mut stmt = conn.prepare(
+        "SELECT pos_id, local_event_id, event, chain_hash FROM sync_journal
+         ORDER BY pos_id, local_event_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (pos, local_event_id, event, chain_hash) = row?;
+        let pos_id = Uuid::parse_str(&pos)
+            .map_err(|e| TerminalStoreError::Corrupt(format!("pos_id {pos:?}: {e}")))?;
+        let e: Stored = serde_json::from_str(&event)?;
+        out.push(possync_protocol::journal_chain::AuditRecord {
+            pos_id,
+            local_event_id,
+            terminal_id: e.terminal_id,
+            branch_id: e.branch_id,
+            event_type: e.event_type,
+            occurred_at: e.occurred_at,
+            payload: serde_json::to_value(&e.payload)?,
+            chain_hash,
+            prev_chain_hash: None,
+            cloud_event_id: None,
+            received_at: None,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -376,6 +376,13 @@ impl SqliteStore {
         Ok(done.max(0))
     }
 
+    /// The journal as audit records, by `pos_id` then `local_event_id` (`terminal audit verify`).
+    pub fn audit_records(
+        &self,
+    ) -> Result<Vec<possync_protocol::journal_chain::AuditRecord>, TerminalStoreError> {
+        journal::audit_records(&self.conn())
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.path

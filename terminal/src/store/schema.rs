@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_outage_never_parks",
         sql: include_str!("../../../migrations/terminal/0005_outage_never_parks.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_journal_chain",
+        sql: include_str!("../../../migrations/terminal/0006_journal_chain.sql"),
+    },
 ];
 
 /// The schema version a fully migrated database has.

@@ -1,0 +1,337 @@
+//! Reading the sales journal back for audit: `cloud audit export` (one
+//! [`AuditRecord`] per stored sale of a branch, by `pos_id` and `local_event_id`) and the chain
+//! and gap figures of the fleet view and the metrics.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::prelude::*;
+use possync_protocol::journal_chain::{prev_of, AuditRecord};
+use possync_protocol::EventType;
+use uuid::Uuid;
+
+use super::schema::{idempotency_ledger, sales_chain_links, sales_events};
+use super::{for_each_backend, read_txn, with_conn, DbConn, StoreError};
+
+/// Rows per export page.
+const EXPORT_PAGE: i64 = 1000;
+
+/// `(cloud_event_id, terminal_id, pos_id, local_event_id, event_type, occurred_at,
+/// received_at, payload, chain_hash)`.
+type ExportRow = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    NaiveDateTime,
+    NaiveDateTime,
+    String,
+    Option<String>,
+);
+
+/// `(pos_id, lowest id, highest id)`.
+type PosRange = (String, Option<i64>, Option<i64>);
+
+/// `(branch_id, terminal_id, pos_id, stored ids, highest id)`.
+type PosExtent = (String, String, String, i64, Option<i64>);
+
+for_each_backend! {
+    /// Per `pos_id` of `branch`: the lowest and highest `local_event_id` of the sales that
+    /// happened in `[from, last]`.
+    pub(super) fn ranges(
+        c: &mut Conn,
+        branch: &str,
+        from: NaiveDateTime,
+        last: NaiveDateTime,
+    ) -> QueryResult<Vec<PosRange>> {
+        use sales_events::dsl as s;
+        s::sales_events
+            .filter(s::branch_id.eq(branch))
+            .filter(s::occurred_at.ge(from))
+            .filter(s::occurred_at.le(last))
+            .group_by(s::pos_id)
+            .select((s::pos_id, diesel::dsl::min(s::local_event_id), diesel::dsl::max(s::local_event_id)))
+            .order(s::pos_id.asc())
+            .load(c)
+    }
+
+    /// One page of a `pos_id`'s stored sales with ids in `(after, last]`.
+    pub(super) fn page(
+        c: &mut Conn,
+        pos: &str,
+        after: i64,
+        last: i64,
+    ) -> QueryResult<Vec<ExportRow>> {
+        use sales_events::dsl as s;
+        s::sales_events
+            .filter(s::pos_id.eq(pos))
+            .filter(s::local_event_id.gt(after))
+            .filter(s::local_event_id.le(last))
+            .order((s::local_event_id.asc(), s::terminal_id.asc()))
+            .limit(EXPORT_PAGE)
+            .select((s::cloud_event_id, s::terminal_id, s::pos_id, s::local_event_id, s::event_type,
+                     s::occurred_at, s::received_at, s::payload, s::chain_hash))
+            .load(c)
+    }
+
+    /// Chain hashes stored for `(pos, id)` (one per terminal that delivered it).
+    pub(super) fn hashes_at(c: &mut Conn, pos: &str, id: i64) -> QueryResult<Vec<Option<String>>> {
+        use sales_events::dsl as s;
+        s::sales_events
+            .filter(s::pos_id.eq(pos))
+            .filter(s::local_event_id.eq(id))
+            .select(s::chain_hash)
+            .load(c)
+    }
+
+    /// Recorded chain breaks per branch.
+    pub(super) fn breaks_per_branch(c: &mut Conn) -> QueryResult<Vec<(String, i64)>> {
+        use sales_chain_links::dsl as l;
+        l::sales_chain_links
+            .filter(l::intact.eq(false))
+            .group_by(l::branch_id)
+            .select((l::branch_id, diesel::dsl::count_star()))
+            .load(c)
+    }
+
+    /// Recorded chain breaks of one branch: `(terminal_id, pos_id, local_event_id)`.
+    pub(super) fn breaks_of(c: &mut Conn, branch: &str) -> QueryResult<Vec<(String, String, i64)>> {
+        use sales_chain_links::dsl as l;
+        use sales_events::dsl as s;
+        l::sales_chain_links
+            .inner_join(s::sales_events.on(s::cloud_event_id.eq(l::cloud_event_id)))
+            .filter(l::intact.eq(false))
+            .filter(l::branch_id.eq(branch))
+            .order((l::pos_id.asc(), l::local_event_id.asc()))
+            .select((s::terminal_id, l::pos_id, l::local_event_id))
+            .load(c)
+    }
+
+    /// Per `(branch, terminal, pos_id)`: count of stored ids and the highest.
+    pub(super) fn pos_extent(c: &mut Conn) -> QueryResult<Vec<PosExtent>> {
+        use idempotency_ledger::dsl as l;
+        l::idempotency_ledger
+            .group_by((l::branch_id, l::terminal_id, l::pos_id))
+            .select((l::branch_id, l::terminal_id, l::pos_id, diesel::dsl::count_star(), diesel::dsl::max(l::local_event_id)))
+            .load(c)
+    }
+
+    /// Stored ids of one `(terminal, pos_id)`, ascending.
+    pub(super) fn ids_of(c: &mut Conn, terminal: &str, pos: &str) -> QueryResult<Vec<i64>> {
+        use idempotency_ledger::dsl as l;
+        l::idempotency_ledger
+            .filter(l::terminal_id.eq(terminal))
+            .filter(l::pos_id.eq(pos))
+            .order(l::local_event_id.asc())
+            .select(l::local_event_id)
+            .load(c)
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("corrupt {what} in database: {e}"))
+}
+
+fn record(r: ExportRow, branch: &str) -> Result<AuditRecord, StoreError> {
+    let event_type: EventType = r.4.parse().map_err(|e| corrupt("event type", e))?;
+    Ok(AuditRecord {
+        pos_id: Uuid::parse_str(&r.2).map_err(|e| corrupt("pos_id", e))?,
+        local_event_id: r.3,
+        terminal_id: Some(Uuid::parse_str(&r.1).map_err(|e| corrupt("terminal_id", e))?),
+        branch_id: Some(branch.to_string()),
+        event_type,
+        occurred_at: r.5.and_utc(),
+        payload: serde_json::from_str(&r.7).map_err(|e| corrupt("payload", e))?,
+        chain_hash: r.8,
+        prev_chain_hash: None,
+        cloud_event_id: Some(Uuid::parse_str(&r.0).map_err(|e| corrupt("cloud_event_id", e))?),
+        received_at: Some(r.6.and_utc()),
+    })
+}
+
+/// Writes `branch`'s journal, every `pos_id` from the first to the last sale that happened in
+/// `[from, to)` (holes included, so a gap in the file is a gap in the cloud), one record per
+/// stored sale, by `pos_id` then `local_event_id`, through `emit`. The first record of each
+/// `pos_id` carries `prev_chain_hash`: the genesis for id 1, else what the cloud holds for the
+/// predecessor (`None` when it holds none: the file then shows the gap). Returns the count.
+pub fn export_journal(
+    conn: &mut DbConn,
+    branch: &str,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    emit: &mut dyn FnMut(&AuditRecord) -> std::io::Result<()>,
+) -> Result<u64, StoreError> {
+    // Stored instants are microseconds in years 1..=9999 (see `validate_event`).
+    let earliest = chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .ok_or_else(|| corrupt("bound", "year 1"))?;
+    let latest = chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
+        .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 999_999))
+        .ok_or_else(|| corrupt("bound", "year 9999"))?;
+    let from = from.map_or(earliest, |t| t.naive_utc());
+    let last = to.map_or(latest, |t| {
+        (t - chrono::Duration::microseconds(1)).naive_utc()
+    });
+    let ranges = with_conn!(conn, |c, m| m::ranges(c, branch, from, last))?;
+    let mut n = 0u64;
+    for (pos, first, last) in ranges {
+        let (Some(first), Some(last)) = (first, last) else {
+            continue;
+        };
+        let pos_id = Uuid::parse_str(&pos).map_err(|e| corrupt("pos_id", e))?;
+        let prev = if first == 1 {
+            Some(prev_of(pos_id, 1, None))
+        } else {
+            let before = with_conn!(conn, |c, m| m::hashes_at(c, &pos, first - 1))?;
+            before.first().map(|h| prev_of(pos_id, first, h.as_deref()))
+        };
+        let mut after = first - 1;
+        let mut first_of_pos = true;
+        loop {
+            let rows = read_txn!(conn, |c, m| -> Result<Vec<ExportRow>, StoreError> {
+                Ok(m::page(c, &pos, after, last)?)
+            })?;
+            let Some(end) = rows.last().map(|r| r.3) else {
+                break;
+            };
+            for row in rows {
+                let mut rec = record(row, branch)?;
+                if first_of_pos {
+                    rec.prev_chain_hash = prev.clone();
+                    first_of_pos = false;
+                }
+                emit(&rec).map_err(|e| StoreError::Unavailable(format!("writing: {e}")))?;
+                n += 1;
+            }
+            // A page may end inside the rows sharing one id (two terminals): re-read that id.
+            if end == after {
+                break;
+            }
+            after = end;
+        }
+    }
+    Ok(n)
+}
+
+/// Recorded chain breaks per branch.
+pub fn chain_breaks_per_branch(conn: &mut DbConn) -> Result<BTreeMap<String, i64>, StoreError> {
+    Ok(with_conn!(conn, |c, m| m::breaks_per_branch(c))?
+        .into_iter()
+        .collect())
+}
+
+/// Recorded chain breaks of one branch: `(terminal_id, pos_id, local_event_id)`.
+pub fn chain_breaks_of(
+    conn: &mut DbConn,
+    branch: &str,
+) -> Result<Vec<(String, String, i64)>, StoreError> {
+    Ok(with_conn!(conn, |c, m| m::breaks_of(c, branch))?)
+}
+
+/// Ids missing below the highest stored id of one `(terminal, pos_id)`, as inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PendingGaps {
+    /// The branch.
+    pub branch_id: String,
+    /// The terminal.
+    pub terminal_id: String,
+    /// The local database.
+    pub pos_id: String,
+    /// Missing `local_event_id`s, as `[first, last]` ranges, lowest first.
+    pub missing: Vec<(i64, i64)>,
+    /// How many ids are missing in all.
+    pub missing_events: i64,
+}
+
+/// Most gap ranges listed per `pos_id` (the count stays exact).
+pub const MAX_GAP_RANGES: usize = 100;
+
+/// Every `(terminal, pos_id)` with ids missing below its highest stored id.
+pub fn pending_gaps(conn: &mut DbConn) -> Result<Vec<PendingGaps>, StoreError> {
+    let extents = with_conn!(conn, |c, m| m::pos_extent(c))?;
+    let mut out = Vec::new();
+    for (branch_id, terminal_id, pos_id, count, max) in extents {
+        let Some(max) = max else { continue };
+        if count >= max {
+            continue;
+        }
+        let ids = with_conn!(conn, |c, m| m::ids_of(c, &terminal_id, &pos_id))?;
+        let mut missing = Vec::new();
+        let mut expect = 1;
+        for id in ids {
+            if id > expect && missing.len() < MAX_GAP_RANGES {
+                missing.push((expect, id - 1));
+            }
+            expect = id + 1;
+        }
+        out.push(PendingGaps {
+            branch_id,
+            terminal_id,
+            pos_id,
+            missing,
+            missing_events: max - count,
+        });
+    }
+    Ok(out)
+}
+
+/// What the fleet view and the metrics show of the sales journal: pending gaps per till and
+/// recorded chain breaks, per branch.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JournalSignals {
+    /// Tills with sales missing below their highest stored id.
+    pub gaps: Vec<PendingGaps>,
+    /// Recorded chain breaks: `(branch_id, terminal_id, pos_id, local_event_id)`.
+    pub chain_breaks: Vec<ChainBreak>,
+}
+
+/// One recorded chain break.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainBreak {
+    /// The branch.
+    pub branch_id: String,
+    /// The terminal that delivered the event.
+    pub terminal_id: String,
+    /// The event's `pos_id`.
+    pub pos_id: String,
+    /// The event whose link broke.
+    pub local_event_id: i64,
+}
+
+impl JournalSignals {
+    /// Missing sales per branch.
+    pub fn gaps_per_branch(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for g in &self.gaps {
+            *out.entry(g.branch_id.clone()).or_insert(0) += g.missing_events;
+        }
+        out
+    }
+
+    /// Chain breaks per branch.
+    pub fn breaks_per_branch(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for b in &self.chain_breaks {
+            *out.entry(b.branch_id.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// Reads the journal signals of every branch.
+pub fn journal_signals(conn: &mut DbConn) -> Result<JournalSignals, StoreError> {
+    let gaps = pending_gaps(conn)?;
+    let mut chain_breaks = Vec::new();
+    for branch in chain_breaks_per_branch(conn)?.into_keys() {
+        for (terminal_id, pos_id, local_event_id) in chain_breaks_of(conn, &branch)? {
+            chain_breaks.push(ChainBreak {
+                branch_id: branch.clone(),
+                terminal_id,
+                pos_id,
+                local_event_id,
+            });
+        }
+    }
+    Ok(JournalSignals { gaps, chain_breaks })
+}

@@ -597,6 +597,39 @@ mod tests {
     }
 
     #[test]
+    fn with_checkpoints_in_the_background_no_commit_checkpoints_and_the_checkpointer_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        store
+            .checkpoint_in_background()
+            .expect("autocheckpoint off");
+        let conn = store.conn();
+        let auto: i64 = conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(auto, 0);
+        conn.execute_batch("CREATE TABLE filler (x BLOB)")
+            .expect("table");
+        // Past the default 1 000-page mark: a commit would have checkpointed by now.
+        for _ in 0..300 {
+            conn.execute("INSERT INTO filler VALUES (zeroblob(16000))", [])
+                .expect("insert");
+        }
+        drop(conn);
+        // Had any commit checkpointed, the WAL would have restarted and hold fewer frames.
+        let done = store.checkpoint_wal().expect("checkpoint");
+        assert!(
+            done > 1000,
+            "every frame waited for the checkpointer: {done}"
+        );
+        assert_eq!(
+            store.checkpoint_wal().expect("again"),
+            done,
+            "all copied already"
+        );
+    }
+
+    #[test]
     fn stored_times_sort_as_text_in_time_order() {
         let a = time_text("2026-11-25T09:00:00.5Z".parse().expect("a"));
         let b = time_text("2026-11-25T10:00:00Z".parse().expect("b"));

@@ -630,6 +630,45 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_page_leaves_the_connection_at_full_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let page = |next: Option<&str>, id: &str| possync_protocol::SnapshotPage {
+            snapshot_version: 2,
+            total: 2,
+            entities: vec![possync_protocol::Entity {
+                entity_type: "product".into(),
+                id: id.into(),
+                version: 1,
+                deleted: false,
+                branch_id: None,
+                hash: possync_protocol::entity_hash(&serde_json::json!({"n": 1})),
+                data: serde_json::json!({"n": 1}),
+            }],
+            next_cursor: next.map(str::to_string),
+        };
+        let sync = |s: &SqliteStore| -> i64 {
+            s.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("sync")
+        };
+        catalog::apply_snapshot_page(&mut store.conn(), &page(Some("c1"), "p1"), true)
+            .expect("first page");
+        assert_eq!(
+            sync(&store),
+            2,
+            "FULL again after a page committed with NORMAL"
+        );
+        // A failing page (continuing a snapshot that was reset) restores FULL too.
+        catalog::require_resnapshot(&mut store.conn()).expect("reset");
+        assert!(
+            catalog::apply_snapshot_page(&mut store.conn(), &page(Some("c2"), "p2"), false)
+                .is_err()
+        );
+        assert_eq!(sync(&store), 2);
+    }
+
+    #[test]
     fn stored_times_sort_as_text_in_time_order() {
         let a = time_text("2026-11-25T09:00:00.5Z".parse().expect("a"));
         let b = time_text("2026-11-25T10:00:00Z".parse().expect("b"));

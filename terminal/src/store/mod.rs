@@ -623,6 +623,78 @@ mod tests {
     }
 
     #[test]
+    fn with_checkpoints_in_the_background_no_commit_checkpoints_and_the_checkpointer_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        store
+            .checkpoint_in_background()
+            .expect("autocheckpoint off");
+        let conn = store.conn();
+        let auto: i64 = conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(auto, 0);
+        conn.execute_batch("CREATE TABLE filler (x BLOB)")
+            .expect("table");
+        // Past the default 1 000-page mark: a commit would have checkpointed by now.
+        for _ in 0..300 {
+            conn.execute("INSERT INTO filler VALUES (zeroblob(16000))", [])
+                .expect("insert");
+        }
+        drop(conn);
+        // Had any commit checkpointed, the WAL would have restarted and hold fewer frames.
+        let done = store.checkpoint_wal().expect("checkpoint");
+        assert!(
+            done > 1000,
+            "every frame waited for the checkpointer: {done}"
+        );
+        assert_eq!(
+            store.checkpoint_wal().expect("again"),
+            done,
+            "all copied already"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_page_leaves_the_connection_at_full_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let page = |next: Option<&str>, id: &str| possync_protocol::SnapshotPage {
+            snapshot_version: 2,
+            total: 2,
+            entities: vec![possync_protocol::Entity {
+                entity_type: "product".into(),
+                id: id.into(),
+                version: 1,
+                deleted: false,
+                branch_id: None,
+                hash: possync_protocol::entity_hash(&serde_json::json!({"n": 1})),
+                data: serde_json::json!({"n": 1}),
+            }],
+            next_cursor: next.map(str::to_string),
+        };
+        let sync = |s: &SqliteStore| -> i64 {
+            s.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("sync")
+        };
+        catalog::apply_snapshot_page(&mut store.conn(), &page(Some("c1"), "p1"), true)
+            .expect("first page");
+        assert_eq!(
+            sync(&store),
+            2,
+            "FULL again after a page committed with NORMAL"
+        );
+        // A failing page (continuing a snapshot that was reset) restores FULL too.
+        catalog::require_resnapshot(&mut store.conn()).expect("reset");
+        assert!(
+            catalog::apply_snapshot_page(&mut store.conn(), &page(Some("c2"), "p2"), false)
+                .is_err()
+        );
+        assert_eq!(sync(&store), 2);
+    }
+
+    #[test]
     fn stored_times_sort_as_text_in_time_order() {
         let a = time_text("2026-11-25T09:00:00.5Z".parse().expect("a"));
         let b = time_text("2026-11-25T10:00:00Z".parse().expect("b"));

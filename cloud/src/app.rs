@@ -50,6 +50,9 @@ pub struct AppState {
     pub device_bindings: crate::db::devices::KnownBindings,
     /// Fingerprint trees per branch view and catalog version.
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
+    /// Catalog versions known without a query (kept current by the PostgreSQL listener that
+    /// `server::run` starts; empty, so never used, otherwise).
+    pub catalog_versions: crate::catalog_versions::CatalogVersions,
     /// Set (to the mapping file's name) when `--catalog-source-only` refuses admin catalog
     /// writes.
     pub catalog_source_only: std::sync::OnceLock<String>,
@@ -84,6 +87,7 @@ impl AppState {
             limits,
             device_bindings: Default::default(),
             fingerprints: Default::default(),
+            catalog_versions: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })
     }

@@ -128,6 +128,13 @@ pub enum TerminalCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Enroll many terminals at once, in one transaction: FILE holds one branch id per line
+    /// (one terminal each; blank lines skipped); prints one `{"terminal_id","branch_id","token"}`
+    /// line per terminal, in file order.
+    Import {
+        /// The file of branch ids.
+        file: PathBuf,
+    },
     /// Revoke a terminal's token; its next request gets 401.
     Revoke {
         /// The terminal id.
@@ -340,6 +347,25 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                     }
                     let issued = terminals::add_terminal(&mut conn, branch, name.as_deref())?;
                     println!("{}", json_line(&issued)?);
+                }
+                TerminalCommand::Import { file } => {
+                    let text = std::fs::read_to_string(file).map_err(|source| CliError::Io {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    let branches: Vec<String> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    let issued = terminals::add_terminals(&mut conn, &branches)?;
+                    let mut lines = String::with_capacity(issued.len() * 160);
+                    for t in &issued {
+                        lines.push_str(&json_line(t)?);
+                        lines.push('\n');
+                    }
+                    print!("{lines}");
                 }
                 TerminalCommand::Revoke { id } => {
                     if terminals::revoke_terminal(&mut conn, *id)? {

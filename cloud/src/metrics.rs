@@ -41,6 +41,13 @@ pub struct Metrics {
     /// how it showed: `device` (a second device nonce; the events were refused with
     /// `POS_SYNC_POS_CLONED`) or `payload` (a key came again with a different payload).
     pub pos_identity_conflicts: IntCounterVec,
+    /// Delta polls answered from memory, without a query (catalog unchanged for the branch;
+    /// see `catalog_versions`).
+    pub delta_polls_from_memory: IntCounter,
+    /// Catalog-change notifications taken in by this instance's listener.
+    pub catalog_notifications: IntCounter,
+    /// 1 while the catalog listener is connected and loaded (the shortcut is on), else 0.
+    pub catalog_listener_connected: IntGauge,
 }
 
 /// Registration can only fail on duplicate names, which is a programming error caught by the
@@ -156,6 +163,30 @@ impl Metrics {
                 &["reason"],
             ),
         );
+        let delta_polls_from_memory = reg(
+            &r,
+            IntCounter::new(
+                "delta_polls_from_memory",
+                "Delta polls answered from memory without a database query",
+            )
+            .unwrap_or_else(|_| unreachable_metric("delta_polls_from_memory")),
+        );
+        let catalog_notifications = reg(
+            &r,
+            IntCounter::new(
+                "catalog_notifications",
+                "Catalog-change notifications taken in by the listener",
+            )
+            .unwrap_or_else(|_| unreachable_metric("catalog_notifications")),
+        );
+        let catalog_listener_connected = reg(
+            &r,
+            IntGauge::new(
+                "catalog_listener_connected",
+                "1 while the catalog listener is connected (empty delta polls need no query)",
+            )
+            .unwrap_or_else(|_| unreachable_metric("catalog_listener_connected")),
+        );
         for reason in ["device", "payload"] {
             pos_identity_conflicts.with_label_values(&[reason]);
         }
@@ -192,6 +223,9 @@ impl Metrics {
             tombstones_purged,
             fingerprint_tree_builds,
             pos_identity_conflicts,
+            delta_polls_from_memory,
+            catalog_notifications,
+            catalog_listener_connected,
         }
     }
 
@@ -245,6 +279,9 @@ mod tests {
             "tombstones_purged",
             "fingerprint_tree_builds",
             "pos_identity_conflicts",
+            "delta_polls_from_memory",
+            "catalog_notifications",
+            "catalog_listener_connected",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

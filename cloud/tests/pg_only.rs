@@ -183,3 +183,115 @@ async fn a_refused_event_is_rejected_alone_while_its_branch_syncs() {
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     assert!(log.contains("the database refused one event"), "{log}");
 }
+
+/// A metric's value in `/metrics` text (0 when absent).
+async fn metric(cloud: &CloudProcess, name: &str) -> f64 {
+    let text = reqwest::get(cloud.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `cloud` until `metric == want` (listener state changes asynchronously).
+async fn wait_metric(cloud: &CloudProcess, name: &str, want: f64) {
+    for _ in 0..200 {
+        if metric(cloud, name).await == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{name} never became {want} on {}", cloud.base_url);
+}
+
+async fn delta(cloud: &CloudProcess, token: &str, since: i64) -> Value {
+    let r = reqwest::Client::new()
+        .get(cloud.url(&format!("/v1/pos/catalog/delta?since={since}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("delta sent");
+    json_ok(r).await
+}
+
+/// Polls `cloud` for `branch`'s delta from `since` until it carries a change (bounded by the
+/// notification latency plus the listener's poll interval; 10 s here only so a broken
+/// listener fails the test instead of hanging it).
+async fn delta_until_changed(cloud: &CloudProcess, token: &str, since: i64) -> Value {
+    for _ in 0..200 {
+        let page = delta(cloud, token, since).await;
+        if !page["changes"].as_array().expect("changes").is_empty() {
+            return page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "a change written through the other instance never reached {}",
+        cloud.base_url
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_delta_poll_is_answered_from_memory_and_a_change_through_another_instance_reaches_it(
+) {
+    let env = Env::start(Backend::Pg);
+    let pg = env.pg.as_ref().expect("pg");
+    let b = CloudProcess::start_with(Some(&pg.url), NO_LIMITS).expect("second cloud");
+    let (_, north) = env.terminal("north");
+    let (_, south) = env.terminal("south");
+    let upsert = |id: &str, branch: &str| serde_json::json!([{"type": "product", "id": id, "branch_id": branch, "data": {"name": id}}]);
+    env.admin_upsert(upsert("n1", "north")).await;
+    wait_metric(&b, "catalog_listener_connected", 1.0).await;
+
+    // Caught up: B answers north's poll from memory (no query), at the current version.
+    let v1 = delta(&b, &north, 0).await["catalog_version"]
+        .as_i64()
+        .expect("v");
+    let from_memory = metric(&b, "delta_polls_from_memory").await;
+    let page = delta(&b, &north, v1).await;
+    assert_eq!(page["changes"], serde_json::json!([]));
+    assert_eq!(page["next_since"], v1);
+    assert_eq!(
+        metric(&b, "delta_polls_from_memory").await,
+        from_memory + 1.0
+    );
+
+    // A change for north written through A reaches north's poll on B ...
+    env.admin_upsert(upsert("n2", "north")).await;
+    let page = delta_until_changed(&b, &north, v1).await;
+    assert_eq!(page["changes"][0]["id"], "n2");
+    let v2 = page["catalog_version"].as_i64().expect("v2");
+    assert!(v2 > v1);
+    // ... while south, which sees nothing of it, moves to the new version from memory (B
+    // applied the notification: north's change was hidden from B until it had).
+    let before = metric(&b, "delta_polls_from_memory").await;
+    let page = delta(&b, &south, v1).await;
+    assert_eq!(page["changes"], serde_json::json!([]));
+    assert_eq!(page["catalog_version"], v2);
+    assert_eq!(metric(&b, "delta_polls_from_memory").await, before + 1.0);
+
+    // The listener's connection is cut: B forgets, reconnects, reloads, and still never
+    // hides a change written meanwhile.
+    pg.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{}' AND datname = current_database()",
+        possync_cloud::catalog_versions::LISTENER_APPLICATION_NAME
+    ))
+    .expect("terminate the listeners");
+    env.admin_upsert(upsert("n3", "north")).await;
+    let page = delta_until_changed(&b, &north, v2).await;
+    assert_eq!(page["changes"][0]["id"], "n3");
+    wait_metric(&b, "catalog_listener_connected", 1.0).await;
+    let v3 = page["catalog_version"].as_i64().expect("v3");
+    let before = metric(&b, "delta_polls_from_memory").await;
+    assert_eq!(
+        delta(&b, &north, v3).await["changes"],
+        serde_json::json!([])
+    );
+    assert_eq!(metric(&b, "delta_polls_from_memory").await, before + 1.0);
+}

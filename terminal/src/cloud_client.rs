@@ -36,6 +36,21 @@ pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a whole request may take (a 1000-entity snapshot page on a slow link included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle pooled connections are closed after this (below nginx's default 75 s keep-alive).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP keep-alive probes on the pooled connection, so a dead path is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Parses a PEM file of one or more CA certificates for [`HttpCloud::trusting`]; the error
+/// says what is wrong with the file.
+pub fn parse_ca_pem(pem: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| format!("CA certificate is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the CA certificate file holds no certificate".into());
+    }
+    Ok(certs)
+}
 
 /// Where a cloud is and how this terminal authenticates to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,9 +109,17 @@ struct ClientMetrics {
 }
 
 impl HttpCloud {
-    /// Builds a client with connect/request timeouts, gzip responses and rustls.
+    /// Builds a client with connect/request timeouts, gzip responses and rustls (the
+    /// platform's web PKI roots only).
     pub fn new(target: CloudTarget) -> Result<HttpCloud, CloudError> {
-        Self::with_timeouts(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+        Self::build(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT, None)
+    }
+
+    /// As [`HttpCloud::new`], also trusting the CA certificate(s) in `ca_pem` (PEM, one or
+    /// more): a cloud behind a TLS proxy whose certificate a private CA issued (the one
+    /// `terminal enroll --ca-cert` stored).
+    pub fn trusting(target: CloudTarget, ca_pem: Option<&str>) -> Result<HttpCloud, CloudError> {
+        Self::build(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT, ca_pem)
     }
 
     /// As [`HttpCloud::new`] with explicit timeouts (tests use short ones).
@@ -105,18 +128,41 @@ impl HttpCloud {
         connect: Duration,
         request: Duration,
     ) -> Result<HttpCloud, CloudError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect)
-            .timeout(request)
+        Self::build(target, connect, request, None)
+    }
+
+    fn build(
+        target: CloudTarget,
+        connect: Duration,
+        request: Duration,
+        ca_pem: Option<&str>,
+    ) -> Result<HttpCloud, CloudError> {
+        let roots = match ca_pem {
+            Some(pem) => parse_ca_pem(pem)
+                .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?,
+            None => Vec::new(),
+        };
+        // One pooled keep-alive connection per cloud, reused by every poll and delivery; idle
+        // connections are dropped before a proxy's usual 60–75 s keep-alive timeout closes
+        // them under us.
+        let builder = || {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(connect)
+                .timeout(request)
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .tcp_keepalive(TCP_KEEPALIVE)
+                .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")));
+            for root in &roots {
+                b = b.add_root_certificate(root.clone());
+            }
+            b
+        };
+        let client = builder()
             .gzip(true)
-            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
-        let wire = reqwest::Client::builder()
-            .connect_timeout(connect)
-            .timeout(request)
+        let wire = builder()
             .no_gzip()
-            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
         Ok(HttpCloud {

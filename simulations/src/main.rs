@@ -111,6 +111,35 @@ impl LoadArgs {
     }
 }
 
+/// Writes the report, prints its summary and picks the exit status: 0 passed, 1 failed (a
+/// defect found), 2 the run could not be carried out.
+fn finish<R: serde::Serialize, E: std::fmt::Display>(
+    path: &std::path::Path,
+    seed: u64,
+    what: &str,
+    outcome: Result<(bool, String, R), E>,
+) -> ExitCode {
+    match outcome {
+        Ok((passed, summary, report)) => {
+            if let Err(e) = write_report(path, &report) {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+            print!("{summary}");
+            println!("  report: {}", path.display());
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{what} could not run (seed {seed}): {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Writes `report` as pretty JSON to `path` (creating its directory).
 fn write_report(path: &std::path::Path, report: &impl serde::Serialize) -> Result<(), String> {
     if let Some(dir) = path.parent() {
@@ -231,46 +260,15 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Load(args) => match possync_simulations::load::run(args.config()).await {
-            Ok(report) => {
-                if let Err(e) = write_report(&args.report, &report) {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
-                print!("{}", report.summary());
-                println!("  report: {}", args.report.display());
-                if report.passed {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
-            Err(e) => {
-                eprintln!("load could not run (seed {}): {e}", args.seed);
-                ExitCode::from(2)
-            }
-        },
+        Command::Load(args) => {
+            let outcome = possync_simulations::load::run(args.config())
+                .await
+                .map(|r| (r.passed, r.summary(), r));
+            finish(&args.report, args.seed, "load", outcome)
+        }
         Command::Run(args) => {
-            let cfg = args.config();
-            match run(cfg).await {
-                Ok(report) => {
-                    if let Err(e) = write_report(&args.report, &report) {
-                        eprintln!("{e}");
-                        return ExitCode::FAILURE;
-                    }
-                    print!("{}", report.summary());
-                    println!("  report: {}", args.report.display());
-                    if report.passed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("simulation could not run (seed {}): {e}", args.seed);
-                    ExitCode::from(2)
-                }
-            }
+            let outcome = run(args.config()).await.map(|r| (r.passed, r.summary(), r));
+            finish(&args.report, args.seed, "simulation", outcome)
         }
     }
 }

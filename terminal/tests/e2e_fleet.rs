@@ -6,7 +6,7 @@
 
 mod e2e_support;
 
-use e2e_support::{pos_entry, terminal_cli, Daemon, MAX_POLLS, POLL};
+use e2e_support::{pos_entry, product_upsert_args, terminal_cli, Daemon, MAX_POLLS, POLL};
 use possync_testkit::cluster::Cluster;
 use possync_testkit::pg::TestDatabase;
 use serde_json::{json, Value};
@@ -57,64 +57,50 @@ async fn through_nginx_with_tls_offline_sales_flush_exactly_once_while_an_instan
     .expect("scripts/cluster must start");
     assert!(cluster.url.starts_with("https://"), "{}", cluster.url);
     for i in 1..=5 {
-        let data = json!({"sku": format!("SKU-{i}"), "barcode": format!("40000000000{i}"),
-                          "name": format!("Product {i}"), "price_minor": 250});
+        let (id, sku, barcode, name) = (
+            format!("p{i}"),
+            format!("SKU-{i}"),
+            format!("40000000000{i}"),
+            format!("Product {i}"),
+        );
         cluster
-            .cli(&[
-                "catalog",
-                "upsert",
-                "--type",
-                "product",
-                "--id",
-                &format!("p{i}"),
-                "--data",
-                &data.to_string(),
-            ])
+            .cli(
+                &product_upsert_args(&id, &sku, &barcode, &name)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
             .expect("catalog upsert");
     }
     let (terminal_id, token) = cluster.add_terminal("b1").expect("terminal add");
     let dir = tempfile::tempdir().expect("data dir");
 
-    // Without the CA the TLS handshake fails: nothing unverified is ever trusted.
-    let (ok, out, err) = terminal_cli(
-        dir.path(),
-        &[
+    let enroll = |extra: &[&str]| -> Value {
+        let id = terminal_id.to_string();
+        let mut args = vec![
             "enroll",
             "--cloud-url",
             &cluster.url,
             "--token",
             &token,
             "--terminal-id",
-            &terminal_id.to_string(),
+            &id,
             "--branch",
             "b1",
-        ],
-    );
-    assert!(ok, "offline enrollment is allowed: {out} {err}");
-    let v: Value = serde_json::from_str(&out).expect("enroll json");
-    assert_eq!(v["verified"], false, "an unknown CA must not verify: {out}");
-
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = terminal_cli(dir.path(), &args);
+        assert!(ok, "enroll {extra:?} failed: {out} {err}");
+        serde_json::from_str(&out).expect("enroll json")
+    };
+    // Without the CA the TLS handshake fails: offline enrollment is allowed, but nothing
+    // unverified is trusted.
+    let v = enroll(&[]);
+    assert_eq!(v["verified"], false, "an unknown CA must not verify: {v}");
     // With it, the token is checked over HTTPS through nginx; the CA is kept.
     let ca = cluster.ca_cert.to_str().expect("ca path").to_string();
-    let (ok, out, err) = terminal_cli(
-        dir.path(),
-        &[
-            "enroll",
-            "--cloud-url",
-            &cluster.url,
-            "--token",
-            &token,
-            "--terminal-id",
-            &terminal_id.to_string(),
-            "--branch",
-            "b1",
-            "--ca-cert",
-            &ca,
-        ],
-    );
-    assert!(ok, "enroll failed: {out} {err}");
-    let v: Value = serde_json::from_str(&out).expect("enroll json");
-    assert_eq!(v["verified"], true, "{out} {err}");
+    let v = enroll(&["--ca-cert", &ca]);
+    assert_eq!(v["verified"], true, "{v}");
 
     let daemon = Daemon::start(
         dir.path(),

@@ -114,6 +114,11 @@ pub struct ServeArgs {
         default_value_t = false
     )]
     pub catalog_source_only: bool,
+    /// PostgreSQL only: answer an empty delta poll from memory, kept current across
+    /// instances by LISTEN/NOTIFY. A change is then seen by a poll within the notification's
+    /// latency (tens of ms) instead of at once (docs/deployment.md); off by default.
+    #[arg(long, env = "POSSYNC_DELTA_FROM_MEMORY", default_value_t = false)]
+    pub delta_from_memory: bool,
 }
 
 /// `cloud terminal …`.
@@ -643,6 +648,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
     config.ingest.idle_timeout = Duration::from_secs(args.branch_idle_secs.max(1));
     config.catalog_source = args.catalog_source.clone();
     config.catalog_source_only = args.catalog_source_only;
+    config.delta_from_memory = args.delta_from_memory;
     Ok(config)
 }
 

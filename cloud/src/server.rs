@@ -71,7 +71,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
             let _ = state.catalog_source_only.set(path.display().to_string());
         }
     }
-    if db.backend() == crate::db::Backend::Postgres {
+    if config.delta_from_memory && db.backend() == crate::db::Backend::Postgres {
         crate::catalog_versions::listen(
             state.catalog_versions.clone(),
             config.database_url.clone(),

@@ -52,6 +52,9 @@ pub struct AppState {
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
     /// Snapshot pages encoded once per branch view and catalog version.
     pub snapshot_pages: crate::snapshot_cache::SnapshotPageCache,
+    /// Catalog versions known without a query (kept current by the PostgreSQL listener that
+    /// `server::run` starts; empty, so never used, otherwise).
+    pub catalog_versions: crate::catalog_versions::CatalogVersions,
     /// Set (to the mapping file's name) when `--catalog-source-only` refuses admin catalog
     /// writes.
     pub catalog_source_only: std::sync::OnceLock<String>,
@@ -87,6 +90,7 @@ impl AppState {
             device_bindings: Default::default(),
             fingerprints: Default::default(),
             snapshot_pages: Default::default(),
+            catalog_versions: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })
     }

@@ -186,12 +186,23 @@ pub async fn delta(
             }
         },
     };
-    let branch = terminal.0.branch_id.clone();
-    let page = state
-        .db
-        .run(move |conn| catalog::delta_page(conn, &branch, since, limit))
-        .await
-        .map_err(|e| route.map(e, state.limits.max_body_bytes))?;
+    let page = match state
+        .catalog_versions
+        .empty_delta(&terminal.0.branch_id, since)
+    {
+        Some(page) => {
+            state.metrics.delta_polls_from_memory.inc();
+            page
+        }
+        None => {
+            let branch = terminal.0.branch_id.clone();
+            state
+                .db
+                .run(move |conn| catalog::delta_page(conn, &branch, since, limit))
+                .await
+                .map_err(|e| route.map(e, state.limits.max_body_bytes))?
+        }
+    };
     state.metrics.delta_sync_runs.inc();
     tracing::info!(terminalId = %terminal.0.terminal_id, branchId = %terminal.0.branch_id,
         since, changes = page.changes.len(), catalogVersion = page.catalog_version, "delta page");

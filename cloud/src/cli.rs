@@ -141,6 +141,11 @@ pub struct ServeArgs {
         default_value_t = false
     )]
     pub catalog_source_only: bool,
+    /// PostgreSQL only: answer an empty delta poll from memory, kept current across
+    /// instances by LISTEN/NOTIFY. A change is then seen by a poll within the notification's
+    /// latency (tens of ms) instead of at once (docs/deployment.md); off by default.
+    #[arg(long, env = "POSSYNC_DELTA_FROM_MEMORY", default_value_t = false)]
+    pub delta_from_memory: bool,
 }
 
 /// `cloud terminal …`.
@@ -154,6 +159,13 @@ pub enum TerminalCommand {
         /// A label for operators.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Enroll many terminals at once, in one transaction: FILE holds one branch id per line
+    /// (one terminal each; blank lines skipped); prints one `{"terminal_id","branch_id","token"}`
+    /// line per terminal, in file order.
+    Import {
+        /// The file of branch ids.
+        file: PathBuf,
     },
     /// Revoke a terminal's token; its next request gets 401.
     Revoke {
@@ -396,6 +408,25 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
                     }
                     let issued = terminals::add_terminal(&mut conn, branch, name.as_deref())?;
                     println!("{}", json_line(&issued)?);
+                }
+                TerminalCommand::Import { file } => {
+                    let text = std::fs::read_to_string(file).map_err(|source| CliError::Io {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    let branches: Vec<String> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    let issued = terminals::add_terminals(&mut conn, &branches)?;
+                    let mut lines = String::with_capacity(issued.len() * 160);
+                    for t in &issued {
+                        lines.push_str(&json_line(t)?);
+                        lines.push('\n');
+                    }
+                    print!("{lines}");
                 }
                 TerminalCommand::Revoke { id } => {
                     if terminals::revoke_terminal(&mut conn, *id)? {
@@ -673,6 +704,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
     config.ingest.idle_timeout = Duration::from_secs(args.branch_idle_secs.max(1));
     config.catalog_source = args.catalog_source.clone();
     config.catalog_source_only = args.catalog_source_only;
+    config.delta_from_memory = args.delta_from_memory;
     Ok(config)
 }
 

@@ -89,6 +89,8 @@ pub struct ServeConfig {
     pub catalog_source: Option<PathBuf>,
     /// Refuse admin catalog writes (the catalog source is the one source of truth).
     pub catalog_source_only: bool,
+    /// Answer empty delta polls from memory (PostgreSQL only; see `catalog_versions`).
+    pub delta_from_memory: bool,
 }
 
 impl ServeConfig {
@@ -108,6 +110,7 @@ impl ServeConfig {
             purge_interval: Duration::from_secs(3600),
             catalog_source: None,
             catalog_source_only: false,
+            delta_from_memory: false,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod body;
 pub mod catalog_routes;
 pub mod catalog_source;
+pub mod catalog_versions;
 pub mod cli;
 pub mod client_address;
 pub mod config;

@@ -53,6 +53,13 @@ pub struct Metrics {
     pub sales_gaps: IntGaugeVec,
     /// Recorded chain breaks of the sales journal, per branch (from the database).
     pub sales_chain_breaks: IntGaugeVec,
+    /// Delta polls answered from memory, without a query (catalog unchanged for the branch;
+    /// see `catalog_versions`).
+    pub delta_polls_from_memory: IntCounter,
+    /// Catalog-change notifications taken in by this instance's listener.
+    pub catalog_notifications: IntCounter,
+    /// 1 while the catalog listener is connected and loaded (the shortcut is on), else 0.
+    pub catalog_listener_connected: IntGauge,
 }
 
 /// Registration can only fail on duplicate names, which is a programming error caught by the
@@ -210,6 +217,30 @@ impl Metrics {
                 "Recorded breaks of the sales journal's hash chain, per branch",
             ),
         );
+        let delta_polls_from_memory = reg(
+            &r,
+            IntCounter::new(
+                "delta_polls_from_memory",
+                "Delta polls answered from memory without a database query",
+            )
+            .unwrap_or_else(|_| unreachable_metric("delta_polls_from_memory")),
+        );
+        let catalog_notifications = reg(
+            &r,
+            IntCounter::new(
+                "catalog_notifications",
+                "Catalog-change notifications taken in by the listener",
+            )
+            .unwrap_or_else(|_| unreachable_metric("catalog_notifications")),
+        );
+        let catalog_listener_connected = reg(
+            &r,
+            IntGauge::new(
+                "catalog_listener_connected",
+                "1 while the catalog listener is connected (empty delta polls need no query)",
+            )
+            .unwrap_or_else(|_| unreachable_metric("catalog_listener_connected")),
+        );
         for reason in ["device", "payload"] {
             pos_identity_conflicts.with_label_values(&[reason]);
         }
@@ -249,6 +280,9 @@ impl Metrics {
             tombstones_purged,
             fingerprint_tree_builds,
             pos_identity_conflicts,
+            delta_polls_from_memory,
+            catalog_notifications,
+            catalog_listener_connected,
             sales_gaps,
             sales_chain_breaks,
         }
@@ -328,6 +362,9 @@ mod tests {
             "tombstones_purged",
             "fingerprint_tree_builds",
             "pos_identity_conflicts",
+            "delta_polls_from_memory",
+            "catalog_notifications",
+            "catalog_listener_connected",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

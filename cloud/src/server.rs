@@ -71,6 +71,13 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
             let _ = state.catalog_source_only.set(path.display().to_string());
         }
     }
+    if config.delta_from_memory && db.backend() == crate::db::Backend::Postgres {
+        crate::catalog_versions::listen(
+            state.catalog_versions.clone(),
+            config.database_url.clone(),
+            metrics.clone(),
+        );
+    }
     let app_state = state.clone();
     // Slow clients: the request head must arrive within 5 s (else a bare 408 from actix and
     // the connection closes); the body within `--body-timeout-secs` (else 408 with the

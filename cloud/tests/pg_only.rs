@@ -188,3 +188,140 @@ async fn a_refused_event_is_rejected_alone_while_its_branch_syncs() {
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     assert!(log.contains("the database refused one event"), "{log}");
 }
+
+/// A metric's value in `/metrics` text (0 when absent).
+async fn metric(cloud: &CloudProcess, name: &str) -> f64 {
+    let text = reqwest::get(cloud.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `cloud` until `metric == want` (listener state changes asynchronously).
+async fn wait_metric(cloud: &CloudProcess, name: &str, want: f64) {
+    for _ in 0..200 {
+        if metric(cloud, name).await == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{name} never became {want} on {}", cloud.base_url);
+}
+
+async fn delta(cloud: &CloudProcess, token: &str, since: i64) -> Value {
+    let r = reqwest::Client::new()
+        .get(cloud.url(&format!("/v1/pos/catalog/delta?since={since}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("delta sent");
+    json_ok(r).await
+}
+
+/// Polls `cloud` for `branch`'s delta from `since` until it carries a change (bounded by the
+/// notification latency plus the listener's poll interval; 10 s here only so a broken
+/// listener fails the test instead of hanging it).
+async fn delta_until_changed(cloud: &CloudProcess, token: &str, since: i64) -> Value {
+    for _ in 0..200 {
+        let page = delta(cloud, token, since).await;
+        if !page["changes"].as_array().expect("changes").is_empty() {
+            return page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "a change written through the other instance never reached {}",
+        cloud.base_url
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_delta_poll_is_answered_from_memory_and_a_change_through_another_instance_reaches_it(
+) {
+    let env = Env::start(Backend::Pg);
+    let pg = env.pg.as_ref().expect("pg");
+    let args: Vec<&str> = NO_LIMITS
+        .iter()
+        .copied()
+        .chain(["--delta-from-memory"])
+        .collect();
+    let b = CloudProcess::start_with(Some(&pg.url), &args).expect("second cloud");
+    let (_, north) = env.terminal("north");
+    let (_, south) = env.terminal("south");
+    let upsert = |id: &str, branch: &str| serde_json::json!([{"type": "product", "id": id, "branch_id": branch, "data": {"name": id}}]);
+    env.admin_upsert(upsert("n1", "north")).await;
+    wait_metric(&b, "catalog_listener_connected", 1.0).await;
+
+    // Once B has taken in n1 (until then it answers as of version 0: the documented bound),
+    // a caught-up poll is answered from memory (no query).
+    let first = delta_until_changed(&b, &north, 0).await;
+    let v1 = newest_version(&first);
+    let page = until_from_memory(&b, &north, v1).await;
+    assert!(page["catalog_version"].as_i64() >= Some(v1), "{page}");
+
+    // A change for north written through A reaches north's poll on B ...
+    env.admin_upsert(upsert("n2", "north")).await;
+    let page = delta_until_changed(&b, &north, v1).await;
+    assert_eq!(page["changes"][0]["id"], "n2", "since {v1}: {page}");
+    let v2 = newest_version(&page);
+    assert!(v2 > v1);
+    // ... while south, which sees nothing of it, moves past it from memory.
+    let page = until_from_memory(&b, &south, v1).await;
+    assert!(page["catalog_version"].as_i64() >= Some(v2), "{page}");
+
+    // The listener's connection is cut: B forgets, reconnects, reloads, and still never
+    // hides a change written meanwhile.
+    pg.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{}' AND datname = current_database()",
+        possync_cloud::catalog_versions::LISTENER_APPLICATION_NAME
+    ))
+    .expect("terminate the listeners");
+    env.admin_upsert(upsert("n3", "north")).await;
+    let page = delta_until_changed(&b, &north, v2).await;
+    assert_eq!(page["changes"][0]["id"], "n3");
+    let v3 = newest_version(&page);
+    // Back on: once B has reloaded (or taken in n3's notification), a caught-up poll is
+    // answered from memory again — and never hides anything.
+    wait_metric(&b, "catalog_listener_connected", 1.0).await;
+    until_from_memory(&b, &north, v3).await;
+}
+
+/// The highest entity version in a delta page.
+fn newest_version(page: &Value) -> i64 {
+    page["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .filter_map(|c| c["version"].as_i64())
+        .max()
+        .expect("a change")
+}
+
+/// Polls `since` until `cloud` answers it from memory (its counter moves); every answer on
+/// the way must be empty — a caught-up terminal is never shown a change it already has.
+async fn until_from_memory(cloud: &CloudProcess, token: &str, since: i64) -> Value {
+    for _ in 0..200 {
+        let before = metric(cloud, "delta_polls_from_memory").await;
+        let page = delta(cloud, token, since).await;
+        assert_eq!(
+            page["changes"],
+            serde_json::json!([]),
+            "since {since}: {page}"
+        );
+        if metric(cloud, "delta_polls_from_memory").await > before {
+            return page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} never answered since={since} from memory",
+        cloud.base_url
+    );
+}

@@ -17,6 +17,7 @@ pub mod cloud_cluster;
 pub mod daemon;
 pub mod fault_schedule;
 pub mod ledger_audit;
+pub mod load;
 pub mod proxy;
 pub mod report;
 pub mod sale_script;

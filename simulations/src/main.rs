@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use possync_simulations::cloud_cluster::DEFAULT_PG_SERVER;
 use possync_simulations::fault_schedule::{FaultMode, FaultSchedule};
+use possync_simulations::load::LoadConfig;
 use possync_simulations::scenario::{run, RunConfig};
 use possync_simulations::terminal_fleet::DaemonTuning;
 
@@ -27,6 +28,125 @@ enum Command {
     Run(RunArgs),
     /// Print the fault schedule a seed and shape produce, as JSON (nothing is started).
     Schedule(RunArgs),
+    /// A virtual fleet against the TLS deployment (docs/deployment.md); exits non-zero on any
+    /// lost or duplicated sale or any response that is neither 2xx nor 429.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadArgs {
+    /// Virtual terminals (async tasks speaking the real protocol).
+    #[arg(long)]
+    terminals: usize,
+    /// Branches (terminal i belongs to branch i mod M).
+    #[arg(long)]
+    branches: usize,
+    /// Seconds of selling and polling (then up to 120 s to deliver what is held).
+    #[arg(long)]
+    duration: u64,
+    /// An existing deployment (HTTPS URL); needs --database-url and POSSYNC_ADMIN_TOKEN.
+    #[arg(long, conflicts_with = "instances")]
+    cloud_url: Option<String>,
+    /// CA certificate (PEM) for --cloud-url.
+    #[arg(long, requires = "cloud_url")]
+    ca_cert: Option<PathBuf>,
+    /// The --cloud-url deployment's database (bulk enrolment and the audit).
+    #[arg(long, requires = "cloud_url")]
+    database_url: Option<String>,
+    /// Cloud instances of the cluster the run starts (scripts/cluster) without --cloud-url.
+    #[arg(long, default_value_t = 2)]
+    instances: usize,
+    /// Catalog entities seeded before the run.
+    #[arg(long, default_value_t = 1000)]
+    catalog: usize,
+    /// Terminals that start cold: a full snapshot, all at the same moment.
+    #[arg(long, default_value_t = 0)]
+    cold: usize,
+    /// Sales per terminal per minute.
+    #[arg(long, default_value_t = 1.0)]
+    sales_per_terminal_per_minute: f64,
+    /// Seconds between two delta polls of one terminal (±20 % jitter).
+    #[arg(long, default_value_t = 30.0)]
+    poll_seconds: f64,
+    /// Catalog changes per minute during the run.
+    #[arg(long, default_value_t = 4.0)]
+    catalog_changes_per_minute: f64,
+    /// kill -9 one cloud instance a third into the run, and start it again.
+    #[arg(long)]
+    chaos: bool,
+    /// PostgreSQL server on which the run creates its database.
+    #[arg(long, env = "POSSYNC_SIM_PG_SERVER", default_value = DEFAULT_PG_SERVER)]
+    pg_server: String,
+    /// With --chaos: shell command restarting that PostgreSQL server during the run, e.g.
+    /// `pg_ctlcluster 15 chaos restart` — give the run a server of its own (--pg-server).
+    #[arg(long, requires = "chaos")]
+    chaos_restart_postgres: Option<String>,
+    #[arg(long)]
+    seed: u64,
+    /// Where the JSON report goes.
+    #[arg(long)]
+    report: PathBuf,
+}
+
+impl LoadArgs {
+    fn config(&self) -> LoadConfig {
+        LoadConfig {
+            terminals: self.terminals,
+            branches: self.branches,
+            duration: Duration::from_secs(self.duration),
+            cloud_url: self.cloud_url.clone(),
+            ca_cert: self.ca_cert.clone(),
+            database_url: self.database_url.clone(),
+            instances: self.instances,
+            catalog: self.catalog,
+            cold: self.cold,
+            sales_per_minute: self.sales_per_terminal_per_minute,
+            poll_seconds: self.poll_seconds,
+            changes_per_minute: self.catalog_changes_per_minute,
+            seed: self.seed,
+            chaos: self.chaos,
+            pg_server: self.pg_server.clone(),
+            postgres_restart: self.chaos_restart_postgres.clone(),
+        }
+    }
+}
+
+/// Writes the report, prints its summary and picks the exit status: 0 passed, 1 failed (a
+/// defect found), 2 the run could not be carried out.
+fn finish<R: serde::Serialize, E: std::fmt::Display>(
+    path: &std::path::Path,
+    seed: u64,
+    what: &str,
+    outcome: Result<(bool, String, R), E>,
+) -> ExitCode {
+    match outcome {
+        Ok((passed, summary, report)) => {
+            if let Err(e) = write_report(path, &report) {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+            print!("{summary}");
+            println!("  report: {}", path.display());
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{what} could not run (seed {seed}): {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Writes `report` as pretty JSON to `path` (creating its directory).
+fn write_report(path: &std::path::Path, report: &impl serde::Serialize) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let json = serde_json::to_vec_pretty(report).map_err(|e| format!("report: {e}"))?;
+    std::fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 #[derive(clap::Args, Clone)]
@@ -140,38 +260,15 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Load(args) => {
+            let outcome = possync_simulations::load::run(args.config())
+                .await
+                .map(|r| (r.passed, r.summary(), r));
+            finish(&args.report, args.seed, "load", outcome)
+        }
         Command::Run(args) => {
-            let cfg = args.config();
-            match run(cfg).await {
-                Ok(report) => {
-                    if let Some(dir) = args.report.parent() {
-                        let _ = std::fs::create_dir_all(dir);
-                    }
-                    match serde_json::to_vec_pretty(&report) {
-                        Ok(json) => {
-                            if let Err(e) = std::fs::write(&args.report, json) {
-                                eprintln!("writing {}: {e}", args.report.display());
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("report: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                    print!("{}", report.summary());
-                    println!("  report: {}", args.report.display());
-                    if report.passed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("simulation could not run (seed {}): {e}", args.seed);
-                    ExitCode::from(2)
-                }
-            }
+            let outcome = run(args.config()).await.map(|r| (r.passed, r.summary(), r));
+            finish(&args.report, args.seed, "simulation", outcome)
         }
     }
 }

@@ -210,6 +210,10 @@ pub struct EnrollArgs {
     #[arg(long)]
     /// The branch the terminal belongs to.
     pub branch: String,
+    /// A CA certificate (PEM) to trust for the cloud's TLS besides the system's roots, e.g.
+    /// the local CA of `scripts/cluster`; stored with the enrollment.
+    #[arg(long, env = "POSSYNC_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `terminal run`.
@@ -466,10 +470,14 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
             args.branch
         )));
     }
-    let cloud = HttpCloud::new(CloudTarget {
-        base_url: args.cloud_url.clone(),
-        token: args.token.clone(),
-    })?;
+    let ca_cert_pem = args.ca_cert.as_deref().map(read_ca_cert).transpose()?;
+    let cloud = HttpCloud::trusting(
+        CloudTarget {
+            base_url: args.cloud_url.clone(),
+            token: args.token.clone(),
+        },
+        ca_cert_pem.as_deref(),
+    )?;
     let verified = match cloud.sync_status().await {
         Ok(s) => {
             if s.terminal_id != args.terminal_id || s.branch_id != args.branch {
@@ -498,6 +506,7 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
         terminal_id: args.terminal_id,
         branch_id: args.branch,
         token: args.token,
+        ca_cert_pem,
     };
     let outcome = save_and_settle(&store, &enrollment, verified).await?;
     print_json(&serde_json::json!({
@@ -510,6 +519,15 @@ async fn enroll(data_dir: &Path, args: EnrollArgs) -> Result<(), CommandError> {
         "released": outcome.saved.released,
         "carried_over": outcome.carried,
     }))
+}
+
+/// Reads and checks `--ca-cert`: a readable PEM file with at least one certificate.
+fn read_ca_cert(path: &Path) -> Result<String, CommandError> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| CommandError::Invalid(format!("--ca-cert {}: {e}", path.display())))?;
+    crate::cloud_client::parse_ca_pem(&pem)
+        .map_err(|e| CommandError::Invalid(format!("--ca-cert {}: {e}", path.display())))?;
+    Ok(pem)
 }
 
 /// What saving an enrollment changed, for the command's output.
@@ -552,10 +570,13 @@ async fn save_and_settle(
 async fn token_set(data_dir: &Path, token: String) -> Result<(), CommandError> {
     let store = open_store(data_dir)?;
     let current = store.enrollment()?.ok_or(CommandError::NotEnrolled)?;
-    let cloud = HttpCloud::new(CloudTarget {
-        base_url: current.cloud_url.clone(),
-        token: token.clone(),
-    })?;
+    let cloud = HttpCloud::trusting(
+        CloudTarget {
+            base_url: current.cloud_url.clone(),
+            token: token.clone(),
+        },
+        current.ca_cert_pem.as_deref(),
+    )?;
     let verified = match cloud.sync_status().await {
         Ok(s) => {
             if s.terminal_id != current.terminal_id || s.branch_id != current.branch_id {

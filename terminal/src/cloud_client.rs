@@ -36,6 +36,21 @@ pub const SYNC_ATTEMPT_HEADER: &str = "x-sync-attempt";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a whole request may take (a 1000-entity snapshot page on a slow link included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle pooled connections are closed after this (below nginx's default 75 s keep-alive).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP keep-alive probes on the pooled connection, so a dead path is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Parses a PEM file of one or more CA certificates for [`HttpCloud::trusting`]; the error
+/// says what is wrong with the file.
+pub fn parse_ca_pem(pem: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| format!("CA certificate is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the CA certificate file holds no certificate".into());
+    }
+    Ok(certs)
+}
 
 /// The content encoding the terminal asks for on the cloud's JSON answers (snapshot and
 /// delta pages above all). `zstd` is the default: on the benchmark's catalog it moves ~9×
@@ -64,21 +79,49 @@ impl CatalogEncoding {
     }
 }
 
-/// The client for answers the engine decodes as they arrive: decoders for `encoding` (which
-/// also sets the `Accept-Encoding` it sends).
-fn answer_client(
+/// How this terminal's HTTP clients are built: timeouts, the CAs it trusts beyond the web PKI
+/// (`terminal enroll --ca-cert`), one pooled keep-alive connection per cloud whose idle
+/// connections are dropped before a proxy's usual 60–75 s keep-alive timeout closes them under
+/// us. Kept so [`HttpCloud::with_catalog_encoding`] can rebuild the answer client.
+#[derive(Clone)]
+struct ClientSettings {
     connect: Duration,
     request: Duration,
-    encoding: CatalogEncoding,
-) -> Result<reqwest::Client, CloudError> {
-    reqwest::Client::builder()
-        .connect_timeout(connect)
-        .timeout(request)
-        .gzip(encoding != CatalogEncoding::Identity)
-        .zstd(encoding == CatalogEncoding::Zstd)
-        .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))
+    roots: Vec<reqwest::Certificate>,
+}
+
+impl ClientSettings {
+    fn builder(&self) -> reqwest::ClientBuilder {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(self.connect)
+            .timeout(self.request)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .tcp_keepalive(TCP_KEEPALIVE)
+            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")));
+        for root in &self.roots {
+            b = b.add_root_certificate(root.clone());
+        }
+        b
+    }
+
+    /// The client for answers the engine decodes as they arrive: decoders for `encoding`
+    /// (which also sets the `Accept-Encoding` it sends).
+    fn answers(&self, encoding: CatalogEncoding) -> Result<reqwest::Client, CloudError> {
+        self.builder()
+            .gzip(encoding != CatalogEncoding::Identity)
+            .zstd(encoding == CatalogEncoding::Zstd)
+            .build()
+            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))
+    }
+
+    /// The client that leaves bodies as they came over the wire (to count their bytes).
+    fn wire(&self) -> Result<reqwest::Client, CloudError> {
+        self.builder()
+            .no_gzip()
+            .no_zstd()
+            .build()
+            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))
+    }
 }
 
 /// Where a cloud is and how this terminal authenticates to it.
@@ -108,8 +151,8 @@ pub struct HttpCloud {
     /// Nonces of the databases this one was copied from, for the sales it inherited.
     inherited_nonces: Arc<HashMap<Uuid, String>>,
     metrics: Option<ClientMetrics>,
-    /// Timeouts, kept to rebuild `client` for another encoding.
-    timeouts: (Duration, Duration),
+    /// How the clients were built, kept to rebuild `client` for another encoding.
+    settings: ClientSettings,
 }
 
 /// The headers of a sales delivery: its attempt number and the device nonce it is sent with.
@@ -140,9 +183,17 @@ struct ClientMetrics {
 }
 
 impl HttpCloud {
-    /// Builds a client with connect/request timeouts, zstd (or gzip) answers and rustls.
+    /// Builds a client with connect/request timeouts, zstd (or gzip) answers and rustls (the
+    /// platform's web PKI roots only).
     pub fn new(target: CloudTarget) -> Result<HttpCloud, CloudError> {
-        Self::with_timeouts(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+        Self::build(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT, None)
+    }
+
+    /// As [`HttpCloud::new`], also trusting the CA certificate(s) in `ca_pem` (PEM, one or
+    /// more): a cloud behind a TLS proxy whose certificate a private CA issued (the one
+    /// `terminal enroll --ca-cert` stored).
+    pub fn trusting(target: CloudTarget, ca_pem: Option<&str>) -> Result<HttpCloud, CloudError> {
+        Self::build(target, CONNECT_TIMEOUT, REQUEST_TIMEOUT, ca_pem)
     }
 
     /// As [`HttpCloud::new`] with explicit timeouts (tests use short ones).
@@ -151,17 +202,28 @@ impl HttpCloud {
         connect: Duration,
         request: Duration,
     ) -> Result<HttpCloud, CloudError> {
-        let client = answer_client(connect, request, CatalogEncoding::default())?;
-        let wire = reqwest::Client::builder()
-            .connect_timeout(connect)
-            .timeout(request)
-            .no_gzip()
-            .user_agent(concat!("possync-terminal/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?;
+        Self::build(target, connect, request, None)
+    }
+
+    fn build(
+        target: CloudTarget,
+        connect: Duration,
+        request: Duration,
+        ca_pem: Option<&str>,
+    ) -> Result<HttpCloud, CloudError> {
+        let roots = match ca_pem {
+            Some(pem) => parse_ca_pem(pem)
+                .map_err(|e| CloudError::Unreachable(format!("building HTTP client: {e}")))?,
+            None => Vec::new(),
+        };
+        let settings = ClientSettings {
+            connect,
+            request,
+            roots,
+        };
         Ok(HttpCloud {
-            client,
-            wire,
+            client: settings.answers(CatalogEncoding::default())?,
+            wire: settings.wire()?,
             traffic: Arc::default(),
             target: Arc::new(RwLock::new(CloudTarget {
                 base_url: target.base_url.trim_end_matches('/').to_string(),
@@ -171,7 +233,7 @@ impl HttpCloud {
             device_nonce: None,
             inherited_nonces: Arc::new(HashMap::new()),
             metrics: None,
-            timeouts: (connect, request),
+            settings,
         })
     }
 
@@ -180,7 +242,7 @@ impl HttpCloud {
         mut self,
         encoding: CatalogEncoding,
     ) -> Result<HttpCloud, CloudError> {
-        self.client = answer_client(self.timeouts.0, self.timeouts.1, encoding)?;
+        self.client = self.settings.answers(encoding)?;
         Ok(self)
     }
 

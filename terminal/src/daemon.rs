@@ -171,10 +171,13 @@ pub fn engine_config(terminal_id: String, branch_id: String, t: &Tuning) -> Engi
 pub fn cloud_for(store: &SqliteStore, enrollment: &Enrollment) -> Result<HttpCloud, DaemonError> {
     let source = store.clone();
     let inherited = store.inherited()?;
-    Ok(HttpCloud::new(CloudTarget {
-        base_url: enrollment.cloud_url.clone(),
-        token: enrollment.token.clone(),
-    })?
+    Ok(HttpCloud::trusting(
+        CloudTarget {
+            base_url: enrollment.cloud_url.clone(),
+            token: enrollment.token.clone(),
+        },
+        enrollment.ca_cert_pem.as_deref(),
+    )?
     .with_device_nonce(store.device_nonce())
     .with_inherited_nonces(inherited.into_iter().map(|i| (i.pos_id, i.nonce)))
     .with_reload(Arc::new(move || {

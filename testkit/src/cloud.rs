@@ -105,35 +105,12 @@ impl CloudProcess {
 
     /// Runs a `cloud` admin command on the same database and data dir; returns stdout.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self
-            .command()
-            .args(args)
-            .output()
-            .with_context(|| format!("running cloud {args:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "cloud {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_cli(self.command(), args)
     }
 
     /// Enrolls a terminal for `branch` via `cloud terminal add`; returns `(terminal_id, token)`.
     pub fn add_terminal(&self, branch: &str) -> anyhow::Result<(Uuid, String)> {
-        let out = self.cli(&["terminal", "add", "--branch", branch])?;
-        let v: serde_json::Value =
-            serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
-        let id = v["terminal_id"]
-            .as_str()
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or_else(|| anyhow!("no terminal_id in {out:?}"))?;
-        let token = v["token"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no token in {out:?}"))?
-            .to_string();
-        Ok((id, token))
+        added_terminal(&self.cli(&["terminal", "add", "--branch", branch])?)
     }
 
     /// Issues a new token for a terminal via `cloud terminal rotate` (old token refused after
@@ -192,6 +169,93 @@ impl CloudProcess {
         self.kill()?;
         self.spawn()
     }
+}
+
+/// Runs `cmd ARGS` (a `cloud` command already pointed at its database) to completion; returns
+/// stdout, or an error carrying stderr.
+pub(crate) fn run_cli(mut cmd: Command, args: &[&str]) -> anyhow::Result<String> {
+    let out = cmd
+        .args(args)
+        .output()
+        .with_context(|| format!("running cloud {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "cloud {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `cloud` admin commands run against one database directly (no server involved): what
+/// an operator runs on a deployment's host.
+#[derive(Debug, Clone)]
+pub struct CloudCli {
+    /// The `cloud` binary.
+    pub binary: PathBuf,
+    /// Its `--data-dir`.
+    pub data_dir: PathBuf,
+    /// The deployment's database.
+    pub database_url: String,
+    /// The admin token (set as `POSSYNC_ADMIN_TOKEN`).
+    pub admin_token: String,
+}
+
+impl CloudCli {
+    /// Runs `cloud ARGS`; returns stdout.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .env("POSSYNC_ADMIN_TOKEN", &self.admin_token)
+            .env_remove("POSSYNC_DATABASE_URL");
+        run_cli(cmd, args)
+    }
+
+    /// Enrolls a terminal for `branch`; returns `(terminal_id, token)`.
+    pub fn add_terminal(&self, branch: &str) -> anyhow::Result<(Uuid, String)> {
+        added_terminal(&self.run(&["terminal", "add", "--branch", branch])?)
+    }
+
+    /// Enrolls one terminal per entry of `branches` in one transaction (`cloud terminal
+    /// import`); returns `(terminal_id, token)` in the same order.
+    pub fn add_terminals(&self, branches: &[String]) -> anyhow::Result<Vec<(Uuid, String)>> {
+        let file = tempfile::NamedTempFile::new().context("temp file of branch ids")?;
+        std::fs::write(file.path(), branches.join("\n")).context("writing branch ids")?;
+        let path = file.path().to_string_lossy().into_owned();
+        let out = self.run(&["terminal", "import", &path])?;
+        let issued = out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(added_terminal)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if issued.len() != branches.len() {
+            bail!(
+                "cloud terminal import enrolled {} terminals for {} branch ids",
+                issued.len(),
+                branches.len()
+            );
+        }
+        Ok(issued)
+    }
+}
+
+/// `(terminal_id, token)` from what `cloud terminal add` printed.
+pub(crate) fn added_terminal(out: &str) -> anyhow::Result<(Uuid, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
+    let id = v["terminal_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| anyhow!("no terminal_id in {out:?}"))?;
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no token in {out:?}"))?
+        .to_string();
+    Ok((id, token))
 }
 
 impl Drop for CloudProcess {

@@ -1,11 +1,13 @@
 //! # possync-testkit
 //!
 //! Shared test support so every crate tests against the same real things: a fresh PostgreSQL
-//! database per test ([`pg`]), a real `cloud serve` process on port 0 ([`cloud`]), the way
+//! database per test ([`pg`]), a real `cloud serve` process on port 0 ([`cloud`]), the fleet deployment of
+//! `scripts/cluster` — nginx with TLS over several clouds ([`cluster`]), the way
 //! every harness finds and starts the real binaries ([`process`]), and sample
 //! sales that pass the protocol's validation (below), so tests differ only in what they test.
 
 pub mod cloud;
+pub mod cluster;
 pub mod pg;
 pub mod process;
 

@@ -411,13 +411,14 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 6] = [
+    const ALL: [&str; 7] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
         "2026-11-29-000004_till_identity",
         "2026-11-29-000005_sale_flags",
         "2026-11-29-000006_journal_chain",
+        "2026-11-29-000007_catalog_notify",
     ];
 
     #[test]

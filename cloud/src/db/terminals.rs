@@ -192,6 +192,37 @@ pub fn add_terminal(
     branch_id: &str,
     name: Option<&str>,
 ) -> Result<IssuedTerminal, StoreError> {
+    let (row, issued) = new_terminal(branch_id, name)?;
+    with_conn!(conn, |c, m| m::insert(c, &row))?;
+    Ok(issued)
+}
+
+/// Enrolls one terminal per entry of `branch_ids` in one transaction (a fleet's worth of tills
+/// at once: `cloud terminal import`); all or none are stored.
+pub fn add_terminals(
+    conn: &mut DbConn,
+    branch_ids: &[String],
+) -> Result<Vec<IssuedTerminal>, StoreError> {
+    let (rows, issued): (Vec<TerminalRow>, Vec<IssuedTerminal>) = branch_ids
+        .iter()
+        .map(|b| new_terminal(b, None))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    write_txn!(conn, |c, m| -> Result<(), StoreError> {
+        for row in &rows {
+            m::insert(c, row)?;
+        }
+        Ok(())
+    })?;
+    Ok(issued)
+}
+
+/// A checked new terminal row and what is shown once to the operator.
+fn new_terminal(
+    branch_id: &str,
+    name: Option<&str>,
+) -> Result<(TerminalRow, IssuedTerminal), StoreError> {
     if !possync_protocol::valid_branch_id(branch_id) {
         return Err(StoreError::InvalidInput(format!(
             "branch id {branch_id:?} must be 1-64 of [a-z0-9_-]"
@@ -216,12 +247,14 @@ pub fn add_terminal(
         previous_token_hash: None,
         previous_token_expires_at: None,
     };
-    with_conn!(conn, |c, m| m::insert(c, &row))?;
-    Ok(IssuedTerminal {
-        terminal_id,
-        branch_id: branch_id.to_string(),
-        token,
-    })
+    Ok((
+        row,
+        IssuedTerminal {
+            terminal_id,
+            branch_id: branch_id.to_string(),
+            token,
+        },
+    ))
 }
 
 /// Revokes a terminal: its token stops authenticating at once. `false` if the terminal is

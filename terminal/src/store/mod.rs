@@ -122,6 +122,10 @@ pub struct Enrollment {
     pub branch_id: String,
     /// Bearer token; never printed by `Debug`.
     pub token: String,
+    /// CA certificate(s) (PEM) trusted for the cloud's TLS besides the web PKI roots, from
+    /// `terminal enroll --ca-cert`; kept here so the file need not stay on the till.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_pem: Option<String>,
 }
 
 impl fmt::Debug for Enrollment {
@@ -131,6 +135,7 @@ impl fmt::Debug for Enrollment {
             .field("terminal_id", &self.terminal_id)
             .field("branch_id", &self.branch_id)
             .field("token", &"<redacted>")
+            .field("ca_cert_pem", &self.ca_cert_pem.is_some())
             .finish()
     }
 }

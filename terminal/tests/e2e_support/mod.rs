@@ -115,18 +115,9 @@ impl Cloud {
 
     /// Upserts a global product through the cloud CLI.
     pub fn upsert_product(&self, id: &str, sku: &str, barcode: &str, name: &str) {
-        let data = json!({"sku": sku, "barcode": barcode, "name": name, "price_minor": 250});
+        let args = product_upsert_args(id, sku, barcode, name);
         self.process
-            .cli(&[
-                "catalog",
-                "upsert",
-                "--type",
-                "product",
-                "--id",
-                id,
-                "--data",
-                &data.to_string(),
-            ])
+            .cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
             .expect("catalog upsert");
     }
 
@@ -169,6 +160,18 @@ impl Cloud {
         }
         panic!("sync status stayed rate-limited: {last}");
     }
+}
+
+/// `cloud catalog upsert …` of a global product with these fields (price 250).
+pub fn product_upsert_args(id: &str, sku: &str, barcode: &str, name: &str) -> Vec<String> {
+    let data = json!({"sku": sku, "barcode": barcode, "name": name, "price_minor": 250});
+    [
+        "catalog", "upsert", "--type", "product", "--id", id, "--data",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([data.to_string()])
+    .collect()
 }
 
 /// Runs `terminal ARGS` to completion; returns (success, stdout, stderr).

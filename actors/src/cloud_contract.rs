@@ -5,7 +5,7 @@
 //!
 //! [`cloud_contract!`] expands the cases into one `#[tokio::test]` each.
 //!
-//! [`cloud_contract!`]: crate::cloud_contract
+//! [`cloud_contract!`]: macro@crate::cloud_contract
 
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -67,9 +67,10 @@ pub struct TerminalLedger {
     pub journal: Vec<JournalEntry>,
 }
 
-/// The audit's counts, plus a few examples of each defect for the report.
+/// The headline counts of a run, defined once: the audit finds them and the run's report
+/// shows them (both flatten this struct, so the JSON keeps its top-level fields).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditFindings {
+pub struct SaleCounts {
     /// Receipts the tills acknowledged.
     pub sales_created: u64,
     /// `sales_events` rows of the run's terminals.
@@ -78,10 +79,19 @@ pub struct AuditFindings {
     pub lost: u64,
     /// Extra copies in the cloud (same key, or same receipt under another key).
     pub duplicated: u64,
-    /// Cloud rows filed under a branch other than their terminal's.
+    /// Cloud rows filed under a branch other than their terminal's (the report adds other
+    /// branches' catalog entities found on terminals).
     pub cross_branch: u64,
     /// Journal rows left in `needs_attention`.
     pub needs_attention: u64,
+}
+
+/// The audit's counts, plus a few examples of each defect for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFindings {
+    /// The headline counts.
+    #[serde(flatten)]
+    pub counts: SaleCounts,
     /// Journal rows not `synced` at the end (pending, failed, in flight, needs attention).
     pub unsynced_in_journal: u64,
     /// Acknowledged sales missing from the terminal's own journal (a local durability bug;
@@ -105,10 +115,10 @@ pub struct AuditFindings {
 impl AuditFindings {
     /// Whether the run proved what it must: nothing lost, doubled or crossing.
     pub fn clean(&self) -> bool {
-        self.lost == 0
+        self.counts.lost == 0
             && self.chain_breaks == 0
-            && self.duplicated == 0
-            && self.cross_branch == 0
+            && self.counts.duplicated == 0
+            && self.counts.cross_branch == 0
             && self.unknown_terminal_rows == 0
     }
 
@@ -142,7 +152,7 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
                 continue;
             }
             Some(b) if *b != row.branch_id => {
-                f.cross_branch += 1;
+                f.counts.cross_branch += 1;
                 f.example(format!(
                     "cross-branch: {} of terminal {} (branch {b}) filed under {}",
                     row.receipt_no, row.terminal_id, row.branch_id
@@ -150,7 +160,7 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
             }
             Some(_) => {}
         }
-        f.sales_in_cloud += 1;
+        f.counts.sales_in_cloud += 1;
         *cloud_keys
             .entry((
                 row.terminal_id.clone(),
@@ -162,19 +172,19 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
     }
     for (k, n) in &cloud_keys {
         if *n > 1 {
-            f.duplicated += n - 1;
+            f.counts.duplicated += n - 1;
             f.example(format!("key {k:?} stored {n} times"));
         }
     }
     for (r, n) in &cloud_receipts {
         if *n > 1 {
-            f.duplicated += n - 1;
+            f.counts.duplicated += n - 1;
             f.example(format!("receipt {r} stored {n} times under different keys"));
         }
     }
 
     for t in terminals {
-        f.sales_created += t.acknowledged.len() as u64;
+        f.counts.sales_created += t.acknowledged.len() as u64;
         let journal: BTreeSet<(String, i64)> = t
             .journal
             .iter()
@@ -187,7 +197,7 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
             .collect();
         for j in &t.journal {
             if j.status == "needs_attention" {
-                f.needs_attention += 1;
+                f.counts.needs_attention += 1;
             }
             if j.status != "synced" {
                 f.unsynced_in_journal += 1;
@@ -207,7 +217,7 @@ pub fn audit(terminals: &[TerminalLedger], cloud: &[CloudSale]) -> AuditFindings
         f.journaled_not_acknowledged += journal.difference(&acked).count() as u64;
         for (pos, id) in expected {
             if !cloud_keys.contains_key(&(t.terminal_id.clone(), pos.clone(), id)) {
-                f.lost += 1;
+                f.counts.lost += 1;
                 f.example(format!(
                     "lost: terminal {} pos {pos} local_event_id {id}",
                     t.terminal_id
@@ -319,13 +329,13 @@ mod tests {
             &[cloud("t1", "p", 1, "b1"), cloud("t1", "p", 2, "b1")],
         );
         assert!(f.clean(), "{f:?}");
-        assert_eq!((f.sales_created, f.sales_in_cloud), (2, 2));
+        assert_eq!((f.counts.sales_created, f.counts.sales_in_cloud), (2, 2));
     }
 
     #[test]
     fn a_missing_row_is_lost() {
         let f = audit(&[terminal()], &[cloud("t1", "p", 1, "b1")]);
-        assert_eq!(f.lost, 1);
+        assert_eq!(f.counts.lost, 1);
         assert!(!f.clean());
     }
 
@@ -335,7 +345,7 @@ mod tests {
         t.journal.pop();
         let f = audit(&[t], &[cloud("t1", "p", 1, "b1")]);
         assert_eq!(f.acknowledged_not_journaled, 1);
-        assert_eq!(f.lost, 1);
+        assert_eq!(f.counts.lost, 1);
     }
 
     #[test]
@@ -346,8 +356,8 @@ mod tests {
             &[terminal()],
             &[cloud("t1", "p", 1, "b2"), cloud("t1", "p", 2, "b1"), twice],
         );
-        assert_eq!(f.cross_branch, 1);
-        assert_eq!(f.duplicated, 1);
+        assert_eq!(f.counts.cross_branch, 1);
+        assert_eq!(f.counts.duplicated, 1);
         assert!(!f.clean());
     }
 
@@ -359,9 +369,9 @@ mod tests {
             &[t],
             &[cloud("t1", "p", 1, "b1"), cloud("tX", "q", 1, "b1")],
         );
-        assert_eq!(f.needs_attention, 1);
+        assert_eq!(f.counts.needs_attention, 1);
         assert_eq!(f.unsynced_in_journal, 1);
-        assert_eq!(f.lost, 1);
+        assert_eq!(f.counts.lost, 1);
         assert_eq!(f.unknown_terminal_rows, 1);
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog_churn::{CatalogComparison, ChurnCounts};
 use crate::fault_schedule::FaultSchedule;
-use crate::ledger_audit::AuditFindings;
+use crate::ledger_audit::{AuditFindings, SaleCounts};
 
 /// Per-terminal outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,18 +90,10 @@ pub struct RunReport {
     pub cloud_instances: usize,
     /// `none`, `network`, `crash` or `all`.
     pub faults_mode: String,
-    /// Receipts acknowledged by the tills.
-    pub sales_created: u64,
-    /// Rows of the run's terminals in `sales_events`.
-    pub sales_in_cloud: u64,
-    /// Sales the cloud lacks.
-    pub lost: u64,
-    /// Extra copies in the cloud.
-    pub duplicated: u64,
-    /// Sales filed under another branch, plus other branches' catalog entities found on terminals.
-    pub cross_branch: u64,
-    /// Rows still `needs_attention` at the end (after the operator retries).
-    pub needs_attention: u64,
+    /// Sales created, in the cloud, lost, duplicated, crossing branches (sales, plus other
+    /// branches' catalog entities found on terminals), left needing attention.
+    #[serde(flatten)]
+    pub counts: SaleCounts,
     /// Rows that had exhausted their attempts during the faults and were sent again by the
     /// harness acting as operator (`POST /outbox/retry {"all": true}`), up to three rounds.
     pub needs_attention_released_by_operator: u64,
@@ -145,7 +137,7 @@ impl RunReport {
     /// the abusive scenario also: the abuser saw 429s.
     pub fn verdict(&self) -> bool {
         self.audit.clean()
-            && self.needs_attention == 0
+            && self.counts.needs_attention == 0
             && self.needs_attention_released_by_operator == 0
             && self.catalog_unconverged_terminals == 0
             && self.errors.is_empty()
@@ -160,12 +152,24 @@ impl RunReport {
             "possync simulation — seed {} · {} terminals × {} branches × {} sales · faults {} · {} cloud instance(s)\n",
             self.seed, self.terminals, self.branches, self.sales_per_terminal, self.faults_mode, self.cloud_instances
         ));
-        line(&mut s, "sales_created", self.sales_created.to_string());
-        line(&mut s, "sales_in_cloud", self.sales_in_cloud.to_string());
-        line(&mut s, "lost", self.lost.to_string());
-        line(&mut s, "duplicated", self.duplicated.to_string());
-        line(&mut s, "cross_branch", self.cross_branch.to_string());
-        line(&mut s, "needs_attention", self.needs_attention.to_string());
+        line(
+            &mut s,
+            "sales_created",
+            self.counts.sales_created.to_string(),
+        );
+        line(
+            &mut s,
+            "sales_in_cloud",
+            self.counts.sales_in_cloud.to_string(),
+        );
+        line(&mut s, "lost", self.counts.lost.to_string());
+        line(&mut s, "duplicated", self.counts.duplicated.to_string());
+        line(&mut s, "cross_branch", self.counts.cross_branch.to_string());
+        line(
+            &mut s,
+            "needs_attention",
+            self.counts.needs_attention.to_string(),
+        );
         line(
             &mut s,
             "chain_breaks",
@@ -280,12 +284,11 @@ mod tests {
             sales_per_terminal: 1,
             cloud_instances: 1,
             faults_mode: "none".into(),
-            sales_created: 1,
-            sales_in_cloud: 1,
-            lost: 0,
-            duplicated: 0,
-            cross_branch: 0,
-            needs_attention: 0,
+            counts: SaleCounts {
+                sales_created: 1,
+                sales_in_cloud: 1,
+                ..SaleCounts::default()
+            },
             needs_attention_released_by_operator: 0,
             retries: 0,
             attempt_budget_ms: 750,
@@ -296,8 +299,11 @@ mod tests {
             faults_planned: BTreeMap::new(),
             catalog_changes: ChurnCounts::default(),
             audit: AuditFindings {
-                sales_created: 1,
-                sales_in_cloud: 1,
+                counts: SaleCounts {
+                    sales_created: 1,
+                    sales_in_cloud: 1,
+                    ..SaleCounts::default()
+                },
                 ..Default::default()
             },
             abuse: None,
@@ -315,7 +321,7 @@ mod tests {
         assert!(report().verdict());
 
         let mut r = report();
-        r.audit.lost = 1;
+        r.audit.counts.lost = 1;
         assert!(!r.verdict(), "a lost sale fails the run");
 
         let mut r = report();

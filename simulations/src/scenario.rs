@@ -16,7 +16,7 @@ use crate::cloud_cluster::{CloudCluster, Enrollment, RunDatabase, DEFAULT_PG_SER
 use crate::daemon::Binaries;
 use crate::fault_schedule::{CloudFault, FaultMode, FaultSchedule, ScheduleShape};
 use crate::ledger_audit::{
-    audit, audit_chains, read_cloud_sales, read_recorded_breaks, TerminalLedger,
+    audit, audit_chains, read_cloud_sales, read_recorded_breaks, SaleCounts, TerminalLedger,
 };
 use crate::proxy::{FaultProxy, Upstreams};
 use crate::report::{AbuseReport, RunReport, TerminalReport, Timings};
@@ -479,16 +479,14 @@ async fn run_on(
         sales_per_terminal: cfg.sales,
         cloud_instances: cfg.cloud_instances.max(1),
         faults_mode: format!("{:?}", cfg.faults).to_lowercase(),
-        sales_created: findings.sales_created,
-        sales_in_cloud: findings.sales_in_cloud,
-        lost: findings.lost,
-        duplicated: findings.duplicated,
-        cross_branch: findings.cross_branch
-            + comparisons
-                .iter()
-                .map(|c| c.foreign_branch_entities)
-                .sum::<u64>(),
-        needs_attention: findings.needs_attention,
+        counts: SaleCounts {
+            cross_branch: findings.counts.cross_branch
+                + comparisons
+                    .iter()
+                    .map(|c| c.foreign_branch_entities)
+                    .sum::<u64>(),
+            ..findings.counts.clone()
+        },
         needs_attention_released_by_operator: operator_released,
         retries: per_terminal.iter().map(|t| t.retries).sum(),
         attempt_budget_ms: cfg.tuning.attempt_budget_ms(),

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-pub mod webdriver;
+pub use possync_testkit::webdriver;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};

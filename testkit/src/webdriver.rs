@@ -127,8 +127,8 @@ impl Session {
             .await;
     }
 
-    /// The WebDriver id of the first element matching `css` (panics if none).
-    pub async fn element(&self, css: &str) -> String {
+    /// The WebDriver id of the first element matching `css`, if there is one.
+    pub async fn find(&self, css: &str) -> Option<String> {
         let v = self
             .cmd(
                 reqwest::Method::POST,
@@ -136,10 +136,27 @@ impl Session {
                 json!({"using": "css selector", "value": css}),
             )
             .await;
-        v[ELEMENT_KEY]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
+        v[ELEMENT_KEY].as_str().map(str::to_string)
+    }
+
+    /// The WebDriver id of the first element matching `css` (panics if none).
+    pub async fn element(&self, css: &str) -> String {
+        self.find(css)
+            .await
+            .unwrap_or_else(|| panic!("no element {css}"))
+    }
+
+    /// The rendered text of the element with WebDriver id `id`.
+    async fn text_of(&self, id: &str) -> String {
+        self.cmd(
+            reqwest::Method::GET,
+            &format!("/element/{id}/text"),
+            Value::Null,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
     }
 
     /// Clicks the first element matching `css`.
@@ -155,18 +172,10 @@ impl Session {
         assert!(v.is_null(), "click {css} failed: {v}");
     }
 
-    /// The rendered text of the first element matching `css`.
+    /// The rendered text of the first element matching `css` (panics if none).
     pub async fn text(&self, css: &str) -> String {
         let id = self.element(css).await;
-        self.cmd(
-            reqwest::Method::GET,
-            &format!("/element/{id}/text"),
-            Value::Null,
-        )
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+        self.text_of(&id).await
     }
 
     /// Types `text` into the first element matching `css` (an input).
@@ -182,11 +191,15 @@ impl Session {
         assert!(v.is_null(), "typing into {css} failed: {v}");
     }
 
-    /// Polls `css`'s text until `pred` holds; returns the last text seen either way.
+    /// Polls `css`'s text until `pred` holds (an element not rendered yet counts as empty
+    /// text); returns the last text seen either way.
     pub async fn wait_text(&self, css: &str, pred: impl Fn(&str) -> bool) -> String {
         let mut last = String::new();
         for _ in 0..200 {
-            last = self.text(css).await;
+            last = match self.find(css).await {
+                Some(id) => self.text_of(&id).await,
+                None => String::new(),
+            };
             if pred(&last) {
                 break;
             }

@@ -16,18 +16,16 @@ use actix_web::HttpResponse;
 /// `GET /admin/fleet`: the page. `no-store`, and a policy that lets it talk to this origin
 /// only and be framed by nobody (it handles the admin token).
 pub async fn page() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header(("cache-control", "no-store"))
-        .insert_header((
-            "content-security-policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
-        ))
-        .insert_header(("x-frame-options", "DENY"))
-        .insert_header(("x-content-type-options", "nosniff"))
-        .insert_header(("referrer-policy", "no-referrer"))
-        .body(FLEET_PAGE)
+    let mut res = HttpResponse::Ok();
+    res.content_type("text/html; charset=utf-8").insert_header((
+        "content-security-policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+         connect-src 'self'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+    ));
+    for header in possync_protocol::OPERATOR_PAGE_HEADERS {
+        res.insert_header(header);
+    }
+    res.body(FLEET_PAGE)
 }
 
 /// The page.

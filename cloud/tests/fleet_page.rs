@@ -103,6 +103,7 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
             .to_string()
     };
     assert_eq!(header("cache-control"), "no-store");
+    assert_eq!(header("x-frame-options"), "DENY");
     let csp = header("content-security-policy");
     for directive in [
         "default-src 'none'",

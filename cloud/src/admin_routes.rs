@@ -202,13 +202,50 @@ pub async fn sales_summary(
     )
 }
 
-/// `GET /v1/admin/fleet`: the sales journal's signals per branch and till (consume-only):
-/// pending gap ranges ("missing 1042–1047 from T") and recorded chain breaks.
+/// One terminal as the fleet view shows it.
+#[derive(Debug, serde::Serialize)]
+struct FleetTerminal {
+    branch_id: String,
+    terminal_id: uuid::Uuid,
+    name: Option<String>,
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it last called the cloud (to about a minute).
+    last_contact_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Always `null`: the cloud does not record which catalog version a terminal holds (its
+    /// delta polls name one, but it is not kept), so it cannot say how far behind it is.
+    catalog_versions_behind: Option<i64>,
+    /// Always `null`: tills do not report their needs-attention counts to the cloud (they show
+    /// them on their own status page).
+    needs_attention: Option<i64>,
+}
+
+/// `GET /v1/admin/fleet`: per branch and till (consume-only): the terminals and their last
+/// contact, pending gap ranges ("missing 1042–1047 from T") and recorded chain breaks.
 pub async fn fleet(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let signals = state
+    let (signals, list) = state
         .db
-        .run(crate::db::journal_audit::journal_signals)
+        .run(|conn| {
+            let signals = crate::db::journal_audit::journal_signals(conn)?;
+            Ok::<_, StoreError>((signals, terminals::list_terminals(conn)?))
+        })
         .await
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
-    Ok(HttpResponse::Ok().json(signals))
+    let terminals: Vec<FleetTerminal> = list
+        .into_iter()
+        .map(|t| FleetTerminal {
+            branch_id: t.branch_id,
+            terminal_id: t.terminal_id,
+            name: t.name,
+            revoked_at: t.revoked_at,
+            last_contact_at: t.last_seen_at,
+            catalog_versions_behind: None,
+            needs_attention: None,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "generated_at": chrono::Utc::now(),
+        "terminals": terminals,
+        "gaps": signals.gaps,
+        "chain_breaks": signals.chain_breaks,
+    })))
 }

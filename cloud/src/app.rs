@@ -46,6 +46,8 @@ pub struct AppState {
     pub admin_token_sha256: [u8; 32],
     /// Request size limits.
     pub limits: Limits,
+    /// When this instance last wrote each terminal's `last_seen_at`.
+    pub contacts: crate::db::terminals::ContactLog,
     /// `pos_id` → device nonce bindings already confirmed (see `db::devices`).
     pub device_bindings: crate::db::devices::KnownBindings,
     /// Fingerprint trees per branch view and catalog version.
@@ -87,6 +89,7 @@ impl AppState {
             trusted_proxies: rate_limits.trusted_proxies.clone(),
             admin_token_sha256: auth::token_digest(admin_token),
             limits,
+            contacts: Default::default(),
             device_bindings: Default::default(),
             fingerprints: Default::default(),
             snapshot_pages: Default::default(),
@@ -208,6 +211,9 @@ pub fn build(
         .service(web::resource("/openapi.json").route(web::get().to(openapi)))
         .service(web::resource("/healthz").route(web::get().to(admin_routes::healthz)))
         .service(web::resource("/readyz").route(web::get().to(admin_routes::readyz)))
+        // The page needs no token (it holds no data); its script asks for one and calls
+        // `/v1/admin/fleet` with it.
+        .service(web::resource("/admin/fleet").route(web::get().to(crate::fleet_page::page)))
         .service(
             web::resource("/metrics")
                 .wrap(Compress::default())

@@ -107,6 +107,20 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
         .await
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?
         .ok_or(ApiError::Unauthenticated)?;
+    if state
+        .contacts
+        .due(identity.terminal_id, std::time::Instant::now())
+    {
+        // The fleet view's "last contact": best effort, never a reason to refuse the request.
+        let id = identity.terminal_id;
+        if let Err(e) = state
+            .db
+            .run(move |conn| terminals::record_contact(conn, id))
+            .await
+        {
+            tracing::warn!(terminalId = %id, errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e, "last contact not recorded");
+        }
+    }
     if let Admission::Refused { retry_after_secs } =
         state.terminal_buckets.check(&identity.terminal_id)
     {

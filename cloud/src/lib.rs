@@ -23,6 +23,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod fingerprint_cache;
+pub mod fleet_page;
 pub mod ingest;
 pub mod metrics;
 pub mod rate_limit;

@@ -384,7 +384,7 @@ async fn the_openapi_description_names_the_served_routes(backend: Backend) {
         .starts_with("3."));
     let methods = ["get", "post", "put", "delete", "patch"];
     let paths = served["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 15, "every route is described");
+    assert_eq!(paths.len(), 16, "every route is described");
     for (path, item) in paths {
         for method in methods {
             let bearer = if path.starts_with("/v1/admin") {

@@ -21,6 +21,15 @@ pub use sales::*;
 
 /// Path prefix of every terminal-facing route.
 pub const POS_API_PREFIX: &str = "/v1/pos";
+/// Headers of every operator page (the till's status page, the cloud's fleet page) besides its
+/// own `content-security-policy`: never cached (they show live state and handle tokens), never
+/// framed (clickjacking), never sniffed as another type, and no referrer sent on.
+pub const OPERATOR_PAGE_HEADERS: [(&str, &str); 4] = [
+    ("cache-control", "no-store"),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
 /// Header every response carries so a log line on either side can be matched to the other.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header a terminal sends with every sales request: a random id of the device that holds the

@@ -3,12 +3,11 @@
 //! verify and repaired by apply — with `local_inventory` and the sales untouched.
 
 mod e2e_support;
-mod status_page_support;
 
 use e2e_support::{enroll, sale_payload, terminal_cli, Cable, Cloud, Daemon, MAX_POLLS, POLL};
 use possync_terminal::store::SqliteStore;
+use possync_testkit::webdriver::{start_driver, Session};
 use serde_json::{json, Value};
-use status_page_support::webdriver::{start_driver, Session};
 
 /// Reads one counter/gauge value (summed over labels) from Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {

@@ -9,7 +9,7 @@
 
 mod status_page_support;
 
-use status_page_support::webdriver::{start_driver, Session};
+use possync_testkit::webdriver::{start_driver, Session};
 use status_page_support::{
     refused, serve_page_elsewhere, start_fake_server, start_server_on, valid_payload, FakeTill,
 };

@@ -3,13 +3,15 @@
 //! Shared test support so every crate tests against the same real things: a fresh PostgreSQL
 //! database per test ([`pg`]), a real `cloud serve` process on port 0 ([`cloud`]), the fleet deployment of
 //! `scripts/cluster` — nginx with TLS over several clouds ([`cluster`]), the way
-//! every harness finds and starts the real binaries ([`process`]), and sample
+//! every harness finds and starts the real binaries ([`process`]), headless Chromium for the
+//! operator pages ([`webdriver`]), and sample
 //! sales that pass the protocol's validation (below), so tests differ only in what they test.
 
 pub mod cloud;
 pub mod cluster;
 pub mod pg;
 pub mod process;
+pub mod webdriver;
 
 use chrono::{TimeZone, Utc};
 use possync_protocol::{
@@ -129,6 +131,22 @@ pub fn arithmetic_failure_event(
     let mut e = sample_sale_event(terminal_id, pos_id, local_event_id, branch);
     e.payload.lines[0].total_minor += 1;
     e
+}
+
+/// Sets each event's `chain_hash` as the till does, `events` being consecutive ids of one
+/// `pos_id` starting at `first.local_event_id` (`prev` = genesis for id 1).
+///
+/// # Panics
+/// If an event cannot be hashed (sample events always can).
+pub fn chain_sale_events(events: &mut [SaleEvent]) {
+    let mut prev: Option<String> = None;
+    for e in events.iter_mut() {
+        let p =
+            possync_protocol::journal_chain::prev_of(e.pos_id, e.local_event_id, prev.as_deref());
+        let h = e.expected_chain_hash(&p).expect("a sample event hashes");
+        e.chain_hash = Some(h.clone());
+        prev = Some(h);
+    }
 }
 
 /// `{"events": [...]}` for `POST /v1/pos/sales/events`.

@@ -411,7 +411,7 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 7] = [
+    const ALL: [&str; 8] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
@@ -419,6 +419,7 @@ mod tests {
         "2026-11-29-000005_sale_flags",
         "2026-11-29-000006_journal_chain",
         "2026-11-29-000007_catalog_notify",
+        "2026-11-29-000010_terminal_contact",
     ];
 
     #[test]

@@ -17,6 +17,7 @@ diesel::table! {
         revoked_at -> Nullable<Timestamp>,
         previous_token_hash -> Nullable<Text>,
         previous_token_expires_at -> Nullable<Timestamp>,
+        last_seen_at -> Nullable<Timestamp>,
     }
 }
 

@@ -57,6 +57,9 @@ pub struct TerminalRecord {
     pub created_at: DateTime<Utc>,
     /// When its token was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When it last called the cloud (to about a minute: see [`record_contact`]); `None` if
+    /// it has not called since this was first recorded.
+    pub last_seen_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Queryable, Selectable, Insertable)]
@@ -70,6 +73,7 @@ struct TerminalRow {
     revoked_at: Option<NaiveDateTime>,
     previous_token_hash: Option<String>,
     previous_token_expires_at: Option<NaiveDateTime>,
+    last_seen_at: Option<NaiveDateTime>,
 }
 
 impl TerminalRow {
@@ -80,6 +84,7 @@ impl TerminalRow {
             name: self.name,
             created_at: self.created_at.and_utc(),
             revoked_at: self.revoked_at.map(|t| t.and_utc()),
+            last_seen_at: self.last_seen_at.map(|t| t.and_utc()),
         })
     }
 }
@@ -178,6 +183,12 @@ for_each_backend! {
             .execute(c)
     }
 
+    pub(super) fn seen(c: &mut Conn, id: &str, at: NaiveDateTime) -> QueryResult<usize> {
+        diesel::update(terminals::table.filter(terminals::terminal_id.eq(id)))
+            .set(terminals::last_seen_at.eq(Some(at)))
+            .execute(c)
+    }
+
     pub(super) fn all(c: &mut Conn) -> QueryResult<Vec<TerminalRow>> {
         terminals::table
             .order((terminals::branch_id, terminals::created_at, terminals::terminal_id))
@@ -246,6 +257,7 @@ fn new_terminal(
         revoked_at: None,
         previous_token_hash: None,
         previous_token_expires_at: None,
+        last_seen_at: None,
     };
     Ok((
         row,
@@ -331,6 +343,49 @@ pub fn authenticate(
             })
         })
         .transpose()
+}
+
+/// Records that `terminal_id` called the cloud now (its `last_seen_at`). Callers throttle
+/// this with [`ContactLog`] so a busy till costs one write a minute, not one per request.
+pub fn record_contact(conn: &mut DbConn, terminal_id: Uuid) -> Result<(), StoreError> {
+    let id = terminal_id.to_string();
+    with_conn!(conn, |c, m| m::seen(c, &id, now_utc()))?;
+    Ok(())
+}
+
+/// How often a terminal's `last_seen_at` is written at most (per cloud instance).
+pub const CONTACT_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Most terminals a [`ContactLog`] remembers before it starts over (then each records once
+/// more: a bounded cost, never unbounded memory).
+const MAX_CONTACTS_REMEMBERED: usize = 200_000;
+
+/// When this instance last wrote each terminal's `last_seen_at`: decides whether a request
+/// should write it again ([`CONTACT_RECORD_INTERVAL`]).
+#[derive(Debug, Default)]
+pub struct ContactLog {
+    recorded: std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>,
+}
+
+impl ContactLog {
+    /// Whether a contact of `terminal_id` at `now` is due to be written; if so it counts as
+    /// written from now on (a failed write is retried after the interval, not at once).
+    pub fn due(&self, terminal_id: Uuid, now: std::time::Instant) -> bool {
+        let mut map = self
+            .recorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match map.get(&terminal_id) {
+            Some(last) if now.saturating_duration_since(*last) < CONTACT_RECORD_INTERVAL => false,
+            _ => {
+                if map.len() >= MAX_CONTACTS_REMEMBERED {
+                    map.clear();
+                }
+                map.insert(terminal_id, now);
+                true
+            }
+        }
+    }
 }
 
 /// All terminals (revoked ones included), ordered by branch then enrolment, for admin views.
@@ -482,6 +537,35 @@ mod tests {
                 Err(StoreError::InvalidInput(_))
             ));
         });
+    }
+
+    #[test]
+    fn contact_is_recorded_and_listed() {
+        each_backend(|db| {
+            let mut conn = db.conn().expect("conn");
+            let t = add_terminal(&mut conn, "b1", None).expect("add");
+            assert_eq!(
+                list_terminals(&mut conn).expect("list")[0].last_seen_at,
+                None
+            );
+            let before = Utc::now() - chrono::Duration::seconds(1);
+            record_contact(&mut conn, t.terminal_id).expect("record");
+            let seen = list_terminals(&mut conn).expect("list")[0]
+                .last_seen_at
+                .expect("recorded");
+            assert!(seen >= before && seen <= Utc::now(), "{seen}");
+        });
+    }
+
+    #[test]
+    fn contact_writes_are_throttled_per_terminal() {
+        let log = ContactLog::default();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let t0 = std::time::Instant::now();
+        assert!(log.due(a, t0));
+        assert!(!log.due(a, t0 + std::time::Duration::from_secs(59)));
+        assert!(log.due(b, t0 + std::time::Duration::from_secs(1)));
+        assert!(log.due(a, t0 + CONTACT_RECORD_INTERVAL));
     }
 
     #[test]

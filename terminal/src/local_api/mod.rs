@@ -240,21 +240,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn page(state: State) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header(("cache-control", "no-store"))
-        // The page carries a token and has buttons: no other site may frame it (clickjacking),
-        // and nothing it fetches leaves the till.
-        .insert_header((
-            "content-security-policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'none'; \
-             base-uri 'none'",
-        ))
-        .insert_header(("x-frame-options", "DENY"))
-        .insert_header(("x-content-type-options", "nosniff"))
-        .insert_header(("referrer-policy", "no-referrer"))
-        .body(state.page.clone())
+    let mut res = HttpResponse::Ok();
+    // The page carries a token and has buttons: no other site may frame it (clickjacking),
+    // and nothing it fetches leaves the till.
+    res.content_type("text/html; charset=utf-8").insert_header((
+        "content-security-policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'none'; \
+         base-uri 'none'",
+    ));
+    for header in possync_protocol::OPERATOR_PAGE_HEADERS {
+        res.insert_header(header);
+    }
+    res.body(state.page.clone())
 }
 
 async fn status(state: State) -> Result<HttpResponse, StatusError> {

@@ -4,8 +4,6 @@
 
 #![allow(dead_code)]
 
-pub mod webdriver;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use possync_actors::{

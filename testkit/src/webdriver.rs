@@ -1,5 +1,6 @@
-//! A WebDriver client just big enough for the page tests: chromedriver over plain HTTP,
-//! headless Chromium, find/click/read text. Missing binaries FAIL the test (never skip).
+//! A WebDriver client just big enough for the page tests (the till's status page, the cloud's
+//! fleet page): chromedriver over plain HTTP, headless Chromium, find/click/type/read text.
+//! Missing binaries FAIL the test (never skip).
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -30,6 +31,8 @@ fn find_binary(candidates: &[&str]) -> Option<String> {
         .map(|p| p.to_string())
 }
 
+/// Starts chromedriver on a free port and waits until it answers; panics (naming the Debian
+/// packages) if chromedriver or Chromium is missing.
 pub async fn start_driver() -> Driver {
     let driver_bin = find_binary(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
         .expect("chromedriver is missing: apt-get install -y chromium chromium-driver");
@@ -65,12 +68,14 @@ pub async fn start_driver() -> Driver {
     panic!("chromedriver did not come up on {}", driver.base);
 }
 
+/// One headless Chromium session.
 pub struct Session {
     http: reqwest::Client,
     base: String,
 }
 
 impl Session {
+    /// Opens a headless Chromium session on `driver`.
     pub async fn new(driver: &Driver) -> Session {
         let http = reqwest::Client::new();
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -102,6 +107,7 @@ impl Session {
         }
     }
 
+    /// One WebDriver command on this session; returns its `value`.
     pub async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let req = self.http.request(method, format!("{}{path}", self.base));
         let req = if body.is_null() { req } else { req.json(&body) };
@@ -115,12 +121,14 @@ impl Session {
         v["value"].clone()
     }
 
+    /// Navigates to `url`.
     pub async fn goto(&self, url: &str) {
         self.cmd(reqwest::Method::POST, "/url", json!({"url": url}))
             .await;
     }
 
-    pub async fn element(&self, css: &str) -> String {
+    /// The WebDriver id of the first element matching `css`, if there is one.
+    pub async fn find(&self, css: &str) -> Option<String> {
         let v = self
             .cmd(
                 reqwest::Method::POST,
@@ -128,12 +136,30 @@ impl Session {
                 json!({"using": "css selector", "value": css}),
             )
             .await;
-        v[ELEMENT_KEY]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
+        v[ELEMENT_KEY].as_str().map(str::to_string)
     }
 
+    /// The WebDriver id of the first element matching `css` (panics if none).
+    pub async fn element(&self, css: &str) -> String {
+        self.find(css)
+            .await
+            .unwrap_or_else(|| panic!("no element {css}"))
+    }
+
+    /// The rendered text of the element with WebDriver id `id`.
+    async fn text_of(&self, id: &str) -> String {
+        self.cmd(
+            reqwest::Method::GET,
+            &format!("/element/{id}/text"),
+            Value::Null,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// Clicks the first element matching `css`.
     pub async fn click(&self, css: &str) {
         let id = self.element(css).await;
         let v = self
@@ -146,24 +172,34 @@ impl Session {
         assert!(v.is_null(), "click {css} failed: {v}");
     }
 
+    /// The rendered text of the first element matching `css` (panics if none).
     pub async fn text(&self, css: &str) -> String {
         let id = self.element(css).await;
-        self.cmd(
-            reqwest::Method::GET,
-            &format!("/element/{id}/text"),
-            Value::Null,
-        )
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+        self.text_of(&id).await
     }
 
-    /// Polls `css`'s text until `pred` holds; returns the last text seen either way.
+    /// Types `text` into the first element matching `css` (an input).
+    pub async fn type_into(&self, css: &str, text: &str) {
+        let id = self.element(css).await;
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                &format!("/element/{id}/value"),
+                json!({ "text": text }),
+            )
+            .await;
+        assert!(v.is_null(), "typing into {css} failed: {v}");
+    }
+
+    /// Polls `css`'s text until `pred` holds (an element not rendered yet counts as empty
+    /// text); returns the last text seen either way.
     pub async fn wait_text(&self, css: &str, pred: impl Fn(&str) -> bool) -> String {
         let mut last = String::new();
         for _ in 0..200 {
-            last = self.text(css).await;
+            last = match self.find(css).await {
+                Some(id) => self.text_of(&id).await,
+                None => String::new(),
+            };
             if pred(&last) {
                 break;
             }
@@ -172,6 +208,7 @@ impl Session {
         last
     }
 
+    /// Ends the session (the browser closes).
     pub async fn close(self) {
         let _ = self.http.delete(&self.base).send().await;
     }

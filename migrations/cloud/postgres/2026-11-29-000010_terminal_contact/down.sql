@@ -1,0 +1,1 @@
+ALTER TABLE terminals DROP COLUMN last_seen_at;

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud};
 use crate::daemon::{self, DaemonError, DaemonOptions, Tuning};
 use crate::data_dir::{self, LocalTokenError};
-use crate::local_api::{build_report, SaleRequest, StatusBindError, DEFAULT_STATUS_BIND};
+use crate::local_api::{build_report, SaleRequest, DEFAULT_STATUS_BIND};
 use crate::operator::{JournalStatus, RetryTarget, Till, TillError};
 use crate::store::{off_thread, Enrollment, SqliteStore, TerminalStoreError, WorkerLost};
 use crate::wiring::StoreTill;
@@ -43,9 +43,6 @@ pub enum CommandError {
     #[error(transparent)]
     /// The sync engine could not start or run the command.
     Engine(#[from] EngineError),
-    #[error(transparent)]
-    /// The status endpoint could not bind.
-    StatusBind(#[from] StatusBindError),
     #[error(transparent)]
     /// A till operation failed.
     Till(#[from] TillError),
@@ -105,7 +102,6 @@ impl CommandError {
             CommandError::Store(e) => e.code().into(),
             CommandError::Cloud(e) => e.code(),
             CommandError::Engine(e) => e.code(),
-            CommandError::StatusBind(_) => TerminalCode::StatusBindFailed,
             CommandError::Till(e) => e.code().into(),
             CommandError::NotEnrolled | CommandError::WrongIdentity(_) => {
                 ErrorCode::PosSyncUnauthorized.into()

@@ -107,20 +107,6 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
         .await
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?
         .ok_or(ApiError::Unauthenticated)?;
-    if state
-        .contacts
-        .due(identity.terminal_id, std::time::Instant::now())
-    {
-        // The fleet view's "last contact": best effort, never a reason to refuse the request.
-        let id = identity.terminal_id;
-        if let Err(e) = state
-            .db
-            .run(move |conn| terminals::record_contact(conn, id))
-            .await
-        {
-            tracing::warn!(terminalId = %id, errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e, "last contact not recorded");
-        }
-    }
     if let Admission::Refused { retry_after_secs } =
         state.terminal_buckets.check(&identity.terminal_id)
     {
@@ -131,6 +117,23 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
             .inc();
         tracing::info!(terminalId = %identity.terminal_id, branchId = %identity.branch_id, errorCode = %possync_protocol::ErrorCode::PosSyncRateLimited, "terminal rate limited");
         return Err(ApiError::RateLimited { retry_after_secs });
+    }
+    if state
+        .contacts
+        .due(identity.terminal_id, std::time::Instant::now())
+    {
+        // The fleet view's "last contact": best effort and off the request's path — never a
+        // reason to refuse or delay the request.
+        let id = identity.terminal_id;
+        let db = state.db.clone();
+        actix_web::rt::spawn(async move {
+            if let Err(e) = db
+                .run(move |conn| terminals::record_contact(conn, id))
+                .await
+            {
+                tracing::warn!(terminalId = %id, errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e, "last contact not recorded");
+            }
+        });
     }
     Ok(identity)
 }

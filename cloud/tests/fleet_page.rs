@@ -64,7 +64,23 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
     assert_eq!(res["results"][1]["code"], "POS_SYNC_CHAIN_BREAK", "{res}");
 
     // The JSON first: last contact of the tills that called, none for the one that did not.
-    let fleet = fleet_json(&cloud).await;
+    // The contact is written beside the request, not inside it: wait (bounded) for it.
+    let mut fleet = fleet_json(&cloud).await;
+    for _ in 0..100 {
+        let recorded = fleet["terminals"]
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .filter(|x| x["last_contact_at"].is_string())
+                    .count()
+            })
+            .unwrap_or(0);
+        if recorded >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        fleet = fleet_json(&cloud).await;
+    }
     let terminals = fleet["terminals"].as_array().expect("terminals");
     assert_eq!(terminals.len(), 3, "{fleet}");
     let of = |t: Uuid| {

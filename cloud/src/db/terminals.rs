@@ -356,15 +356,24 @@ pub fn record_contact(conn: &mut DbConn, terminal_id: Uuid) -> Result<(), StoreE
 /// How often a terminal's `last_seen_at` is written at most (per cloud instance).
 pub const CONTACT_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Most terminals a [`ContactLog`] remembers before it starts over (then each records once
-/// more: a bounded cost, never unbounded memory).
+/// Most terminals a [`ContactLog`] remembers; beyond it the least recently seen is forgotten
+/// (it then records once more: a bounded cost, never unbounded memory).
 const MAX_CONTACTS_REMEMBERED: usize = 200_000;
 
 /// When this instance last wrote each terminal's `last_seen_at`: decides whether a request
-/// should write it again ([`CONTACT_RECORD_INTERVAL`]).
-#[derive(Debug, Default)]
+/// should write it again ([`CONTACT_RECORD_INTERVAL`]). A bounded map in recency order, like
+/// the rate limiter's buckets.
+#[derive(Debug)]
 pub struct ContactLog {
-    recorded: std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>,
+    recorded: std::sync::Mutex<hashlink::LruCache<Uuid, std::time::Instant>>,
+}
+
+impl Default for ContactLog {
+    fn default() -> Self {
+        ContactLog {
+            recorded: std::sync::Mutex::new(hashlink::LruCache::new(MAX_CONTACTS_REMEMBERED)),
+        }
+    }
 }
 
 impl ContactLog {
@@ -378,9 +387,6 @@ impl ContactLog {
         match map.get(&terminal_id) {
             Some(last) if now.saturating_duration_since(*last) < CONTACT_RECORD_INTERVAL => false,
             _ => {
-                if map.len() >= MAX_CONTACTS_REMEMBERED {
-                    map.clear();
-                }
                 map.insert(terminal_id, now);
                 true
             }

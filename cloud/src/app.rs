@@ -54,6 +54,8 @@ pub struct AppState {
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
     /// Snapshot pages encoded once per branch view and catalog version.
     pub snapshot_pages: crate::snapshot_cache::SnapshotPageCache,
+    /// Permits to build a snapshot page from the catalog (`Limits::snapshot_builds`).
+    pub snapshot_builds: tokio::sync::Semaphore,
     /// Catalog versions known without a query (kept current by the PostgreSQL listener that
     /// `server::run` starts; empty, so never used, otherwise).
     pub catalog_versions: crate::catalog_versions::CatalogVersions,
@@ -72,6 +74,7 @@ impl AppState {
         rate_limits: RateLimits,
         ingest: IngestSettings,
     ) -> Arc<AppState> {
+        let snapshot_builds = limits.snapshot_builds.max(1);
         Arc::new(AppState {
             ingest: IngestRegistry::new(db.clone(), metrics.clone(), ingest),
             db,
@@ -93,6 +96,7 @@ impl AppState {
             device_bindings: Default::default(),
             fingerprints: Default::default(),
             snapshot_pages: Default::default(),
+            snapshot_builds: tokio::sync::Semaphore::new(snapshot_builds),
             catalog_versions: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })

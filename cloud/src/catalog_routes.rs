@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::Terminal;
 use crate::body::{is_json, read_limited};
 use crate::db::catalog::{self, CatalogError};
+use crate::db::snapshot_pages::{self, PageOrigin};
 use crate::db::StoreError;
 use crate::error::ApiError;
 use crate::fingerprint_cache::CachedTree;
@@ -98,6 +99,9 @@ pub async fn snapshot(
     let q = query_map(&req, route)?;
     let limit = page_limit(&q, route)?;
     let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
+    if let Some(c) = &cursor {
+        catalog::check_snapshot_cursor(c).map_err(|e| route.map(e, max_bytes))?;
+    }
     let encoding = PageEncoding::negotiate(req.headers().get(header::ACCEPT_ENCODING));
     let catalog_version = state
         .db
@@ -113,21 +117,37 @@ pub async fn snapshot(
     let read = {
         let (state, key) = (state.clone(), key.clone());
         move || async move {
-            state.metrics.snapshot_page_reads_total.inc();
-            state
+            // A herd of cold terminals queues here behind a few builds instead of taking
+            // every pooled connection; pages held already never come this far.
+            let _permit = state.snapshot_builds.acquire().await.map_err(|_| {
+                CatalogError::Store(StoreError::Unavailable("shutting down".into()))
+            })?;
+            let (page, origin) = state
                 .db
                 .run(move |conn| {
-                    let page =
-                        catalog::snapshot_page(conn, &key.branch, key.cursor.as_deref(), limit)?;
-                    let json = serde_json::to_vec(&page).map_err(|e| {
-                        CatalogError::Store(StoreError::Unavailable(format!(
-                            "encoding a snapshot page: {e}"
-                        )))
-                    })?;
-                    EncodedPage::new(page.snapshot_version, page.entities.len(), &json)
-                        .map_err(|e| CatalogError::Store(StoreError::Unavailable(e.to_string())))
+                    snapshot_pages::get_or_build(conn, &key, |conn| {
+                        let page = catalog::snapshot_page(
+                            conn,
+                            &key.branch,
+                            key.cursor.as_deref(),
+                            limit,
+                        )?;
+                        let json = serde_json::to_vec(&page).map_err(|e| {
+                            CatalogError::Store(StoreError::Unavailable(format!(
+                                "encoding a snapshot page: {e}"
+                            )))
+                        })?;
+                        EncodedPage::new(page.snapshot_version, page.entities.len(), &json).map_err(
+                            |e| CatalogError::Store(StoreError::Unavailable(e.to_string())),
+                        )
+                    })
                 })
-                .await
+                .await?;
+            match origin {
+                PageOrigin::Built => state.metrics.snapshot_page_reads_total.inc(),
+                PageOrigin::Shared => state.metrics.snapshot_page_shared_hits_total.inc(),
+            }
+            Ok::<_, CatalogError>(page)
         }
     };
     let (page, served) = match state.snapshot_pages.get_or_read(key.clone(), read).await {

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Seconds a request body may take to arrive before the request is answered 408.
     #[arg(long, default_value_t = 30)]
     pub body_timeout_secs: u64,
+    /// Most snapshot pages built from the catalog at once (a cold-start herd queues behind
+    /// them; pages already built are served without waiting). Keep it below --pool-size.
+    #[arg(long, default_value_t = crate::config::DEFAULT_SNAPSHOT_BUILDS, env = "POSSYNC_SNAPSHOT_BUILDS")]
+    pub snapshot_builds: usize,
     /// Days tombstones are kept (older delta cursors get 410 resnapshot_required).
     #[arg(long, default_value_t = 30)]
     pub tombstone_retention_days: i64,
@@ -698,6 +702,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, CliError
         .map_err(|e: crate::client_address::BadProxyNet| CliError::Input(e.to_string()))?;
     config.limits.manifest_max_entries = args.manifest_max_entries.max(1);
     config.limits.body_timeout = Duration::from_secs(args.body_timeout_secs.max(1));
+    config.limits.snapshot_builds = args.snapshot_builds.max(1);
     config.tombstone_retention = chrono::Duration::days(args.tombstone_retention_days);
     config.purge_interval = Duration::from_secs(args.purge_interval_secs.max(1));
     config.ingest.queue_limit = args.branch_queue_limit.max(1);

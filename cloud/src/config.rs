@@ -20,7 +20,15 @@ pub struct Limits {
     pub manifest_max_entries: usize,
     /// Longest a request body may take to arrive (30 s by default); then 408.
     pub body_timeout: Duration,
+    /// Most snapshot pages this instance builds from the catalog at once
+    /// ([`DEFAULT_SNAPSHOT_BUILDS`]); requests for pages held already never wait for it.
+    pub snapshot_builds: usize,
 }
+
+/// Default bound on snapshot pages built at once per instance: a cold-start herd queues
+/// behind two builds instead of taking every pooled connection (and holding every page in
+/// memory at once), so ingest and delta polls keep their connections.
+pub const DEFAULT_SNAPSHOT_BUILDS: usize = 2;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -29,6 +37,7 @@ impl Default for Limits {
             max_events: MAX_EVENTS_PER_REQUEST,
             manifest_max_entries: DEFAULT_MANIFEST_MAX_ENTRIES,
             body_timeout: crate::body::DEFAULT_BODY_TIMEOUT,
+            snapshot_builds: DEFAULT_SNAPSHOT_BUILDS,
         }
     }
 }

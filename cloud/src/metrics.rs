@@ -27,6 +27,9 @@ pub struct Metrics {
     pub snapshot_page_reads_total: IntCounter,
     /// Snapshot pages served from the page cache (held, or read by a concurrent request).
     pub snapshot_page_cache_hits_total: IntCounter,
+    /// Snapshot pages this instance missed in memory and found in the page store shared by
+    /// the instances on one PostgreSQL database (another instance read them; `db::snapshot_pages`).
+    pub snapshot_page_shared_hits_total: IntCounter,
     /// Snapshot page body bytes sent, by content encoding (`zstd`, `gzip`, `identity`).
     pub snapshot_page_bytes_total: IntCounterVec,
     /// Request latency by route pattern and status.
@@ -129,6 +132,14 @@ impl Metrics {
                 "Snapshot pages served from the encoded page cache",
             )
             .unwrap_or_else(|_| unreachable_metric("snapshot_page_cache_hits_total")),
+        );
+        let snapshot_page_shared_hits_total = reg(
+            &r,
+            IntCounter::new(
+                "snapshot_page_shared_hits_total",
+                "Snapshot pages found in the page store shared by the instances",
+            )
+            .unwrap_or_else(|_| unreachable_metric("snapshot_page_shared_hits_total")),
         );
         let snapshot_page_bytes_total = reg(
             &r,
@@ -271,6 +282,7 @@ impl Metrics {
             snapshot_pages,
             snapshot_page_reads_total,
             snapshot_page_cache_hits_total,
+            snapshot_page_shared_hits_total,
             snapshot_page_bytes_total,
             http_request_duration_seconds,
             errors_total,
@@ -354,6 +366,7 @@ mod tests {
             "snapshot_pages",
             "snapshot_page_reads_total",
             "snapshot_page_cache_hits_total",
+            "snapshot_page_shared_hits_total",
             "http_request_duration_seconds_bucket",
             "errors_total",
             "rate_limited_total",

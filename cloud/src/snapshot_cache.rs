@@ -136,6 +136,27 @@ impl EncodedPage {
         })
     }
 
+    /// A page held elsewhere in its zstd form (the shared page store, `db::snapshot_pages`).
+    pub fn from_zstd(
+        snapshot_version: i64,
+        entities: usize,
+        json_len: usize,
+        zstd: Vec<u8>,
+    ) -> EncodedPage {
+        EncodedPage {
+            snapshot_version,
+            entities,
+            json_len,
+            zstd,
+            gzip: OnceLock::new(),
+        }
+    }
+
+    /// The page's zstd form, as held.
+    pub fn zstd_bytes(&self) -> &[u8] {
+        &self.zstd
+    }
+
     /// The body to send for `encoding` (gzip derived once and kept, identity decompressed).
     pub fn body(&self, encoding: PageEncoding) -> Result<Vec<u8>, CodecError> {
         match encoding {

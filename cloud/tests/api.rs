@@ -2,6 +2,7 @@
 //! backends: a fresh PostgreSQL database per test (`pg::*`) and the embedded SQLite default
 //! (`sqlite::*`).
 
+#[macro_use]
 mod common;
 
 use common::{expect_error, json_ok, Backend, Env};
@@ -11,28 +12,8 @@ use possync_testkit::{
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod pg {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::scenarios::$name(super::Backend::Pg).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::scenarios::$name(super::Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    scenarios =>
     health_readiness_metrics_and_request_ids,
     authentication_failures,
     admin_routes_refuse_terminal_tokens_and_vice_versa,

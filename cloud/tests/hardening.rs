@@ -4,6 +4,7 @@
 //! stored and flagged, the catalog hash is the hash of what is served, and the OpenAPI
 //! description names exactly the routes that are served.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -14,27 +15,6 @@ use common::{expect_error, json_ok, Backend, Env, NO_LIMITS};
 use possync_testkit::{events_body, sample_sale_event};
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod pg {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Pg).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     every_error_response_has_the_envelope_and_a_request_id,

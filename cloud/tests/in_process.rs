@@ -1,37 +1,58 @@
 //! The application built by `possync_cloud::app::build`, driven in-process with
 //! `actix_web::test` (no socket), on a real SQLite database: the same stack `cloud serve` runs.
+//! Authentication, ingest and counting; and `GET /v1/pos/catalog/snapshot`: the encoding
+//! negotiated from `Accept-Encoding`, every encoding carrying the same page, and a herd of
+//! terminals costing the database one read per page per catalog version.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use actix_web::test;
 use possync_cloud::app::{self, AppState};
 use possync_cloud::config::{Limits, RateLimits};
-use possync_cloud::db::{terminals, Database};
+use possync_cloud::db::catalog::{self, EntityWrite};
+use possync_cloud::db::terminals::{self, IssuedTerminal};
+use possync_cloud::db::Database;
 use possync_cloud::ingest::IngestSettings;
 use possync_cloud::metrics::Metrics;
+use possync_cloud::rate_limit::RateLimit;
+use possync_protocol::SnapshotPage;
 use possync_testkit::{events_body, sample_sale_event};
 use uuid::Uuid;
 
-#[actix_web::test]
-async fn in_process_app_authenticates_ingests_and_counts() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = Database::connect(
-        &format!("sqlite://{}", dir.path().join("cloud.db").display()),
-        2,
-    )
-    .expect("connect");
+/// The application's state on a fresh SQLite file under `dir`, with `products` in the catalog
+/// and one terminal of branch `b1` (its token returned).
+fn sqlite_app(
+    dir: &Path,
+    products: &[EntityWrite],
+    rate_limits: RateLimits,
+) -> (Database, Metrics, Arc<AppState>, IssuedTerminal) {
+    let db = Database::connect(&format!("sqlite://{}", dir.join("cloud.db").display()), 4)
+        .expect("connect");
     db.run_migrations().expect("migrate");
     let issued = {
         let mut conn = db.conn().expect("conn");
+        if !products.is_empty() {
+            catalog::upsert_entities(&mut conn, products).expect("seed");
+        }
         terminals::add_terminal(&mut conn, "b1", Some("till 1")).expect("add terminal")
     };
     let metrics = Metrics::new();
     let state = AppState::new(
-        db,
+        db.clone(),
         metrics.clone(),
         "admin-secret",
         Limits::default(),
-        RateLimits::default(),
+        rate_limits,
         IngestSettings::default(),
     );
+    (db, metrics, state, issued)
+}
+
+#[actix_web::test]
+async fn in_process_app_authenticates_ingests_and_counts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_db, metrics, state, issued) = sqlite_app(dir.path(), &[], RateLimits::default());
     let app = test::init_service(app::build(state)).await;
 
     let req = test::TestRequest::get().uri("/healthz").to_request();
@@ -66,4 +87,149 @@ async fn in_process_app_authenticates_ingests_and_counts() {
         1,
         "the 401 is counted by code"
     );
+}
+
+const ENTITIES: usize = 25;
+const LIMIT: usize = 10;
+
+fn product(i: usize, price: i64) -> EntityWrite {
+    EntityWrite {
+        entity_type: "product".into(),
+        id: format!("prod-{i:04}"),
+        branch_id: None,
+        data: serde_json::json!({"sku": format!("SKU-{i:04}"), "name": "coffee 250 g", "price_minor": price}),
+    }
+}
+
+fn decode(encoding: &str, body: &[u8]) -> Vec<u8> {
+    match encoding {
+        "zstd" => zstd::stream::decode_all(body).expect("zstd body"),
+        "gzip" => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut out)
+                .expect("gzip body");
+            out
+        }
+        _ => body.to_vec(),
+    }
+}
+
+#[actix_web::test]
+async fn pages_are_negotiated_identical_and_read_once_per_catalog_version() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let unlimited = RateLimit {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+    };
+    let products: Vec<_> = (0..ENTITIES).map(|i| product(i, 100)).collect();
+    let (db, metrics, state, issued) = sqlite_app(
+        dir.path(),
+        &products,
+        RateLimits {
+            terminal: unlimited,
+            address: unlimited,
+            ..RateLimits::default()
+        },
+    );
+    let app = test::init_service(app::build(state)).await;
+    let auth = ("authorization", format!("Bearer {}", issued.token));
+
+    // One pass per encoding; each page must decode to the same JSON in every encoding.
+    let mut passes: Vec<Vec<Vec<u8>>> = Vec::new();
+    for (asked, expected) in [
+        ("identity", "identity"),
+        ("gzip, zstd", "zstd"),
+        ("gzip", "gzip"),
+        ("zstd;q=0, gzip;q=0.8", "gzip"),
+    ] {
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let uri = match &cursor {
+                Some(c) => format!("/v1/pos/catalog/snapshot?limit={LIMIT}&cursor={c}"),
+                None => format!("/v1/pos/catalog/snapshot?limit={LIMIT}"),
+            };
+            let req = test::TestRequest::get()
+                .uri(&uri)
+                .insert_header(auth.clone())
+                .insert_header(("accept-encoding", asked))
+                .to_request();
+            let resp = test::call_service(&app, req).await;
+            assert_eq!(resp.status(), 200);
+            let got = resp
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().expect("ascii").to_string())
+                .unwrap_or_else(|| "identity".into());
+            assert_eq!(got, expected, "Accept-Encoding: {asked}");
+            assert_eq!(
+                resp.headers().get("vary").map(|v| v.as_bytes()),
+                Some(&b"accept-encoding"[..])
+            );
+            let body = decode(&got, &test::read_body(resp).await);
+            let page: SnapshotPage = serde_json::from_slice(&body).expect("page JSON");
+            pages.push(body);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        passes.push(pages);
+    }
+    let pages = passes[0].len();
+    assert_eq!(pages, ENTITIES.div_ceil(LIMIT));
+    for pass in &passes[1..] {
+        assert_eq!(pass, &passes[0], "every encoding carries the same pages");
+    }
+    assert_eq!(
+        metrics.snapshot_page_reads_total.get(),
+        pages as u64,
+        "four passes read each page from the database once"
+    );
+    assert_eq!(
+        metrics.snapshot_page_cache_hits_total.get(),
+        3 * pages as u64
+    );
+    assert!(
+        metrics
+            .snapshot_page_bytes_total
+            .with_label_values(&["zstd"])
+            .get()
+            > 0
+    );
+
+    // A herd of first pages at once after the catalog moved: one more database read.
+    {
+        let mut conn = db.conn().expect("conn");
+        catalog::upsert_entities(&mut conn, &[product(0, 250)]).expect("change");
+    }
+    let herd = (0..16).map(|_| {
+        let req = test::TestRequest::get()
+            .uri(&format!("/v1/pos/catalog/snapshot?limit={LIMIT}"))
+            .insert_header(auth.clone())
+            .insert_header(("accept-encoding", "zstd"))
+            .to_request();
+        test::call_service(&app, req)
+    });
+    let mut versions = Vec::new();
+    for resp in futures::future::join_all(herd).await {
+        assert_eq!(resp.status(), 200);
+        let body = decode("zstd", &test::read_body(resp).await);
+        let page: SnapshotPage = serde_json::from_slice(&body).expect("page JSON");
+        assert_eq!(
+            page.entities[0].data["price_minor"], 250,
+            "never a stale page"
+        );
+        versions.push(page.snapshot_version);
+    }
+    versions.dedup();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(
+        metrics.snapshot_page_reads_total.get(),
+        pages as u64 + 1,
+        "sixteen requests for a new version's first page read it once"
+    );
+    let text = metrics.render();
+    assert!(text.contains("snapshot_page_reads_total"));
+    assert!(text.contains("snapshot_page_cache_hits_total"));
 }

@@ -325,3 +325,73 @@ async fn until_from_memory(cloud: &CloudProcess, token: &str, since: i64) -> Val
         cloud.base_url
     );
 }
+
+/// GETs one snapshot page (zstd, as a till asks) and returns its cursor for the next one.
+async fn snapshot_page(cloud: &CloudProcess, token: &str, cursor: Option<&str>) -> Option<String> {
+    let mut url = cloud.url("/v1/pos/catalog/snapshot?limit=2");
+    if let Some(c) = cursor {
+        url.push_str(&format!("&cursor={c}"));
+    }
+    let resp = reqwest::Client::builder()
+        .no_zstd()
+        .build()
+        .expect("client")
+        .get(url)
+        .bearer_auth(token)
+        .header("accept-encoding", "zstd")
+        .send()
+        .await
+        .expect("snapshot");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "zstd");
+    let body = resp.bytes().await.expect("body");
+    let page: Value = serde_json::from_slice(&zstd::stream::decode_all(&body[..]).expect("zstd"))
+        .expect("page json");
+    page["next_cursor"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_page_built_by_one_instance_is_served_by_another_without_a_catalog_read() {
+    let env = Env::start(Backend::Pg);
+    let pg = env.pg.as_ref().expect("pg");
+    let b = CloudProcess::start_with(Some(&pg.url), NO_LIMITS).expect("second cloud");
+    let a = &env.cloud;
+    let (_, north) = env.terminal("north");
+    let (_, north2) = env.terminal("north");
+    let (_, south) = env.terminal("south");
+    let rows: Vec<Value> = (0..5)
+        .map(|i| serde_json::json!({"type": "product", "id": format!("p{i}"), "data": {"n": i}}))
+        .collect();
+    env.admin_upsert(Value::Array(rows)).await;
+
+    // North's first snapshot through A: three pages, each built from the catalog once.
+    let mut cursor = None;
+    for _ in 0..3 {
+        cursor = snapshot_page(a, &north, cursor.as_deref()).await;
+    }
+    assert!(cursor.is_none(), "5 entities in pages of 2");
+    assert_eq!(metric(a, "snapshot_page_reads_total").await, 3.0);
+
+    // Another north till through B: B holds nothing in memory, finds every page in the store.
+    let mut cursor = None;
+    for _ in 0..3 {
+        cursor = snapshot_page(&b, &north2, cursor.as_deref()).await;
+    }
+    assert_eq!(metric(&b, "snapshot_page_reads_total").await, 0.0);
+    assert_eq!(metric(&b, "snapshot_page_shared_hits_total").await, 3.0);
+
+    // South's view is another branch: its first page is built (once), not shared.
+    snapshot_page(&b, &south, None).await;
+    assert_eq!(metric(&b, "snapshot_page_reads_total").await, 1.0);
+
+    // A catalog change is a new version: the page is built again, and the older version's
+    // rows leave the store when the new page is stored.
+    env.admin_upsert(serde_json::json!([{"type": "product", "id": "p9", "data": {"n": 9}}]))
+        .await;
+    snapshot_page(&b, &north2, None).await;
+    assert_eq!(metric(&b, "snapshot_page_reads_total").await, 2.0);
+    let versions = pg
+        .query_i64("SELECT count(DISTINCT catalog_version) FROM snapshot_page_store")
+        .expect("count versions");
+    assert_eq!(versions, 1, "only the current version is kept");
+}

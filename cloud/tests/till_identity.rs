@@ -2,6 +2,7 @@
 //! terminal's identity, a second device using a `pos_id` is refused with `POS_SYNC_POS_CLONED`
 //! (nothing stored), and `GET /v1/pos/sales/held` answers which keys of a `pos_id` are held.
 
+#[macro_use]
 mod common;
 
 use common::{expect_error, json_ok, Backend, Env};
@@ -9,27 +10,6 @@ use possync_protocol::{SaleEvent, DEVICE_NONCE_HEADER};
 use possync_testkit::{conflicting_sale_event, events_body, sample_sale_event};
 use serde_json::Value;
 use uuid::Uuid;
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod pg {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Pg).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     rotation_keeps_the_identity_and_refuses_the_old_token,

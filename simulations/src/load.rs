@@ -858,6 +858,8 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
 
     // Chaos: kill -9 instance 0 a third of the way in, start it again 5 s later.
     let mut chaos_log = Vec::new();
+    // A chaos step that did not happen fails the run: a pass must mean the faults were met.
+    let mut chaos_failed = false;
     if cfg.chaos {
         if let Some(cluster) = &target.cluster {
             tokio::time::sleep(cfg.duration / 3).await;
@@ -866,7 +868,10 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
                     "{:.1}s: kill -9 instance 0",
                     start.elapsed().as_secs_f64()
                 )),
-                Err(e) => chaos_log.push(format!("kill instance 0 failed: {e:#}")),
+                Err(e) => {
+                    chaos_failed = true;
+                    chaos_log.push(format!("kill instance 0 failed: {e:#}"));
+                }
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
             match cluster.start_instance(0) {
@@ -874,7 +879,10 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
                     "{:.1}s: instance 0 started again",
                     start.elapsed().as_secs_f64()
                 )),
-                Err(e) => chaos_log.push(format!("restart of instance 0 failed: {e:#}")),
+                Err(e) => {
+                    chaos_failed = true;
+                    chaos_log.push(format!("restart of instance 0 failed: {e:#}"));
+                }
             }
             if let Some(cmd) = &cfg.postgres_restart {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -882,6 +890,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
                     .args(["-c", cmd])
                     .status()
                     .await;
+                chaos_failed |= !matches!(&status, Ok(s) if s.success());
                 chaos_log.push(match status {
                     Ok(s) if s.success() => format!(
                         "{:.1}s: PostgreSQL restarted ({cmd})",
@@ -892,6 +901,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
                 });
             }
         } else {
+            chaos_failed = true;
             chaos_log.push("--chaos needs the run's own cluster (no --cloud-url)".into());
         }
     }
@@ -989,7 +999,8 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
     let passed = audit.lost == 0
         && audit.duplicated == 0
         && audit.undelivered == 0
-        && unexpected_responses == 0;
+        && unexpected_responses == 0
+        && !chaos_failed;
     Ok(LoadReport {
         terminals: cfg.terminals,
         branches: cfg.branches,

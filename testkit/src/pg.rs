@@ -60,6 +60,24 @@ impl TestDatabase {
             .with_context(|| format!("running on {}: {sql}", self.name))
     }
 
+    /// The value of a query returning one number (a count, a version), read on this
+    /// database: how a test looks at what a server stored.
+    pub fn query_i64(&self, sql: &str) -> anyhow::Result<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct Value {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            v: i64,
+        }
+        let mut c = PgConnection::establish(&self.url)
+            .with_context(|| format!("connecting to {}", self.name))?;
+        let rows: Vec<Value> = diesel::sql_query(format!("SELECT ({sql})::bigint AS v"))
+            .load(&mut c)
+            .with_context(|| format!("running on {}: {sql}", self.name))?;
+        rows.first()
+            .map(|r| r.v)
+            .with_context(|| format!("no row from {sql}"))
+    }
+
     /// Drops the database now, disconnecting whoever uses it: how a test makes the database
     /// disappear under a running server. Dropping the value afterwards is then a no-op.
     pub fn drop_now(&self) -> anyhow::Result<()> {

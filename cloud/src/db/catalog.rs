@@ -612,6 +612,12 @@ impl SnapshotCursor {
     }
 }
 
+/// Refuses a snapshot cursor this cloud did not issue ([`CatalogError::BadCursor`]) before it
+/// is used as a cache key or sent to the database.
+pub fn check_snapshot_cursor(cursor: &str) -> Result<(), CatalogError> {
+    SnapshotCursor::decode(cursor).map(|_| ())
+}
+
 fn page_limit(limit: u32) -> i64 {
     i64::from(limit.clamp(1, MAX_PAGE_LIMIT))
 }

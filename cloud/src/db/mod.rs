@@ -17,6 +17,7 @@ pub mod devices;
 pub mod journal_audit;
 pub mod ledger;
 pub mod schema;
+pub mod snapshot_pages;
 pub mod terminals;
 
 use std::path::Path;
@@ -411,7 +412,7 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 8] = [
+    const ALL: [&str; 9] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
@@ -420,6 +421,7 @@ mod tests {
         "2026-11-29-000006_journal_chain",
         "2026-11-29-000007_catalog_notify",
         "2026-11-29-000010_terminal_contact",
+        "2026-11-29-000011_snapshot_page_store",
     ];
 
     #[test]

@@ -7,6 +7,49 @@ use possync_testkit::pg::TestDatabase;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::Value;
 
+/// Declares each named scenario twice, as the tests `pg::NAME` and `sqlite::NAME`, each calling
+/// `NAME(Backend)` in the suite's root — or in its module `M` with `on_both_backends!(M => …)`.
+/// A suite that uses it declares `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($module:ident => $($name:ident),* $(,)?) => {
+        mod pg {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$module::$name(super::Backend::Pg).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$module::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod pg {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Pg).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
 /// Which database the server under test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

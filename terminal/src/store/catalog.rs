@@ -217,13 +217,12 @@ pub fn position(conn: &Connection) -> Result<CatalogPosition, TerminalStoreError
 /// generation number, so completion can delete the rest even after the snapshot was resumed
 /// by a later process.
 ///
-/// A page that is not the last commits with `synchronous=NORMAL`: its rows and cursor are one
-/// atomic transaction as always, and a kill -9 loses nothing (the WAL frames are in the OS),
-/// but the commit does not wait for an fsync — a power cut could lose the last few pages, and
-/// the snapshot then resumes from the last cursor that reached the disk (the catalog is the
-/// cloud's and can be fetched again; a sale is a fact and is never written this way). The
-/// connection is back at `synchronous=FULL` before it is released, and the last page commits
-/// with FULL, which makes every page before it durable too (the WAL is sequential).
+/// A page that is not the last commits as a `redoable_write` (`synchronous=NORMAL`): its rows
+/// and cursor are one atomic transaction as always, and a kill -9 loses nothing, but a power
+/// cut could lose the last few pages, and the snapshot then resumes from the last cursor that
+/// reached the disk (the catalog is the cloud's and can be fetched again; a sale is a fact and
+/// is never written this way). The last page commits with FULL, which makes every page before
+/// it durable too (the WAL is sequential).
 pub fn apply_snapshot_page(
     conn: &mut Connection,
     page: &SnapshotPage,
@@ -232,12 +231,7 @@ pub fn apply_snapshot_page(
     if page.next_cursor.is_none() {
         return store_snapshot_page(conn, page, started_fresh);
     }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    let stored = store_snapshot_page(conn, page, started_fresh);
-    let restored = conn.pragma_update(None, "synchronous", "FULL");
-    stored?;
-    restored?;
-    Ok(())
+    super::redoable_write(conn, |c| store_snapshot_page(c, page, started_fresh))
 }
 
 fn store_snapshot_page(

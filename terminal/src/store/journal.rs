@@ -310,6 +310,9 @@ pub fn enqueue(
     occurred_at: DateTime<Utc>,
     payload: &SalePayload,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
+    // A sale is a fact: its commit waits for the fsync whatever a `redoable_write` before it
+    // did to the connection (setting the flag costs no I/O).
+    conn.pragma_update(None, "synchronous", "FULL")?;
     let tx = conn.transaction()?;
     let enrollment = read_enrollment(&tx)?;
     // Read in the transaction: a fork (perhaps by another process) may have changed it.

@@ -517,6 +517,33 @@ fn read_enrollment(conn: &Connection) -> Result<Option<Enrollment>, TerminalStor
     }
 }
 
+/// Runs `write` with `synchronous=NORMAL`, for writes the till can redo after a power cut
+/// from what it still has or what the cloud holds: snapshot pages before the last (fetched
+/// again from the last cursor that reached the disk), delta pages (the cursor moves back, the
+/// changes come again, version-guarded), and the outbox's own bookkeeping — an `in_flight`
+/// claim (undone at every start anyway) and a delivery outcome (the cloud's idempotency ledger
+/// is the record of what was delivered: a lost `synced` mark means one resend answered
+/// `duplicate`, and carry-over asks the cloud which keys it holds before re-keying anything).
+///
+/// Such a commit waits for no fsync, so it holds the store's one connection for microseconds
+/// instead of a disk flush, and a sale arriving meanwhile does not queue behind a flush that
+/// was not its own. Nothing is weakened: a kill -9 loses none of it (the WAL frames are in
+/// the OS), the transaction is as atomic as ever, and the next FULL commit — every sale is
+/// one — makes every frame before it durable too (the WAL is sequential). The connection is
+/// back at `synchronous=FULL` before the lock is released, and the sale path sets FULL
+/// itself as well, so no sale ever depends on this restore.
+pub(crate) fn redoable_write<T>(
+    conn: &mut Connection,
+    write: impl FnOnce(&mut Connection) -> Result<T, TerminalStoreError>,
+) -> Result<T, TerminalStoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let written = write(conn);
+    let restored = conn.pragma_update(None, "synchronous", "FULL");
+    let value = written?;
+    restored?;
+    Ok(value)
+}
+
 /// Reads this database's pos_id, generating and storing it the first time.
 fn ensure_pos_id(conn: &Connection) -> Result<Uuid, TerminalStoreError> {
     conn.execute(
@@ -547,7 +574,9 @@ impl LocalStore for SqliteStore {
     }
 
     fn apply_delta_page(&self, page: &DeltaPage) -> Result<(), StoreError> {
-        Ok(catalog::apply_delta_page(&mut self.conn(), page)?)
+        Ok(redoable_write(&mut self.conn(), |c| {
+            catalog::apply_delta_page(c, page)
+        })?)
     }
 
     fn require_resnapshot(&self) -> Result<(), StoreError> {
@@ -590,11 +619,15 @@ impl LocalStore for SqliteStore {
     }
 
     fn claim_batch(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxItem>, StoreError> {
-        Ok(journal::claim_batch(&mut self.conn(), limit, now)?)
+        Ok(redoable_write(&mut self.conn(), |c| {
+            journal::claim_batch(c, limit, now)
+        })?)
     }
 
     fn record_outcomes(&self, outcomes: &[DeliveryOutcome]) -> Result<(), StoreError> {
-        Ok(journal::record_outcomes(&mut self.conn(), outcomes)?)
+        Ok(redoable_write(&mut self.conn(), |c| {
+            journal::record_outcomes(c, outcomes)
+        })?)
     }
 
     fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -658,6 +691,39 @@ mod tests {
             done,
             "all copied already"
         );
+    }
+
+    #[test]
+    fn outbox_bookkeeping_leaves_full_sync_and_a_sale_always_commits_with_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let sync = |s: &SqliteStore| -> i64 {
+            s.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("sync")
+        };
+        let payload = possync_testkit::sample_sale_event(Uuid::nil(), Uuid::nil(), 1, "b1").payload;
+        store
+            .enqueue_sale(EventType::Sale, Utc::now(), &payload)
+            .expect("sale");
+        LocalStore::claim_batch(&store, 10, Utc::now()).expect("claim");
+        assert_eq!(sync(&store), 2, "FULL again after a claim");
+        LocalStore::record_outcomes(&store, &[]).expect("outcomes");
+        assert_eq!(sync(&store), 2, "FULL again after recording outcomes");
+        // Even if a redoable write had left the connection relaxed, the sale path sets FULL.
+        store
+            .conn()
+            .pragma_update(None, "synchronous", "NORMAL")
+            .expect("relax");
+        store
+            .enqueue_sale(EventType::Sale, Utc::now(), &payload)
+            .expect("sale");
+        assert_eq!(sync(&store), 2, "a sale commits with FULL");
+        // A failing redoable write restores FULL too.
+        let failed: Result<(), TerminalStoreError> =
+            redoable_write(&mut store.conn(), |c| Ok(c.execute_batch("NOT SQL")?));
+        assert!(failed.is_err());
+        assert_eq!(sync(&store), 2);
     }
 
     #[test]

@@ -28,25 +28,60 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
 }
 
 /// `GET /metrics`: Prometheus text exposition. The journal gauges (`sales_gaps`,
-/// `sales_chain_breaks`) are read from the database first; if it does not answer they keep
+/// `sales_chain_breaks`) come from two grouped queries over the ledger, run by at most one
+/// scrape per [`JOURNAL_GAUGES_EVERY`] on each instance (a fleet's ledger is large and several
+/// instances are scraped); between refreshes, and when the database does not answer, they keep
 /// their last figures and the rest is served anyway.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    match state
-        .db
-        .run(crate::db::journal_audit::journal_signals)
-        .await
-    {
-        Ok(signals) => state
-            .metrics
-            .set_journal_signals(&signals.gaps_per_branch(), &signals.breaks_per_branch()),
-        Err(e) => {
-            tracing::warn!(errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e,
-            "journal gauges not refreshed")
+    if state.journal_gauges.due() {
+        let read = state
+            .db
+            .run(|conn| {
+                Ok::<_, crate::db::StoreError>((
+                    crate::db::journal_audit::gaps_per_branch(conn)?,
+                    crate::db::journal_audit::chain_breaks_per_branch(conn)?,
+                ))
+            })
+            .await;
+        match read {
+            Ok((gaps, breaks)) => state.metrics.set_journal_signals(&gaps, &breaks),
+            Err(e) => {
+                state.journal_gauges.retry_next_scrape();
+                tracing::warn!(errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e,
+                    "journal gauges not refreshed")
+            }
         }
     }
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
         .body(state.metrics.render())
+}
+
+/// How often a scrape refreshes the journal gauges from the database.
+pub const JOURNAL_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When the journal gauges were last refreshed (one refresh per [`JOURNAL_GAUGES_EVERY`]; the
+/// first scrape always refreshes).
+#[derive(Debug, Default)]
+pub struct JournalGaugeClock {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl JournalGaugeClock {
+    /// Whether this scrape refreshes; claims the refresh so concurrent scrapes do not.
+    pub fn due(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < JOURNAL_GAUGES_EVERY) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
+    }
+
+    /// A refresh failed: let the next scrape try again.
+    pub fn retry_next_scrape(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,4 +283,22 @@ pub async fn fleet(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         "gaps": signals.gaps,
         "chain_breaks": signals.chain_breaks,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JournalGaugeClock;
+
+    #[test]
+    fn one_scrape_per_period_refreshes_the_journal_gauges_and_a_failure_retries_next_time() {
+        let clock = JournalGaugeClock::default();
+        assert!(clock.due(), "the first scrape reads");
+        assert!(!clock.due(), "the next one within the period does not");
+        clock.retry_next_scrape();
+        assert!(
+            clock.due(),
+            "after a failed read the next scrape reads again"
+        );
+        assert!(!clock.due());
+    }
 }

@@ -54,6 +54,8 @@ pub struct AppState {
     pub fingerprints: crate::fingerprint_cache::FingerprintCache,
     /// Snapshot pages encoded once per branch view and catalog version.
     pub snapshot_pages: crate::snapshot_cache::SnapshotPageCache,
+    /// When `GET /metrics` last refreshed the journal gauges.
+    pub journal_gauges: crate::admin_routes::JournalGaugeClock,
     /// Permits to build a snapshot page from the catalog (`Limits::snapshot_builds`).
     pub snapshot_builds: tokio::sync::Semaphore,
     /// Catalog versions known without a query (kept current by the PostgreSQL listener that
@@ -97,6 +99,7 @@ impl AppState {
             fingerprints: Default::default(),
             snapshot_pages: Default::default(),
             snapshot_builds: tokio::sync::Semaphore::new(snapshot_builds),
+            journal_gauges: Default::default(),
             catalog_versions: Default::default(),
             catalog_source_only: std::sync::OnceLock::new(),
         })

@@ -21,10 +21,10 @@
 //! gzip (by quality, zstd on a tie), then identity — each at a low level, because a snapshot page on a LAN or a shop's
 //! uplink is worth sending fast rather than small at any price (docs/api.md).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use actix_web::http::header::HeaderValue;
+use hashlink::LinkedHashMap;
 
 /// zstd level for held pages: 1 compresses a snapshot page ~9× at hundreds of MB/s.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -212,14 +212,14 @@ type Cell = Arc<tokio::sync::OnceCell<Arc<EncodedPage>>>;
 
 struct Slot {
     cell: Cell,
-    used: u64,
     bytes: usize,
 }
 
+/// Pages in recency order (least recently used first): a lookup moves its page to the back,
+/// eviction takes from the front — O(1) per page, however many are held.
 #[derive(Default)]
 struct Slots {
-    pages: HashMap<PageKey, Slot>,
-    tick: u64,
+    pages: LinkedHashMap<PageKey, Slot>,
     bytes: usize,
 }
 
@@ -268,15 +268,20 @@ impl SnapshotPageCache {
     {
         let cell = {
             let mut g = self.lock();
-            g.tick += 1;
-            let tick = g.tick;
-            let slot = g.pages.entry(key.clone()).or_insert_with(|| Slot {
-                cell: Cell::default(),
-                used: tick,
-                bytes: 0,
-            });
-            slot.used = tick;
-            slot.cell.clone()
+            match g.pages.to_back(&key) {
+                Some(slot) => slot.cell.clone(),
+                None => {
+                    let cell = Cell::default();
+                    g.pages.insert(
+                        key.clone(),
+                        Slot {
+                            cell: cell.clone(),
+                            bytes: 0,
+                        },
+                    );
+                    cell
+                }
+            }
         };
         let mut served = Served::Cached;
         let page = cell
@@ -300,18 +305,18 @@ impl SnapshotPageCache {
         };
         let before = std::mem::replace(&mut slot.bytes, now);
         g.bytes = g.bytes - before + now;
-        while g.bytes > self.budget_bytes {
-            let Some(oldest) = g
-                .pages
-                .iter()
-                .filter(|(_, s)| s.cell.initialized())
-                .min_by_key(|(_, s)| s.used)
-                .map(|(k, _)| k.clone())
-            else {
+        // Pages still being read hold no bytes and are skipped (moved to the back): their
+        // requests are waiting on them. At most every slot is visited once.
+        let mut visits = g.pages.len();
+        while g.bytes > self.budget_bytes && visits > 0 {
+            visits -= 1;
+            let Some((oldest, slot)) = g.pages.pop_front() else {
                 break;
             };
-            if let Some(s) = g.pages.remove(&oldest) {
-                g.bytes -= s.bytes;
+            if slot.cell.initialized() {
+                g.bytes -= slot.bytes;
+            } else {
+                g.pages.insert(oldest, slot);
             }
         }
     }
@@ -425,6 +430,36 @@ mod tests {
             Served::Read,
             "another catalog version is another page"
         );
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_page_goes_first() {
+        let one = EncodedPage::new(1, 3, &json(3)).expect("page").held_bytes();
+        let cache = SnapshotPageCache::with_budget(2 * one);
+        let get = |cursor: &'static str| {
+            let cache = &cache;
+            async move {
+                let (page, served) = cache
+                    .get_or_read(key(Some(cursor), 1), || async {
+                        EncodedPage::new(1, 3, &json(3))
+                    })
+                    .await
+                    .expect("page");
+                cache.account(&key(Some(cursor), 1), &page);
+                served
+            }
+        };
+        assert_eq!(get("a").await, Served::Read);
+        assert_eq!(get("b").await, Served::Read);
+        assert_eq!(get("a").await, Served::Cached, "a is now the most recent");
+        assert_eq!(
+            get("c").await,
+            Served::Read,
+            "c pushes the budget over: b goes"
+        );
+        assert_eq!(cache.held_bytes(), 2 * one);
+        assert_eq!(get("a").await, Served::Cached);
+        assert_eq!(get("b").await, Served::Read, "b was evicted");
     }
 
     #[tokio::test]

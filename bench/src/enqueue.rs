@@ -67,6 +67,33 @@ impl RawFsyncTable {
     }
 }
 
+/// One `POST /sales` as the caller saw it, and the daemon's own account of it (its
+/// `Server-Timing` header).
+#[derive(Debug, Clone, Copy)]
+pub struct PostedSale {
+    /// From sending the request until the `201` answer was read.
+    pub total: Duration,
+    /// The committed enqueue inside the daemon (`store`).
+    pub store: Duration,
+    /// The daemon's handler, from the body read to the answer (`handler`).
+    pub handler: Duration,
+}
+
+/// Reads `NAME;dur=MS` from a `Server-Timing` value.
+fn server_timing(value: &str, name: &str) -> Option<Duration> {
+    value.split(',').find_map(|metric| {
+        let mut parts = metric.trim().split(';');
+        if parts.next()? != name {
+            return None;
+        }
+        let ms: f64 = parts
+            .find_map(|p| p.trim().strip_prefix("dur="))?
+            .parse()
+            .ok()?;
+        Some(Duration::from_secs_f64(ms / 1000.0))
+    })
+}
+
 /// Times one `POST /sales` of `payload` to a running daemon's status endpoint, until its
 /// `201` answer (sent only after the commit) is read.
 pub async fn daemon_post_sale(
@@ -74,7 +101,7 @@ pub async fn daemon_post_sale(
     status_url: &str,
     token: &str,
     payload: &SalePayload,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<PostedSale> {
     let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
     let t0 = Instant::now();
     let resp = client
@@ -86,15 +113,29 @@ pub async fn daemon_post_sale(
         .await
         .context("POST /sales")?;
     let status = resp.status();
+    let timing = resp
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let answer = resp.bytes().await.context("reading POST /sales answer")?;
-    let elapsed = t0.elapsed();
+    let total = t0.elapsed();
     if status.as_u16() != 201 {
         bail!(
             "POST /sales answered {status}: {}",
             String::from_utf8_lossy(&answer)
         );
     }
-    Ok(elapsed)
+    let timing = timing.context("POST /sales answered without Server-Timing")?;
+    let part = |name| {
+        server_timing(&timing, name)
+            .with_context(|| format!("Server-Timing {timing:?} has no {name}"))
+    };
+    Ok(PostedSale {
+        total,
+        store: part("store")?,
+        handler: part("handler")?,
+    })
 }
 
 #[cfg(test)]
@@ -116,6 +157,21 @@ mod tests {
         assert_eq!(raw.count().expect("count"), 5);
         let reopened = RawFsyncTable::open(&dir.path().join("raw.db")).expect("reopen");
         assert_eq!(reopened.count().expect("count"), 5, "rows are durable");
+    }
+
+    #[test]
+    fn server_timing_values_are_read_by_name() {
+        let v = "store;dur=0.412, handler;dur=0.530";
+        assert_eq!(
+            server_timing(v, "store"),
+            Some(Duration::from_secs_f64(0.000412))
+        );
+        assert_eq!(
+            server_timing(v, "handler"),
+            Some(Duration::from_secs_f64(0.00053))
+        );
+        assert_eq!(server_timing(v, "db"), None);
+        assert_eq!(server_timing("store", "store"), None, "no duration");
     }
 
     #[test]

@@ -115,6 +115,13 @@ struct EnqueueFigures {
     raw: Summary,
     store: Summary,
     daemon: Summary,
+    /// The daemon's committed enqueue, by its `Server-Timing`.
+    daemon_store: Summary,
+    /// The daemon's handler (body read → answer) minus its enqueue: parsing, validation, the
+    /// hand-off to the blocking pool and back.
+    daemon_handler_rest: Summary,
+    /// The request minus the daemon's handler: the client, loopback TCP and actix's HTTP.
+    outside_handler: Summary,
     /// Sales the daemon records as held by the cloud at the end of the series (cloud up only).
     delivered: i64,
 }
@@ -394,7 +401,7 @@ fn enqueue_series(
             serde_json::to_string(&p).map(|json| (p, json))
         })
         .collect::<Result<_, _>>()?;
-    let (mut raw, mut local, mut daemon) = (
+    let (mut raw, mut local, mut posted) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -402,10 +409,12 @@ fn enqueue_series(
     for (payload, json) in &payloads {
         raw.push(raw_table.insert(json)?);
         local.push(enqueue::store_enqueue(&store, payload)?);
-        daemon.push(rt.block_on(enqueue::daemon_post_sale(
+        posted.push(rt.block_on(enqueue::daemon_post_sale(
             client, status_url, token, payload,
         ))?);
     }
+    let series =
+        |f: fn(&enqueue::PostedSale) -> Duration| summarize(posted.iter().map(f).collect());
     if raw_table.count()? < n as i64 {
         bail!("the raw table lost rows");
     }
@@ -417,7 +426,10 @@ fn enqueue_series(
     Ok(EnqueueFigures {
         raw: summarize(raw),
         store: summarize(local),
-        daemon: summarize(daemon),
+        daemon: series(|p| p.total),
+        daemon_store: series(|p| p.store),
+        daemon_handler_rest: series(|p| p.handler.saturating_sub(p.store)),
+        outside_handler: series(|p| p.total.saturating_sub(p.handler)),
         delivered,
     })
 }
@@ -586,6 +598,26 @@ fn report(opts: &Options, f: &Figures) {
             ("raw fsync'd INSERT (WAL, synchronous=FULL)", &e.raw),
             ("SqliteStore::enqueue_sale (in-process)", &e.store),
             ("POST /sales on the daemon (HTTP, loopback)", &e.daemon),
+        ] {
+            println!(
+                "{name:<46} p50 {}  p99 {}  mean {}  max {}",
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.mean),
+                ms(s.max)
+            );
+        }
+        println!("  where POST /sales spends its time (each part's own percentiles):");
+        for (name, s) in [
+            ("  the daemon's committed enqueue (store)", &e.daemon_store),
+            (
+                "  rest of its handler (JSON, hand-offs)",
+                &e.daemon_handler_rest,
+            ),
+            (
+                "  outside the handler (client, TCP, HTTP)",
+                &e.outside_handler,
+            ),
         ] {
             println!(
                 "{name:<46} p50 {}  p99 {}  mean {}  max {}",

@@ -264,15 +264,33 @@ async fn status(state: State) -> Result<HttpResponse, StatusError> {
         .json(report))
 }
 
+/// `POST /sales`. The 201 carries a `Server-Timing` header (`store`: the committed enqueue,
+/// `handler`: from the body read to the answer, both in ms) so a caller can tell the disk's
+/// share of a slow sale from the rest (scripts/bench-terminal reports both).
 async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
+    let started = std::time::Instant::now();
     let req = SaleRequest::parse(&body)?;
     let till = state.till.clone();
     let occurred_at = req.occurred_at.unwrap_or_else(Utc::now);
     // The store logs the sale (one line per sale); the 201 goes out once it is committed.
-    let receipt =
-        blocking(move || till.enqueue_sale(req.event_type, occurred_at, &req.payload)).await?;
+    let (receipt, stored) = blocking(move || {
+        let t = std::time::Instant::now();
+        let receipt = till.enqueue_sale(req.event_type, occurred_at, &req.payload)?;
+        Ok((receipt, t.elapsed()))
+    })
+    .await?;
     state.sale_nudge.after_sale(state.engine.clone());
-    Ok(HttpResponse::Created().json(receipt))
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Ok(HttpResponse::Created()
+        .insert_header((
+            "server-timing",
+            format!(
+                "store;dur={:.3}, handler;dur={:.3}",
+                ms(stored),
+                ms(started.elapsed())
+            ),
+        ))
+        .json(receipt))
 }
 
 async fn lookup(state: State, req: HttpRequest) -> Result<HttpResponse, StatusError> {

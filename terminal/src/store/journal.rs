@@ -311,8 +311,9 @@ pub fn enqueue(
     payload: &SalePayload,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
     // A sale is a fact: its commit waits for the fsync whatever a `redoable_write` before it
-    // did to the connection (setting the flag costs no I/O).
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // did to the connection (setting the flag costs no I/O; the statement is prepared once).
+    conn.prepare_cached("PRAGMA synchronous = FULL")?
+        .execute([])?;
     let tx = conn.transaction()?;
     let enrollment = read_enrollment(&tx)?;
     // Read in the transaction: a fork (perhaps by another process) may have changed it.

@@ -193,6 +193,11 @@ pub struct LoadReport {
     /// Counters summed over the instances' `/metrics` at the end (delta polls from memory,
     /// snapshot pages, catalog notifications, and any snapshot-cache counter they expose).
     pub cloud_counters: BTreeMap<String, f64>,
+    /// The instances' own view of latency per route (`http_request_duration_seconds`, summed
+    /// over instances and statuses): the bucket bounds holding the median and the 99th
+    /// percentile. Beside `latency_ms` (what the virtual terminals saw, through nginx and their
+    /// own busy runtime) it tells the cloud's share from the generator's.
+    pub cloud_latency_ms: BTreeMap<String, BucketPercentiles>,
     /// Catalog changes written during the run.
     pub catalog_changes: usize,
     /// What the chaos schedule did.
@@ -709,14 +714,81 @@ fn sample_peaks(
     }
 }
 
+/// Percentiles read off a Prometheus histogram: the upper bound of the bucket each falls in
+/// (`None`: above the largest finite bucket).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BucketPercentiles {
+    /// Requests counted.
+    pub count: f64,
+    /// The median is at most this (ms).
+    pub p50_at_most: Option<f64>,
+    /// The 99th percentile is at most this (ms).
+    pub p99_at_most: Option<f64>,
+}
+
+/// Per route, the cumulative `http_request_duration_seconds_bucket` counts of `text`
+/// (several expositions may be fed in: they add up), keyed by bucket bound in seconds.
+fn add_latency_buckets(text: &str, into: &mut BTreeMap<String, BTreeMap<u64, f64>>) {
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("http_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                kv.strip_prefix(name)
+                    .and_then(|v| v.strip_prefix("=\""))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            })
+        };
+        let (Some(route), Some(le), Ok(n)) = (label("route"), label("le"), value.parse::<f64>())
+        else {
+            continue;
+        };
+        // Bounds as integer microseconds, so they order and add up exactly (+Inf last).
+        let bound = if le == "+Inf" {
+            u64::MAX
+        } else {
+            match le.parse::<f64>() {
+                Ok(secs) => (secs * 1e6).round() as u64,
+                Err(_) => continue,
+            }
+        };
+        *into.entry(route).or_default().entry(bound).or_insert(0.0) += n;
+    }
+}
+
+/// The bucket bounds holding the median and the 99th percentile of cumulative `buckets`.
+fn bucket_percentiles(buckets: &BTreeMap<u64, f64>) -> BucketPercentiles {
+    let count = buckets.get(&u64::MAX).copied().unwrap_or(0.0);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| **n >= q * count)
+            .and_then(|(bound, _)| (*bound != u64::MAX).then(|| *bound as f64 / 1000.0))
+    };
+    BucketPercentiles {
+        count,
+        p50_at_most: at(0.5),
+        p99_at_most: at(0.99),
+    }
+}
+
 /// Sums the counters of interest over every instance's `/metrics`.
-async fn cloud_counters(http: &reqwest::Client, instance_urls: &[String]) -> BTreeMap<String, f64> {
+async fn cloud_counters(
+    http: &reqwest::Client,
+    instance_urls: &[String],
+) -> (BTreeMap<String, f64>, BTreeMap<String, BucketPercentiles>) {
     let mut sums = BTreeMap::new();
+    let mut buckets = BTreeMap::new();
     for base in instance_urls {
         let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
             continue;
         };
         let Ok(text) = r.text().await else { continue };
+        add_latency_buckets(&text, &mut buckets);
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((name, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -733,7 +805,11 @@ async fn cloud_counters(http: &reqwest::Client, instance_urls: &[String]) -> BTr
             }
         }
     }
-    sums
+    let latency = buckets
+        .iter()
+        .map(|(route, b)| (route.clone(), bucket_percentiles(b)))
+        .collect();
+    (sums, latency)
 }
 
 /// Runs the load and audits it. `Err` only when the run could not be carried out.
@@ -922,7 +998,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
             .collect(),
         None => Vec::new(),
     };
-    let counters = cloud_counters(&admin_http, &instance_urls).await;
+    let (counters, cloud_latency) = cloud_counters(&admin_http, &instance_urls).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sampler.join();
 
@@ -1024,6 +1100,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
         audit,
         cold,
         cloud_counters: counters,
+        cloud_latency_ms: cloud_latency,
         catalog_changes,
         chaos: chaos_log,
         load_average: std::fs::read_to_string("/proc/loadavg")
@@ -1044,8 +1121,15 @@ impl LoadReport {
                 .map(|p| format!("p50 {:.1} p99 {:.1} p999 {:.1} ms", p.p50, p.p99, p.p999))
                 .unwrap_or_else(|| "-".into())
         };
+        let bound = |b: Option<f64>| b.map_or_else(|| "> 5 s".into(), |ms| format!("≤ {ms} ms"));
+        let cloud_lat = |route: &str| {
+            self.cloud_latency_ms
+                .get(route)
+                .map(|b| format!("p50 {}, p99 {}", bound(b.p50_at_most), bound(b.p99_at_most)))
+                .unwrap_or_else(|| "-".into())
+        };
         format!(
-            "load: {} terminals x {} branches, {:.0}s, seed {} — {}\n  sales: {} acknowledged, {} in cloud, {} lost, {} duplicated, {} undelivered\n  ingest {}\n  delta  {}\n  responses {:?}\n  cloud peak RSS MiB {:?}, db connections peak {} of {}, load {}\n",
+            "load: {} terminals x {} branches, {:.0}s, seed {} — {}\n  sales: {} acknowledged, {} in cloud, {} lost, {} duplicated, {} undelivered\n  ingest {} (cloud's own: {})\n  delta  {} (cloud's own: {})\n  responses {:?}\n  cloud peak RSS MiB {:?}, db connections peak {} of {}, load {}\n",
             self.terminals,
             self.branches,
             self.duration_s,
@@ -1057,7 +1141,9 @@ impl LoadReport {
             self.duplicated,
             self.audit.undelivered,
             lat("sales"),
+            cloud_lat("/v1/pos/sales/events"),
             lat("delta"),
+            cloud_lat("/v1/pos/catalog/delta"),
             self.responses,
             self.cloud_peak_rss_mib,
             self.db_connections_peak,
@@ -1070,6 +1156,35 @@ impl LoadReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_add_up_over_instances_and_statuses() {
+        let one = "# HELP x\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"200\",le=\"0.001\"} 90\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"200\",le=\"0.01\"} 99\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"200\",le=\"+Inf\"} 100\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"503\",le=\"0.001\"} 0\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"503\",le=\"0.01\"} 0\n\
+            http_request_duration_seconds_bucket{route=\"/r\",status=\"503\",le=\"+Inf\"} 0\n";
+        let mut b = BTreeMap::new();
+        add_latency_buckets(one, &mut b);
+        add_latency_buckets(one, &mut b);
+        let p = bucket_percentiles(&b["/r"]);
+        assert_eq!(p.count, 200.0);
+        assert_eq!(p.p50_at_most, Some(1.0));
+        assert_eq!(p.p99_at_most, Some(10.0));
+        let mut slow = BTreeMap::new();
+        add_latency_buckets(
+            "http_request_duration_seconds_bucket{route=\"/s\",status=\"200\",le=\"5\"} 1\n\
+             http_request_duration_seconds_bucket{route=\"/s\",status=\"200\",le=\"+Inf\"} 10\n",
+            &mut slow,
+        );
+        assert_eq!(
+            bucket_percentiles(&slow["/s"]).p99_at_most,
+            None,
+            "beyond 5 s"
+        );
+    }
 
     #[test]
     fn percentiles_pick_the_ranked_sample() {

@@ -138,6 +138,38 @@ pub async fn daemon_post_sale(
     })
 }
 
+/// The route the HTTP floor posts to: not one the daemon serves, so the request crosses the
+/// same client, connection, HTTP parser and access guard as `POST /sales` and is answered
+/// `404` without touching the store.
+pub const NO_SUCH_ROUTE: &str = "/bench/no-such-route";
+
+/// Times one `POST` of `payload`, as `POST /sales` sends it, to [`NO_SUCH_ROUTE`] on the
+/// daemon: the loopback HTTP round trip with nothing stored.
+pub async fn daemon_round_trip(
+    client: &reqwest::Client,
+    status_url: &str,
+    token: &str,
+    payload: &SalePayload,
+) -> anyhow::Result<Duration> {
+    let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
+    let t0 = Instant::now();
+    let resp = client
+        .post(format!("{status_url}{NO_SUCH_ROUTE}"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .context("POST to the HTTP floor route")?;
+    let status = resp.status();
+    resp.bytes().await.context("reading the floor answer")?;
+    let elapsed = t0.elapsed();
+    if status.as_u16() != 404 {
+        bail!("{NO_SUCH_ROUTE} answered {status}, not 404");
+    }
+    Ok(elapsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,9 @@ struct EnqueueFigures {
     daemon_handler_rest: Summary,
     /// The request minus the daemon's handler: the client, loopback TCP and actix's HTTP.
     outside_handler: Summary,
+    /// The same POST to a route the daemon does not serve (404, nothing stored): the HTTP
+    /// round trip's own floor.
+    http_floor: Summary,
     /// Sales the daemon records as held by the cloud at the end of the series (cloud up only).
     delivered: i64,
 }
@@ -401,7 +404,8 @@ fn enqueue_series(
             serde_json::to_string(&p).map(|json| (p, json))
         })
         .collect::<Result<_, _>>()?;
-    let (mut raw, mut local, mut posted) = (
+    let (mut raw, mut local, mut posted, mut http) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -409,6 +413,9 @@ fn enqueue_series(
     for (payload, json) in &payloads {
         raw.push(raw_table.insert(json)?);
         local.push(enqueue::store_enqueue(&store, payload)?);
+        http.push(rt.block_on(enqueue::daemon_round_trip(
+            client, status_url, token, payload,
+        ))?);
         posted.push(rt.block_on(enqueue::daemon_post_sale(
             client, status_url, token, payload,
         ))?);
@@ -430,6 +437,7 @@ fn enqueue_series(
         daemon_store: series(|p| p.store),
         daemon_handler_rest: series(|p| p.handler.saturating_sub(p.store)),
         outside_handler: series(|p| p.total.saturating_sub(p.handler)),
+        http_floor: summarize(http),
         delivered,
     })
 }
@@ -598,6 +606,7 @@ fn report(opts: &Options, f: &Figures) {
             ("raw fsync'd INSERT (WAL, synchronous=FULL)", &e.raw),
             ("SqliteStore::enqueue_sale (in-process)", &e.store),
             ("POST /sales on the daemon (HTTP, loopback)", &e.daemon),
+            ("same POST, unserved route (HTTP only, 404)", &e.http_floor),
         ] {
             println!(
                 "{name:<46} p50 {}  p99 {}  mean {}  max {}",
@@ -633,6 +642,14 @@ fn report(opts: &Options, f: &Figures) {
                 e.delivered
             );
         }
+        let with_http = e.raw.p99 + e.http_floor.p99;
+        println!(
+            "floor with the HTTP round trip: raw p99 + HTTP-only p99 = {} + {} = {}; POST /sales p99 / that = {:.2}",
+            ms(e.raw.p99),
+            ms(e.http_floor.p99),
+            ms(with_http),
+            ratio(e.daemon.p99, with_http)
+        );
         for (name, s) in [("enqueue_sale", &e.store), ("POST /sales", &e.daemon)] {
             let r99 = ratio(s.p99, e.raw.p99);
             println!(

@@ -122,8 +122,8 @@ struct EnqueueFigures {
     daemon_handler_rest: Summary,
     /// The request minus the daemon's handler: the client, loopback TCP and actix's HTTP.
     outside_handler: Summary,
-    /// The same POST to a route the daemon does not serve (404, nothing stored): the HTTP
-    /// round trip's own floor.
+    /// The same POST with an event type there is not (422 after the payload is parsed,
+    /// nothing stored): the HTTP round trip's own floor.
     http_floor: Summary,
     /// Sales the daemon records as held by the cloud at the end of the series (cloud up only).
     delivered: i64,
@@ -606,7 +606,7 @@ fn report(opts: &Options, f: &Figures) {
             ("raw fsync'd INSERT (WAL, synchronous=FULL)", &e.raw),
             ("SqliteStore::enqueue_sale (in-process)", &e.store),
             ("POST /sales on the daemon (HTTP, loopback)", &e.daemon),
-            ("same POST, unserved route (HTTP only, 404)", &e.http_floor),
+            ("same POST, no such type (HTTP + parse, 422)", &e.http_floor),
         ] {
             println!(
                 "{name:<46} p50 {}  p99 {}  mean {}  max {}",
@@ -644,7 +644,7 @@ fn report(opts: &Options, f: &Figures) {
         }
         let with_http = e.raw.p99 + e.http_floor.p99;
         println!(
-            "floor with the HTTP round trip: raw p99 + HTTP-only p99 = {} + {} = {}; POST /sales p99 / that = {:.2}",
+            "floor with the HTTP round trip: raw p99 + HTTP-floor p99 = {} + {} = {}; POST /sales p99 / that = {:.2}",
             ms(e.raw.p99),
             ms(e.http_floor.p99),
             ms(with_http),

@@ -65,6 +65,8 @@ where
 /// How long a statement waits for another connection's lock (e.g. the CLI while the daemon
 /// writes) before failing with `POS_SYNC_STORAGE_FAILED`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Prepared statements kept per connection (see `SqliteStore::open`).
+const STATEMENT_CACHE_CAPACITY: usize = 128;
 /// How often the daemon checkpoints the WAL in the background (see
 /// [`SqliteStore::checkpoint_in_background`]).
 pub const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -177,17 +179,33 @@ impl Kv {
         }
     }
 
+    /// The statements, as fixed text per table so each is prepared once per connection
+    /// (`prepare_cached`): a sale reads and writes these on every enqueue.
+    fn sql(self, op: KvOp) -> &'static str {
+        match (self, op) {
+            (Kv::CatalogMeta, KvOp::Get) => "SELECT value FROM catalog_meta WHERE key = ?1",
+            (Kv::SyncState, KvOp::Get) => "SELECT value FROM sync_state WHERE key = ?1",
+            (Kv::CatalogMeta, KvOp::Set) => {
+                "INSERT INTO catalog_meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            }
+            (Kv::SyncState, KvOp::Set) => {
+                "INSERT INTO sync_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            }
+            (Kv::CatalogMeta, KvOp::Delete) => "DELETE FROM catalog_meta WHERE key = ?1",
+            (Kv::SyncState, KvOp::Delete) => "DELETE FROM sync_state WHERE key = ?1",
+        }
+    }
+
     pub(crate) fn get(
         self,
         conn: &Connection,
         key: &str,
     ) -> Result<Option<String>, rusqlite::Error> {
-        conn.query_row(
-            &format!("SELECT value FROM {} WHERE key = ?1", self.table()),
-            [key],
-            |r| r.get(0),
-        )
-        .optional()
+        conn.prepare_cached(self.sql(KvOp::Get))?
+            .query_row([key], |r| r.get(0))
+            .optional()
     }
 
     pub(crate) fn get_i64(
@@ -212,24 +230,23 @@ impl Kv {
         key: &str,
         value: &str,
     ) -> Result<(), rusqlite::Error> {
-        conn.execute(
-            &format!(
-                "INSERT INTO {} (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                self.table()
-            ),
-            [key, value],
-        )
-        .map(|_| ())
+        conn.prepare_cached(self.sql(KvOp::Set))?
+            .execute([key, value])
+            .map(|_| ())
     }
 
     pub(crate) fn delete(self, conn: &Connection, key: &str) -> Result<(), rusqlite::Error> {
-        conn.execute(
-            &format!("DELETE FROM {} WHERE key = ?1", self.table()),
-            [key],
-        )
-        .map(|_| ())
+        conn.prepare_cached(self.sql(KvOp::Delete))?
+            .execute([key])
+            .map(|_| ())
     }
+}
+
+#[derive(Clone, Copy)]
+enum KvOp {
+    Get,
+    Set,
+    Delete,
 }
 
 impl SqliteStore {
@@ -271,6 +288,10 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        // Every statement the daemon runs stays prepared: the sale path alone uses about ten,
+        // the outbox, catalog and status queries as many again (rusqlite's default keeps 16,
+        // and a statement pushed out is parsed again on its next use).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
 
         if legacy_layout {
             legacy::retire_original_tables(&mut conn)?;

@@ -94,15 +94,14 @@ fn server_timing(value: &str, name: &str) -> Option<Duration> {
     })
 }
 
-/// Times one `POST /sales` of `payload` to a running daemon's status endpoint, until its
-/// `201` answer (sent only after the commit) is read.
-pub async fn daemon_post_sale(
+/// One timed `POST /sales` of `body`: the status, the `Server-Timing` header, the answer
+/// and the time until the answer was read.
+async fn timed_post(
     client: &reqwest::Client,
     status_url: &str,
     token: &str,
-    payload: &SalePayload,
-) -> anyhow::Result<PostedSale> {
-    let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
+    body: Vec<u8>,
+) -> anyhow::Result<(reqwest::StatusCode, Option<String>, Vec<u8>, Duration)> {
     let t0 = Instant::now();
     let resp = client
         .post(format!("{status_url}/sales"))
@@ -119,7 +118,19 @@ pub async fn daemon_post_sale(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let answer = resp.bytes().await.context("reading POST /sales answer")?;
-    let total = t0.elapsed();
+    Ok((status, timing, answer.to_vec(), t0.elapsed()))
+}
+
+/// Times one `POST /sales` of `payload` to a running daemon's status endpoint, until its
+/// `201` answer (sent only after the commit) is read.
+pub async fn daemon_post_sale(
+    client: &reqwest::Client,
+    status_url: &str,
+    token: &str,
+    payload: &SalePayload,
+) -> anyhow::Result<PostedSale> {
+    let body = serde_json::to_vec(&serde_json::json!({ "payload": payload }))?;
+    let (status, timing, answer, total) = timed_post(client, status_url, token, body).await?;
     if status.as_u16() != 201 {
         bail!(
             "POST /sales answered {status}: {}",
@@ -156,18 +167,7 @@ pub async fn daemon_round_trip(
     // serde_json's map keeps keys sorted: "payload" is parsed before "type" fails.
     let body =
         serde_json::to_vec(&serde_json::json!({ "payload": payload, "type": NO_SUCH_TYPE }))?;
-    let t0 = Instant::now();
-    let resp = client
-        .post(format!("{status_url}/sales"))
-        .bearer_auth(token)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .context("POST /sales (HTTP floor)")?;
-    let status = resp.status();
-    resp.bytes().await.context("reading the floor answer")?;
-    let elapsed = t0.elapsed();
+    let (status, _, _, elapsed) = timed_post(client, status_url, token, body).await?;
     if status.as_u16() != 422 {
         bail!("POST /sales of type {NO_SUCH_TYPE} answered {status}, not 422");
     }

@@ -442,6 +442,19 @@ fn enqueue_series(
     })
 }
 
+/// One line per latency series: p50, p99, mean, max.
+fn print_series(rows: &[(&str, &Summary)]) {
+    for (name, s) in rows {
+        println!(
+            "{name:<46} p50 {}  p99 {}  mean {}  max {}",
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.mean),
+            ms(s.max)
+        );
+    }
+}
+
 fn machine_line() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -602,22 +615,14 @@ fn report(opts: &Options, f: &Figures) {
             "== (b) sale enqueue, {} sales per series — {label} ==",
             e.daemon.count
         );
-        for (name, s) in [
+        print_series(&[
             ("raw fsync'd INSERT (WAL, synchronous=FULL)", &e.raw),
             ("SqliteStore::enqueue_sale (in-process)", &e.store),
             ("POST /sales on the daemon (HTTP, loopback)", &e.daemon),
             ("same POST, no such type (HTTP + parse, 422)", &e.http_floor),
-        ] {
-            println!(
-                "{name:<46} p50 {}  p99 {}  mean {}  max {}",
-                ms(s.p50),
-                ms(s.p99),
-                ms(s.mean),
-                ms(s.max)
-            );
-        }
+        ]);
         println!("  where POST /sales spends its time (each part's own percentiles):");
-        for (name, s) in [
+        print_series(&[
             ("  the daemon's committed enqueue (store)", &e.daemon_store),
             (
                 "  rest of its handler (JSON, hand-offs)",
@@ -627,15 +632,7 @@ fn report(opts: &Options, f: &Figures) {
                 "  outside the handler (client, TCP, HTTP)",
                 &e.outside_handler,
             ),
-        ] {
-            println!(
-                "{name:<46} p50 {}  p99 {}  mean {}  max {}",
-                ms(s.p50),
-                ms(s.p99),
-                ms(s.mean),
-                ms(s.max)
-            );
-        }
+        ]);
         if e.delivered > 0 {
             println!(
                 "(the cloud holds {} of the daemon's sales: the outbox delivered while the till sold)",

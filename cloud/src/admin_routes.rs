@@ -246,22 +246,24 @@ struct FleetTerminal {
     revoked_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When it last called the cloud (to about a minute).
     last_contact_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Always `null`: the cloud does not record which catalog version a terminal holds (its
-    /// delta polls name one, but it is not kept), so it cannot say how far behind it is.
+    /// Catalog versions between the cloud's current one and the one the till reported with its
+    /// last recorded contact (`x-possync-catalog-version`); `null` when it has not reported.
     catalog_versions_behind: Option<i64>,
-    /// Always `null`: tills do not report their needs-attention counts to the cloud (they show
-    /// them on their own status page).
+    /// Its sales waiting for an operator, as it reported them with its last recorded contact
+    /// (`x-possync-needs-attention`); `null` when it has not reported.
     needs_attention: Option<i64>,
 }
 
 /// `GET /v1/admin/fleet`: per branch and till (consume-only): the terminals and their last
 /// contact, pending gap ranges ("missing 1042–1047 from T") and recorded chain breaks.
 pub async fn fleet(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let (signals, list) = state
+    let (signals, list, catalog_version) = state
         .db
         .run(|conn| {
             let signals = crate::db::journal_audit::journal_signals(conn)?;
-            Ok::<_, StoreError>((signals, terminals::list_terminals(conn)?))
+            let version = crate::db::catalog::current_version(conn)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            Ok::<_, StoreError>((signals, terminals::list_terminals(conn)?, version))
         })
         .await
         .map_err(|e| ApiError::StorageFailed(e.to_string()))?;
@@ -273,8 +275,11 @@ pub async fn fleet(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
             name: t.name,
             revoked_at: t.revoked_at,
             last_contact_at: t.last_seen_at,
-            catalog_versions_behind: None,
-            needs_attention: None,
+            catalog_versions_behind: t
+                .reported
+                .catalog_version
+                .map(|v| (catalog_version - v).max(0)),
+            needs_attention: t.reported.needs_attention,
         })
         .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({

@@ -125,10 +125,11 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
         // The fleet view's "last contact": best effort and off the request's path — never a
         // reason to refuse or delay the request.
         let id = identity.terminal_id;
+        let report = till_report(req);
         let db = state.db.clone();
         actix_web::rt::spawn(async move {
             if let Err(e) = db
-                .run(move |conn| terminals::record_contact(conn, id))
+                .run(move |conn| terminals::record_contact(conn, id, report))
                 .await
             {
                 tracing::warn!(terminalId = %id, errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed, cause = %e, "last contact not recorded");
@@ -136,6 +137,23 @@ async fn admit_terminal(req: &ServiceRequest) -> Result<TerminalIdentity, ApiErr
         });
     }
     Ok(identity)
+}
+
+/// What the till reported about itself in this request's headers. A value that is not a
+/// non-negative integer counts as not reported: the report is informational and never a
+/// reason to refuse a request.
+fn till_report(req: &ServiceRequest) -> terminals::TillReport {
+    let number = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+    };
+    terminals::TillReport {
+        catalog_version: number(possync_protocol::TILL_CATALOG_VERSION_HEADER),
+        needs_attention: number(possync_protocol::TILL_NEEDS_ATTENTION_HEADER),
+    }
 }
 
 /// Middleware of `/v1/admin/*`: address bucket, then the admin token. Terminal tokens are

@@ -53,7 +53,7 @@ pub const FLEET_PAGE: &str = r##"<!doctype html>
   th { color: var(--muted); font-weight: 500; }
   .muted { color: var(--muted); }
   .gap { color: var(--warn); font-weight: 600; }
-  .break { color: var(--bad); font-weight: 600; }
+  .break, .needs-attention { color: var(--bad); font-weight: 600; }
   #fleet-status.error { color: var(--bad); }
 </style>
 </head>
@@ -122,8 +122,9 @@ function render(f) {
       tr.append(el("td", "last-contact", t.last_contact_at
         ? ago(Math.max(0, Math.round((now - Date.parse(t.last_contact_at)) / 1000))) + " (" + t.last_contact_at + ")"
         : "never"));
-      tr.append(el("td", "muted", t.catalog_versions_behind === null ? "not known" : String(t.catalog_versions_behind)));
-      tr.append(el("td", "muted", t.needs_attention === null ? "not reported" : String(t.needs_attention)));
+      tr.append(el("td", "muted", t.catalog_versions_behind === null ? "not reported" : String(t.catalog_versions_behind)));
+      tr.append(el("td", t.needs_attention > 0 ? "needs-attention" : "muted",
+        t.needs_attention === null ? "not reported" : String(t.needs_attention)));
       table.append(tr);
     }
     sec.append(table);

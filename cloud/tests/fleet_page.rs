@@ -11,10 +11,20 @@ use possync_testkit::{chain_sale_events, events_body, sample_sale_event};
 use serde_json::Value;
 use uuid::Uuid;
 
-async fn post_events(cloud: &CloudProcess, token: &str, events: &[SaleEvent]) -> Value {
-    let r = reqwest::Client::new()
+/// Posts `events` as a till would, with its report headers (`(name, value)`).
+async fn post_events(
+    cloud: &CloudProcess,
+    token: &str,
+    events: &[SaleEvent],
+    report: &[(&str, &str)],
+) -> Value {
+    let mut req = reqwest::Client::new()
         .post(cloud.url("/v1/pos/sales/events"))
-        .bearer_auth(token)
+        .bearer_auth(token);
+    for (name, value) in report {
+        req = req.header(*name, *value);
+    }
+    let r = req
         .json(&events_body(events))
         .send()
         .await
@@ -52,7 +62,45 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
         .filter(|e| !(4..=9).contains(&e.local_event_id))
         .cloned()
         .collect();
-    post_events(&cloud, &token1, &delivered).await;
+    // Till 1 reports its catalog at version 0 and two sales waiting for an operator.
+    let catalog_version = {
+        let r = reqwest::Client::new()
+            .post(cloud.url("/v1/admin/catalog/upsert"))
+            .bearer_auth(&cloud.admin_token)
+            .json(&serde_json::json!({"entities": [
+                {"type": "product", "id": "p1", "data": {"name": "tea"}},
+                {"type": "product", "id": "p2", "data": {"name": "coffee"}}
+            ]}))
+            .send()
+            .await
+            .expect("upsert");
+        assert!(r.status().is_success(), "{}", r.status());
+        // A till sends its report with every request; the first one is what gets recorded
+        // (contacts are written at most once a minute).
+        let delta: Value = reqwest::Client::new()
+            .get(cloud.url("/v1/pos/catalog/delta?since=0"))
+            .bearer_auth(&token1)
+            .header(possync_protocol::TILL_CATALOG_VERSION_HEADER, "0")
+            .header(possync_protocol::TILL_NEEDS_ATTENTION_HEADER, "2")
+            .send()
+            .await
+            .expect("delta")
+            .json()
+            .await
+            .expect("delta json");
+        delta["catalog_version"].as_i64().expect("catalog version")
+    };
+    assert!(catalog_version > 0);
+    post_events(
+        &cloud,
+        &token1,
+        &delivered,
+        &[
+            (possync_protocol::TILL_CATALOG_VERSION_HEADER, "0"),
+            (possync_protocol::TILL_NEEDS_ATTENTION_HEADER, "2"),
+        ],
+    )
+    .await;
 
     // Till 2's sale 2 was changed after it was chained: stored, and a chain break.
     let mut sales2: Vec<SaleEvent> = (1..=3)
@@ -60,7 +108,17 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
         .collect();
     chain_sale_events(&mut sales2);
     sales2[1].payload.receipt_no = "FORGED".into();
-    let res = post_events(&cloud, &token2, &sales2).await;
+    // Till 2 sends report headers that are not numbers: not recorded, and never a refusal.
+    let res = post_events(
+        &cloud,
+        &token2,
+        &sales2,
+        &[
+            (possync_protocol::TILL_CATALOG_VERSION_HEADER, "-5"),
+            (possync_protocol::TILL_NEEDS_ATTENTION_HEADER, "many"),
+        ],
+    )
+    .await;
     assert_eq!(res["results"][1]["code"], "POS_SYNC_CHAIN_BREAK", "{res}");
 
     // The JSON first: last contact of the tills that called, none for the one that did not.
@@ -97,9 +155,15 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
             age.num_seconds() < 120 && age.num_seconds() >= -5,
             "{fleet}"
         );
-        assert!(of(t)["catalog_versions_behind"].is_null(), "{fleet}");
-        assert!(of(t)["needs_attention"].is_null(), "{fleet}");
     }
+    assert_eq!(
+        of(t1)["catalog_versions_behind"].as_i64(),
+        Some(catalog_version),
+        "{fleet}"
+    );
+    assert_eq!(of(t1)["needs_attention"].as_i64(), Some(2), "{fleet}");
+    assert!(of(t2)["catalog_versions_behind"].is_null(), "{fleet}");
+    assert!(of(t2)["needs_attention"].is_null(), "{fleet}");
     assert!(of(t3)["last_contact_at"].is_null(), "{fleet}");
     assert_eq!(
         fleet["gaps"][0]["missing"],
@@ -164,6 +228,19 @@ async fn the_fleet_page_shows_last_contact_gaps_and_chain_breaks_per_branch() {
         .text(&format!("tr.terminal[data-terminal='{t1}'] .last-contact"))
         .await;
     assert!(row1.contains(" s ago ("), "{row1}");
+    let attention = session
+        .text(&format!(
+            "tr.terminal[data-terminal='{t1}'] .needs-attention"
+        ))
+        .await;
+    assert_eq!(
+        attention, "2",
+        "till 1 reported two sales needing attention"
+    );
+    let row2 = session
+        .text(&format!("tr.terminal[data-terminal='{t2}']"))
+        .await;
+    assert!(row2.contains("not reported"), "{row2}");
     let b2 = session.text("section.branch[data-branch='b2']").await;
     assert!(b2.contains(&t3.to_string()) && b2.contains("never"), "{b2}");
     assert!(

@@ -36,3 +36,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// database, so the cloud can tell two devices sharing one `pos_id` (a cloned disk, a restored
 /// backup) apart. See [`ErrorCode::PosSyncPosCloned`].
 pub const DEVICE_NONCE_HEADER: &str = "x-device-nonce";
+/// Sent by a till with its requests: the catalog version its copy is at (a non-negative
+/// integer). The cloud records it beside the till's last contact for the fleet view.
+pub const TILL_CATALOG_VERSION_HEADER: &str = "x-possync-catalog-version";
+/// Sent by a till with its requests: how many of its sales wait for an operator
+/// (`needs_attention`). Recorded like [`TILL_CATALOG_VERSION_HEADER`].
+pub const TILL_NEEDS_ATTENTION_HEADER: &str = "x-possync-needs-attention";

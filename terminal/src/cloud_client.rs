@@ -15,7 +15,8 @@ use possync_protocol::fingerprint::{
 use possync_protocol::{
     DeltaPage, ErrorCode, ErrorEnvelope, HeldKeysPage, ReconcileRequest, ReconcileResponse,
     SaleEvent, SalesEventsRequest, SalesEventsResponse, SnapshotPage, SyncStatus,
-    DEVICE_NONCE_HEADER, POS_API_PREFIX, REQUEST_ID_HEADER,
+    DEVICE_NONCE_HEADER, POS_API_PREFIX, REQUEST_ID_HEADER, TILL_CATALOG_VERSION_HEADER,
+    TILL_NEEDS_ATTENTION_HEADER,
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -23,6 +24,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -153,6 +155,54 @@ pub struct HttpCloud {
     metrics: Option<ClientMetrics>,
     /// How the clients were built, kept to rebuild `client` for another encoding.
     settings: ClientSettings,
+    /// What this till reports about itself with every request (shared by every clone).
+    report: Arc<TillReporting>,
+}
+
+/// What a till tells the cloud about itself with each request, for the fleet view: the
+/// catalog version its copy is at and how many of its sales wait for an operator (headers
+/// `x-possync-catalog-version`, `x-possync-needs-attention`). Kept current by the daemon;
+/// a figure not known yet is not sent.
+#[derive(Debug)]
+pub struct TillReporting {
+    catalog_version: AtomicI64,
+    needs_attention: AtomicI64,
+}
+
+impl Default for TillReporting {
+    fn default() -> Self {
+        TillReporting {
+            catalog_version: AtomicI64::new(UNKNOWN),
+            needs_attention: AtomicI64::new(UNKNOWN),
+        }
+    }
+}
+
+/// A figure not known (not sent).
+const UNKNOWN: i64 = -1;
+
+impl TillReporting {
+    /// Sets the figures sent from now on (`None`: not known, not sent).
+    pub fn set(&self, catalog_version: Option<i64>, needs_attention: Option<i64>) {
+        let store = |cell: &AtomicI64, v: Option<i64>| {
+            cell.store(v.filter(|n| *n >= 0).unwrap_or(UNKNOWN), Ordering::Relaxed)
+        };
+        store(&self.catalog_version, catalog_version);
+        store(&self.needs_attention, needs_attention);
+    }
+
+    /// The headers to send: each known figure with its name.
+    fn headers(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        [
+            (TILL_CATALOG_VERSION_HEADER, &self.catalog_version),
+            (TILL_NEEDS_ATTENTION_HEADER, &self.needs_attention),
+        ]
+        .into_iter()
+        .filter_map(|(name, cell)| {
+            let v = cell.load(Ordering::Relaxed);
+            (v >= 0).then(|| (name, v.to_string()))
+        })
+    }
 }
 
 /// The headers of a sales delivery: its attempt number and the device nonce it is sent with.
@@ -234,7 +284,22 @@ impl HttpCloud {
             inherited_nonces: Arc::new(HashMap::new()),
             metrics: None,
             settings,
+            report: Arc::default(),
         })
+    }
+
+    /// `req` with the till's report headers (those known).
+    fn with_report(&self, mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        for (name, value) in self.report.headers() {
+            req = req.header(name, value);
+        }
+        req
+    }
+
+    /// What this client reports about the till with every request; the daemon keeps it
+    /// current ([`TillReporting::set`]).
+    pub fn reporting(&self) -> Arc<TillReporting> {
+        self.report.clone()
     }
 
     /// Asks for `encoding` on the cloud's JSON answers (default [`CatalogEncoding::Zstd`]).
@@ -441,8 +506,7 @@ impl HttpCloud {
         let sent = json.len() as u64;
         let result = async {
             let resp = self
-                .wire
-                .post(&url)
+                .with_report(self.wire.post(&url))
                 .bearer_auth(&target.token)
                 .header(REQUEST_ID_HEADER, &request_id)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -501,6 +565,7 @@ impl HttpCloud {
             .request(method.clone(), &url)
             .bearer_auth(&target.token)
             .header(REQUEST_ID_HEADER, &request_id);
+        req = self.with_report(req);
         if !query.is_empty() {
             req = req.query(query);
         }
@@ -738,12 +803,14 @@ mod tests {
                                     .to_string()
                             };
                             let seen = format!(
-                                "{}|{}|{}",
+                                "{}|{}|{}|{}|{}",
                                 h("authorization"),
                                 h(SYNC_ATTEMPT_HEADER),
                                 Uuid::parse_str(&h(REQUEST_ID_HEADER))
                                     .map(|u| u.get_version_num())
-                                    .unwrap_or(0)
+                                    .unwrap_or(0),
+                                h(TILL_CATALOG_VERSION_HEADER),
+                                h(TILL_NEEDS_ATTENTION_HEADER)
                             );
                             HttpResponse::Ok().json(SalesEventsResponse {
                                 results: body
@@ -820,13 +887,22 @@ mod tests {
         assert_eq!(first.results.len(), 2);
         assert_eq!(
             first.results[0].message.as_deref(),
-            Some("Bearer pst_secret|1|7"),
-            "bearer token, first attempt, UUID v7 request id"
+            Some("Bearer pst_secret|1|7||"),
+            "bearer token, first attempt, UUID v7 request id, no report before one is known"
         );
+        // The daemon's report goes with every request once known (shared by clones).
+        cloud.clone().reporting().set(Some(42), Some(3));
         let second = cloud.post_events(&events, 2).await.expect("events");
         assert_eq!(
             second.results[0].message.as_deref(),
-            Some("Bearer pst_secret|2|7")
+            Some("Bearer pst_secret|2|7|42|3")
+        );
+        cloud.reporting().set(None, Some(0));
+        let third = cloud.post_events(&events, 3).await.expect("events");
+        assert_eq!(
+            third.results[0].message.as_deref(),
+            Some("Bearer pst_secret|3|7||0"),
+            "an unknown figure is not sent"
         );
 
         let mut text = Vec::new();
@@ -848,8 +924,8 @@ mod tests {
         for line in [
             rate_limited.as_str(),
             bad_response.as_str(),
-            r#"terminal_cloud_requests_total{outcome="ok",route="/sales/events"} 2"#,
-            r#"terminal_cloud_request_seconds_count{route="/sales/events"} 2"#,
+            r#"terminal_cloud_requests_total{outcome="ok",route="/sales/events"} 3"#,
+            r#"terminal_cloud_request_seconds_count{route="/sales/events"} 3"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -18,7 +18,7 @@ use thiserror::Error;
 use tracing::Instrument;
 
 use crate::carry_over;
-use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud};
+use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud, TillReporting};
 use crate::data_dir::LocalTokenError;
 use crate::local_api::{LocalApiConfig, StatusBindError, StatusServer};
 use crate::store::{CarryScope, Enrollment, SqliteStore, TerminalStoreError, WAL_CHECKPOINT_EVERY};
@@ -244,6 +244,26 @@ async fn checkpoint_loop(store: SqliteStore) {
     }
 }
 
+/// How often the daemon refreshes what its requests report to the cloud.
+const REPORT_EVERY: Duration = Duration::from_secs(15);
+
+/// Keeps the till's report to the cloud current (catalog version, sales needing attention;
+/// see [`TillReporting`]), read from the store every [`REPORT_EVERY`] — cheap: one row and the
+/// trigger-kept counts. A failed read leaves the last figures.
+async fn report_loop(store: SqliteStore, report: Arc<TillReporting>) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.till_report()).await {
+            Ok(Ok((version, needs_attention))) => report.set(version, Some(needs_attention)),
+            Ok(Err(e)) => tracing::debug!(error = %e, "till report not refreshed"),
+            Err(e) => tracing::debug!(error = %e, "till report task failed"),
+        }
+    }
+}
+
 /// Runs a carry-over pass every `interval` until aborted, first taking a changed enrollment
 /// into the shared cloud client. A failed pass (cloud unreachable,
 /// token refused) changes nothing and is tried again on the next tick.
@@ -308,6 +328,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         store.checkpoint_in_background()?;
         let checkpointer = tokio::spawn(checkpoint_loop(store.clone()).in_current_span());
         let (engine, cloud) = start_engine_with_cloud(&store, &opts.tuning, &registry).await?;
+        let reporter =
+            tokio::spawn(report_loop(store.clone(), cloud.reporting()).in_current_span());
         let carrier = tokio::spawn(
             carry_over_loop(store.clone(), cloud, opts.tuning.carry_over_interval)
                 .in_current_span(),
@@ -329,6 +351,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
                 carrier.abort();
                 checkpointer.abort();
                 progress.abort();
+                reporter.abort();
                 control.shutdown().await;
                 return Err(e.into());
             }
@@ -356,6 +379,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         carrier.abort();
         checkpointer.abort();
         progress.abort();
+        reporter.abort();
         server.stop().await;
         control.shutdown().await;
         let _ = std::fs::remove_file(&daemon_file);

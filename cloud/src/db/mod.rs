@@ -412,7 +412,7 @@ pub(crate) mod test_support;
 mod tests {
     use super::*;
 
-    const ALL: [&str; 9] = [
+    const ALL: [&str; 10] = [
         "2026-11-25-000001_terminals",
         "2026-11-25-000002_catalog",
         "2026-11-25-000003_sales_ledger",
@@ -422,6 +422,7 @@ mod tests {
         "2026-11-29-000007_catalog_notify",
         "2026-11-29-000010_terminal_contact",
         "2026-11-29-000011_snapshot_page_store",
+        "2026-11-29-000012_till_report",
     ];
 
     #[test]

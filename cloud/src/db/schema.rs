@@ -18,6 +18,8 @@ diesel::table! {
         previous_token_hash -> Nullable<Text>,
         previous_token_expires_at -> Nullable<Timestamp>,
         last_seen_at -> Nullable<Timestamp>,
+        reported_catalog_version -> Nullable<BigInt>,
+        reported_needs_attention -> Nullable<BigInt>,
     }
 }
 

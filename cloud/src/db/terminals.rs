@@ -60,6 +60,20 @@ pub struct TerminalRecord {
     /// When it last called the cloud (to about a minute: see [`record_contact`]); `None` if
     /// it has not called since this was first recorded.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// What it reported about itself with that contact (`None`: not reported). Shown by the
+    /// fleet view, not by the terminal list.
+    #[serde(skip)]
+    pub reported: TillReport,
+}
+
+/// What a till reports about itself with its requests (`x-possync-catalog-version`,
+/// `x-possync-needs-attention`), recorded beside its last contact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TillReport {
+    /// The catalog version its copy is at.
+    pub catalog_version: Option<i64>,
+    /// Its sales waiting for an operator (`needs_attention` in its outbox).
+    pub needs_attention: Option<i64>,
 }
 
 #[derive(Debug, Queryable, Selectable, Insertable)]
@@ -74,6 +88,8 @@ struct TerminalRow {
     previous_token_hash: Option<String>,
     previous_token_expires_at: Option<NaiveDateTime>,
     last_seen_at: Option<NaiveDateTime>,
+    reported_catalog_version: Option<i64>,
+    reported_needs_attention: Option<i64>,
 }
 
 impl TerminalRow {
@@ -85,6 +101,10 @@ impl TerminalRow {
             created_at: self.created_at.and_utc(),
             revoked_at: self.revoked_at.map(|t| t.and_utc()),
             last_seen_at: self.last_seen_at.map(|t| t.and_utc()),
+            reported: TillReport {
+                catalog_version: self.reported_catalog_version,
+                needs_attention: self.reported_needs_attention,
+            },
         })
     }
 }
@@ -183,9 +203,13 @@ for_each_backend! {
             .execute(c)
     }
 
-    pub(super) fn seen(c: &mut Conn, id: &str, at: NaiveDateTime) -> QueryResult<usize> {
+    pub(super) fn seen(c: &mut Conn, id: &str, at: NaiveDateTime, report: TillReport) -> QueryResult<usize> {
         diesel::update(terminals::table.filter(terminals::terminal_id.eq(id)))
-            .set(terminals::last_seen_at.eq(Some(at)))
+            .set((
+                terminals::last_seen_at.eq(Some(at)),
+                terminals::reported_catalog_version.eq(report.catalog_version),
+                terminals::reported_needs_attention.eq(report.needs_attention),
+            ))
             .execute(c)
     }
 
@@ -258,6 +282,8 @@ fn new_terminal(
         previous_token_hash: None,
         previous_token_expires_at: None,
         last_seen_at: None,
+        reported_catalog_version: None,
+        reported_needs_attention: None,
     };
     Ok((
         row,
@@ -345,11 +371,16 @@ pub fn authenticate(
         .transpose()
 }
 
-/// Records that `terminal_id` called the cloud now (its `last_seen_at`). Callers throttle
-/// this with [`ContactLog`] so a busy till costs one write a minute, not one per request.
-pub fn record_contact(conn: &mut DbConn, terminal_id: Uuid) -> Result<(), StoreError> {
+/// Records that `terminal_id` called the cloud now (its `last_seen_at`) and what it reported
+/// with that call. Callers throttle this with [`ContactLog`] so a busy till costs one write a
+/// minute, not one per request.
+pub fn record_contact(
+    conn: &mut DbConn,
+    terminal_id: Uuid,
+    report: TillReport,
+) -> Result<(), StoreError> {
     let id = terminal_id.to_string();
-    with_conn!(conn, |c, m| m::seen(c, &id, now_utc()))?;
+    with_conn!(conn, |c, m| m::seen(c, &id, now_utc(), report))?;
     Ok(())
 }
 
@@ -555,11 +586,21 @@ mod tests {
                 None
             );
             let before = Utc::now() - chrono::Duration::seconds(1);
-            record_contact(&mut conn, t.terminal_id).expect("record");
+            record_contact(&mut conn, t.terminal_id, TillReport::default()).expect("record");
             let seen = list_terminals(&mut conn).expect("list")[0]
                 .last_seen_at
                 .expect("recorded");
             assert!(seen >= before && seen <= Utc::now(), "{seen}");
+            assert_eq!(
+                list_terminals(&mut conn).expect("list")[0].reported,
+                TillReport::default()
+            );
+            let report = TillReport {
+                catalog_version: Some(41),
+                needs_attention: Some(2),
+            };
+            record_contact(&mut conn, t.terminal_id, report).expect("record");
+            assert_eq!(list_terminals(&mut conn).expect("list")[0].reported, report);
         });
     }
 

@@ -529,6 +529,16 @@ impl SqliteStore {
     pub fn catalog_position_local(&self) -> Result<CatalogPosition, TerminalStoreError> {
         catalog::position(&self.conn())
     }
+
+    /// What the till reports to the cloud about itself: the catalog version its copy is
+    /// complete up to (`None` before the first snapshot) and its sales needing attention.
+    pub fn till_report(&self) -> Result<(Option<i64>, i64), TerminalStoreError> {
+        let conn = self.conn();
+        Ok((
+            catalog::position(&conn)?.catalog_version,
+            journal::counts(&conn)?.needs_attention,
+        ))
+    }
 }
 
 fn read_enrollment(conn: &Connection) -> Result<Option<Enrollment>, TerminalStoreError> {

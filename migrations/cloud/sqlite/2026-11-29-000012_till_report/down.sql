@@ -1,0 +1,2 @@
+ALTER TABLE terminals DROP COLUMN reported_needs_attention;
+ALTER TABLE terminals DROP COLUMN reported_catalog_version;

@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Snapshot pages this instance missed in memory and found in the page store shared by
     /// the instances on one PostgreSQL database (another instance read them; `db::snapshot_pages`).
     pub snapshot_page_shared_hits_total: IntCounter,
+    /// Chain links verified by the periodic re-check (left unverified by ingestion because
+    /// two instances stored their two ends concurrently; `ledger::recheck_links`).
+    pub chain_links_rechecked: IntCounter,
     /// Snapshot page body bytes sent, by content encoding (`zstd`, `gzip`, `identity`).
     pub snapshot_page_bytes_total: IntCounterVec,
     /// Request latency by route pattern and status.
@@ -132,6 +135,14 @@ impl Metrics {
                 "Snapshot pages served from the encoded page cache",
             )
             .unwrap_or_else(|_| unreachable_metric("snapshot_page_cache_hits_total")),
+        );
+        let chain_links_rechecked = reg(
+            &r,
+            IntCounter::new(
+                "chain_links_rechecked",
+                "Chain links verified by the periodic re-check",
+            )
+            .unwrap_or_else(|_| unreachable_metric("chain_links_rechecked")),
         );
         let snapshot_page_shared_hits_total = reg(
             &r,
@@ -283,6 +294,7 @@ impl Metrics {
             snapshot_page_reads_total,
             snapshot_page_cache_hits_total,
             snapshot_page_shared_hits_total,
+            chain_links_rechecked,
             snapshot_page_bytes_total,
             http_request_duration_seconds,
             errors_total,
@@ -367,6 +379,7 @@ mod tests {
             "snapshot_page_reads_total",
             "snapshot_page_cache_hits_total",
             "snapshot_page_shared_hits_total",
+            "chain_links_rechecked",
             "http_request_duration_seconds_bucket",
             "errors_total",
             "rate_limited_total",

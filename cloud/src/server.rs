@@ -106,6 +106,8 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         config.tombstone_retention,
         config.purge_interval,
     ));
+    let recheck =
+        actix_web::rt::spawn(recheck_chain_links(state.db.clone(), state.metrics.clone()));
     let sweep_state = state.clone();
     let sweep = actix_web::rt::spawn(async move {
         let mut tick = actix_web::rt::time::interval(std::time::Duration::from_secs(60));
@@ -119,11 +121,48 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let result = running.await;
     purge.abort();
     sweep.abort();
+    recheck.abort();
     tracing::info!("cloud stopped");
     result.map_err(|source| ServeError::Io {
         bind: config.bind,
         source,
     })
+}
+
+/// How often each instance re-checks chain links that ingestion left unverified.
+pub const LINK_RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How far back the re-check looks: links left unverified come from concurrent transactions
+/// of two live instances, so an hour covers every pass missed by a restart or two.
+const LINK_RECHECK_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+/// Events younger than this are left to ingestion (their other end may be committing now).
+const LINK_RECHECK_SETTLE: chrono::Duration = chrono::Duration::seconds(5);
+/// Most events one pass verifies (the next pass continues).
+const LINK_RECHECK_LIMIT: i64 = 1000;
+
+/// Every [`LINK_RECHECK_EVERY`], verifies the chain links ingestion left unverified among the
+/// events stored in the last hour (`ledger::recheck_links`; docs/cloud-storage.md).
+async fn recheck_chain_links(db: Database, metrics: Metrics) {
+    let mut tick = actix_web::rt::time::interval(LINK_RECHECK_EVERY);
+    loop {
+        tick.tick().await;
+        let now = chrono::Utc::now();
+        let (from, to) = (now - LINK_RECHECK_WINDOW, now - LINK_RECHECK_SETTLE);
+        match db
+            .run(move |conn| crate::db::ledger::recheck_links(conn, from, to, LINK_RECHECK_LIMIT))
+            .await
+        {
+            Ok(v) if v.is_empty() => {}
+            Ok(v) => {
+                metrics.chain_links_rechecked.inc_by(v.len() as u64);
+                tracing::info!(
+                    verified = v.len(),
+                    broken = v.iter().filter(|l| !l.intact).count(),
+                    "chain links verified by the re-check"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "chain link re-check failed"),
+        }
+    }
 }
 
 /// Parses the mapping, checks it against the database and verifies its capture triggers are

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::NaiveDateTime;
+use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use possync_protocol::{
     sale_flags, HeldKey, HeldKeysPage, PosIngestion, SaleEvent, SaleFlag, SyncStatus,
@@ -232,6 +232,29 @@ for_each_backend! {
             );
         }
         Ok(out)
+    }
+
+    /// Chained events with ids in `[from, to)` (UUID v7: a time range) that have no verified
+    /// link, oldest first: `(cloud_event_id, pos_id, local_event_id)`.
+    pub(super) fn unlinked(
+        c: &mut Conn,
+        from: &str,
+        to: &str,
+        limit: i64,
+    ) -> QueryResult<Vec<(String, String, i64)>> {
+        use sales_chain_links::dsl as l;
+        use sales_events::dsl as s;
+        s::sales_events
+            .filter(s::cloud_event_id.ge(from))
+            .filter(s::cloud_event_id.lt(to))
+            .filter(s::chain_hash.is_not_null())
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                l::sales_chain_links.filter(l::cloud_event_id.eq(s::cloud_event_id)),
+            )))
+            .order(s::cloud_event_id.asc())
+            .select((s::cloud_event_id, s::pos_id, s::local_event_id))
+            .limit(limit)
+            .load(c)
     }
 
     pub(super) fn store_links(c: &mut Conn, rows: &[LinkRow]) -> QueryResult<usize> {
@@ -478,6 +501,85 @@ fn neighbour_keys(stored: &[SalesRow]) -> Vec<(String, i64)> {
     keys
 }
 
+fn link_rows(verdicts: &[LinkVerdict], now: NaiveDateTime) -> Vec<LinkRow> {
+    verdicts
+        .iter()
+        .map(|v| LinkRow {
+            cloud_event_id: v.cloud_event_id.clone(),
+            branch_id: v.branch_id.clone(),
+            pos_id: v.pos_id.to_string(),
+            local_event_id: v.local_event_id,
+            intact: v.intact,
+            expected_hash: v.expected_hash.clone(),
+            verified_at: now,
+        })
+        .collect()
+}
+
+/// The smallest UUID v7 text of instant `t`: ids are UUID v7 (time first, hex, fixed width),
+/// so their text sorts by creation time and `[id_floor(a), id_floor(b))` is a time range the
+/// primary key index can scan.
+fn id_floor(t: DateTime<Utc>) -> String {
+    let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        ms >> 16,
+        ms & 0xFFFF
+    )
+}
+
+/// Verifies the links that ingestion left unverified among the events stored in
+/// `[from, to)`, at most `limit` of them, and records the verdicts; returns them.
+///
+/// Ingestion verifies a link in the transaction that stores its later end, against what that
+/// transaction sees. Two cloud instances storing the two ends of one link in concurrent
+/// transactions each miss the other's row, so neither verifies it. This pass, run by every
+/// instance (`server::recheck_chain_links`), finds such events — chained, no link row, stored
+/// in the window — and verifies them now that both ends are committed. An event whose
+/// predecessor has still not arrived is a gap, not an unverified link: it stays waiting. A
+/// link verified meanwhile by another instance keeps its first verdict (`ON CONFLICT DO
+/// NOTHING`).
+pub fn recheck_links(
+    conn: &mut DbConn,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<LinkVerdict>, StoreError> {
+    let (lo, hi) = (id_floor(from), id_floor(to));
+    let verdicts = write_txn!(conn, |c, m| -> Result<Vec<LinkVerdict>, StoreError> {
+        let pending = m::unlinked(c, &lo, &hi, limit)?;
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now_ids: HashSet<String> = pending.iter().map(|p| p.0.clone()).collect();
+        let mut keys: Vec<(String, i64)> = pending
+            .iter()
+            .flat_map(|(_, pos, n)| [(pos.clone(), n - 1), (pos.clone(), *n)])
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let ends = m::chain_ends(c, &keys)?
+            .into_iter()
+            .map(stored_end)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<String> = now_ids.iter().cloned().collect();
+        let linked: HashSet<String> = m::linked(c, &ids)?.into_iter().collect();
+        let verdicts: Vec<LinkVerdict> = links_to_verify(&now_ids, &ends, &linked)
+            .into_iter()
+            .filter(|v| now_ids.contains(&v.cloud_event_id))
+            .collect();
+        m::store_links(c, &link_rows(&verdicts, now_utc()))?;
+        Ok(verdicts)
+    })?;
+    for v in verdicts.iter().filter(|v| !v.intact) {
+        tracing::warn!(branchId = %v.branch_id, posId = %v.pos_id, eventId = v.local_event_id,
+            cloudEventId = %v.cloud_event_id, expected = %v.expected_hash,
+            errorCode = possync_protocol::ErrorCode::PosSyncChainBreak.as_str(),
+            "chain break found by the re-check: the sale is stored, but its chain_hash does not follow from its predecessor");
+    }
+    Ok(verdicts)
+}
+
 /// Ingests a batch of validated events in one transaction and returns one outcome per event,
 /// in batch order (see the module docs for why each key takes effect exactly once). A key
 /// repeated inside the batch resolves against its first occurrence: same payload hash →
@@ -553,19 +655,7 @@ pub fn ingest_batch(
             .collect();
         let linked = m::linked(c, &waiting)?;
         let verdicts = verify_links_of(&sales, ends, linked)?;
-        let links: Vec<LinkRow> = verdicts
-            .iter()
-            .map(|v| LinkRow {
-                cloud_event_id: v.cloud_event_id.clone(),
-                branch_id: v.branch_id.clone(),
-                pos_id: v.pos_id.to_string(),
-                local_event_id: v.local_event_id,
-                intact: v.intact,
-                expected_hash: v.expected_hash.clone(),
-                verified_at: now,
-            })
-            .collect();
-        m::store_links(c, &links)?;
+        m::store_links(c, &link_rows(&verdicts, now))?;
         let earlier = if others.is_empty() {
             HashMap::new()
         } else {

@@ -117,8 +117,22 @@ pub async fn snapshot(
     let read = {
         let (state, key) = (state.clone(), key.clone());
         move || async move {
+            // Built by another instance already: one indexed row, no build permit needed.
+            let shared = if state.db.backend() == crate::db::Backend::Postgres {
+                let key = key.clone();
+                state
+                    .db
+                    .run(move |conn| snapshot_pages::find_shared(conn, &key))
+                    .await?
+            } else {
+                None
+            };
+            if let Some(page) = shared {
+                state.metrics.snapshot_page_shared_hits_total.inc();
+                return Ok(page);
+            }
             // A herd of cold terminals queues here behind a few builds instead of taking
-            // every pooled connection; pages held already never come this far.
+            // every pooled connection; pages held or stored already never come this far.
             let _permit = state.snapshot_builds.acquire().await.map_err(|_| {
                 CatalogError::Store(StoreError::Unavailable("shutting down".into()))
             })?;

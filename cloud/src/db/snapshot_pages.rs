@@ -62,6 +62,15 @@ struct Locked {
     locked: bool,
 }
 
+/// The page under `key` if an instance stored it already (never on SQLite, which has no
+/// shared store). Needs no build permit: it is one indexed row.
+pub fn find_shared(conn: &mut DbConn, key: &PageKey) -> Result<Option<EncodedPage>, CatalogError> {
+    match conn {
+        DbConn::Pg(pg) => find(pg, key),
+        DbConn::Sqlite(_) => Ok(None),
+    }
+}
+
 /// The page under `key`: from the shared store when an instance built it already, otherwise
 /// built by `build` (under the page's advisory lock, so concurrent instances build it once) and
 /// stored for the others.

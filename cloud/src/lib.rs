@@ -7,6 +7,15 @@
 //! tests); [`auth`], [`rate_limit`] and [`error`] are the request boundary; the route modules
 //! hold handlers; [`ingest`] holds the per-branch ingestion actors with group commit; [`db`]
 //! is storage (Diesel, PostgreSQL or SQLite); [`cli`] and [`server`] run the binary.
+//!
+//! What lets several instances serve a fleet from one PostgreSQL database without a cluster
+//! layer of their own: [`catalog_versions`] answers empty delta polls from memory, kept current
+//! by `LISTEN/NOTIFY`; [`snapshot_cache`] holds snapshot pages encoded once, and
+//! `db::snapshot_pages` shares them between instances through an UNLOGGED table under an
+//! advisory lock per page; `db::ledger::recheck_links` verifies the journal-chain links two
+//! instances' concurrent transactions could not see. Everything else an instance keeps in
+//! memory (rate-limit buckets, branch actors, last-contact throttling) is per instance by
+//! design and documented where it lives.
 
 #![warn(missing_docs)]
 

@@ -435,9 +435,33 @@ struct VirtualTerminal {
     http: reqwest::Client,
     base: String,
     rec: SharedRecorder,
+    /// The catalog version it holds (-1 before its first snapshot), reported with every
+    /// request as a real till does (`x-possync-catalog-version`).
+    catalog_version: std::sync::atomic::AtomicI64,
 }
 
 impl VirtualTerminal {
+    /// `req` as this till sends it: its token, its shop's address (through the trusted proxy)
+    /// and its report (catalog version when known; no sale needs attention).
+    fn as_till(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = req
+            .bearer_auth(&self.id.token)
+            .header("x-forwarded-for", &self.id.forwarded_for)
+            .header(possync_protocol::TILL_NEEDS_ATTENTION_HEADER, "0");
+        match self
+            .catalog_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            v if v >= 0 => req.header(possync_protocol::TILL_CATALOG_VERSION_HEADER, v),
+            _ => req,
+        }
+    }
+
+    fn holds_version(&self, v: i64) {
+        self.catalog_version
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
         route: &'static str,
@@ -445,10 +469,7 @@ impl VirtualTerminal {
     ) -> Answer<T> {
         let started = Instant::now();
         let sent = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.id.token)
-            .header("x-forwarded-for", &self.id.forwarded_for)
+            .as_till(self.http.get(format!("{}{path}", self.base)))
             .send()
             .await;
         self.answer(route, started, sent).await
@@ -481,10 +502,7 @@ impl VirtualTerminal {
     async fn deliver(&self, batch: &[SaleEvent]) -> Answer<SalesEventsResponse> {
         let started = Instant::now();
         let sent = self
-            .http
-            .post(format!("{}/v1/pos/sales/events", self.base))
-            .bearer_auth(&self.id.token)
-            .header("x-forwarded-for", &self.id.forwarded_for)
+            .as_till(self.http.post(format!("{}/v1/pos/sales/events", self.base)))
             .header(possync_protocol::DEVICE_NONCE_HEADER, &self.id.nonce)
             .json(&serde_json::json!({ "events": batch }))
             .send()
@@ -560,6 +578,7 @@ impl VirtualTerminal {
             out.cold_finish = Some((start.elapsed(), n));
             since = v;
         }
+        self.holds_version(since);
         let poll_every = Duration::from_secs_f64(cfg.poll_seconds.max(0.1));
         let mean_gap = 60.0 / cfg.sales_per_minute.max(0.0001);
         let mut next_poll = Instant::now() + poll_every.mul_f64(rng.random_range(0.0..1.0));
@@ -589,6 +608,7 @@ impl VirtualTerminal {
             }
             if selling && now >= next_poll {
                 since = self.poll(since).await;
+                self.holds_version(since);
                 next_poll = Instant::now() + poll_every.mul_f64(rng.random_range(0.8..1.2));
             }
             if next_delivery.is_some_and(|t| Instant::now() >= t) && !pending.is_empty() {
@@ -847,6 +867,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
         http: clients[0].clone(),
         base: target.url.clone(),
         rec: Arc::default(),
+        catalog_version: (-1).into(),
     };
     let warm_version = match probe
         .get::<SnapshotPage>("probe", "/v1/pos/catalog/snapshot?limit=1")
@@ -882,6 +903,7 @@ async fn drive(cfg: &Arc<LoadConfig>, target: &Target) -> Result<LoadReport, Sim
             http: clients[i / TERMINALS_PER_CLIENT].clone(),
             base: target.url.clone(),
             rec: rec.clone(),
+            catalog_version: (-1).into(),
         };
         tasks.push(tokio::spawn(vt.run(
             warm_version,

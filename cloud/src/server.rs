@@ -163,7 +163,9 @@ async fn recheck_chain_links(db: Database, metrics: Metrics) {
                     "chain links verified by the re-check"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "chain link re-check failed"),
+            Err(e) => tracing::warn!(error = %e,
+                errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed,
+                "chain link re-check failed; the next pass tries again"),
         }
     }
 }

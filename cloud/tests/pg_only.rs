@@ -384,12 +384,29 @@ async fn a_snapshot_page_built_by_one_instance_is_served_by_another_without_a_ca
     snapshot_page(&b, &south, None).await;
     assert_eq!(metric(&b, "snapshot_page_reads_total").await, 1.0);
 
+    // A herd on both instances at once for a page nobody has: built once for the cluster
+    // (memory single flight within an instance, the page's advisory lock across them).
+    env.admin_upsert(serde_json::json!([{"type": "product", "id": "p8", "data": {"n": 8}}]))
+        .await;
+    let built_before = metric(a, "snapshot_page_reads_total").await
+        + metric(&b, "snapshot_page_reads_total").await;
+    let herd: Vec<_> = (0..8)
+        .flat_map(|_| [(a, north.clone()), (&b, north2.clone())])
+        .map(|(cloud, token)| async move { snapshot_page(cloud, &token, None).await })
+        .collect();
+    futures::future::join_all(herd).await;
+    let built = metric(a, "snapshot_page_reads_total").await
+        + metric(&b, "snapshot_page_reads_total").await
+        - built_before;
+    assert_eq!(built, 1.0, "sixteen requests on two instances, one build");
+    let b_reads = metric(&b, "snapshot_page_reads_total").await;
+
     // A catalog change is a new version: the page is built again, and the older version's
     // rows leave the store when the new page is stored.
     env.admin_upsert(serde_json::json!([{"type": "product", "id": "p9", "data": {"n": 9}}]))
         .await;
     snapshot_page(&b, &north2, None).await;
-    assert_eq!(metric(&b, "snapshot_page_reads_total").await, 2.0);
+    assert_eq!(metric(&b, "snapshot_page_reads_total").await, b_reads + 1.0);
     let versions = pg
         .query_i64("SELECT count(DISTINCT catalog_version) FROM snapshot_page_store")
         .expect("count versions");

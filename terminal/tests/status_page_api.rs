@@ -65,6 +65,24 @@ async fn sales_are_enqueued_then_the_outbox_is_nudged_and_invalid_ones_get_422()
         .await
         .expect("POST /sales");
     assert_eq!(res.status(), 201);
+    // The 201 says where the time went: the committed enqueue within the handler.
+    let timing = res
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .expect("Server-Timing on the 201")
+        .to_string();
+    let dur = |name: &str| -> f64 {
+        timing
+            .split(',')
+            .find_map(|m| m.trim().strip_prefix(&format!("{name};dur=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {timing}"))
+    };
+    assert!(
+        dur("store") >= 0.0 && dur("store") <= dur("handler"),
+        "{timing}"
+    );
     let body: Value = res.json().await.expect("json");
     assert_eq!(body, json!({"pos_id": POS_ID, "local_event_id": 5}));
     assert_eq!(till.rows.lock().expect("rows").len(), 5);

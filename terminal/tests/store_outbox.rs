@@ -518,12 +518,9 @@ const UNDO_0006: &str = "DROP TRIGGER sync_journal_chain_hash_fixed;
      ALTER TABLE sync_journal DROP COLUMN chain_hash;
      DELETE FROM schema_migrations WHERE version = 6;\n";
 
-/// A fresh, enrolled store holding sales `R-1`..`R-n`, closed again.
-fn enrolled_journal(n: i64) -> (tempfile::TempDir, std::path::PathBuf) {
-    let (dir, path) = temp_db();
-    let store = open(&path);
-    store.save_enrollment(&enrollment()).expect("enroll");
-    for i in 1..=n {
+/// Rings up the sales `R-i` for each `i` in `ids` (one line of 100).
+fn sell(store: &possync_terminal::store::SqliteStore, ids: std::ops::RangeInclusive<i64>) {
+    for i in ids {
         store
             .enqueue_sale(
                 EventType::Sale,
@@ -532,6 +529,14 @@ fn enrolled_journal(n: i64) -> (tempfile::TempDir, std::path::PathBuf) {
             )
             .expect("enqueue");
     }
+}
+
+/// A fresh, enrolled store holding sales `R-1`..`R-n`, closed again.
+fn enrolled_journal(n: i64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll");
+    sell(&store, 1..=n);
     (dir, path)
 }
 
@@ -612,15 +617,7 @@ fn the_chain_starts_at_the_migration_and_an_edit_after_it_shows() {
         .execute_batch(&(UNDO_0006.to_string() + "PRAGMA user_version = 5;"))
         .expect("downgrade");
     let store = open(&path);
-    for i in 3..=4 {
-        store
-            .enqueue_sale(
-                EventType::Sale,
-                Utc::now(),
-                &payload(&format!("R-{i}"), 1, 100),
-            )
-            .expect("enqueue");
-    }
+    sell(&store, 3..=4);
     let verify = |store: &possync_terminal::store::SqliteStore| {
         let mut v = ChainVerifier::new();
         for r in store.audit_records().expect("records") {

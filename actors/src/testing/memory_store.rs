@@ -291,12 +291,7 @@ impl LocalStore for MemoryStore {
             .iter()
             .filter(|(k, _)| after.is_none_or(|a| k.as_bytes() > a.as_bytes()))
             .take(limit)
-            .map(|(_, e)| ManifestEntry {
-                entity_type: e.entity_type.clone(),
-                id: e.id.clone(),
-                version: e.version,
-                hash: e.hash.clone(),
-            })
+            .map(|(_, e)| manifest_entry(e))
             .collect())
     }
 
@@ -310,12 +305,7 @@ impl LocalStore for MemoryStore {
         Ok(g.entities
             .iter()
             .filter(|(k, e)| !e.deleted && leaves.contains(&leaf_of(k)))
-            .map(|(_, e)| ManifestEntry {
-                entity_type: e.entity_type.clone(),
-                id: e.id.clone(),
-                version: e.version,
-                hash: e.hash.clone(),
-            })
+            .map(|(_, e)| manifest_entry(e))
             .collect())
     }
 

@@ -42,6 +42,16 @@ fn live_tree(entities: &BTreeMap<String, Entity>) -> FingerprintTree {
     tree
 }
 
+/// What a manifest says of a held entity.
+fn manifest_entry(e: &Entity) -> ManifestEntry {
+    ManifestEntry {
+        entity_type: e.entity_type.clone(),
+        id: e.id.clone(),
+        version: e.version,
+        hash: e.hash.clone(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -115,7 +115,9 @@ pub fn get_or_build(
     if let Err(e) = unlocked {
         // The connection is most likely gone (and its lock with it); waiters build after
         // LOCK_WAIT at worst.
-        tracing::warn!(error = %e, "releasing a snapshot page lock failed");
+        tracing::warn!(error = %e,
+            errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed,
+            "releasing a snapshot page lock failed");
     }
     built
 }
@@ -130,6 +132,7 @@ fn build_and_store(
         if let Err(e) = store(pg, key, &page) {
             // The page is good; only the other instances lose the shortcut.
             tracing::warn!(error = %e, branchId = %key.branch,
+                errorCode = %possync_protocol::ErrorCode::PosSyncStorageFailed,
                 "storing a snapshot page for the other instances failed");
         }
     }

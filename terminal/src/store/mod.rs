@@ -750,6 +750,13 @@ mod tests {
             .enqueue_sale(EventType::Sale, Utc::now(), &payload)
             .expect("sale");
         assert_eq!(sync(&store), 2, "a sale commits with FULL");
+        // Inside a redoable write the commit does not wait for a flush (NORMAL = 1).
+        let inside: i64 = redoable_write(&mut store.conn(), |c| {
+            Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        })
+        .expect("redoable");
+        assert_eq!(inside, 1);
+        assert_eq!(sync(&store), 2);
         // A failing redoable write restores FULL too.
         let failed: Result<(), TerminalStoreError> =
             redoable_write(&mut store.conn(), |c| Ok(c.execute_batch("NOT SQL")?));

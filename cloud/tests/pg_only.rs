@@ -197,10 +197,7 @@ async fn metric(cloud: &CloudProcess, name: &str) -> f64 {
         .text()
         .await
         .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    possync_testkit::metrics_text::sample(&text, name).unwrap_or(0.0)
 }
 
 /// Polls `cloud` until `metric == want` (listener state changes asynchronously).

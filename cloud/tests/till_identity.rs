@@ -30,11 +30,7 @@ async fn post_events(env: &Env, token: &str, nonce: Option<&str>, events: &[Sale
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse().expect("value"))
-        })
+    possync_testkit::metrics_text::sample(text, series)
         .unwrap_or_else(|| panic!("no {series} in metrics"))
 }
 

@@ -11,14 +11,7 @@ use serde_json::{json, Value};
 
 /// Reads one counter/gauge value (summed over labels) from Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    possync_testkit::metrics_text::sum(text, name)
 }
 
 async fn metrics(daemon: &Daemon) -> String {

@@ -9,6 +9,7 @@
 
 pub mod cloud;
 pub mod cluster;
+pub mod metrics_text;
 pub mod pg;
 pub mod process;
 pub mod webdriver;

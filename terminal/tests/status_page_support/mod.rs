@@ -425,7 +425,5 @@ pub async fn refused(url: &str, reason: &str) -> f64 {
 /// The value of the first sample of `name` (with its labels, e.g. `x{reason="origin"}`) in
 /// Prometheus text, or 0 when absent.
 pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    possync_testkit::metrics_text::sample(text, name).unwrap_or(0.0)
 }

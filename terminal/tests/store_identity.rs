@@ -319,6 +319,84 @@ fn a_copied_database_file_gets_a_new_device_and_pos_but_delivers_inherited_sales
 }
 
 #[test]
+fn a_copy_enrolled_as_another_terminal_never_rekeys_the_sales_it_inherited() {
+    // Till A's data directory provisions till B, which is enrolled as terminal #2 while A
+    // still holds its unsent sales. The cloud holds none of them yet (`held` is empty), so a
+    // carry-over in B would re-key them and A would later deliver them under their own keys:
+    // two copies in the cloud. B must leave them alone, parked or not.
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll A");
+    let pos_a = store.pos_id();
+    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    park(&store, &ids[2..], ErrorCode::PosSyncUnauthorized);
+    drop(store);
+
+    let copy_path = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy_path).expect("copy");
+    let b = open(&copy_path);
+    assert_eq!(b.inherited().expect("inherited").len(), 1);
+    let saved = b.save_enrollment(&other_terminal()).expect("enroll B");
+    assert!(saved.forked_to.is_some());
+    let own = b
+        .enqueue_sale(EventType::Sale, Utc::now(), &payload("R-b", 1, 9))
+        .expect("enqueue");
+
+    for scope in [CarryScope::OtherPosIds, CarryScope::Everything] {
+        let candidates = b.carry_candidates(scope).expect("candidates");
+        assert!(
+            candidates.is_empty(),
+            "{scope:?}: inherited rows offered for re-keying: {candidates:?}"
+        );
+    }
+    // Even a pass with stale candidates read some other way re-keys nothing inherited: the
+    // store's answer is the only input of the carry-over, so this is what B would do.
+    let counts = b
+        .apply_carry_over(&decide(
+            b.carry_candidates(CarryScope::Everything).expect("c"),
+            &[],
+        ))
+        .expect("carry");
+    assert_eq!(counts.rekeyed, 0);
+
+    // B delivers only its own sale; the inherited rows keep A's keys, untouched.
+    let items = b.claim_batch(100, Utc::now()).expect("claim");
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.event.terminal_id, i.event.pos_id, i.event.local_event_id))
+            .collect::<Vec<_>>(),
+        vec![(other_terminal().terminal_id, own.pos_id, 1)]
+    );
+    let c = raw(&copy_path);
+    let mut stmt = c
+        .prepare(
+            "SELECT pos_id, local_event_id, json_extract(event, '$.terminal_id') FROM sync_journal
+             WHERE journal_id <= ?1 ORDER BY journal_id",
+        )
+        .expect("prepare");
+    let kept: Vec<(String, i64, String)> = stmt
+        .query_map([ids[2]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect();
+    let a_terminal = enrollment().terminal_id.to_string();
+    assert_eq!(
+        kept,
+        vec![
+            (pos_a.to_string(), 1, a_terminal.clone()),
+            (pos_a.to_string(), 2, a_terminal.clone()),
+            (pos_a.to_string(), 3, a_terminal),
+        ]
+    );
+    assert!(b
+        .identity_changes()
+        .expect("changes")
+        .iter()
+        .all(|ch| ch.reason != ChangeReason::CarryOver));
+}
+
+#[test]
 fn moving_the_data_directory_on_its_disk_or_reaching_it_by_a_link_is_not_a_copy() {
     let (dir, path) = temp_db();
     let store = open(&path);

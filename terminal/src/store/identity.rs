@@ -27,7 +27,10 @@
 //! `pos_id`, while the unsent sales it *inherited* (recorded before the copy, identical in both
 //! databases) keep their keys and are delivered with the *old* nonce ([`Inherited`]). Whichever
 //! database delivers an inherited sale first, the other's delivery is a duplicate of the same
-//! key with the same payload: exactly once, with no race between the two. Only when the copy
+//! key with the same payload: exactly once, with no race between the two. That holds only
+//! because an inherited row is never re-keyed — not even when the copy is enrolled as another
+//! terminal and can no longer deliver it (the cloud cannot tell us whether the original will
+//! deliver it later, so such a row is left to the original). Only when the copy
 //! cannot tell (an image with the same inode and machine id) does the cloud find out — from a
 //! second nonce on one `pos_id` or from a conflict — and the fork happens on its answer.
 
@@ -85,8 +88,11 @@ pub enum ChangeReason {
 }
 
 /// Sales this database inherited from the database it was copied from: rows of `pos_id` with
-/// `local_event_id < below`. They keep their keys and are delivered with that database's
-/// device nonce, because the original may deliver the very same sales.
+/// `local_event_id < below`. They keep their keys for good and are delivered with that
+/// database's device nonce, because the original may deliver the very same sales: never
+/// re-keyed by a carry-over, and delivered by this database only while it is enrolled as the
+/// terminal and branch they name (a copy enrolled as another terminal leaves them to the
+/// original).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inherited {
     /// The original's `pos_id`.
@@ -358,7 +364,7 @@ pub enum CarryScope {
 }
 
 /// Unsent rows outside the current key space (not `in_flight`: a delivery may be under way),
-/// oldest first. Empty before enrollment.
+/// oldest first, never an inherited row (see [`Inherited`]). Empty before enrollment.
 pub fn carry_candidates(
     conn: &Connection,
     scope: CarryScope,
@@ -366,8 +372,15 @@ pub fn carry_candidates(
     let Some(ks) = key_space(conn)? else {
         return Ok(Vec::new());
     };
+    // An inherited row (a sale the database this one was copied from recorded before the
+    // copy) is never a candidate, whatever its state and whoever this till is enrolled as now.
+    // The original holds the very same row under the very same key and may deliver it at any
+    // time, later than any answer `held` gives us: re-keying it here would let the cloud store
+    // one sale under two keys. Its key is the one thing both databases agree on, so it is
+    // delivered under that key or not at all — by this till while it is enrolled as the
+    // terminal and branch the row names (`claim_batch`), otherwise only by the original.
     // Cheap terms first: a row of the current pos_id is looked into (its JSON) only in a
-    // thorough pass, and the inherited list (usually empty) is checked before the event's JSON.
+    // thorough pass; the inherited list is usually empty.
     let mut stmt = conn.prepare_cached(
         "SELECT journal_id, pos_id, local_event_id, event, status, attempts, updated_at
          FROM sync_journal
@@ -375,12 +388,9 @@ pub fn carry_candidates(
            AND (pos_id <> ?1
                 OR (?5 AND (json_extract(event, '$.terminal_id') IS NOT ?2
                             OR json_extract(event, '$.branch_id') IS NOT ?3)))
-           AND NOT (status <> 'needs_attention'
-                    AND EXISTS (SELECT 1 FROM json_each(?4) i
-                                WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
-                                  AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
-                    AND json_extract(event, '$.terminal_id') IS ?2
-                    AND json_extract(event, '$.branch_id') IS ?3)
+           AND NOT EXISTS (SELECT 1 FROM json_each(?4) i
+                           WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                             AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
          ORDER BY journal_id",
     )?;
     type Raw = (i64, String, i64, String, String, i64, String);

@@ -222,8 +222,10 @@ fn commit_group(
 /// a request is split only once it alone holds the refused row. Halving keeps order: an earlier
 /// half commits before a later one, so a key repeated across halves resolves against its first
 /// occurrence exactly as inside one transaction. A single event refused while the database
-/// still answers (`SELECT 1`) is the poison: answered [`IngestOutcome::Refused`]. Finding it
-/// costs about 2·log2(n) extra transactions, paid only when a refusal happens. Any other
+/// still answers (`SELECT 1`) and is refused again, for the same reason, in a fresh transaction
+/// is the poison: answered [`IngestOutcome::Refused`]; stored on the second attempt, it is
+/// stored; refused differently, the group fails retryably. Finding it costs about 2·log2(n) + 1
+/// extra transactions, paid only when a refusal happens. Any other
 /// failure — the database unreachable, or silent after a refusal — fails the group with
 /// [`StoreError::Unavailable`], so a sale is never refused for the database's own trouble.
 fn commit_isolating(
@@ -240,10 +242,27 @@ fn commit_isolating(
                 ))
             })?;
             let e = &events[0].event;
-            tracing::warn!(branchId = %branch_id, terminalId = %e.terminal_id,
-                eventId = e.local_event_id, errorCode = ErrorCode::PosSyncEventInvalid.as_str(),
-                cause = %cause, "the database refused one event; the rest of its group is committed");
-            Ok(vec![IngestOutcome::Refused])
+            // A refusal is final only if it repeats: the same event, in a fresh transaction,
+            // refused for the same reason. A refusal caused by the moment (contention, a
+            // timeout, a resource the classifier does not know) does not repeat, and a sale
+            // is a fact that must not be parked for it.
+            match ledger::ingest_batch(conn, events) {
+                Err(StoreError::Refused(again)) if again == cause => {
+                    tracing::warn!(branchId = %branch_id, terminalId = %e.terminal_id,
+                        eventId = e.local_event_id, errorCode = ErrorCode::PosSyncEventInvalid.as_str(),
+                        cause = %cause, "the database refused one event twice; the rest of its group is committed");
+                    Ok(vec![IngestOutcome::Refused])
+                }
+                Ok(outcomes) => Ok(outcomes),
+                Err(again) => {
+                    tracing::warn!(branchId = %branch_id, terminalId = %e.terminal_id,
+                        eventId = e.local_event_id, errorCode = ErrorCode::PosSyncStorageFailed.as_str(),
+                        first = %cause, second = %again, "a refused event failed differently on its retry; answered retryable");
+                    Err(StoreError::Unavailable(format!(
+                        "after a refusal ({cause}) the retry failed differently: {again}"
+                    )))
+                }
+            }
         }
         Err(StoreError::Refused(_)) => {
             let mid = events.len() / 2;

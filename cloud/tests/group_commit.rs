@@ -284,3 +284,55 @@ both!(
     a_poisoned_event_is_isolated_and_its_group_committed,
     a_database_refusing_every_event_is_a_storage_failure
 );
+
+/// A refusal is final only when it repeats. PostgreSQL only: a sequence is the one state a
+/// refusing trigger can keep across the rollback of its own transaction. Event 2 is refused
+/// once, then stored; event 5 is refused every time for a different reason, which is the
+/// database's trouble (503), not the sale's; neither is ever `Refused`.
+async fn a_refusal_that_does_not_repeat_is_not_final() {
+    use diesel::connection::SimpleConnection;
+    let (db, _keep) = open("pg");
+    let t = terminal(&db);
+    {
+        let mut conn = db.conn().expect("conn");
+        let possync_cloud::db::DbConn::Pg(c) = &mut *conn else {
+            panic!("pg")
+        };
+        c.batch_execute(
+            "CREATE SEQUENCE once; CREATE SEQUENCE each; \
+             CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.local_event_id = 2 AND nextval('once') = 1 THEN \
+                 RAISE EXCEPTION 'refused once'; END IF; \
+               IF NEW.local_event_id = 5 THEN \
+                 RAISE EXCEPTION 'refused as attempt %', nextval('each'); END IF; \
+               RETURN NEW; END $$; \
+             CREATE TRIGGER flaky BEFORE INSERT ON sales_events \
+             FOR EACH ROW EXECUTE FUNCTION flaky();",
+        )
+        .expect("trigger");
+    }
+    let registry = IngestRegistry::new(db.clone(), Metrics::new(), IngestSettings::default());
+    let pos = Uuid::now_v7();
+    let once = registry.ingest("b1", batch(t, pos, 2..=2)).await;
+    assert!(
+        matches!(once.as_deref(), Ok([IngestOutcome::Accepted { .. }])),
+        "refused once, stored on the retry: {once:?}"
+    );
+    let each = registry.ingest("b1", batch(t, pos, 5..=5)).await;
+    assert!(
+        matches!(each, Err(IngestError::Storage(_))),
+        "refused differently twice is retryable: {each:?}"
+    );
+    let mut conn = db.conn().expect("conn");
+    assert_eq!(
+        possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count"),
+        1
+    );
+}
+
+mod pg_only {
+    #[actix_web::test]
+    async fn a_refusal_that_does_not_repeat_is_not_final() {
+        super::a_refusal_that_does_not_repeat_is_not_final().await
+    }
+}

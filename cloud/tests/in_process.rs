@@ -12,7 +12,7 @@ use possync_cloud::app::{self, AppState};
 use possync_cloud::config::{Limits, RateLimits};
 use possync_cloud::db::catalog::{self, EntityWrite};
 use possync_cloud::db::terminals::{self, IssuedTerminal};
-use possync_cloud::db::Database;
+use possync_cloud::db::{ConnectOptions, Database};
 use possync_cloud::ingest::IngestSettings;
 use possync_cloud::metrics::Metrics;
 use possync_cloud::rate_limit::RateLimit;
@@ -27,8 +27,22 @@ fn sqlite_app(
     products: &[EntityWrite],
     rate_limits: RateLimits,
 ) -> (Database, Metrics, Arc<AppState>, IssuedTerminal) {
-    let db = Database::connect(&format!("sqlite://{}", dir.join("cloud.db").display()), 4)
-        .expect("connect");
+    sqlite_app_with(dir, products, rate_limits, ConnectOptions::default())
+}
+
+/// [`sqlite_app`] with explicit connection settings (a short busy timeout, say).
+fn sqlite_app_with(
+    dir: &Path,
+    products: &[EntityWrite],
+    rate_limits: RateLimits,
+    options: ConnectOptions,
+) -> (Database, Metrics, Arc<AppState>, IssuedTerminal) {
+    let db = Database::connect_with(
+        &format!("sqlite://{}", dir.join("cloud.db").display()),
+        4,
+        options,
+    )
+    .expect("connect");
     db.run_migrations().expect("migrate");
     let issued = {
         let mut conn = db.conn().expect("conn");
@@ -91,6 +105,62 @@ async fn in_process_app_authenticates_ingests_and_counts() {
 
 const ENTITIES: usize = 25;
 const LIMIT: usize = 10;
+
+/// A sale that meets SQLite's write lock held by someone else beyond the busy timeout is the
+/// database's trouble: answered 503 `POS_SYNC_STORAGE_FAILED`, retryable, never `rejected`
+/// (which a till would park for an operator); once the lock is gone the same sale is stored.
+#[actix_web::test]
+async fn a_sale_meeting_a_locked_sqlite_database_is_retryable_and_stored_later() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = ConnectOptions {
+        sqlite_busy_timeout: std::time::Duration::from_millis(100),
+    };
+    let (db, _metrics, state, issued) =
+        sqlite_app_with(dir.path(), &[], RateLimits::default(), options);
+    let app = test::init_service(app::build(state)).await;
+    let event = sample_sale_event(issued.terminal_id, Uuid::now_v7(), 1, "b1");
+    let post = || {
+        test::TestRequest::post()
+            .uri("/v1/pos/sales/events")
+            .insert_header(("authorization", format!("Bearer {}", issued.token)))
+            .set_json(events_body(std::slice::from_ref(&event)))
+            .to_request()
+    };
+
+    // Another writer (a backup, a second process) holds the write lock far longer than 100 ms.
+    let path = dir.path().join("cloud.db");
+    let mut holder =
+        diesel::SqliteConnection::establish(path.to_str().expect("utf-8")).expect("open");
+    holder
+        .batch_execute("BEGIN IMMEDIATE;")
+        .expect("take the write lock");
+    let resp = test::call_service(&app, post()).await;
+    let status = resp.status();
+    let body: serde_json::Value = test::read_body_json(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "POS_SYNC_STORAGE_FAILED", "{body}");
+    assert_eq!(body["error"]["retryable"], true, "{body}");
+    holder.batch_execute("COMMIT;").expect("release the lock");
+    {
+        let mut conn = db.conn().expect("conn");
+        assert_eq!(
+            possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count"),
+            0,
+            "nothing was stored under the lock"
+        );
+    }
+
+    // The till's retry, once the lock is gone, stores the sale.
+    let body: serde_json::Value = test::call_and_read_body_json(&app, post()).await;
+    assert_eq!(body["results"][0]["status"], "accepted", "{body}");
+    let mut conn = db.conn().expect("conn");
+    assert_eq!(
+        possync_cloud::db::ledger::count_sales(&mut conn, None).expect("count"),
+        1
+    );
+}
 
 fn product(i: usize, price: i64) -> EntityWrite {
     EntityWrite {

@@ -75,9 +75,15 @@ impl From<diesel::result::Error> for StoreError {
     fn from(e: diesel::result::Error) -> Self {
         use diesel::result::{DatabaseErrorKind as Kind, Error};
         match e {
+            // The database's own trouble (a lock it could not get in time, a timeout, a full
+            // disk, memory, a shutdown) says nothing about the row: retryable, never a refusal.
+            // Checked first because both backends report most of it as `Unknown`.
+            Error::DatabaseError(_, ref info) if is_transient(info.message()) => {
+                StoreError::Unavailable(info.message().to_string())
+            }
             // Data exceptions (SQLSTATE class 22) and triggers' refusals arrive as `Unknown`:
             // diesel does not expose the SQLSTATE. They stay candidates until isolation shows
-            // one row failing on its own while the database answers.
+            // one row failing on its own, twice, while the database answers.
             Error::DatabaseError(
                 Kind::CheckViolation | Kind::NotNullViolation | Kind::Unknown,
                 info,
@@ -85,6 +91,53 @@ impl From<diesel::result::Error> for StoreError {
             other => StoreError::Unavailable(other.to_string()),
         }
     }
+}
+
+/// Fragments of the primary error message (lower-cased) by which SQLite and PostgreSQL report a
+/// condition of the database rather than of a row: contention, timeouts, resources, shutdown.
+/// Diesel exposes no SQLSTATE and no SQLite result code, so the message is all there is; the
+/// list is explicit so that what counts as transient is reviewable (docs/cloud-storage.md).
+/// A message that matches none of these and arrives as `Unknown` stays a refusal candidate,
+/// which `ingest::commit_isolating` still confirms by a second attempt.
+pub const TRANSIENT_MESSAGES: &[&str] = &[
+    // SQLite: SQLITE_BUSY / SQLITE_LOCKED (busy timeout elapsed), SQLITE_FULL, SQLITE_IOERR,
+    // SQLITE_NOMEM, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_PROTOCOL, SQLITE_INTERRUPT.
+    "database is locked",
+    "database table is locked",
+    "database schema is locked",
+    "database or disk is full",
+    "disk i/o error",
+    "out of memory",
+    "attempt to write a readonly database",
+    "unable to open database file",
+    "locking protocol",
+    "interrupted",
+    // PostgreSQL: 40P01, 40001, 57014 (statement/lock timeout, cancel), 55P03, 53xxx
+    // (resources), 57P01-57P03 (shutdown, crash recovery), 58030 (I/O), 25006 (hot standby).
+    "deadlock detected",
+    "could not serialize access",
+    "canceling statement due to",
+    "could not obtain lock",
+    "lock timeout",
+    "statement timeout",
+    "no space left on device",
+    "could not extend file",
+    "could not write to file",
+    "could not read block",
+    "could not write block",
+    "too many connections",
+    "remaining connection slots are reserved",
+    "terminating connection",
+    "the database system is",
+    "server closed the connection",
+    "cannot execute insert in a read-only transaction",
+];
+
+/// Whether a database error message names a transient condition of the database itself
+/// ([`TRANSIENT_MESSAGES`]).
+pub fn is_transient(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    TRANSIENT_MESSAGES.iter().any(|t| m.contains(t))
 }
 
 impl From<diesel::ConnectionError> for StoreError {
@@ -110,6 +163,26 @@ pub type PooledConn = diesel::r2d2::PooledConnection<DbConnManager>;
 #[derive(Debug, Clone)]
 pub struct DbConnManager {
     target: Target,
+    options: ConnectOptions,
+}
+
+/// How long an SQLite connection waits for another connection's write lock before its
+/// statement fails with "database is locked" (answered 503, retryable: see [`is_transient`]).
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Per-connection settings of a pool ([`Database::connect_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// SQLite's `busy_timeout`; [`SQLITE_BUSY_TIMEOUT`] unless a test needs contention fast.
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            sqlite_busy_timeout: SQLITE_BUSY_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -140,10 +213,11 @@ impl DbConnManager {
                 // is durable in WAL mode except against power loss of the host, acceptable for
                 // the embedded mode. WAL itself was switched on once, before the pool opened
                 // (see `Database::connect`).
-                c.batch_execute(
-                    "PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                c.batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; \
                      PRAGMA synchronous = NORMAL;",
-                )
+                    self.options.sqlite_busy_timeout.as_millis()
+                ))
                 .map_err(diesel::r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
             }
@@ -208,6 +282,15 @@ impl Database {
     /// `sqlite://PATH` (the parent directory and the file are created). Fails if the database
     /// cannot be reached, so a misconfigured cloud stops at start rather than at first request.
     pub fn connect(url: &str, pool_size: u32) -> Result<Database, StoreError> {
+        Database::connect_with(url, pool_size, ConnectOptions::default())
+    }
+
+    /// [`Database::connect`] with explicit per-connection settings.
+    pub fn connect_with(
+        url: &str,
+        pool_size: u32,
+        options: ConnectOptions,
+    ) -> Result<Database, StoreError> {
         let (backend, target) = if url.starts_with("postgres://")
             || url.starts_with("postgresql://")
         {
@@ -235,7 +318,10 @@ impl Database {
             // start. So one connection switches it before the pool exists.
             let mut first = SqliteConnection::establish(path)?;
             first
-                .batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
+                .batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL;",
+                    options.sqlite_busy_timeout.as_millis()
+                ))
                 .map_err(StoreError::from)?;
             drop(first);
             (Backend::Sqlite, Target::Sqlite(path.to_string()))
@@ -252,7 +338,7 @@ impl Database {
             // parallel tests) share one PostgreSQL's connection limit.
             .min_idle(Some(max.min(2)))
             .connection_timeout(Duration::from_secs(10))
-            .build(DbConnManager { target })
+            .build(DbConnManager { target, options })
             .map_err(|e| StoreError::Unavailable(format!("cannot open {backend:?} pool: {e}")))?;
         Ok(Database { pool, backend })
     }
@@ -468,6 +554,93 @@ mod tests {
             .collect();
         applied.sort();
         assert_eq!(applied, ALL);
+    }
+
+    /// Real primary messages of both backends: the database's own conditions are transient,
+    /// what a row cannot hold is not.
+    #[test]
+    fn transient_conditions_are_told_from_refused_rows_by_their_message() {
+        for m in [
+            "database is locked",
+            "database table is locked: sales_events",
+            "database or disk is full",
+            "disk I/O error",
+            "out of memory",
+            "attempt to write a readonly database",
+            "deadlock detected",
+            "could not serialize access due to concurrent update",
+            "canceling statement due to statement timeout",
+            "canceling statement due to lock timeout",
+            "canceling statement due to user request",
+            "canceling statement due to conflict with recovery",
+            "could not obtain lock on row in relation \"sales_events\"",
+            "could not extend file \"base/16384/16385\": No space left on device",
+            "could not write to file \"pg_wal/xlogtemp.123\": No space left on device",
+            "sorry, too many clients already: too many connections",
+            "remaining connection slots are reserved for non-replication superuser connections",
+            "terminating connection due to administrator command",
+            "terminating connection due to idle-in-transaction timeout",
+            "the database system is shutting down",
+            "the database system is in recovery mode",
+            "server closed the connection unexpectedly",
+            "cannot execute INSERT in a read-only transaction",
+        ] {
+            assert!(is_transient(m), "{m:?} must be transient");
+        }
+        for m in [
+            "CHECK constraint failed: local_event_id >= 1",
+            "NOT NULL constraint failed: sales_events.payload",
+            "new row for relation \"idempotency_ledger\" violates check constraint \"idempotency_ledger_local_event_id_check\"",
+            "value too long for type character varying(64)",
+            "invalid byte sequence for encoding \"UTF8\": 0x00",
+            "integer out of range",
+            "date/time field value out of range: \"10000-01-01\"",
+            "no space",
+        ] {
+            assert!(!is_transient(m), "{m:?} is about the row");
+        }
+    }
+
+    /// The same conditions produced for real: SQLite's write lock held by another connection
+    /// beyond the busy timeout, and PostgreSQL's statement timeout, both arrive as
+    /// `Unavailable`; a CHECK violation stays `Refused`.
+    #[test]
+    fn real_lock_and_timeout_errors_are_unavailable_on_both_backends() {
+        use diesel::result::Error as DieselError;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("locked.db");
+        let path = path.to_str().expect("utf-8 path");
+        let mut holder = SqliteConnection::establish(path).expect("open");
+        holder
+            .batch_execute("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER CHECK (x > 0)); BEGIN IMMEDIATE;")
+            .expect("lock");
+        let mut waiter = SqliteConnection::establish(path).expect("open");
+        waiter
+            .batch_execute("PRAGMA busy_timeout = 50;")
+            .expect("pragma");
+        let locked: DieselError = waiter
+            .batch_execute("BEGIN IMMEDIATE;")
+            .expect_err("the write lock is held");
+        assert!(
+            matches!(StoreError::from(locked), StoreError::Unavailable(_)),
+            "SQLite busy is retryable"
+        );
+        holder.batch_execute("COMMIT;").expect("unlock");
+        let check: DieselError = waiter
+            .batch_execute("INSERT INTO t VALUES (0);")
+            .expect_err("CHECK");
+        assert!(matches!(StoreError::from(check), StoreError::Refused(_)));
+
+        let pg = possync_testkit::pg::TestDatabase::create().expect("PostgreSQL must be reachable");
+        let mut c = PgConnection::establish(&pg.url).expect("connect");
+        c.batch_execute("SET statement_timeout = 20").expect("set");
+        let timeout: DieselError = c
+            .batch_execute("SELECT pg_sleep(2)")
+            .expect_err("cancelled by the timeout");
+        match StoreError::from(timeout) {
+            StoreError::Unavailable(m) => assert!(m.contains("statement timeout"), "{m}"),
+            other => panic!("a statement timeout must be retryable: {other:?}"),
+        }
     }
 
     #[test]

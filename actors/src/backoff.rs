@@ -24,7 +24,8 @@ use crate::status::{ActorKind, ActorState, SharedBoard};
 pub struct BackoffPolicy {
     /// Upper bound of the first retry's delay.
     pub base: Duration,
-    /// No delay exceeds this (except a longer `Retry-After`, which always wins).
+    /// No delay exceeds this (except a longer `Retry-After`, which wins up to
+    /// [`MAX_RETRY_AFTER`]).
     pub cap: Duration,
     /// Deliveries allowed before giving up.
     pub max_attempts: u32,
@@ -39,6 +40,13 @@ impl Default for BackoffPolicy {
         }
     }
 }
+
+/// The longest `Retry-After` honoured: one hour. A longer one (a misconfigured proxy, a
+/// garbled header, `Retry-After: 99999999999999`) is cut to this, so a server can slow the
+/// till down but never park its queue for days, and no delay can overflow the clock
+/// arithmetic that turns it into an instant. `HttpCloud` clamps when it parses the header;
+/// [`next_delay`] clamps again, so no caller can get past the bound.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The upper bound of the jitter window after `failures` failed attempts:
 /// `min(cap, base * 2^(failures-1))`, computed without overflow.
@@ -73,7 +81,7 @@ pub fn next_delay(
         1.0
     };
     let jittered = ceiling.mul_f64(unit);
-    Some(match retry_after {
+    Some(match retry_after.map(|r| r.min(MAX_RETRY_AFTER)) {
         Some(floor) if floor > jittered => floor,
         _ => jittered,
     })
@@ -221,11 +229,24 @@ pub fn decide(
         Budget::Unbounded => &unbounded,
     };
     match next_delay(policy, failures, retry_after, unit_random) {
-        Some(d) => {
-            Decision::RetryAt(now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
-        }
+        Some(d) => Decision::RetryAt(retry_instant(now, d, policy.cap)),
         None => Decision::GiveUp,
     }
+}
+
+/// `now + delay` without panicking: `DateTime + TimeDelta` panics past chrono's range, and
+/// a configured cap could be anything. A delay that does not fit falls back to `now + cap`,
+/// then to `now + MAX_RETRY_AFTER`, and finally to `now` itself (retry at once: a busy retry
+/// is a nuisance, a panic takes the actor down with every retry it was pacing).
+pub fn retry_instant(now: DateTime<Utc>, delay: Duration, cap: Duration) -> DateTime<Utc> {
+    [delay, cap, MAX_RETRY_AFTER]
+        .into_iter()
+        .find_map(|d| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+        })
+        .unwrap_or(now)
 }
 
 /// Asks the Backoff actor, falling back to the deterministic worst case (the full ceiling)
@@ -326,6 +347,40 @@ mod tests {
         assert_eq!(
             next_delay(&p, 5, Some(Duration::from_millis(1)), 1.0),
             Some(Duration::from_secs(16))
+        );
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_clamped_and_never_panics() {
+        let p = policy();
+        let huge = Duration::from_secs(99_999_999_999_999);
+        assert_eq!(next_delay(&p, 1, Some(huge), 0.5), Some(MAX_RETRY_AFTER));
+        let now = Utc::now();
+        for budget in [Budget::Attempts, Budget::Unbounded] {
+            assert_eq!(
+                decide(&p, 1, budget, Some(huge), 0.5, now),
+                Decision::RetryAt(now + chrono::Duration::seconds(3600))
+            );
+            assert_eq!(
+                decide(&p, 1, budget, Some(Duration::MAX), 1.0, now),
+                Decision::RetryAt(now + chrono::Duration::seconds(3600))
+            );
+        }
+        // A cap chrono cannot represent falls back instead of panicking.
+        let wild = BackoffPolicy {
+            cap: Duration::MAX,
+            base: Duration::MAX,
+            max_attempts: 100,
+        };
+        assert!(matches!(
+            decide(&wild, 50, Budget::Attempts, None, 1.0, now),
+            Decision::RetryAt(t) if t >= now
+        ));
+        // And at the edge of the calendar the answer is still a time, not a panic.
+        let end = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(
+            decide(&p, 3, Budget::Unbounded, Some(huge), 1.0, end),
+            Decision::RetryAt(end)
         );
     }
 

@@ -335,8 +335,7 @@ impl CatalogSyncer {
                         {
                             Decision::RetryAt(t) => t,
                             Decision::GiveUp => {
-                                now + chrono::Duration::from_std(cfg.backoff.cap)
-                                    .unwrap_or(chrono::Duration::MAX)
+                                backoff::retry_instant(now, cfg.backoff.cap, cfg.backoff.cap)
                             }
                         };
                         let delay = (when - now).to_std().unwrap_or(Duration::ZERO);

@@ -541,8 +541,7 @@ impl SalesOutbox {
                         Decision::RetryAt(t) => t,
                         // Unbounded budgets never give up; keep the capped pace regardless.
                         Decision::GiveUp => {
-                            now + chrono::Duration::from_std(cfg.backoff.cap)
-                                .unwrap_or(chrono::Duration::MAX)
+                            backoff::retry_instant(now, cfg.backoff.cap, cfg.backoff.cap)
                         }
                     };
                     tracing::debug!(

@@ -8,6 +8,7 @@
 //! line on the terminal can be matched with the cloud's.
 
 use async_trait::async_trait;
+use possync_actors::backoff::MAX_RETRY_AFTER;
 use possync_actors::{CloudApi, CloudError, Traffic};
 use possync_protocol::fingerprint::{
     FingerprintRequest, FingerprintResponse, LeafReconcileRequest,
@@ -626,11 +627,20 @@ fn describe(e: &reqwest::Error) -> String {
 /// Turns a non-2xx answer into [`CloudError::Rejected`], reading the API error envelope when
 /// there is one.
 fn rejection(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> CloudError {
+    // Delta-seconds only (an HTTP-date is ignored: the till's clock may be wrong), clamped to
+    // `MAX_RETRY_AFTER` (1 h): a proxy's absurd value slows the till down, never parks it for
+    // years nor overflows the backoff's clock arithmetic. A number too long for u64 is
+    // clamped too, not ignored: the server did ask for a long wait.
     let retry_after = headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .map(|v| {
+            v.parse::<u64>()
+                .map_or(MAX_RETRY_AFTER, Duration::from_secs)
+                .min(MAX_RETRY_AFTER)
+        });
     match serde_json::from_slice::<ErrorEnvelope>(body) {
         Ok(env) => CloudError::Rejected {
             status: status.as_u16(),
@@ -999,6 +1009,47 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_clamped_to_an_hour() {
+        let body = envelope(
+            ErrorCode::PosSyncRateLimited,
+            "slow down",
+            serde_json::json!({}),
+        );
+        for huge in ["99999999999999", "18446744073709551616000", " 7200 "] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                RETRY_AFTER,
+                HeaderValue::from_str(huge).expect("header value"),
+            );
+            let e = rejection(StatusCode::TOO_MANY_REQUESTS, &h, &body);
+            assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER), "{huge:?}");
+            // What the actors do with it: a retry instant an hour out, no panic.
+            let now = chrono::Utc::now();
+            let d = possync_actors::backoff::decide(
+                &possync_actors::BackoffPolicy::default(),
+                1,
+                possync_actors::backoff::Budget::Unbounded,
+                e.retry_after(),
+                0.5,
+                now,
+            );
+            assert_eq!(
+                d,
+                possync_actors::Decision::RetryAt(now + chrono::Duration::hours(1))
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        let e = rejection(StatusCode::TOO_MANY_REQUESTS, &h, &body);
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(120)));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("-5"));
+        assert_eq!(
+            rejection(StatusCode::TOO_MANY_REQUESTS, &h, &body).retry_after(),
+            None
+        );
     }
 
     #[test]

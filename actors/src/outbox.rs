@@ -75,8 +75,10 @@ pub fn retry_pacing(
 /// - Transient failure: retry at the time `backoff(failures, budget, retry_after)` decides.
 ///   Only a failure [`blame_sale`] pins on the sale has a budget, so only such failures can
 ///   end in needs attention ([`TerminalCode::AttemptsExhausted`]); an outage never does.
-/// - Any other whole-request refusal (400, 401, 403, 413 …): needs attention for every item;
-///   resending the same request unchanged cannot succeed.
+/// - Any other whole-request refusal *with the cloud's error envelope* (400, 403, 413 … with
+///   a stable code): needs attention for every item; resending the same request unchanged
+///   cannot succeed. The same statuses without the envelope are a proxy's error page
+///   ([`FailureClass::NoAnswer`]): retried and held, never parked.
 ///
 /// `cloud_stored_at` is when the cloud last stored a sale of this till (the evidence that it
 /// works for others); `now` is when the answer came back.
@@ -998,7 +1000,44 @@ mod tests {
             rejected(403, Some(ErrorCode::PosSyncUnauthorized)).class(),
             Refused
         );
-        assert_eq!(rejected(413, None).class(), Refused);
+        // Without the cloud's envelope, a 4xx is a middlebox's page (WAF, CDN, nginx): no
+        // answer, never a refusal that would park the batch. 401 stays a credentials refusal.
+        for s in [400, 403, 404, 405, 410, 413, 422] {
+            assert_eq!(rejected(s, None).class(), NoAnswer, "proxy {s}");
+        }
+        assert_eq!(rejected(401, None).class(), CredentialsRefused);
+        assert_eq!(
+            rejected(413, Some(ErrorCode::PosRequestInvalid)).class(),
+            Refused
+        );
+    }
+
+    #[test]
+    fn a_proxy_error_page_parks_nothing() {
+        let items = vec![item(1, 0), item(2, 0), item(3, 0)];
+        for status in [400, 403, 404, 413] {
+            let err = CloudError::Rejected {
+                status,
+                code: None,
+                message: "<html><body>403 Forbidden</body></html>".into(),
+                retry_after: None,
+                reason: None,
+            };
+            let out = outcomes_for(&items, Err(err), None, t0(), &mut retry_in(10));
+            assert_eq!(out.len(), 3);
+            assert!(
+                out.iter().all(|o| matches!(
+                    o,
+                    DeliveryOutcome::RetryLater {
+                        failure: TransientFailure::NoAnswer,
+                        code,
+                        ..
+                    } if *code == TerminalCode::Http(status)
+                )),
+                "{status}: {out:?}"
+            );
+            assert!(hold_after(&out).is_some(), "{status}: the queue holds");
+        }
     }
 
     proptest::proptest! {

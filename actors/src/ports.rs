@@ -265,8 +265,11 @@ pub enum CloudError {
 pub enum FailureClass {
     /// Nobody who speaks for the cloud answered: no connection, a timeout, a reset, a cut
     /// body, a 2xx that is not ours (a captive portal), a 502/503/504 without our error
-    /// envelope (a proxy in front of a cloud that is down), a 408, or a 429 (the cloud asks us
-    /// to wait: nothing is wrong with the request). Retried forever, never blamed on a sale.
+    /// envelope (a proxy in front of a cloud that is down), any 4xx other than 401 without our
+    /// envelope (a WAF's 403 page, a CDN's 404 during a deploy, a proxy's 400 or 413: the
+    /// request never reached the cloud, so it says nothing about the sales), a 408, or a 429
+    /// (the cloud asks us to wait: nothing is wrong with the request). Retried forever, never
+    /// blamed on a sale, never parked.
     NoAnswer,
     /// The cloud answered with a retryable error of its own (5xx with an envelope, e.g.
     /// `POS_SYNC_STORAGE_FAILED`). Usually the cloud's trouble; the sale's only when it fails
@@ -276,7 +279,9 @@ pub enum FailureClass {
     /// token). Nothing is wrong with the sales: they wait, paced like an outage, until the till
     /// has new credentials (`terminal token set`, a re-enrollment), and are never parked.
     CredentialsRefused,
-    /// The cloud refused the request; resending it unchanged cannot succeed.
+    /// The cloud refused the request with its own error envelope (a stable code); resending
+    /// it unchanged cannot succeed. Only the cloud can refuse: without the envelope the answer
+    /// is a middlebox's ([`FailureClass::NoAnswer`]).
     Refused,
 }
 
@@ -295,6 +300,11 @@ impl CloudError {
                     FailureClass::NoAnswer
                 } else if self.can_retry() {
                     FailureClass::CloudTrouble
+                } else if code.is_none() {
+                    // A refusal parks every sale of the request for an operator; only the
+                    // cloud's own envelope may do that. An error page from nginx, a WAF or a
+                    // CDN (403, 404 mid-deploy, 400, 413) did not come from the cloud.
+                    FailureClass::NoAnswer
                 } else {
                     FailureClass::Refused
                 }

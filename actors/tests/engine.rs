@@ -401,6 +401,60 @@ async fn while_the_cloud_is_down_new_sales_wait_for_the_backoff_instead_of_each_
 }
 
 #[tokio::test]
+async fn a_proxy_error_page_holds_the_queue_and_parks_nothing() {
+    // nginx / a WAF / a CDN answers for the cloud: a 403 page, then a 404 mid-deploy, then a
+    // 413 — none with the cloud's envelope. None of them is the cloud refusing the sales.
+    let (store, cloud, _) = world();
+    for (status, page) in [
+        (403, "<html><body><h1>403 Forbidden</h1>nginx</body></html>"),
+        (404, "<html>404 Not Found</html>"),
+        (413, "<html>413 Request Entity Too Large</html>"),
+    ] {
+        cloud.fault_next(
+            Endpoint::PostEvents,
+            CloudFault::Fail(CloudError::Rejected {
+                status,
+                code: None,
+                message: page.into(),
+                retry_after: None,
+                reason: None,
+            }),
+        );
+    }
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    for i in 1..=4 {
+        store.enqueue(sale_event(t, p, i));
+    }
+    let engine = start(
+        config(),
+        &store,
+        &cloud,
+        Arc::new(SystemClock),
+        &Registry::new(),
+    )
+    .await;
+    eventually("all synced once the proxy lets them through", || {
+        store.journal_in("synced").len() == 4
+    })
+    .await;
+    assert!(store.journal_in("needs_attention").is_empty());
+    let codes: Vec<TerminalCode> = store
+        .outcomes()
+        .into_iter()
+        .map(|o| match o {
+            DeliveryOutcome::RetryLater { code, .. } => code,
+            DeliveryOutcome::NeedsAttention { code, .. } => panic!("parked with {code}"),
+            DeliveryOutcome::Synced { .. } => TerminalCode::Network,
+        })
+        .collect();
+    for status in [403, 404, 413] {
+        assert!(codes.contains(&TerminalCode::Http(status)), "{codes:?}");
+    }
+    assert_eq!(cloud.stored_events(), 4);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_answer_from_the_cloud_lifts_the_outbox_hold_early() {
     let (store, cloud, _) = world();
     cloud.seed_products(2);

@@ -590,17 +590,36 @@ fn json_line<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
     serde_json::to_string(v).map_err(|e| CliError::Input(e.to_string()))
 }
 
-/// Hides a password in a database URL before printing it.
+/// Hides a password in a database URL before printing it: the one in the userinfo
+/// (`user:pass@`) and any `password=` query parameter (libpq accepts both). Only the query is
+/// searched for the parameter, so a path or host that happens to contain the word is kept.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
+            let creds = &base[s + 3..at];
             match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
+                Some((user, _)) => format!("{}{user}:***{}", &base[..s + 3], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -801,6 +820,29 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("sqlite:///x/cloud.db"), "sqlite:///x/cloud.db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=s3cr%40t&application_name=x"),
+            "postgres://u@h/db?sslmode=require&password=***&application_name=x"
+        );
+        assert_eq!(
+            redact("postgresql://u:one@h/db?PASSWORD=two"),
+            "postgresql://u:***@h/db?PASSWORD=***"
+        );
+        // An '@' inside the query does not move the userinfo boundary.
+        assert_eq!(
+            redact("postgres://h/db?password=a@b&user=u"),
+            "postgres://h/db?password=***&user=u"
+        );
+        assert_eq!(
+            redact("postgres://h/password=db?sslmode=disable"),
+            "postgres://h/password=db?sslmode=disable"
+        );
+        for url in [
+            "postgres://u@h/db?password=hunter2",
+            "postgres://u:hunter2@h/db?password=hunter2",
+        ] {
+            assert!(!redact(url).contains("hunter2"), "{url}");
+        }
     }
 
     #[test]

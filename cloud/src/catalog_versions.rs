@@ -240,7 +240,7 @@ fn listen_once(
     database_url: &str,
     metrics: &Metrics,
 ) -> Result<(), ListenerError> {
-    let mut c = PgConnection::establish(database_url)?;
+    let mut c = PgConnection::establish(&crate::db::with_tcp_keepalives(database_url))?;
     c.batch_execute(&format!(
         "SET application_name = '{LISTENER_APPLICATION_NAME}'; LISTEN {CHANNEL}"
     ))?;

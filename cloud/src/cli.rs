@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::catalog_source::{self, SourceError, SourceMapping};
 use crate::config::{default_database_url, ServeConfig};
 use crate::db::catalog::{self, EntityWrite};
-use crate::db::{terminals, Database, DbConn, StoreError};
+use crate::db::{terminals, ConnectOptions, Database, DbConn, StoreError};
 use crate::rate_limit::RateLimit;
 use crate::server::{self, ServeError};
 
@@ -357,7 +357,7 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 }
 
 fn open(cli: &Cli) -> Result<Database, CliError> {
-    let db = Database::connect(&cli.database_url(), 2)?;
+    let db = Database::connect_with(&cli.database_url(), 2, ConnectOptions::admin())?;
     db.run_migrations()?;
     Ok(db)
 }
@@ -367,7 +367,7 @@ pub fn run_admin_command(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Serve(_) => Err(CliError::Input("serve runs through run_serve".to_string())),
         Command::Migrate => {
-            let db = Database::connect(&cli.database_url(), 1)?;
+            let db = Database::connect_with(&cli.database_url(), 1, ConnectOptions::admin())?;
             let applied = db.run_migrations()?;
             println!(
                 "{}",

@@ -116,6 +116,7 @@ async fn a_sale_meeting_a_locked_sqlite_database_is_retryable_and_stored_later()
     let dir = tempfile::tempdir().expect("temp dir");
     let options = ConnectOptions {
         sqlite_busy_timeout: std::time::Duration::from_millis(100),
+        ..ConnectOptions::default()
     };
     let (db, _metrics, state, issued) =
         sqlite_app_with(dir.path(), &[], RateLimits::default(), options);

@@ -170,18 +170,70 @@ pub struct DbConnManager {
 /// statement fails with "database is locked" (answered 503, retryable: see [`is_transient`]).
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// PostgreSQL `statement_timeout` of a serving connection. A statement that hangs (a lock
+/// never released, a server that stopped answering mid-commit) would otherwise hold its branch
+/// actor in `committing` forever; cancelled, it fails as "canceling statement due to statement
+/// timeout", which [`is_transient`] makes a 503 the till retries. Ingest transactions take
+/// milliseconds; the longest serving statements (the journal gauges' grouped ledger reads, the
+/// tombstone purge) are far below it. `cloud migrate` and the catalog commands run without it
+/// ([`ConnectOptions::admin`]), and migrations lift it for their own transaction.
+pub const PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// libpq TCP keep-alive parameters added to a PostgreSQL URL that names none of its own, so a
+/// connection whose server vanished (host down, network cut, no RST) is found dead in about a
+/// minute instead of the kernel's two hours (docs/deployment.md).
+pub const PG_KEEPALIVE_PARAMS: &str =
+    "keepalives=1&keepalives_idle=30&keepalives_interval=10&keepalives_count=3";
+
 /// Per-connection settings of a pool ([`Database::connect_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectOptions {
     /// SQLite's `busy_timeout`; [`SQLITE_BUSY_TIMEOUT`] unless a test needs contention fast.
     pub sqlite_busy_timeout: Duration,
+    /// PostgreSQL's `statement_timeout`; `None` leaves the server's default (usually none).
+    pub pg_statement_timeout: Option<Duration>,
 }
 
 impl Default for ConnectOptions {
+    /// A serving pool: [`SQLITE_BUSY_TIMEOUT`], [`PG_STATEMENT_TIMEOUT`].
     fn default() -> Self {
         ConnectOptions {
             sqlite_busy_timeout: SQLITE_BUSY_TIMEOUT,
+            pg_statement_timeout: Some(PG_STATEMENT_TIMEOUT),
         }
+    }
+}
+
+impl ConnectOptions {
+    /// An operator's command (`cloud migrate`, catalog import and catalog source load): no
+    /// statement timeout, since a migration or a large load may legitimately run for long
+    /// and an operator is watching it.
+    pub fn admin() -> Self {
+        ConnectOptions {
+            pg_statement_timeout: None,
+            ..ConnectOptions::default()
+        }
+    }
+}
+
+/// `url` with [`PG_KEEPALIVE_PARAMS`] appended, unless it already sets any `keepalives*`
+/// parameter (the operator's choice is kept whole) or is not a URL libpq reads parameters from.
+pub fn with_tcp_keepalives(url: &str) -> String {
+    let query = url.split_once('?').map(|(_, q)| q);
+    let has_own = query.is_some_and(|q| {
+        q.split('&').any(|p| {
+            p.split('=')
+                .next()
+                .is_some_and(|k| k.starts_with("keepalives"))
+        })
+    });
+    if has_own || url.contains('#') {
+        return url.to_string();
+    }
+    match query {
+        None => format!("{url}?{PG_KEEPALIVE_PARAMS}"),
+        Some("") => format!("{url}{PG_KEEPALIVE_PARAMS}"),
+        Some(_) => format!("{url}&{PG_KEEPALIVE_PARAMS}"),
     }
 }
 
@@ -204,6 +256,10 @@ impl DbConnManager {
                 // statistics. Planning with the actual values costs well under a millisecond.
                 c.batch_execute("SET plan_cache_mode = force_custom_plan")
                     .map_err(diesel::r2d2::Error::QueryError)?;
+                if let Some(t) = self.options.pg_statement_timeout {
+                    c.batch_execute(&format!("SET statement_timeout = {}", t.as_millis()))
+                        .map_err(diesel::r2d2::Error::QueryError)?;
+                }
                 Ok(DbConn::Pg(c))
             }
             Target::Sqlite(path) => {
@@ -294,7 +350,10 @@ impl Database {
         let (backend, target) = if url.starts_with("postgres://")
             || url.starts_with("postgresql://")
         {
-            (Backend::Postgres, Target::Postgres(url.to_string()))
+            (
+                Backend::Postgres,
+                Target::Postgres(with_tcp_keepalives(url)),
+            )
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
                 return Err(StoreError::InvalidUrl(
@@ -357,6 +416,9 @@ impl Database {
             |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
         match &mut *conn {
             DbConn::Pg(c) => c.transaction(|c| {
+                // A migration may rewrite a large table; a serving pool's statement timeout
+                // must not cut it off halfway (the transaction would roll back, at every start).
+                diesel::sql_query("SET LOCAL statement_timeout = 0").execute(c)?;
                 diesel::sql_query(format!(
                     "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
                 ))
@@ -641,6 +703,110 @@ mod tests {
             StoreError::Unavailable(m) => assert!(m.contains("statement timeout"), "{m}"),
             other => panic!("a statement timeout must be retryable: {other:?}"),
         }
+    }
+
+    #[test]
+    fn keepalives_are_added_to_a_postgres_url_that_names_none() {
+        let k = PG_KEEPALIVE_PARAMS;
+        assert_eq!(
+            with_tcp_keepalives("postgres://h/db"),
+            format!("postgres://h/db?{k}")
+        );
+        assert_eq!(
+            with_tcp_keepalives("postgres://h/db?"),
+            format!("postgres://h/db?{k}")
+        );
+        assert_eq!(
+            with_tcp_keepalives("postgres://u@h/db?sslmode=require"),
+            format!("postgres://u@h/db?sslmode=require&{k}")
+        );
+        for own in [
+            "postgres://h/db?keepalives_idle=5",
+            "postgres://h/db?sslmode=require&keepalives=0",
+            "postgres://h/db?tcp_user_timeout=1000&keepalives_count=2",
+        ] {
+            assert_eq!(
+                with_tcp_keepalives(own),
+                own,
+                "the operator's choice is kept"
+            );
+        }
+    }
+
+    /// A serving pool cancels a statement that hangs — here an ingest waiting on a table lock
+    /// that is never released in time — and the cancellation is retryable, not a refusal; an
+    /// operator's pool has no timeout; a migration waiting longer than the serving timeout
+    /// for another migrator still completes.
+    #[test]
+    fn serving_connections_time_out_hung_statements_and_migrations_do_not() {
+        use diesel::connection::SimpleConnection;
+        let pg = possync_testkit::pg::TestDatabase::create().expect("PostgreSQL must be reachable");
+        let show = |db: &Database| -> String {
+            #[derive(diesel::QueryableByName)]
+            struct Setting {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                statement_timeout: String,
+            }
+            let mut c = db.conn().expect("conn");
+            let DbConn::Pg(c) = &mut *c else { panic!("pg") };
+            diesel::sql_query("SHOW statement_timeout")
+                .get_result::<Setting>(c)
+                .expect("show")
+                .statement_timeout
+        };
+        assert_eq!(
+            show(&Database::connect(&pg.url, 1).expect("serving")),
+            "30s"
+        );
+        assert_eq!(
+            show(&Database::connect_with(&pg.url, 1, ConnectOptions::admin()).expect("admin")),
+            "0"
+        );
+
+        let options = ConnectOptions {
+            pg_statement_timeout: Some(Duration::from_millis(200)),
+            ..ConnectOptions::default()
+        };
+        // Another migrator holds the migration lock for longer than the statement timeout.
+        let mut other = PgConnection::establish(&pg.url).expect("connect");
+        other
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY});"
+            ))
+            .expect("lock");
+        let url = pg.url.clone();
+        let migrator = std::thread::spawn(move || {
+            Database::connect_with(&url, 1, options)
+                .expect("connect")
+                .run_migrations()
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        other.batch_execute("COMMIT;").expect("unlock");
+        let applied = migrator
+            .join()
+            .expect("thread")
+            .expect("the migration waited");
+        assert_eq!(applied, ALL);
+
+        // A statement stuck behind a lock is cancelled, as Unavailable.
+        let db = Database::connect_with(&pg.url, 1, options).expect("connect");
+        other
+            .batch_execute("BEGIN; LOCK TABLE idempotency_ledger IN EXCLUSIVE MODE;")
+            .expect("lock the ledger");
+        let mut c = db.conn().expect("conn");
+        let started = std::time::Instant::now();
+        let event =
+            possync_testkit::sample_sale_event(uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), 1, "b1");
+        let hung = ledger::ingest_batch(&mut c, &[ledger::IngestRequest::new(event.clone())]);
+        assert!(
+            matches!(&hung, Err(StoreError::Unavailable(m)) if m.contains("statement timeout")),
+            "{hung:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        other.batch_execute("COMMIT;").expect("unlock");
+        let stored = ledger::ingest_batch(&mut c, &[ledger::IngestRequest::new(event)])
+            .expect("stored once the lock is gone");
+        assert!(matches!(stored[0], ledger::IngestOutcome::Accepted { .. }));
     }
 
     #[test]

@@ -178,6 +178,8 @@ struct SalesRow {
     chain_hash: Option<String>,
 }
 
+diesel::alias!(const PREV_EVENTS: Alias<PrevEvents> = sales_events as prev_events);
+
 for_each_backend! {
     /// Inserts ledger rows whose key is new; returns the keys inserted.
     pub(super) fn claim(c: &mut Conn, rows: &[LedgerRow]) -> QueryResult<Vec<Key>> {
@@ -235,7 +237,14 @@ for_each_backend! {
     }
 
     /// Chained events with ids in `[from, to)` (UUID v7: a time range) that have no verified
-    /// link, oldest first: `(cloud_event_id, pos_id, local_event_id)`.
+    /// link but could have one — the first of their `pos_id`, or one whose predecessor
+    /// `(pos_id, local_event_id - 1)` is stored under any terminal, as the chain joins them —
+    /// oldest first: `(cloud_event_id, pos_id, local_event_id)`.
+    ///
+    /// An event whose predecessor never arrived is a gap, not an unverified link: selecting it
+    /// would let a till with holes (ids 2, 4, 6, …) fill every `limit`-sized pass with the same
+    /// rows, so that links that can be verified never are. The predecessor is found through
+    /// `sales_events_pos_idx (pos_id, local_event_id)`.
     pub(super) fn unlinked(
         c: &mut Conn,
         from: &str,
@@ -250,6 +259,11 @@ for_each_backend! {
             .filter(s::chain_hash.is_not_null())
             .filter(diesel::dsl::not(diesel::dsl::exists(
                 l::sales_chain_links.filter(l::cloud_event_id.eq(s::cloud_event_id)),
+            )))
+            .filter(s::local_event_id.eq(1).or(diesel::dsl::exists(
+                PREV_EVENTS
+                    .filter(PREV_EVENTS.field(s::pos_id).eq(s::pos_id))
+                    .filter(PREV_EVENTS.field(s::local_event_id).eq(s::local_event_id - 1)),
             )))
             .order(s::cloud_event_id.asc())
             .select((s::cloud_event_id, s::pos_id, s::local_event_id))

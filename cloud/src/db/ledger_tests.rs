@@ -748,6 +748,58 @@ fn links_left_unverified_by_concurrent_instances_are_verified_by_the_recheck() {
     });
 }
 
+/// A till whose predecessors never arrive (ids 2, 4, 6, …) has only gaps, no link the re-check
+/// could verify: those events must not fill its passes, or the links stored after them would
+/// never be checked.
+#[test]
+fn events_waiting_for_a_missing_predecessor_do_not_starve_the_recheck() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, holes, whole) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // Older than anything else in the window: five events with a hole before each.
+        for r in chained(t, holes, 10)
+            .iter()
+            .filter(|r| r.event.local_event_id % 2 == 0)
+        {
+            store_unseen(&mut c, r);
+        }
+        // Then a pos_id whose two events were stored unseen: links 1 and 2 await the re-check.
+        let two = chained(t, whole, 2);
+        store_unseen(&mut c, &two[0]);
+        store_unseen(&mut c, &two[1]);
+
+        let now = Utc::now();
+        let hour = chrono::Duration::hours(1);
+        // A pass of three: before the fix, three of the five gap events, and nothing verified.
+        let got = recheck_links(&mut c, now - hour, now + hour, 3).expect("recheck");
+        let v: Vec<(Uuid, i64, bool)> = got
+            .iter()
+            .map(|l| (l.pos_id, l.local_event_id, l.intact))
+            .collect();
+        assert_eq!(v, vec![(whole, 1, true), (whole, 2, true)], "{got:?}");
+        // The gap events stay waiting, unselected; their predecessor's arrival links them.
+        assert!(recheck_links(&mut c, now - hour, now + hour, 3)
+            .expect("again")
+            .is_empty());
+        let m = match &mut *c {
+            DbConn::Pg(c) => pg::unlinked(c, &id_floor(now - hour), &id_floor(now + hour), 100),
+            DbConn::Sqlite(c) => {
+                sqlite::unlinked(c, &id_floor(now - hour), &id_floor(now + hour), 100)
+            }
+        }
+        .expect("unlinked");
+        assert!(m.is_empty(), "gap events are not candidates: {m:?}");
+        store_unseen(&mut c, &chained(t, holes, 1)[0]);
+        let got = recheck_links(&mut c, now - hour, now + hour, 100).expect("after 1");
+        let v: Vec<i64> = got.iter().map(|l| l.local_event_id).collect();
+        assert_eq!(
+            v,
+            vec![1, 2],
+            "1 arrived: its own link and 2's are verifiable, 4.. still wait"
+        );
+    });
+}
+
 #[test]
 fn ids_sort_by_time_so_a_window_is_an_id_range() {
     let t = Utc::now();

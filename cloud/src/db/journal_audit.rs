@@ -17,7 +17,7 @@ use super::{for_each_backend, read_txn, with_conn, DbConn, StoreError};
 const EXPORT_PAGE: i64 = 1000;
 
 /// `(cloud_event_id, terminal_id, pos_id, local_event_id, event_type, occurred_at,
-/// received_at, payload, chain_hash)`.
+/// received_at, payload, chain_hash, branch_id)`.
 type ExportRow = (
     String,
     String,
@@ -28,6 +28,7 @@ type ExportRow = (
     NaiveDateTime,
     String,
     Option<String>,
+    String,
 );
 
 /// `(pos_id, lowest id, highest id)`.
@@ -56,22 +57,34 @@ for_each_backend! {
             .load(c)
     }
 
-    /// One page of a `pos_id`'s stored sales with ids in `(after, last]`.
+    /// One page of `branch`'s stored sales of a `pos_id`, in the export order
+    /// `(local_event_id, terminal_id)` — unique within a `pos_id`, since the ledger key is
+    /// `(terminal_id, pos_id, local_event_id)` — strictly after the keyset cursor `after`,
+    /// with ids up to `last`. The cursor is the full order key, so a page boundary inside the
+    /// rows sharing one id (a `pos_id` delivered under two terminals) skips nothing.
     pub(super) fn page(
         c: &mut Conn,
+        branch: &str,
         pos: &str,
-        after: i64,
+        after: (i64, &str),
         last: i64,
+        limit: i64,
     ) -> QueryResult<Vec<ExportRow>> {
         use sales_events::dsl as s;
+        let (after_id, after_terminal) = after;
         s::sales_events
+            .filter(s::branch_id.eq(branch))
             .filter(s::pos_id.eq(pos))
-            .filter(s::local_event_id.gt(after))
+            .filter(
+                s::local_event_id
+                    .gt(after_id)
+                    .or(s::local_event_id.eq(after_id).and(s::terminal_id.gt(after_terminal))),
+            )
             .filter(s::local_event_id.le(last))
             .order((s::local_event_id.asc(), s::terminal_id.asc()))
-            .limit(EXPORT_PAGE)
+            .limit(limit)
             .select((s::cloud_event_id, s::terminal_id, s::pos_id, s::local_event_id, s::event_type,
-                     s::occurred_at, s::received_at, s::payload, s::chain_hash))
+                     s::occurred_at, s::received_at, s::payload, s::chain_hash, s::branch_id))
             .load(c)
     }
 
@@ -133,13 +146,13 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("corrupt {what} in database: {e}"))
 }
 
-fn record(r: ExportRow, branch: &str) -> Result<AuditRecord, StoreError> {
+fn record(r: ExportRow) -> Result<AuditRecord, StoreError> {
     let event_type: EventType = r.4.parse().map_err(|e| corrupt("event type", e))?;
     Ok(AuditRecord {
         pos_id: Uuid::parse_str(&r.2).map_err(|e| corrupt("pos_id", e))?,
         local_event_id: r.3,
         terminal_id: Some(Uuid::parse_str(&r.1).map_err(|e| corrupt("terminal_id", e))?),
-        branch_id: Some(branch.to_string()),
+        branch_id: Some(r.9),
         event_type,
         occurred_at: r.5.and_utc(),
         payload: serde_json::from_str(&r.7).map_err(|e| corrupt("payload", e))?,
@@ -162,6 +175,19 @@ pub fn export_journal(
     to: Option<DateTime<Utc>>,
     emit: &mut dyn FnMut(&AuditRecord) -> std::io::Result<()>,
 ) -> Result<u64, StoreError> {
+    export_journal_paged(conn, branch, from, to, EXPORT_PAGE, emit)
+}
+
+/// [`export_journal`] reading `page_rows` rows per query (tests use small pages).
+pub(crate) fn export_journal_paged(
+    conn: &mut DbConn,
+    branch: &str,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    page_rows: i64,
+    emit: &mut dyn FnMut(&AuditRecord) -> std::io::Result<()>,
+) -> Result<u64, StoreError> {
+    let page_rows = page_rows.max(1);
     // Stored instants are microseconds in years 1..=9999 (see `validate_event`).
     let earliest = chrono::NaiveDate::from_ymd_opt(1, 1, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
@@ -186,17 +212,26 @@ pub fn export_journal(
             let before = with_conn!(conn, |c, m| m::hashes_at(c, &pos, first - 1))?;
             before.first().map(|h| prev_of(pos_id, first, h.as_deref()))
         };
-        let mut after = first - 1;
+        // Keyset cursor `(local_event_id, terminal_id)`: every terminal id sorts after "".
+        let mut after = (first.saturating_sub(1), String::new());
         let mut first_of_pos = true;
         loop {
             let rows = read_txn!(conn, |c, m| -> Result<Vec<ExportRow>, StoreError> {
-                Ok(m::page(c, &pos, after, last)?)
+                Ok(m::page(
+                    c,
+                    branch,
+                    &pos,
+                    (after.0, &after.1),
+                    last,
+                    page_rows,
+                )?)
             })?;
-            let Some(end) = rows.last().map(|r| r.3) else {
+            let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= page_rows;
+            let Some(end) = rows.last().map(|r| (r.3, r.1.clone())) else {
                 break;
             };
             for row in rows {
-                let mut rec = record(row, branch)?;
+                let mut rec = record(row)?;
                 if first_of_pos {
                     rec.prev_chain_hash = prev.clone();
                     first_of_pos = false;
@@ -204,8 +239,8 @@ pub fn export_journal(
                 emit(&rec).map_err(|e| StoreError::Unavailable(format!("writing: {e}")))?;
                 n += 1;
             }
-            // A page may end inside the rows sharing one id (two terminals): re-read that id.
-            if end == after {
+            // The cursor strictly increases (the order key is unique), so this ends.
+            if !full {
                 break;
             }
             after = end;

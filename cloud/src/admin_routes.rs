@@ -60,27 +60,41 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 /// How often a scrape refreshes the journal gauges from the database.
 pub const JOURNAL_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// When the journal gauges were last refreshed (one refresh per [`JOURNAL_GAUGES_EVERY`]; the
-/// first scrape always refreshes).
+/// After a failed refresh, the least time before the next one. `/metrics` needs no token, so
+/// without it a caller scraping in a loop while the database struggles would run the grouped
+/// ledger queries on every request — load on a database that is already failing.
+pub const JOURNAL_GAUGES_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When the journal gauges may next be refreshed: one refresh per [`JOURNAL_GAUGES_EVERY`], or
+/// [`JOURNAL_GAUGES_RETRY_AFTER`] after a failed one; the first scrape always refreshes.
 #[derive(Debug, Default)]
 pub struct JournalGaugeClock {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
+    next: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl JournalGaugeClock {
     /// Whether this scrape refreshes; claims the refresh so concurrent scrapes do not.
     pub fn due(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < JOURNAL_GAUGES_EVERY) {
+        self.due_at(std::time::Instant::now())
+    }
+
+    fn due_at(&self, now: std::time::Instant) -> bool {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_some_and(|t| now < t) {
             return false;
         }
-        *last = Some(std::time::Instant::now());
+        *next = Some(now + JOURNAL_GAUGES_EVERY);
         true
     }
 
-    /// A refresh failed: let the next scrape try again.
+    /// A refresh failed: let a scrape try again, but not before [`JOURNAL_GAUGES_RETRY_AFTER`].
     pub fn retry_next_scrape(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.retry_at(std::time::Instant::now());
+    }
+
+    fn retry_at(&self, now: std::time::Instant) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(now + JOURNAL_GAUGES_RETRY_AFTER);
     }
 }
 
@@ -295,15 +309,33 @@ mod tests {
     use super::JournalGaugeClock;
 
     #[test]
-    fn one_scrape_per_period_refreshes_the_journal_gauges_and_a_failure_retries_next_time() {
+    fn one_scrape_per_period_refreshes_the_journal_gauges_and_a_failure_retries_after_a_pause() {
+        use super::{JOURNAL_GAUGES_EVERY, JOURNAL_GAUGES_RETRY_AFTER};
+        use std::time::{Duration, Instant};
         let clock = JournalGaugeClock::default();
-        assert!(clock.due(), "the first scrape reads");
-        assert!(!clock.due(), "the next one within the period does not");
-        clock.retry_next_scrape();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(clock.due_at(t0), "the first scrape reads");
         assert!(
-            clock.due(),
-            "after a failed read the next scrape reads again"
+            !clock.due_at(t0 + ms(1)),
+            "the next one within the period does not"
         );
-        assert!(!clock.due());
+        assert!(!clock.due_at(t0 + JOURNAL_GAUGES_EVERY - ms(1)));
+        assert!(
+            clock.due_at(t0 + JOURNAL_GAUGES_EVERY),
+            "a period later it reads again"
+        );
+
+        // The read at `t1` failed: scrapes in a loop do not re-run it at once.
+        let t1 = t0 + JOURNAL_GAUGES_EVERY;
+        clock.retry_at(t1);
+        for d in [0, 1, 100, 4_999] {
+            assert!(!clock.due_at(t1 + ms(d)), "{d} ms after a failure: no read");
+        }
+        assert!(
+            clock.due_at(t1 + JOURNAL_GAUGES_RETRY_AFTER),
+            "after the pause the next scrape reads again"
+        );
+        assert!(!clock.due_at(t1 + JOURNAL_GAUGES_RETRY_AFTER + ms(1)));
     }
 }

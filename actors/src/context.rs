@@ -45,9 +45,14 @@ pub struct EngineConfig {
     pub branch_id: String,
     /// Seed of the backoff jitter; `None` = random (logged at start so a run can be replayed).
     pub rng_seed: Option<u64>,
-    /// Supervisor restart intensity: at most this many restarts of one actor …
-    pub max_restarts: u32,
-    /// … within this window; beyond it the actor stays down and shows `failed`.
+    /// Supervisor restart pacing: the first failure of an actor is restarted at once, each
+    /// further one in a row after `restart_delay_base · 2^(n-2)`, capped at
+    /// `restart_delay_cap`. An actor is never given up on (see `crate::supervisor`).
+    pub restart_delay_base: Duration,
+    /// The longest wait between two restarts of one actor.
+    pub restart_delay_cap: Duration,
+    /// An actor that ran this long since its last restart counts as healthy again: its next
+    /// failure is restarted at once.
     pub restart_window: Duration,
     /// Automatic catalog verify: every this long, the first one at a random point of the
     /// first period so a fleet started together does not verify together. `None`: only on
@@ -69,7 +74,8 @@ impl Default for EngineConfig {
             terminal_id: String::new(),
             branch_id: String::new(),
             rng_seed: None,
-            max_restarts: 10,
+            restart_delay_base: Duration::from_millis(100),
+            restart_delay_cap: Duration::from_secs(30),
             restart_window: Duration::from_secs(60),
             verify_every: Some(Duration::from_secs(24 * 3600)),
         }
@@ -113,7 +119,7 @@ pub enum EngineError {
     /// The supervisor could not be started.
     #[error("engine could not start: {0}")]
     Start(String),
-    /// The actor that would do the work is down (being restarted, or failed for good).
+    /// The actor that would do the work is down (waiting for its restart).
     #[error("{0} is not running")]
     Unavailable(&'static str),
     /// The cloud refused or could not be reached.

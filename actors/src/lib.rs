@@ -38,9 +38,11 @@
 //!   halving finds the limit in log2 steps). Transient errors are retried three times within a
 //!   run unless the wait would exceed 15 s; then the run fails with the cloud's code.
 //! - **Supervision.** A child that fails (error or panic, including a store panic) is restarted
-//!   with its state reloaded from the store; more than `max_restarts` (10) restarts within
-//!   `restart_window` (60 s) leaves it down, shown as `failed` in [`EngineStatus`]. Store
-//!   failures are not retried in place: they fail the actor, so the restart re-reads the store.
+//!   with its state reloaded from the store, and never given up on: the first failure at
+//!   once, each further one in a row after twice the previous delay (`restart_delay_base`
+//!   100 ms up to `restart_delay_cap` 30 s; a run of `restart_window` 60 s starts the count
+//!   over), shown as `restarting` in [`EngineStatus`] meanwhile. Store failures are not
+//!   retried in place: they fail the actor, so the restart re-reads the store.
 //! - **Status states** are [`ActorState`] values (their lines and stable `phase` names are
 //!   listed in `docs/terminal-operations.md`); codes are [`TerminalCode`] values.
 

@@ -125,8 +125,14 @@ pub enum ActorState {
     ReconcileFailed,
     /// Stopped by the supervisor (shutdown).
     Stopped,
-    /// Failed more often than the restart intensity allows: left down.
-    Failed,
+    /// Failed and down until the supervisor restarts it at `at` (the error is in
+    /// `last_error`). Failures in a row are restarted ever more slowly, never given up on.
+    Restarting {
+        /// When the restart is due (clock time, for the page).
+        at: DateTime<Utc>,
+        /// Failures in a row without a healthy run in between.
+        failures: u32,
+    },
 }
 
 impl ActorState {
@@ -149,7 +155,7 @@ impl ActorState {
             ActorState::Reconciled { .. } => "reconciled",
             ActorState::ReconcileFailed => "reconcile_failed",
             ActorState::Stopped => "stopped",
-            ActorState::Failed => "failed",
+            ActorState::Restarting { .. } => "restarting",
         }
     }
 }
@@ -201,6 +207,11 @@ impl fmt::Display for ActorState {
                 if *apply { "apply" } else { "verify" }
             ),
             ActorState::ReconcileFailed => f.write_str("idle (last run failed)"),
+            ActorState::Restarting { at, failures } => write!(
+                f,
+                "restarting at {} (failed {failures} times in a row)",
+                instant(at)
+            ),
             other => f.write_str(other.phase()),
         }
     }

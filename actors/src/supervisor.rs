@@ -1,12 +1,18 @@
-//! `SyncSupervisor`: starts the four sync actors, restarts any that fails (its state is reloaded
-//! from the store by the new instance), and gives up on an actor that keeps failing.
+//! `SyncSupervisor`: starts the four sync actors and restarts any that fails (its state is
+//! reloaded from the store by the new instance), for as long as the process runs.
 //!
-//! Restart intensity is bounded per actor (default: more than 10 restarts within 60 s and the
-//! actor stays down, shown as `failed`), so a persistent fault — a corrupt database, say — shows
-//! up on the status page instead of spinning.
+//! Invariant: a failed actor is always restarted. A persistent fault (a full disk, a database
+//! locked by another program) must not leave the `SalesOutbox` down until someone restarts the
+//! daemon — systemd would not, because the process stays alive — and it must not spin either.
+//! So the first failure is restarted at once (a one-off panic costs nothing), and each further
+//! failure in a row waits twice as long as the one before, from `restart_delay_base` up to
+//! `restart_delay_cap` (defaults 100 ms, 30 s; [`restart_delay`]). An actor that ran for
+//! `restart_window` (60 s) since its last restart counts as healthy again. While it waits the
+//! status shows `restarting at <time> (failed <n> times in a row)` with the last error, so a
+//! persistent fault is visible on the page without the engine ever giving up.
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -30,7 +36,7 @@ pub enum SupervisorMsg {
         ReconcileAction,
         RpcReplyPort<Result<ReconcileReport, EngineError>>,
     ),
-    /// Retry starting an actor whose restart did not come up.
+    /// Restart a failed actor (sent by the supervisor to itself, at once or after a delay).
     Restart(ActorKind),
 }
 
@@ -63,35 +69,46 @@ impl Children {
 /// How long shutdown waits for a child to finish its current message before killing it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Supervisor state: the children, and each child's recent restart times.
+/// One child's failures in a row (monotonic time: a clock step must not reset or stretch them).
+#[derive(Debug, Clone, Copy)]
+struct RestartHistory {
+    /// Failures since the child last ran for a whole `restart_window`.
+    failures: u32,
+    /// When the child was last (re)started.
+    started_at: Instant,
+}
+
+/// Supervisor state: the children, and each child's run of failures.
 pub struct SupervisorState {
     ctx: Arc<SyncContext>,
     children: Children,
-    restarts: HashMap<ActorKind, VecDeque<Instant>>,
+    restarts: HashMap<ActorKind, RestartHistory>,
 }
 
 /// The root of the engine's actor tree.
 pub struct SyncSupervisor;
 
-/// Whether another restart fits the intensity budget: prunes restarts older than `window`,
-/// then allows one if fewer than `max` remain. Pure, so the rule is tested without actors.
-pub fn restart_allowed(
-    history: &mut VecDeque<Instant>,
-    now: Instant,
-    max: u32,
-    window: Duration,
-) -> bool {
-    while history
-        .front()
-        .is_some_and(|t| now.duration_since(*t) > window)
-    {
-        history.pop_front();
+/// How long to wait before restarting an actor after its `failures`-th failure in a row
+/// (≥ 1): nothing for the first, then `base · 2^(failures-2)`, capped at `cap`, computed
+/// without overflow. Pure, so the rule is tested without actors.
+pub fn restart_delay(failures: u32, base: Duration, cap: Duration) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
     }
-    if history.len() >= max as usize {
-        return false;
+    let exp = (failures - 2).min(63);
+    let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(base_ms.saturating_mul(1u64 << exp).min(cap_ms))
+}
+
+/// Counts one more failure of a child started at `history.started_at`: a child that ran for
+/// `window` since then was healthy, so the run of failures starts over.
+fn count_failure(history: &mut RestartHistory, now: Instant, window: Duration) -> u32 {
+    if now.saturating_duration_since(history.started_at) >= window {
+        history.failures = 0;
     }
-    history.push_back(now);
-    true
+    history.failures = history.failures.saturating_add(1);
+    history.failures
 }
 
 impl SyncSupervisor {
@@ -142,24 +159,45 @@ impl SyncSupervisor {
         }
     }
 
+    /// A child failed (or its restart did not come up): restart it now or after the delay of
+    /// its run of failures. Never gives up.
+    fn schedule_restart(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        kind: ActorKind,
+    ) -> Duration {
+        let cfg = &state.ctx.config;
+        let now = Instant::now();
+        let history = state.restarts.entry(kind).or_insert(RestartHistory {
+            failures: 0,
+            started_at: now,
+        });
+        let failures = count_failure(history, now, cfg.restart_window);
+        let delay = restart_delay(failures, cfg.restart_delay_base, cfg.restart_delay_cap);
+        let at =
+            state.ctx.now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+        state
+            .ctx
+            .board
+            .set_state(kind, ActorState::Restarting { at, failures });
+        if !delay.is_zero() {
+            tracing::warn!(
+                terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
+                failures, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "actor keeps failing; restarting it after a delay"
+            );
+        }
+        drop(myself.send_after(delay, move || SupervisorMsg::Restart(kind)));
+        delay
+    }
+
     async fn restart(
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         kind: ActorKind,
     ) {
-        let cfg = &state.ctx.config;
-        let history = state.restarts.entry(kind).or_default();
-        if !restart_allowed(
-            history,
-            Instant::now(),
-            cfg.max_restarts,
-            cfg.restart_window,
-        ) {
-            tracing::error!(
-                terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
-                "actor failed too often; leaving it down"
-            );
-            state.ctx.board.set_state(kind, ActorState::Failed);
+        // A stale timer (the child is already back) must not start a second instance.
+        if Self::running(state, kind) {
             return;
         }
         let n = state.ctx.board.count_restart(kind);
@@ -169,19 +207,34 @@ impl SyncSupervisor {
             .actor_restarts
             .with_label_values(&[kind.as_str()])
             .inc();
+        let cfg = &state.ctx.config;
         tracing::warn!(
             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
             restarts = n, "restarting actor"
         );
-        if let Err(e) = Self::start_child(myself, state, kind).await {
-            state
-                .ctx
-                .board
-                .set_error(kind, format!("restart failed: {e}"));
-            // Try again shortly; the intensity budget bounds how often.
-            drop(myself.send_after(Duration::from_millis(100), move || {
-                SupervisorMsg::Restart(kind)
-            }));
+        match Self::start_child(myself, state, kind).await {
+            Ok(()) => {
+                if let Some(h) = state.restarts.get_mut(&kind) {
+                    h.started_at = Instant::now();
+                }
+            }
+            Err(e) => {
+                state
+                    .ctx
+                    .board
+                    .set_error(kind, format!("restart failed: {e}"));
+                // A start that fails is one more failure in the run: paced the same way.
+                Self::schedule_restart(myself, state, kind);
+            }
+        }
+    }
+
+    fn running(state: &SupervisorState, kind: ActorKind) -> bool {
+        match kind {
+            ActorKind::Backoff => state.children.backoff.is_some(),
+            ActorKind::CatalogSyncer => state.children.catalog.is_some(),
+            ActorKind::SalesOutbox => state.children.outbox.is_some(),
+            ActorKind::Reconciler => state.children.reconciler.is_some(),
         }
     }
 }
@@ -289,7 +342,7 @@ impl Actor for SyncSupervisor {
                 );
                 state.ctx.board.set_error(kind, err.to_string());
                 Self::forget(state, kind);
-                Self::restart(&myself, state, kind).await;
+                Self::schedule_restart(&myself, state, kind);
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(kind) = state.children.kind_of(&cell) {
@@ -309,15 +362,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn intensity_allows_max_restarts_per_window_then_refuses() {
-        let mut h = VecDeque::new();
+    fn restarts_in_a_row_wait_ever_longer_up_to_the_cap_and_never_stop() {
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(30));
+        assert_eq!(
+            restart_delay(1, base, cap),
+            Duration::ZERO,
+            "a one-off is instant"
+        );
+        assert_eq!(restart_delay(2, base, cap), Duration::from_millis(100));
+        assert_eq!(restart_delay(3, base, cap), Duration::from_millis(200));
+        assert_eq!(restart_delay(10, base, cap), Duration::from_millis(25_600));
+        assert_eq!(restart_delay(11, base, cap), cap);
+        assert_eq!(restart_delay(u32::MAX, base, cap), cap, "no overflow");
+        assert_eq!(
+            restart_delay(70, Duration::MAX, Duration::MAX),
+            Duration::from_millis(u64::MAX)
+        );
+        let mut last = Duration::ZERO;
+        for n in 1..200 {
+            let d = restart_delay(n, base, cap);
+            assert!(d >= last && d <= cap, "{n}: {d:?}");
+            last = d;
+        }
+    }
+
+    #[test]
+    fn a_healthy_run_starts_the_count_over() {
         let t0 = Instant::now();
         let w = Duration::from_secs(60);
-        for i in 0..3 {
-            assert!(restart_allowed(&mut h, t0 + Duration::from_secs(i), 3, w));
-        }
-        assert!(!restart_allowed(&mut h, t0 + Duration::from_secs(10), 3, w));
-        // once the oldest restarts age out of the window, restarts are allowed again
-        assert!(restart_allowed(&mut h, t0 + Duration::from_secs(62), 3, w));
+        let mut h = RestartHistory {
+            failures: 0,
+            started_at: t0,
+        };
+        assert_eq!(count_failure(&mut h, t0 + Duration::from_secs(1), w), 1);
+        assert_eq!(count_failure(&mut h, t0 + Duration::from_secs(2), w), 2);
+        h.started_at = t0 + Duration::from_secs(2);
+        assert_eq!(count_failure(&mut h, t0 + Duration::from_secs(3), w), 3);
+        // it then ran a whole window before failing again
+        h.started_at = t0 + Duration::from_secs(3);
+        assert_eq!(count_failure(&mut h, t0 + Duration::from_secs(63), w), 1);
     }
 }

@@ -653,24 +653,47 @@ async fn a_failed_child_is_restarted_and_its_work_resumes() {
 }
 
 #[tokio::test]
-async fn an_actor_that_keeps_failing_stays_down_and_shows_failed() {
+async fn an_actor_that_keeps_failing_is_restarted_ever_more_slowly_and_comes_back() {
+    // A persistent fault (a full disk): the outbox's claim fails 12 times in a row. It used
+    // to be left down for good after 10 restarts in 60 s; now it waits ever longer between
+    // restarts, shows why, and comes back by itself once the fault clears.
     let (store, cloud, _) = world();
     cloud.seed_products(2);
-    store.fail_next(StoreOp::ClaimBatch, 1000, StoreFault::Error);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    store.fail_next(StoreOp::ClaimBatch, 12, StoreFault::Error);
     let mut cfg = config();
-    cfg.max_restarts = 3;
-    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
-    eventually("outbox failed", || {
-        engine.status().actors[&ActorKind::SalesOutbox].state == ActorState::Failed
+    cfg.restart_delay_base = Duration::from_millis(2);
+    cfg.restart_delay_cap = Duration::from_millis(40);
+    let clock = Arc::new(SystemClock);
+    let engine = start(cfg, &store, &cloud, clock, &Registry::new()).await;
+    // The run of failures is visible while it lasts: the count grows past the old limit.
+    eventually("restarting, visibly, after many failures", || {
+        let s = &engine.status().actors[&ActorKind::SalesOutbox];
+        matches!(s.state, ActorState::Restarting { failures, .. } if failures >= 11)
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("injected"))
     })
     .await;
-    assert_eq!(engine.status().actors[&ActorKind::SalesOutbox].restarts, 3);
-    assert!(matches!(
-        engine.flush_outbox_now().await,
-        Err(EngineError::Unavailable(_))
-    ));
-    // the rest of the engine keeps working
+    // the rest of the engine keeps working meanwhile
     eventually("catalog synced", || version(&store) == Some(2)).await;
+    eventually("the outbox is back and delivers", || {
+        store.journal_in("synced").len() == 1
+    })
+    .await;
+    let outbox = engine.status().actors[&ActorKind::SalesOutbox].clone();
+    assert_eq!(
+        outbox.restarts, 12,
+        "one restart per failure, none given up"
+    );
+    assert!(!matches!(outbox.state, ActorState::Restarting { .. }));
+    store.enqueue(sale_event(t, p, 2));
+    engine.flush_outbox_now().await.expect("running again");
+    eventually("second sale synced", || {
+        store.journal_in("synced").len() == 2
+    })
+    .await;
     engine.shutdown().await;
 }
 

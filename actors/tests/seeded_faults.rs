@@ -103,7 +103,8 @@ async fn run(seed: u64) {
         terminal_id: "t1".into(),
         branch_id: "b1".into(),
         rng_seed: Some(seed),
-        max_restarts: 1000,
+        restart_delay_base: Duration::from_millis(1),
+        restart_delay_cap: Duration::from_millis(4),
         ..EngineConfig::default()
     };
     let engine = Engine::start(

@@ -48,6 +48,13 @@ impl Default for BackoffPolicy {
 /// [`next_delay`] clamps again, so no caller can get past the bound.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// No delay [`next_delay`] returns exceeds this: the cap is clamped to it (and
+/// `EngineConfig::validate` refuses a longer one) and so is `Retry-After`. Hence a stored
+/// retry instant further ahead of the wall clock than this was not set by this rule on this
+/// clock: the wall clock was stepped back since (NTP correcting a wrong RTC), and the row is
+/// treated as due (`LocalStore::claim_batch`) instead of stalling for as long as the step.
+pub const MAX_DELAY: Duration = MAX_RETRY_AFTER;
+
 /// The upper bound of the jitter window after `failures` failed attempts:
 /// `min(cap, base * 2^(failures-1))`, computed without overflow.
 pub fn delay_ceiling(policy: &BackoffPolicy, failures: u32) -> Duration {
@@ -81,10 +88,11 @@ pub fn next_delay(
         1.0
     };
     let jittered = ceiling.mul_f64(unit);
-    Some(match retry_after.map(|r| r.min(MAX_RETRY_AFTER)) {
+    let delay = match retry_after.map(|r| r.min(MAX_RETRY_AFTER)) {
         Some(floor) if floor > jittered => floor,
         _ => jittered,
-    })
+    };
+    Some(delay.min(MAX_DELAY))
 }
 
 /// Whether a run of failures may exhaust the policy's `max_attempts`.

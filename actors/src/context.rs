@@ -103,6 +103,9 @@ impl EngineConfig {
         if self.backoff.max_attempts == 0 {
             return bad("backoff.max_attempts must be at least 1");
         }
+        if self.backoff.cap > crate::backoff::MAX_DELAY {
+            return bad("backoff.cap must be at most 1 h");
+        }
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::backoff::{self, Budget, Decision};
 use crate::code::TerminalCode;
@@ -271,12 +272,19 @@ pub struct OutboxState {
 /// at a time, each after the backoff delay of the outage so far (capped at `backoff.cap`, or a
 /// longer `Retry-After`). So after the cloud returns, the queue starts draining within one
 /// backoff cap, however long the outage was; sooner if another actor hears from the cloud.
+///
+/// The hold lives on monotonic time ([`Clock::monotonic`](crate::ports::Clock::monotonic)) and
+/// on the board's count of answers, never on the wall clock: a clock stepped back by hours
+/// (NTP correcting a wrong RTC after boot) must not push the next probe hours away, nor hide
+/// an answer that came after the hold began.
 struct Hold {
-    /// When the next probe is due.
-    until: DateTime<Utc>,
-    /// When the hold began: any answer from the cloud after it (e.g. to the `CatalogSyncer`'s
-    /// delta poll) ends the hold early.
-    since: DateTime<Utc>,
+    /// When the next probe is due (monotonic).
+    until: Instant,
+    /// When the hold began (monotonic), for the log line when it ends.
+    since: Instant,
+    /// The board's answer count when the hold began: any answer from the cloud after it
+    /// (e.g. to the `CatalogSyncer`'s delta poll) ends the hold early.
+    contacts: u64,
     /// Failed attempts in this outage so far (the failed batch's, then one per failed probe):
     /// paces the probes.
     failures: u32,
@@ -295,8 +303,8 @@ impl SalesOutbox {
         let ctx = state.ctx.clone();
         let cfg = &ctx.config;
         if let Some(hold) = &mut state.hold {
-            let (since, now) = (hold.since, ctx.now());
-            let cloud_back = ctx.board.last_contact_at().is_some_and(|at| at > since);
+            let now = ctx.clock.monotonic();
+            let cloud_back = ctx.board.contacts() != hold.contacts;
             if !cloud_back {
                 Self::refresh_counts(&ctx).await?;
                 if !hold.probing && now >= hold.until {
@@ -309,16 +317,17 @@ impl SalesOutbox {
                         let _ = me.cast(OutboxMsg::ProbeDone(result));
                     });
                 }
+                let wait = hold.until.saturating_duration_since(now);
                 if state.in_flight == 0 {
+                    // The page shows a clock time: now on the wall clock plus the wait.
                     ctx.board.set_state(
                         ActorKind::SalesOutbox,
                         ActorState::Holding {
-                            next_probe_at: hold.until,
+                            next_probe_at: backoff::retry_instant(ctx.now(), wait, Duration::ZERO),
                         },
                     );
                 }
                 if !hold.probing {
-                    let wait = (hold.until - now).to_std().unwrap_or(Duration::ZERO);
                     state.generation = state.generation.wrapping_add(1);
                     let g = state.generation;
                     drop(
@@ -466,7 +475,11 @@ impl SalesOutbox {
         {
             state.cloud_stored_at = Some(now);
         }
+        let mono = ctx.clock.monotonic();
         state.hold = hold_after(&outcomes).map(|until| {
+            // The wall-clock retry instant was computed from `now` a moment ago: only the
+            // distance counts, measured from here on the monotonic clock.
+            let until = later(mono, (until - now).to_std().unwrap_or(Duration::ZERO));
             let failures = items
                 .iter()
                 .map(|i| i.attempts.saturating_add(1))
@@ -481,7 +494,8 @@ impl SalesOutbox {
                 },
                 None => Hold {
                     until,
-                    since: now,
+                    since: mono,
+                    contacts: ctx.board.contacts(),
                     failures,
                     probing: false,
                 },
@@ -519,7 +533,13 @@ impl SalesOutbox {
             match &result {
                 Ok(()) => {
                     ctx.backoff.report_contact(true);
-                    let away = (ctx.now() - hold.since).num_milliseconds();
+                    let away = u64::try_from(
+                        ctx.clock
+                            .monotonic()
+                            .saturating_duration_since(hold.since)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX);
                     tracing::info!(
                         terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                         away_ms = away, "cloud is back; sending queued sales"
@@ -530,7 +550,7 @@ impl SalesOutbox {
                     ctx.backoff.report_contact(e.cloud_answered());
                     hold.failures = hold.failures.saturating_add(1);
                     let now = ctx.now();
-                    hold.until = match backoff::ask(
+                    let wait = match backoff::ask(
                         ctx.backoff.get(),
                         &cfg.backoff,
                         hold.failures,
@@ -540,12 +560,11 @@ impl SalesOutbox {
                     )
                     .await
                     {
-                        Decision::RetryAt(t) => t,
+                        Decision::RetryAt(t) => (t - now).to_std().unwrap_or(Duration::ZERO),
                         // Unbounded budgets never give up; keep the capped pace regardless.
-                        Decision::GiveUp => {
-                            backoff::retry_instant(now, cfg.backoff.cap, cfg.backoff.cap)
-                        }
+                        Decision::GiveUp => cfg.backoff.cap,
                     };
+                    hold.until = later(ctx.clock.monotonic(), wait);
                     tracing::debug!(
                         terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
                         errorCode = %e.code(), "cloud still away"
@@ -592,6 +611,12 @@ impl SalesOutbox {
             );
         }
     }
+}
+
+/// `at + wait` without the panic `Instant + Duration` has on overflow (delays are at most
+/// `backoff::MAX_DELAY`, but the rule should not hang on that).
+fn later(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait.min(backoff::MAX_DELAY)).unwrap_or(at)
 }
 
 /// Whether a batch's outcomes put the outbox on hold, and until when the first probe waits:

@@ -222,6 +222,11 @@ pub trait LocalStore: Send + Sync + 'static {
 
     /// Claims up to `limit` rows that are `pending`, or `failed` and due at `now`, oldest
     /// `local_event_id` first: marks them `in_flight` and returns them.
+    ///
+    /// A `failed` row is due when its `next_attempt_at <= now`, and also when it lies more
+    /// than [`MAX_DELAY`](crate::backoff::MAX_DELAY) after `now`: no backoff sets a retry that
+    /// far ahead, so the wall clock was stepped back since, and waiting for it would stall the
+    /// sale for as long as the step (hours, after NTP corrects a wrong RTC).
     fn claim_batch(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxItem>, StoreError>;
 
     /// Records outcomes for claimed rows (one transaction), incrementing their attempt count.
@@ -414,10 +419,20 @@ impl Traffic {
     }
 }
 
-/// Wall-clock time, injectable so simulations and tests control it.
+/// Time, injectable so simulations and tests control it: the wall clock (stored instants,
+/// status lines) and a monotonic clock (how long to wait in memory).
+///
+/// The two differ on purpose. The wall clock can be stepped by hours (NTP correcting a wrong
+/// RTC after boot); a wait measured on it would stall for as long. Every in-memory wait (the
+/// outbox's hold) is measured on [`Clock::monotonic`], which only moves forward.
 pub trait Clock: Send + Sync + 'static {
     /// The current time (UTC).
     fn now(&self) -> DateTime<Utc>;
+
+    /// A monotonic instant (never stepped). Defaults to tokio's clock.
+    fn monotonic(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
 }
 
 /// The real clock.

@@ -249,6 +249,11 @@ pub struct EngineStatus {
     pub online: bool,
     /// When the cloud last answered.
     pub last_contact_at: Option<DateTime<Utc>>,
+    /// Answers from the cloud counted since start: the outbox's hold asks "did the cloud
+    /// answer since?" with this count, never with `last_contact_at`, which a wall clock
+    /// stepped back would push behind the hold's start.
+    #[serde(skip)]
+    pub contacts: u64,
     /// Since when the cloud has not answered (the first unanswered call after the last
     /// answer); `None` while online.
     pub offline_since: Option<DateTime<Utc>>,
@@ -319,7 +324,12 @@ impl SharedBoard {
             .clone()
     }
 
-    /// When the cloud last answered (without copying the whole board).
+    /// How many answers from the cloud were reported so far (see [`EngineStatus::contacts`]).
+    pub fn contacts(&self) -> u64 {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).contacts
+    }
+
+    /// When the cloud last answered (wall clock: for display).
     pub fn last_contact_at(&self) -> Option<DateTime<Utc>> {
         self.0
             .read()
@@ -354,6 +364,7 @@ impl SharedBoard {
         self.write(|s| {
             s.online = reachable;
             if reachable {
+                s.contacts = s.contacts.wrapping_add(1);
                 s.last_contact_at = Some(at);
                 s.offline_since = None;
             } else if s.offline_since.is_none() {

@@ -377,6 +377,38 @@ pub fn a_failed_sale_waits_for_its_retry_time(s: Subject) {
     assert_eq!(again[0].history.last_failed_at, Some(t0()));
 }
 
+/// A retry time further ahead than any backoff sets (more than `backoff::MAX_DELAY`) was
+/// stamped before the wall clock was stepped back: the sale is due now, not in as many hours
+/// as the step. One within that bound still waits.
+pub fn a_retry_time_left_ahead_by_a_clock_stepped_back_is_due_now(s: Subject) {
+    let (near, far) = ((s.record_sale)(), (s.record_sale)());
+    s.store.claim_batch(2, t0()).expect("claim");
+    let max = Duration::from_std(crate::backoff::MAX_DELAY).unwrap_or(Duration::hours(1));
+    s.store
+        .record_outcomes(&[
+            retry_later(near, t0() + max),
+            retry_later(far, t0() + max + Duration::hours(3)),
+        ])
+        .expect("record");
+    // The wall clock now reads t0 (stepped back by 3 h from when `far` was stamped).
+    let claimed = s.store.claim_batch(10, t0()).expect("claim");
+    assert_eq!(
+        claimed.iter().map(|i| i.journal_id).collect::<Vec<_>>(),
+        vec![far],
+        "only the retry time no backoff could have set is due"
+    );
+    assert!(s
+        .store
+        .claim_batch(10, t0() + max - Duration::seconds(1))
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        s.store.claim_batch(10, t0() + max).expect("claim").len(),
+        1,
+        "the other waits for its time as before"
+    );
+}
+
 /// Synced is final: a late outcome for a synced sale changes nothing, and nothing claims it.
 pub fn synced_is_final(s: Subject) {
     let id = (s.record_sale)();
@@ -436,6 +468,7 @@ macro_rules! local_store_contract {
             a_reconcile_plan_keeps_rows_newer_than_the_plan,
             claims_take_the_oldest_sales_and_restart_releases_them,
             a_failed_sale_waits_for_its_retry_time,
+            a_retry_time_left_ahead_by_a_clock_stepped_back_is_due_now,
             synced_is_final,
             a_sale_needing_attention_does_not_block_the_others,
         );

@@ -455,6 +455,53 @@ async fn a_proxy_error_page_holds_the_queue_and_parks_nothing() {
 }
 
 #[tokio::test]
+async fn a_wall_clock_stepped_back_by_hours_does_not_stall_delivery() {
+    // The till booted with a wrong RTC; the cloud was away; then NTP steps the clock back 3 h.
+    // The outbox's hold must keep probing at its pace (monotonic time), and the stored retry
+    // time, now 3 h ahead of the wall clock, must not keep the sale waiting 3 h.
+    let (store, cloud, _) = world();
+    let clock = Arc::new(ManualClock::default());
+    cloud.set_offline(true);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    let mut cfg = config();
+    cfg.backoff = BackoffPolicy {
+        base: Duration::from_secs(10),
+        cap: Duration::from_secs(60),
+        max_attempts: 12,
+    };
+    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
+    eventually("first attempt failed", || {
+        store.journal_in("failed").len() == 1
+    })
+    .await;
+    eventually("outbox holds", || {
+        matches!(
+            engine.status().actors[&ActorKind::SalesOutbox].state,
+            ActorState::Holding { .. }
+        )
+    })
+    .await;
+    let probes = cloud.calls(Endpoint::Probe);
+    clock.step_wall(-3 * 3600);
+    clock.advance(Duration::from_secs(61));
+    eventually("the hold still probes on time", || {
+        cloud.calls(Endpoint::Probe) > probes
+    })
+    .await;
+    // The cloud is back; the sale's stored retry time is ~3 h ahead of the wall clock.
+    cloud.set_offline(false);
+    clock.advance(Duration::from_secs(61));
+    engine.flush_outbox_now().await.expect("nudge");
+    eventually("delivered without waiting out the step", || {
+        store.journal_in("synced").len() == 1
+    })
+    .await;
+    assert_eq!(cloud.stored_events(), 1);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_answer_from_the_cloud_lifts_the_outbox_hold_early() {
     let (store, cloud, _) = world();
     cloud.seed_products(2);

@@ -2,20 +2,37 @@
 
 use super::*;
 
-/// A clock that only moves when told to.
+/// A clock that only moves when told to. [`ManualClock::advance`] moves both its wall clock
+/// and its monotonic clock; [`ManualClock::step_wall`] moves only the wall clock, as NTP
+/// stepping a wrong RTC does.
 #[derive(Debug)]
-pub struct ManualClock(Mutex<DateTime<Utc>>);
+pub struct ManualClock {
+    wall: Mutex<DateTime<Utc>>,
+    /// Monotonic time: the real instant it was made at plus everything `advance`d since.
+    mono: Mutex<tokio::time::Instant>,
+}
 
 impl ManualClock {
     /// Starts at `at`.
     pub fn new(at: DateTime<Utc>) -> Self {
-        ManualClock(Mutex::new(at))
+        ManualClock {
+            wall: Mutex::new(at),
+            mono: Mutex::new(tokio::time::Instant::now()),
+        }
     }
 
     /// Moves time forward.
     pub fn advance(&self, by: Duration) {
-        let mut t = lock(&self.0);
+        let mut t = lock(&self.wall);
         *t += chrono::Duration::from_std(by).unwrap_or(chrono::Duration::zero());
+        let mut m = lock(&self.mono);
+        *m += by;
+    }
+
+    /// Steps the wall clock alone, by `secs` (negative: back), leaving monotonic time alone.
+    pub fn step_wall(&self, secs: i64) {
+        let mut t = lock(&self.wall);
+        *t += chrono::Duration::seconds(secs);
     }
 }
 
@@ -31,6 +48,10 @@ impl Default for ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        *lock(&self.0)
+        *lock(&self.wall)
+    }
+
+    fn monotonic(&self) -> tokio::time::Instant {
+        *lock(&self.mono)
     }
 }

@@ -353,12 +353,15 @@ impl LocalStore for MemoryStore {
 
     fn claim_batch(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxItem>, StoreError> {
         let mut g = self.check(StoreOp::ClaimBatch)?;
+        // Past this, a retry time was set on a clock since stepped back (see the trait).
+        let stepped = crate::backoff::retry_instant(now, crate::backoff::MAX_DELAY, Duration::ZERO);
         let mut due: Vec<&mut MemJournalRow> = g
             .journal
             .values_mut()
             .filter(|r| {
                 r.status == "pending"
-                    || (r.status == "failed" && r.next_attempt_at.is_none_or(|t| t <= now))
+                    || (r.status == "failed"
+                        && r.next_attempt_at.is_none_or(|t| t <= now || t > stepped))
             })
             .collect();
         due.sort_by_key(|r| r.event.local_event_id);

@@ -400,6 +400,13 @@ pub fn claim_batch(
     now: DateTime<Utc>,
 ) -> Result<Vec<OutboxItem>, TerminalStoreError> {
     let now_text = time_text(now);
+    // A retry time further ahead than any backoff sets was stamped before the wall clock was
+    // stepped back: due now, not in as many hours as the step (LocalStore::claim_batch).
+    let stepped_text = time_text(possync_actors::backoff::retry_instant(
+        now,
+        possync_actors::backoff::MAX_DELAY,
+        std::time::Duration::ZERO,
+    ));
     let stamp = time_text(Utc::now());
     let tx = conn.transaction()?;
     // Only the current key space: a row stamped with another terminal, branch or pos_id waits
@@ -426,7 +433,8 @@ pub fn claim_batch(
             "SELECT journal_id, event, attempts, answered_failures, sale_failures, last_failed_at,
                     pos_id, chain_hash
              FROM sync_journal
-             WHERE (status = 'pending' OR (status = 'failed' AND next_attempt_at <= ?1))
+             WHERE (status = 'pending'
+                    OR (status = 'failed' AND (next_attempt_at <= ?1 OR next_attempt_at > ?7)))
                AND json_extract(event, '$.terminal_id') = ?4
                AND json_extract(event, '$.branch_id') = ?5
                AND (pos_id = ?3
@@ -442,7 +450,8 @@ pub fn claim_batch(
                 ks.pos_id.to_string(),
                 ks.terminal_id.to_string(),
                 ks.branch_id,
-                inherited
+                inherited,
+                stepped_text
             ],
             |r| {
                 Ok((

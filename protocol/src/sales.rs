@@ -288,6 +288,11 @@ impl SaleInvalid {
     }
 }
 
+/// Highest `local_event_id` accepted: 2^53 - 1, the largest integer every JSON reader holds
+/// exactly (a JavaScript front end, `jq`), and far from `i64::MAX`, so `id + 1` never
+/// overflows anywhere ids are summed or stepped.
+pub const MAX_LOCAL_EVENT_ID: i64 = (1 << 53) - 1;
+
 /// Earliest year `occurred_at` may carry: RFC 3339 writes years with four digits, and both
 /// databases store and return every instant of years 1..=9999 unchanged (property-tested
 /// against PostgreSQL and SQLite in the cloud's storage tests).
@@ -349,8 +354,11 @@ pub fn sale_flags(event: &SaleEvent, received_at: DateTime<Utc>) -> Vec<SaleFlag
 
 /// Checks one event: identifiers, the time window, then the payload's schema and arithmetic.
 pub fn validate_event(event: &SaleEvent) -> Result<(), SaleInvalid> {
-    if event.local_event_id < 1 {
-        return Err(SaleInvalid::field("local_event_id", "must be >= 1"));
+    if !(1..=MAX_LOCAL_EVENT_ID).contains(&event.local_event_id) {
+        return Err(SaleInvalid::field(
+            "local_event_id",
+            "must be between 1 and 9007199254740991 (2^53 - 1)",
+        ));
     }
     if !valid_branch_id(&event.branch_id) {
         return Err(SaleInvalid::field(
@@ -612,6 +620,29 @@ mod tests {
             validate_payload(EventType::Sale, &p),
             Err(SaleInvalid::Arithmetic(_))
         ));
+    }
+
+    #[test]
+    fn local_event_id_is_bounded_on_both_sides() {
+        let ev = |id: i64| SaleEvent {
+            terminal_id: Uuid::nil(),
+            pos_id: Uuid::nil(),
+            local_event_id: id,
+            branch_id: "b1".into(),
+            event_type: EventType::Sale,
+            occurred_at: "2026-11-25T10:00:00Z".parse().expect("time"),
+            payload: payload(vec![line(1, 100, 0)]),
+            chain_hash: None,
+        };
+        for ok in [1, 2, MAX_LOCAL_EVENT_ID] {
+            assert_eq!(validate_event(&ev(ok)), Ok(()), "{ok}");
+        }
+        for bad in [i64::MIN, -1, 0, MAX_LOCAL_EVENT_ID + 1, i64::MAX] {
+            assert!(
+                matches!(validate_event(&ev(bad)), Err(SaleInvalid::Field { ref field, .. }) if field == "local_event_id"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

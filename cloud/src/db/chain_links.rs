@@ -95,8 +95,11 @@ pub fn links_to_verify(
         .iter()
         .filter(|n| stored_now.contains(&n.cloud_event_id))
     {
-        let successors = by_key
-            .get(&(e.pos_id, e.local_event_id + 1))
+        // The last possible id has no successor (ids are capped well below i64::MAX anyway).
+        let successors = e
+            .local_event_id
+            .checked_add(1)
+            .and_then(|next| by_key.get(&(e.pos_id, next)))
             .into_iter()
             .flatten()
             .copied();
@@ -118,7 +121,7 @@ pub fn links_to_verify(
         let prevs: Vec<String> = if c.local_event_id == 1 {
             vec![prev_of(c.pos_id, 1, None)]
         } else {
-            match by_key.get(&(c.pos_id, c.local_event_id - 1)) {
+            match by_key.get(&(c.pos_id, c.local_event_id.saturating_sub(1))) {
                 // The predecessor has not arrived: the link waits for it.
                 None => continue,
                 Some(ps) => ps

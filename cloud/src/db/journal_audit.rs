@@ -129,17 +129,6 @@ for_each_backend! {
             .select((l::branch_id, l::terminal_id, l::pos_id, diesel::dsl::count_star(), diesel::dsl::max(l::local_event_id)))
             .load(c)
     }
-
-    /// Stored ids of one `(terminal, pos_id)`, ascending.
-    pub(super) fn ids_of(c: &mut Conn, terminal: &str, pos: &str) -> QueryResult<Vec<i64>> {
-        use idempotency_ledger::dsl as l;
-        l::idempotency_ledger
-            .filter(l::terminal_id.eq(terminal))
-            .filter(l::pos_id.eq(pos))
-            .order(l::local_event_id.asc())
-            .select(l::local_event_id)
-            .load(c)
-    }
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -209,7 +198,7 @@ pub(crate) fn export_journal_paged(
         let prev = if first == 1 {
             Some(prev_of(pos_id, 1, None))
         } else {
-            let before = with_conn!(conn, |c, m| m::hashes_at(c, &pos, first - 1))?;
+            let before = with_conn!(conn, |c, m| m::hashes_at(c, &pos, first.saturating_sub(1)))?;
             before.first().map(|h| prev_of(pos_id, first, h.as_deref()))
         };
         // Keyset cursor `(local_event_id, terminal_id)`: every terminal id sorts after "".
@@ -291,21 +280,16 @@ pub fn pending_gaps(conn: &mut DbConn) -> Result<Vec<PendingGaps>, StoreError> {
         if count >= max {
             continue;
         }
-        let ids = with_conn!(conn, |c, m| m::ids_of(c, &terminal_id, &pos_id))?;
-        let mut missing = Vec::new();
-        let mut expect = 1;
-        for id in ids {
-            if id > expect && missing.len() < MAX_GAP_RANGES {
-                missing.push((expect, id - 1));
-            }
-            expect = id + 1;
-        }
+        // The first MAX_GAP_RANGES ranges come from the database: a till with millions of
+        // stored ids and a few holes is not loaded id by id on every fleet-page request.
+        let missing =
+            super::ledger::missing_ranges(conn, &terminal_id, &branch_id, &pos_id, MAX_GAP_RANGES)?;
         out.push(PendingGaps {
             branch_id,
             terminal_id,
             pos_id,
             missing,
-            missing_events: max - count,
+            missing_events: max.saturating_sub(count),
         });
     }
     Ok(out)
@@ -339,7 +323,8 @@ impl JournalSignals {
     pub fn gaps_per_branch(&self) -> BTreeMap<String, i64> {
         let mut out = BTreeMap::new();
         for g in &self.gaps {
-            *out.entry(g.branch_id.clone()).or_insert(0) += g.missing_events;
+            let n = out.entry(g.branch_id.clone()).or_insert(0i64);
+            *n = n.saturating_add(g.missing_events);
         }
         out
     }
@@ -360,7 +345,8 @@ pub fn gaps_per_branch(conn: &mut DbConn) -> Result<BTreeMap<String, i64>, Store
     let mut out = BTreeMap::new();
     for (branch, _, _, count, max) in with_conn!(conn, |c, m| m::pos_extent(c))? {
         if let Some(max) = max.filter(|m| *m > count) {
-            *out.entry(branch).or_insert(0) += max - count;
+            let n = out.entry(branch).or_insert(0i64);
+            *n = n.saturating_add(max - count);
         }
     }
     Ok(out)

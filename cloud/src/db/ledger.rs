@@ -179,6 +179,7 @@ struct SalesRow {
 }
 
 diesel::alias!(const PREV_EVENTS: Alias<PrevEvents> = sales_events as prev_events);
+diesel::alias!(const NEIGHBOUR_KEYS: Alias<NeighbourKeys> = idempotency_ledger as neighbour_keys);
 
 for_each_backend! {
     /// Inserts ledger rows whose key is new; returns the keys inserted.
@@ -336,21 +337,107 @@ for_each_backend! {
             .load(c)
     }
 
-    /// Stored ids of one `pos_id`, ascending.
-    pub(super) fn ids_of(
+    /// Stored ids of one `(terminal, branch, pos_id)` above `after`, ascending, at most
+    /// `limit` (through the ledger's primary key).
+    pub(super) fn ids_above(
         c: &mut Conn,
-        terminal: &str,
-        branch: &str,
-        pos: &str,
+        key: (&str, &str, &str),
+        after: i64,
+        limit: i64,
     ) -> QueryResult<Vec<i64>> {
         use idempotency_ledger::dsl as l;
+        let (terminal, branch, pos) = key;
         l::idempotency_ledger
             .filter(l::terminal_id.eq(terminal))
             .filter(l::branch_id.eq(branch))
             .filter(l::pos_id.eq(pos))
+            .filter(l::local_event_id.gt(after))
             .order(l::local_event_id.asc())
             .select(l::local_event_id)
+            .limit(limit)
             .load(c)
+    }
+
+    /// The last id of each run of consecutive stored ids of one `(terminal, branch, pos_id)`
+    /// (its successor is not stored), ascending, at most `limit`. Each probe for the successor
+    /// is one primary-key lookup; `local_event_id + 1` cannot overflow, since validation caps
+    /// ids at `MAX_LOCAL_EVENT_ID`.
+    pub(super) fn run_ends(
+        c: &mut Conn,
+        key: (&str, &str, &str),
+        limit: i64,
+    ) -> QueryResult<Vec<i64>> {
+        use idempotency_ledger::dsl as l;
+        let (terminal, branch, pos) = key;
+        l::idempotency_ledger
+            .filter(l::terminal_id.eq(terminal))
+            .filter(l::branch_id.eq(branch))
+            .filter(l::pos_id.eq(pos))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                NEIGHBOUR_KEYS
+                    .filter(NEIGHBOUR_KEYS.field(l::terminal_id).eq(l::terminal_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::pos_id).eq(l::pos_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::branch_id).eq(l::branch_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::local_event_id).eq(l::local_event_id + 1)),
+            )))
+            .order(l::local_event_id.asc())
+            .select(l::local_event_id)
+            .limit(limit)
+            .load(c)
+    }
+
+    /// The first id of each run of consecutive stored ids (its predecessor is not stored)
+    /// above `after`, ascending, at most `limit`.
+    pub(super) fn run_starts(
+        c: &mut Conn,
+        key: (&str, &str, &str),
+        after: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<i64>> {
+        use idempotency_ledger::dsl as l;
+        let (terminal, branch, pos) = key;
+        l::idempotency_ledger
+            .filter(l::terminal_id.eq(terminal))
+            .filter(l::branch_id.eq(branch))
+            .filter(l::pos_id.eq(pos))
+            .filter(l::local_event_id.gt(after))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                NEIGHBOUR_KEYS
+                    .filter(NEIGHBOUR_KEYS.field(l::terminal_id).eq(l::terminal_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::pos_id).eq(l::pos_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::branch_id).eq(l::branch_id))
+                    .filter(NEIGHBOUR_KEYS.field(l::local_event_id).eq(l::local_event_id - 1)),
+            )))
+            .order(l::local_event_id.asc())
+            .select(l::local_event_id)
+            .limit(limit)
+            .load(c)
+    }
+
+    /// The missing ids below the highest stored one of `(terminal, branch, pos_id)`, as
+    /// inclusive ranges, lowest first, at most `limit`: without loading every stored id.
+    ///
+    /// Stored ids form runs r1 < r2 < … < rm. The gaps are: before r1 when it does not start at
+    /// 1, then between the end of r(k) and the start of r(k+1). `run_ends` lists the ends of
+    /// r1, r2, … and `run_starts` above the lowest id the starts of r2, r3, …, both in order,
+    /// so the k-th of each bound the k-th inner gap.
+    pub(super) fn gaps(
+        c: &mut Conn,
+        key: (&str, &str, &str),
+        limit: usize,
+    ) -> QueryResult<Vec<(i64, i64)>> {
+        let Some(&lowest) = ids_above(c, key, i64::MIN, 1)?.first() else {
+            return Ok(Vec::new());
+        };
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
+        let ends = run_ends(c, key, fetch)?;
+        let starts = run_starts(c, key, lowest, fetch)?;
+        let leading = (lowest > 1).then(|| (1, lowest - 1));
+        Ok(leading
+            .into_iter()
+            .chain(ends.iter().zip(&starts).map(|(e, s)| (e.saturating_add(1), s.saturating_sub(1))))
+            .take(limit)
+            .collect())
     }
 
     /// Keys of one `pos_id` above `after`, any terminal, ascending by local id.
@@ -508,7 +595,7 @@ fn verify_links_of(
 fn neighbour_keys(stored: &[SalesRow]) -> Vec<(String, i64)> {
     let mut keys: Vec<(String, i64)> = stored
         .iter()
-        .flat_map(|r| [-1, 0, 1].map(|d| (r.pos_id.clone(), r.local_event_id + d)))
+        .flat_map(|r| [-1, 0, 1].map(|d| (r.pos_id.clone(), r.local_event_id.saturating_add(d))))
         .collect();
     keys.sort_unstable();
     keys.dedup();
@@ -568,7 +655,7 @@ pub fn recheck_links(
         let now_ids: HashSet<String> = pending.iter().map(|p| p.0.clone()).collect();
         let mut keys: Vec<(String, i64)> = pending
             .iter()
-            .flat_map(|(_, pos, n)| [(pos.clone(), n - 1), (pos.clone(), *n)])
+            .flat_map(|(_, pos, n)| [(pos.clone(), n.saturating_sub(1)), (pos.clone(), *n)])
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -722,6 +809,9 @@ pub fn ingest_batch(
     Ok(out)
 }
 
+/// `(pos_id, total_events, highest_contiguous, ids_above_gap)` of one `pos_id`.
+type PosRow = (String, i64, i64, Vec<i64>);
+
 /// Per `pos_id` of a terminal, how far ingestion got: the highest `n` with every id in `1..=n`
 /// stored, the stored ids above the first gap (at most [`MAX_IDS_ABOVE_GAP`]), and the count.
 /// A terminal compares this with its outbox to find events the cloud never received.
@@ -731,40 +821,28 @@ pub fn sync_status(
     branch_id: &str,
 ) -> Result<SyncStatus, StoreError> {
     let terminal = terminal_id.to_string();
-    let per_pos = read_txn!(conn, |c,
-                                   m|
-     -> Result<
-        Vec<(String, i64, Vec<i64>)>,
-        StoreError,
-    > {
+    let per_pos = read_txn!(conn, |c, m| -> Result<Vec<PosRow>, StoreError> {
         let mut out = Vec::new();
         for (pos, count, max) in m::pos_summary(c, &terminal, branch_id)? {
-            // Ids are unique and >= 1, so count == max means 1..=max are all present and
-            // the per-id scan is only needed when there is a gap.
-            let ids = if max == Some(count) {
-                Vec::new()
-            } else {
-                m::ids_of(c, &terminal, branch_id, &pos)?
-            };
-            out.push((pos, count, ids));
+            // Ids are unique and >= 1, so count == max means 1..=max are all present. Else
+            // the first gap and the ids above it come from the database, bounded: a till
+            // with millions of sales and one hole costs two index walks, not a full load.
+            if max == Some(count) {
+                out.push((pos, count, count, Vec::new()));
+                continue;
+            }
+            let key = (terminal.as_str(), branch_id, pos.as_str());
+            let contiguous = m::gaps(c, key, 1)?
+                .first()
+                .map_or(count, |(first_missing, _)| first_missing.saturating_sub(1));
+            let limit = i64::try_from(MAX_IDS_ABOVE_GAP).unwrap_or(i64::MAX);
+            let above = m::ids_above(c, key, contiguous, limit)?;
+            out.push((pos, count, contiguous, above));
         }
         Ok(out)
     })?;
     let mut pos = Vec::with_capacity(per_pos.len());
-    for (pos_id, total_events, ids) in per_pos {
-        let (highest_contiguous, ids_above_gap) = if ids.is_empty() {
-            (total_events, Vec::new())
-        } else {
-            let run = ids
-                .iter()
-                .zip(1i64..)
-                .take_while(|(id, n)| *id == n)
-                .count();
-            (
-                run as i64,
-                ids[run..].iter().take(MAX_IDS_ABOVE_GAP).copied().collect(),
-            )
-        };
+    for (pos_id, total_events, highest_contiguous, ids_above_gap) in per_pos {
         pos.push(PosIngestion {
             pos_id: parse_id(&pos_id)?,
             highest_contiguous,
@@ -830,6 +908,22 @@ pub fn held_keys(
         keys,
         next_after,
     })
+}
+
+/// The missing ids below the highest stored one of `(terminal, branch, pos_id)`, as inclusive
+/// ranges, lowest first, at most `limit`, read without loading every stored id.
+pub(crate) fn missing_ranges(
+    conn: &mut DbConn,
+    terminal: &str,
+    branch: &str,
+    pos: &str,
+    limit: usize,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    Ok(with_conn!(conn, |c, m| m::gaps(
+        c,
+        (terminal, branch, pos),
+        limit
+    ))?)
 }
 
 /// The flags stored with a sale (spelled as [`SaleFlag::as_str`]), in name order.

@@ -228,6 +228,86 @@ fn sync_status_when_id_1_is_missing() {
     });
 }
 
+/// The first gap, the ids above it and the fleet view's gap ranges are found in SQL, bounded,
+/// and agree with a naive walk over every stored id; another terminal's ids under the same
+/// `pos_id` are not counted; ids at the cap do not overflow anything.
+#[test]
+fn gaps_are_found_in_the_database_bounded_and_exact() {
+    each_backend(|db| {
+        let mut c = db.conn().expect("conn");
+        let (t, other, p) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // 1..=4 missing, then every third id missing: ~1060 ids, ~530 holes.
+        let ids: Vec<i64> = (5..=1600).filter(|i| i % 3 != 0).collect();
+        let batch: Vec<IngestRequest> = ids
+            .iter()
+            .map(|i| sale(t, p, *i, &format!("R{i}"), 1))
+            .collect();
+        ingest_batch(&mut c, &batch).expect("ingest");
+        // Another terminal fills some holes of the same pos_id: they are not `t`'s.
+        ingest_batch(
+            &mut c,
+            &[sale(other, p, 1, "O1", 1), sale(other, p, 6, "O6", 1)],
+        )
+        .expect("ingest other");
+
+        let status = sync_status(&mut c, t, "b1").expect("status");
+        let mine = &status.pos[0];
+        assert_eq!(mine.highest_contiguous, 0, "1 is missing");
+        assert_eq!(mine.total_events, ids.len() as i64);
+        assert_eq!(mine.ids_above_gap, ids[..MAX_IDS_ABOVE_GAP].to_vec());
+
+        let mut naive = vec![(1, 4)];
+        naive.extend(
+            ids.windows(2)
+                .filter(|w| w[1] > w[0] + 1)
+                .map(|w| (w[0] + 1, w[1] - 1)),
+        );
+        let gaps = crate::db::journal_audit::pending_gaps(&mut c).expect("gaps");
+        let g = gaps
+            .iter()
+            .find(|g| g.terminal_id == t.to_string())
+            .expect("t has gaps");
+        assert_eq!(
+            g.missing,
+            naive[..crate::db::journal_audit::MAX_GAP_RANGES].to_vec()
+        );
+        assert_eq!(g.missing_events, 1600 - ids.len() as i64);
+
+        // A till whose prefix is whole up to a gap: contiguous up to it.
+        let q = Uuid::now_v7();
+        let prefix: Vec<IngestRequest> = [1, 2, 3, 7, 8]
+            .into_iter()
+            .map(|i| sale(t, q, i, &format!("Q{i}"), 1))
+            .collect();
+        ingest_batch(&mut c, &prefix).expect("ingest");
+        let status = sync_status(&mut c, t, "b1").expect("status");
+        let qs = status.pos.iter().find(|s| s.pos_id == q).expect("q");
+        assert_eq!(
+            (qs.highest_contiguous, qs.ids_above_gap.clone()),
+            (3, vec![7, 8])
+        );
+
+        // The highest id validation accepts.
+        let (t2, top) = (Uuid::now_v7(), Uuid::now_v7());
+        let max = possync_protocol::MAX_LOCAL_EVENT_ID;
+        ingest_batch(&mut c, &[sale(t2, top, max, "TOP", 1)]).expect("ingest max");
+        let s = sync_status(&mut c, t2, "b1").expect("status");
+        assert_eq!(
+            (s.pos[0].highest_contiguous, s.pos[0].ids_above_gap.clone()),
+            (0, vec![max])
+        );
+        let gaps = crate::db::journal_audit::pending_gaps(&mut c).expect("gaps");
+        let g = gaps
+            .iter()
+            .find(|g| g.terminal_id == t2.to_string())
+            .expect("t2");
+        assert_eq!(
+            (g.missing.clone(), g.missing_events),
+            (vec![(1, max - 1)], max - 1)
+        );
+    });
+}
+
 /// Eight connections deliver the same key at the same moment: exactly one is accepted, the
 /// other seven are duplicates naming the same `cloud_event_id`, and one row is stored. Each
 /// thread opens its own pool, as separate cloud processes on one PostgreSQL would.

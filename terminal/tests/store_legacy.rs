@@ -147,12 +147,13 @@ fn the_sample_legacy_database_is_migrated_with_nothing_lost() {
         let msg = row.last_error_message.as_deref().unwrap_or_default();
         assert!(msg.starts_with("legacy sale #"), "{msg}");
     }
-    assert!(attention[0]
+    // newest first: the later legacy row, then #7
+    assert!(attention[1]
         .last_error_message
         .as_deref()
         .unwrap_or_default()
         .contains("#7"));
-    assert!(attention[1]
+    assert!(attention[0]
         .last_error_message
         .as_deref()
         .unwrap_or_default()

@@ -540,6 +540,35 @@ fn enrolled_journal(n: i64) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
+/// `terminal outbox list` and `GET /outbox` show the newest rows first, and a limit keeps the
+/// newest: an operator looking at a long history sees today's sales, not the first ones.
+#[test]
+fn the_journal_lists_newest_first_and_a_limit_keeps_the_newest() {
+    let (_dir, path) = enrolled_journal(5);
+    let store = open(&path);
+    let receipts = |rows: Vec<possync_terminal::store::JournalRow>| -> Vec<String> {
+        rows.into_iter()
+            .map(|r| r.receipt_no.unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(
+        receipts(store.list_journal(None, 100).expect("list")),
+        vec!["R-5", "R-4", "R-3", "R-2", "R-1"]
+    );
+    assert_eq!(
+        receipts(store.list_journal(None, 2).expect("limit")),
+        vec!["R-5", "R-4"]
+    );
+    assert_eq!(
+        receipts(
+            store
+                .list_journal(Some(JournalStatus::Pending), 3)
+                .expect("by state")
+        ),
+        vec!["R-5", "R-4", "R-3"]
+    );
+}
+
 /// Migration 0005 releases the sales an earlier version parked after unanswered attempts, and
 /// nothing else: a sale the cloud refused, or one parked for its own failure, stays put.
 #[test]

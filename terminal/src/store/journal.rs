@@ -630,7 +630,8 @@ pub fn counts(conn: &Connection) -> Result<OutboxCounts, TerminalStoreError> {
     Ok(c)
 }
 
-/// Journal rows for the operator, oldest first.
+/// Journal rows for the operator, newest first: with a limit (default 100) an operator sees
+/// the latest sales, not the oldest ones of a long history.
 pub fn list(
     conn: &Connection,
     status: Option<JournalStatus>,
@@ -640,7 +641,7 @@ pub fn list(
         "SELECT journal_id, local_event_id, status, attempts, next_attempt_at, last_error_code,
                 last_error_message, cloud_event_id, created_at, json_extract(event, '$.payload.receipt_no')
          FROM sync_journal WHERE (?1 IS NULL OR status = ?1)
-         ORDER BY journal_id LIMIT ?2",
+         ORDER BY journal_id DESC LIMIT ?2",
     )?;
     type Raw = (
         i64,

@@ -488,7 +488,7 @@ impl SqliteStore {
         catalog::stats(&self.conn())
     }
 
-    /// Journal rows, optionally of one state, oldest first.
+    /// Journal rows, optionally of one state, newest first.
     pub fn list_journal(
         &self,
         status: Option<JournalStatus>,

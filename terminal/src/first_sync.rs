@@ -28,7 +28,8 @@ pub struct Progress {
     pub total: u64,
     /// Entities per second since the watch began.
     pub rate: f64,
-    /// Time left at that rate (`None` before anything arrived).
+    /// Time left at that rate (`None` before anything arrived, or when it is too long to
+    /// represent: the total is the cloud's figure and may be absurd).
     pub eta: Option<Duration>,
 }
 
@@ -43,8 +44,11 @@ impl Progress {
         } else {
             0.0
         };
+        // `total` comes from the cloud: a huge one over a slow rate gives more seconds than a
+        // Duration holds, where `from_secs_f64` would panic the watcher. No ETA then.
         let eta = (rate > 0.0)
-            .then(|| Duration::from_secs_f64(total.saturating_sub(received) as f64 / rate));
+            .then(|| Duration::try_from_secs_f64(total.saturating_sub(received) as f64 / rate).ok())
+            .flatten();
         Progress {
             received,
             total,
@@ -150,6 +154,20 @@ mod tests {
         let start = Progress::at(0, 0, 0, Duration::ZERO);
         assert_eq!(start.eta, None);
         assert_eq!(start.percent(), 0.0);
+    }
+
+    #[test]
+    fn an_absurd_total_from_the_cloud_gives_no_eta_instead_of_a_panic() {
+        let total = i64::MAX as u64;
+        let p = Progress::at(1, total, 0, Duration::from_secs(1_000_000));
+        assert_eq!(p.eta, None);
+        assert_eq!(p.total, total);
+        assert!(p.percent() >= 0.0 && p.percent() <= 100.0);
+        let p = Progress::at(1, u64::MAX, 0, Duration::from_secs(u64::MAX / 2));
+        assert_eq!(p.eta, None);
+        // a sane total still gets its ETA
+        let p = Progress::at(10, 20, 0, Duration::from_secs(10));
+        assert_eq!(p.eta, Some(Duration::from_secs(10)));
     }
 
     #[test]

@@ -135,28 +135,78 @@ pub async fn settle(
     if candidates.is_empty() {
         return Ok(report);
     }
+    report.carried = carry(store, cloud, candidates, Carry::RekeyOrHeld).await?;
+    Ok(report)
+}
+
+/// Marks synced the inherited sales this till leaves to the original database (a copy
+/// enrolled as another terminal: [`SqliteStore::inherited_left_to_original`]) once the cloud
+/// holds them — the very sale, same key and payload, delivered by the original. Never
+/// re-keys one: whether the original will deliver it later is something no answer of the
+/// cloud can say. The daemon runs it every [`INHERITED_CHECK_EVERY`]; without such rows it
+/// costs one local query and no request.
+pub async fn settle_inherited(
+    store: &SqliteStore,
+    cloud: &HttpCloud,
+) -> Result<CarryOverCounts, CarryOverError> {
+    let rows = blocking(store, |s| s.inherited_left_to_original()).await?;
+    carry(store, cloud, rows, Carry::HeldOnly).await
+}
+
+/// How often the daemon asks the cloud about inherited sales left to the original
+/// ([`settle_inherited`]): they are the original's backlog, not this till's, so a minute's lag
+/// only delays a count on the status page.
+pub const INHERITED_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Which of [`decide`]'s decisions a pass applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// Both: rows of an earlier key space of this database.
+    RekeyOrHeld,
+    /// Only `AlreadyHeld`: inherited rows, which are never re-keyed.
+    HeldOnly,
+}
+
+/// Asks the cloud, per earlier `pos_id`, which keys of `rows` it holds, and applies the
+/// decisions `mode` allows.
+async fn carry(
+    store: &SqliteStore,
+    cloud: &HttpCloud,
+    rows: Vec<CarryCandidate>,
+    mode: Carry,
+) -> Result<CarryOverCounts, CarryOverError> {
+    let mut total = CarryOverCounts::default();
     let mut by_pos: BTreeMap<Uuid, Vec<CarryCandidate>> = BTreeMap::new();
-    for c in candidates {
+    for c in rows {
         by_pos.entry(c.pos_id).or_default().push(c);
     }
     for (pos_id, rows) in by_pos {
         let from = rows.iter().map(|r| r.local_event_id).min().unwrap_or(1);
         let to = rows.iter().map(|r| r.local_event_id).max().unwrap_or(from);
         let held = held_in_range(cloud, pos_id, from, to).await?;
-        let decisions = decide(rows, &held);
+        let decisions: Vec<CarryDecision> = decide(rows, &held)
+            .into_iter()
+            .filter(|d| {
+                mode == Carry::RekeyOrHeld || matches!(d, CarryDecision::AlreadyHeld { .. })
+            })
+            .collect();
+        if decisions.is_empty() {
+            continue;
+        }
         let counts = blocking(store, move |s| s.apply_carry_over(&decisions)).await?;
         tracing::info!(
             fromPosId = %pos_id,
             rekeyed = counts.rekeyed,
             alreadyHeld = counts.already_held,
             skipped = counts.skipped,
+            inherited = mode == Carry::HeldOnly,
             "unsent sales carried over to the current key space"
         );
-        report.carried.rekeyed += counts.rekeyed;
-        report.carried.already_held += counts.already_held;
-        report.carried.skipped += counts.skipped;
+        total.rekeyed += counts.rekeyed;
+        total.already_held += counts.already_held;
+        total.skipped += counts.skipped;
     }
-    Ok(report)
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -272,11 +272,24 @@ async fn carry_over_loop(store: SqliteStore, cloud: HttpCloud, interval: Duratio
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Thorough until one pass succeeded (see `CarryScope::Everything`), then cheap.
     let mut scope = CarryScope::Everything;
+    let mut inherited_checked: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         // A new cloud URL saved by `terminal enroll` is taken here: the old URL may not refuse
         // (which would reload at once), it may simply be gone.
         cloud.refresh().await;
+        if inherited_checked.is_none_or(|t| t.elapsed() >= carry_over::INHERITED_CHECK_EVERY) {
+            inherited_checked = Some(tokio::time::Instant::now());
+            match carry_over::settle_inherited(&store, &cloud).await {
+                Ok(c) if c.already_held > 0 => tracing::info!(
+                    alreadyHeld = c.already_held,
+                    "inherited sales delivered by the original database marked synced"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(errorCode = %e.code(), error = %e,
+                    "inherited sales not checked; tried again later"),
+            }
+        }
         let result = carry_over::settle(&store, &cloud, scope).await;
         if result.is_ok() {
             scope = CarryScope::OtherPosIds;

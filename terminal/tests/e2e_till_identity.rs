@@ -205,16 +205,19 @@ async fn a_revoked_till_reenrolled_as_a_new_terminal_delivers_every_sale_once() 
     assert!(v["forked_to"].is_string(), "{v}");
 
     let after = wait_settled(&daemon, 5).await;
-    // The carry-over ran once (the command's or the daemon's pass, whichever came first).
+    // The command's pass and the daemon's may both run, each applying to the rows it found
+    // unchanged (a row the outbox touched meanwhile is skipped and left to the next pass):
+    // between them every row is carried exactly once.
     let carried: Vec<&Value> = after["identity_changes"]
         .as_array()
         .expect("changes")
         .iter()
         .filter(|c| c["reason"] == "carry_over")
         .collect();
-    assert_eq!(carried.len(), 1, "{after:#}");
-    assert_eq!(carried[0]["already_held"], 1, "{after:#}");
-    assert_eq!(carried[0]["rekeyed"], 2, "{after:#}");
+    let total = |field: &str| -> i64 { carried.iter().filter_map(|c| c[field].as_i64()).sum() };
+    assert!(!carried.is_empty(), "{after:#}");
+    assert_eq!(total("already_held"), 1, "{after:#}");
+    assert_eq!(total("rekeyed"), 2, "{after:#}");
     assert_ne!(after["pos_id"], before["pos_id"]);
     assert_eq!(after["terminal_id"], new_id.to_string());
     assert_eq!(

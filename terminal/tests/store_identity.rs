@@ -397,6 +397,97 @@ fn a_copy_enrolled_as_another_terminal_never_rekeys_the_sales_it_inherited() {
 }
 
 #[test]
+fn a_copy_marks_synced_the_inherited_sales_the_original_delivered_and_keeps_the_rest() {
+    // As above: B is a copy of A enrolled as another terminal. A delivers sales 1 and 2 (the
+    // cloud holds them, same keys and payloads); key 3 is held with another payload (not
+    // this sale). B marks 1 and 2 synced, keeps 3 untouched and never offers its own sale.
+    let (dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll A");
+    let pos_a = store.pos_id();
+    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    park(&store, &ids[1..2], ErrorCode::PosSyncUnauthorized);
+    let events: Vec<SaleEvent> = {
+        let c = raw(&path);
+        let mut stmt = c
+            .prepare("SELECT event FROM sync_journal ORDER BY journal_id")
+            .expect("prepare");
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .map(|t| serde_json::from_str(&t.expect("row")).expect("event"))
+            .collect()
+    };
+    drop(store);
+
+    let copy_path = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy_path).expect("copy");
+    let b = open(&copy_path);
+    assert!(
+        b.inherited_left_to_original().expect("left").is_empty(),
+        "not enrolled as another terminal yet: B delivers them itself"
+    );
+    b.save_enrollment(&other_terminal()).expect("enroll B");
+    b.enqueue_sale(EventType::Sale, Utc::now(), &payload("R-b", 1, 9))
+        .expect("enqueue");
+    let left = b.inherited_left_to_original().expect("left");
+    assert_eq!(
+        left.iter()
+            .map(|c| (c.pos_id, c.local_event_id))
+            .collect::<Vec<_>>(),
+        vec![(pos_a, 1), (pos_a, 2), (pos_a, 3)]
+    );
+
+    let key = |n: usize, hash: String| HeldKey {
+        terminal_id: enrollment().terminal_id,
+        local_event_id: events[n].local_event_id,
+        payload_hash: hash,
+        cloud_event_id: Uuid::from_u128(n as u128 + 1),
+    };
+    let held = vec![
+        key(0, events[0].payload_hash()),
+        key(1, events[1].payload_hash()),
+        key(2, "another sale".into()),
+    ];
+    // What `carry_over::settle_inherited` applies: the held decisions only.
+    let decisions: Vec<CarryDecision> = decide(left, &held)
+        .into_iter()
+        .filter(|d| matches!(d, CarryDecision::AlreadyHeld { .. }))
+        .collect();
+    let counts = b.apply_carry_over(&decisions).expect("apply");
+    assert_eq!((counts.already_held, counts.rekeyed), (2, 0));
+
+    let c = raw(&copy_path);
+    let mut stmt = c
+        .prepare(
+            "SELECT pos_id, local_event_id, status FROM sync_journal
+             WHERE journal_id <= ?1 ORDER BY journal_id",
+        )
+        .expect("prepare");
+    let rows: Vec<(String, i64, String)> = stmt
+        .query_map([ids[2]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (pos_a.to_string(), 1, "synced".to_string()),
+            (pos_a.to_string(), 2, "synced".to_string()),
+            (pos_a.to_string(), 3, "pending".to_string()),
+        ],
+        "held ones synced under their own keys, the other left as it was"
+    );
+    assert_eq!(
+        b.inherited_left_to_original()
+            .expect("left")
+            .iter()
+            .map(|c| c.local_event_id)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+}
+
+#[test]
 fn moving_the_data_directory_on_its_disk_or_reaching_it_by_a_link_is_not_a_copy() {
     let (dir, path) = temp_db();
     let store = open(&path);

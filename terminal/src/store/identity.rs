@@ -393,29 +393,75 @@ pub fn carry_candidates(
                              AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
          ORDER BY journal_id",
     )?;
-    type Raw = (i64, String, i64, String, String, i64, String);
     let inherited = serde_json::to_string(&inherited(conn)?)?;
+    candidates_of(
+        &mut stmt,
+        params![
+            ks.pos_id.to_string(),
+            ks.terminal_id.to_string(),
+            ks.branch_id,
+            inherited,
+            scope == CarryScope::Everything
+        ],
+    )
+}
+
+/// Inherited rows this till will never deliver: stamped with another terminal or branch than
+/// the one it is enrolled as (a copy enrolled as another terminal; see [`Inherited`]). They
+/// are the original's to deliver, under their own keys. Once the cloud holds one with the same
+/// payload it is marked synced here too (`carry_over::settle_inherited`, only `AlreadyHeld`
+/// decisions are applied to these rows), so the copy's queue does not carry the original's
+/// sales as a backlog of its own for ever. Empty before enrollment or without an inheritance.
+pub fn inherited_left_to_original(
+    conn: &Connection,
+) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+    let Some(ks) = key_space(conn)? else {
+        return Ok(Vec::new());
+    };
+    let inherited = inherited(conn)?;
+    if inherited.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT journal_id, pos_id, local_event_id, event, status, attempts, updated_at
+         FROM sync_journal
+         WHERE status IN ('pending', 'failed', 'needs_attention')
+           AND EXISTS (SELECT 1 FROM json_each(?1) i
+                       WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
+                         AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
+           AND (json_extract(event, '$.terminal_id') IS NOT ?2
+                OR json_extract(event, '$.branch_id') IS NOT ?3)
+         ORDER BY journal_id",
+    )?;
+    candidates_of(
+        &mut stmt,
+        params![
+            serde_json::to_string(&inherited)?,
+            ks.terminal_id.to_string(),
+            ks.branch_id
+        ],
+    )
+}
+
+/// Reads `journal_id, pos_id, local_event_id, event, status, attempts, updated_at` rows as
+/// candidates.
+fn candidates_of(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+    type Raw = (i64, String, i64, String, String, i64, String);
     let raw: Vec<Raw> = stmt
-        .query_map(
-            params![
-                ks.pos_id.to_string(),
-                ks.terminal_id.to_string(),
-                ks.branch_id,
-                inherited,
-                scope == CarryScope::Everything
-            ],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            },
-        )?
+        .query_map(params, |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
         .collect::<Result<_, _>>()?;
     raw.into_iter()
         .map(

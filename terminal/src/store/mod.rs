@@ -358,6 +358,12 @@ impl SqliteStore {
         identity::carry_candidates(&self.conn(), scope)
     }
 
+    /// Inherited rows left to the original database (see
+    /// [`identity::inherited_left_to_original`]).
+    pub fn inherited_left_to_original(&self) -> Result<Vec<CarryCandidate>, TerminalStoreError> {
+        identity::inherited_left_to_original(&self.conn())
+    }
+
     /// Applies a carry-over (one transaction; rows changed since they were read are skipped).
     pub fn apply_carry_over(
         &self,

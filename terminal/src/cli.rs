@@ -669,7 +669,9 @@ async fn reconcile(data_dir: &Path, action: ReconcileAction) -> Result<(), Comma
         }
         return print_json(&body);
     }
-    // No daemon: run an engine just for this command.
+    // No daemon answered: run an engine just for this command — unless one runs after all
+    // (too busy to answer the probe), which the engine lock tells.
+    let _engine_lock = data_dir::EngineLock::acquire(data_dir).map_err(DaemonError::from)?;
     let store = open_store(data_dir)?;
     let registry = prometheus::Registry::new();
     let engine = daemon::start_engine(&store, &Tuning::default(), &registry).await?;

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::carry_over;
 use crate::cloud_client::{CatalogEncoding, CloudTarget, HttpCloud, TillReporting};
-use crate::data_dir::LocalTokenError;
+use crate::data_dir::{EngineLock, EngineLockError, LocalTokenError};
 use crate::local_api::{LocalApiConfig, StatusBindError, StatusServer};
 use crate::store::{CarryScope, Enrollment, SqliteStore, TerminalStoreError, WAL_CHECKPOINT_EVERY};
 use crate::wiring::{EngineControl, StoreTill};
@@ -45,6 +45,9 @@ pub enum DaemonError {
     /// The database has no enrollment yet.
     #[error("terminal is not enrolled (run `terminal enroll` first)")]
     NotEnrolled,
+    /// Another process runs the sync engine on this data dir (or its lock file failed).
+    #[error(transparent)]
+    EngineLocked(#[from] EngineLockError),
     /// The data dir could not be created.
     #[error("{what}: {source}")]
     Io {
@@ -65,6 +68,10 @@ impl DaemonError {
             DaemonError::LocalApi(_) => TerminalCode::StatusBindFailed,
             DaemonError::LocalToken(_) | DaemonError::Io { .. } => TerminalCode::IoFailed,
             DaemonError::NotEnrolled => ErrorCode::PosSyncUnauthorized.into(),
+            DaemonError::EngineLocked(EngineLockError::Held(_)) => {
+                TerminalCode::DaemonAlreadyRunning
+            }
+            DaemonError::EngineLocked(EngineLockError::Io { .. }) => TerminalCode::IoFailed,
         }
     }
 }
@@ -318,6 +325,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         what: format!("creating data dir {}", opts.data_dir.display()),
         source: e,
     })?;
+    // Held until this function returns: one engine per database (see `EngineLock`).
+    let _engine_lock = EngineLock::acquire(&opts.data_dir)?;
     let local_token = crate::data_dir::local_token(&opts.data_dir)?;
     let db = opts.data_dir.join(crate::cli::DB_FILE);
     let (store, opened) = SqliteStore::open_with_report(&db)?;

@@ -35,6 +35,59 @@ pub struct LocalTokenError {
     source: std::io::Error,
 }
 
+/// Name of the file whose lock marks the one process running the sync engine on a data dir.
+pub const ENGINE_LOCK_FILE: &str = "engine.lock";
+
+/// Held for as long as a process runs the sync engine on a data dir: the daemon, or a command
+/// that runs an engine for itself because no daemon answered. Two engines on one database
+/// would release each other's in-flight claims and run two carry-overs; the idempotency ledger
+/// keeps that from storing a sale twice, but it doubles the traffic and the work. The daemon's
+/// HTTP probe (`terminal run` finding a live daemon) cannot be the guard on its own: a daemon
+/// too busy to answer within the probe's timeout would look absent. The lock is the operating
+/// system's (`flock`), so it goes with the process however that ends — `kill -9` included —
+/// and there is never a stale lock to clean up.
+#[derive(Debug)]
+pub struct EngineLock {
+    _file: std::fs::File,
+}
+
+/// The engine lock could not be taken.
+#[derive(Debug, Error)]
+pub enum EngineLockError {
+    /// Another process holds it: a daemon (or a command's engine) runs on this data dir.
+    #[error("another process runs the sync engine on {}", .0.display())]
+    Held(PathBuf),
+    /// The lock file could not be opened or locked.
+    #[error("locking {}: {source}", path.display())]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl EngineLock {
+    /// Takes the engine lock of `dir` without waiting.
+    pub fn acquire(dir: &Path) -> Result<EngineLock, EngineLockError> {
+        let path = dir.join(ENGINE_LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| EngineLockError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(EngineLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(EngineLockError::Held(dir.to_path_buf())),
+            Err(std::fs::TryLockError::Error(source)) => Err(EngineLockError::Io { path, source }),
+        }
+    }
+}
+
 /// Makes every file and directory this process creates from now on private to its owner.
 ///
 /// Called first thing by the `terminal` binary. SQLite creates the WAL and shared-memory files
@@ -200,6 +253,27 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_engine_lock_per_data_dir_released_with_its_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = EngineLock::acquire(dir.path()).expect("first");
+        assert!(
+            matches!(
+                EngineLock::acquire(dir.path()),
+                Err(EngineLockError::Held(_))
+            ),
+            "a second engine on the same data dir is refused"
+        );
+        let other = tempfile::tempdir().expect("tempdir");
+        let _elsewhere = EngineLock::acquire(other.path()).expect("another data dir is free");
+        drop(first);
+        let _again = EngineLock::acquire(dir.path()).expect("free once its holder is gone");
+        assert!(matches!(
+            EngineLock::acquire(&dir.path().join("missing")),
+            Err(EngineLockError::Io { .. })
+        ));
+    }
 
     #[cfg(unix)]
     fn mode(path: &Path) -> u32 {

@@ -135,7 +135,8 @@ impl TerminalCode {
     pub fn http_status(self) -> u16 {
         match self {
             TerminalCode::Api(ErrorCode::PosSyncEventInvalid) => 422,
-            TerminalCode::Api(ErrorCode::PosSyncUnauthorized) => 409,
+            TerminalCode::Api(ErrorCode::PosSyncUnauthorized)
+            | TerminalCode::Api(ErrorCode::PosLocalIdempotencyKeyReused) => 409,
             TerminalCode::Api(ErrorCode::PosRequestInvalid) => 400,
             TerminalCode::Api(ErrorCode::PosLocalHostNotAllowed)
             | TerminalCode::Api(ErrorCode::PosLocalOriginNotAllowed) => 403,

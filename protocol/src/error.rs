@@ -1,5 +1,5 @@
 //! The stable error codes of the sync API (the contract's nine, plus `POS_SYNC_POS_CLONED` and
-//! `POS_REQUEST_INVALID`) and of the till's loopback API (four, `POS_LOCAL_*`), and the JSON
+//! `POS_REQUEST_INVALID`) and of the till's loopback API (five, `POS_LOCAL_*`), and the JSON
 //! envelope that carries them.
 //!
 //! A code is a promise to clients: its spelling never changes, and neither does whether a
@@ -45,6 +45,10 @@ pub enum ErrorCode {
     PosLocalUnauthorized,
     /// Till loopback API: a `POST` body that is not declared `application/json` (415).
     PosLocalUnsupportedMediaType,
+    /// Till loopback API: a `POST /sales` whose `Idempotency-Key` already recorded a different
+    /// sale request (409). Nothing new is stored; retrying the same request cannot succeed, a
+    /// new sale needs a new key.
+    PosLocalIdempotencyKeyReused,
     /// The request is not one this API serves: unknown path (404), wrong method (405), a body
     /// that did not arrive in time (408), an over-long URL (414) or a malformed request (400).
     /// Beyond the contract's nine codes, so that every non-2xx answer has a stable code.
@@ -58,7 +62,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::PosSyncUnauthorized,
         ErrorCode::PosSyncRateLimited,
         ErrorCode::PosCatalogSnapshotFailed,
@@ -75,14 +79,16 @@ impl ErrorCode {
         ErrorCode::PosLocalUnsupportedMediaType,
         ErrorCode::PosRequestInvalid,
         ErrorCode::PosSyncChainBreak,
+        ErrorCode::PosLocalIdempotencyKeyReused,
     ];
 
     /// The codes only the till's loopback API answers (never the cloud).
-    pub const LOCAL_API: [ErrorCode; 4] = [
+    pub const LOCAL_API: [ErrorCode; 5] = [
         ErrorCode::PosLocalHostNotAllowed,
         ErrorCode::PosLocalOriginNotAllowed,
         ErrorCode::PosLocalUnauthorized,
         ErrorCode::PosLocalUnsupportedMediaType,
+        ErrorCode::PosLocalIdempotencyKeyReused,
     ];
 
     /// Whether only the till's loopback API answers this code.
@@ -106,6 +112,7 @@ impl ErrorCode {
             ErrorCode::PosLocalOriginNotAllowed => "POS_LOCAL_ORIGIN_NOT_ALLOWED",
             ErrorCode::PosLocalUnauthorized => "POS_LOCAL_UNAUTHORIZED",
             ErrorCode::PosLocalUnsupportedMediaType => "POS_LOCAL_UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::PosLocalIdempotencyKeyReused => "POS_LOCAL_IDEMPOTENCY_KEY_REUSED",
             ErrorCode::PosSyncPosCloned => "POS_SYNC_POS_CLONED",
             ErrorCode::PosRequestInvalid => "POS_REQUEST_INVALID",
             ErrorCode::PosSyncChainBreak => "POS_SYNC_CHAIN_BREAK",
@@ -137,6 +144,7 @@ impl ErrorCode {
             | ErrorCode::PosLocalOriginNotAllowed
             | ErrorCode::PosLocalUnauthorized
             | ErrorCode::PosLocalUnsupportedMediaType
+            | ErrorCode::PosLocalIdempotencyKeyReused
             | ErrorCode::PosSyncPosCloned
             | ErrorCode::PosSyncChainBreak => false,
         }
@@ -221,6 +229,8 @@ mod tests {
         assert!(!ErrorCode::PosLocalHostNotAllowed.can_retry(403));
         assert!(!ErrorCode::PosLocalUnauthorized.can_retry(401));
         assert!(!ErrorCode::PosLocalUnsupportedMediaType.can_retry(415));
+        assert!(!ErrorCode::PosLocalIdempotencyKeyReused.can_retry(409));
+        assert!(ErrorCode::PosLocalIdempotencyKeyReused.is_local_api());
         assert!(!ErrorCode::PosRequestInvalid.can_retry(404));
         assert!(!ErrorCode::PosRequestInvalid.can_retry(405));
         assert!(ErrorCode::PosRequestInvalid.can_retry(408));

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
-pub use crate::store::{CatalogQuery, JournalRow, JournalStatus, RetryTarget};
+pub use crate::store::{CatalogQuery, IdempotencyKey, JournalRow, JournalStatus, RetryTarget};
 
 /// A failure of a till operation, mapped once to a stable code.
 #[derive(Debug, Error)]
@@ -42,6 +42,9 @@ pub enum TillError {
     /// The thing asked for does not exist (e.g. an unknown journal id).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The sale's idempotency key already recorded another sale request; nothing was stored.
+    #[error("{0}")]
+    KeyReused(String),
 }
 
 impl TillError {
@@ -51,6 +54,7 @@ impl TillError {
             TillError::Invalid(_) | TillError::NotFound(_) => ErrorCode::PosSyncEventInvalid,
             TillError::Storage(_) => ErrorCode::PosSyncStorageFailed,
             TillError::NotEnrolled | TillError::Enrollment(_) => ErrorCode::PosSyncUnauthorized,
+            TillError::KeyReused(_) => ErrorCode::PosLocalIdempotencyKeyReused,
         }
     }
 }
@@ -74,6 +78,15 @@ pub struct EnqueueReceipt {
     pub pos_id: Uuid,
     /// The sale's number in that database; with `pos_id` and the terminal id, its idempotency key.
     pub local_event_id: i64,
+}
+
+/// The answer to a keyed enqueue ([`Till::enqueue_sale_keyed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedReceipt {
+    /// The sale's receipt: the new sale's, or on a replay the original one's.
+    pub receipt: EnqueueReceipt,
+    /// Whether the key had recorded this request before (nothing was stored now).
+    pub replayed: bool,
 }
 
 /// How far the local catalog is, for the status page.
@@ -106,6 +119,18 @@ pub trait Till: Send + Sync + 'static {
         occurred_at: DateTime<Utc>,
         payload: &SalePayload,
     ) -> Result<EnqueueReceipt, TillError>;
+    /// [`Till::enqueue_sale`] under the client's idempotency key, in the same one
+    /// transaction: a new key is stored with the sale; a key that recorded this same request
+    /// (type, payload, `occurred_at` if given) answers the original receipt and stores
+    /// nothing; a key that recorded another request is [`TillError::KeyReused`].
+    /// `occurred_at` `None` means now.
+    fn enqueue_sale_keyed(
+        &self,
+        key: &IdempotencyKey,
+        event_type: EventType,
+        occurred_at: Option<DateTime<Utc>>,
+        payload: &SalePayload,
+    ) -> Result<KeyedReceipt, TillError>;
     /// Offline catalog lookup over the local copy.
     fn lookup(&self, query: &CatalogQuery) -> Result<Vec<Entity>, TillError>;
     /// Catalog version, entity count and last sync time.

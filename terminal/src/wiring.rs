@@ -14,11 +14,12 @@ use possync_protocol::{Entity, EventType, SalePayload};
 use tokio::sync::RwLock;
 
 use crate::operator::{
-    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, SyncControl, SyncControlError,
-    Till, TillError,
+    ActorView, CatalogSummary, EngineView, EnqueueReceipt, Identity, KeyedReceipt, SyncControl,
+    SyncControlError, Till, TillError,
 };
 use crate::store::{
-    CatalogQuery, JournalRow, JournalStatus, RetryTarget, SqliteStore, TerminalStoreError,
+    CatalogQuery, IdempotencyKey, JournalRow, JournalStatus, KeyedSale, RetryTarget, SqliteStore,
+    TerminalStoreError,
 };
 
 impl From<TerminalStoreError> for TillError {
@@ -27,6 +28,9 @@ impl From<TerminalStoreError> for TillError {
             TerminalStoreError::Invalid(i) => TillError::Invalid(i.to_string()),
             TerminalStoreError::NotEnrolled => TillError::NotEnrolled,
             TerminalStoreError::InvalidEnrollment(m) => TillError::Enrollment(m),
+            reused @ TerminalStoreError::IdempotencyKeyReused { .. } => {
+                TillError::KeyReused(reused.to_string())
+            }
             other => TillError::Storage(other.to_string()),
         }
     }
@@ -69,6 +73,33 @@ impl Till for StoreTill {
         Ok(EnqueueReceipt {
             pos_id: sale.pos_id,
             local_event_id: sale.local_event_id,
+        })
+    }
+
+    fn enqueue_sale_keyed(
+        &self,
+        key: &IdempotencyKey,
+        event_type: EventType,
+        occurred_at: Option<DateTime<Utc>>,
+        payload: &SalePayload,
+    ) -> Result<KeyedReceipt, TillError> {
+        let (pos_id, local_event_id, replayed) =
+            match self
+                .store
+                .enqueue_sale_keyed(key, event_type, occurred_at, payload)?
+            {
+                KeyedSale::Recorded(sale) => (sale.pos_id, sale.local_event_id, false),
+                KeyedSale::Replayed {
+                    pos_id,
+                    local_event_id,
+                } => (pos_id, local_event_id, true),
+            };
+        Ok(KeyedReceipt {
+            receipt: EnqueueReceipt {
+                pos_id,
+                local_event_id,
+            },
+            replayed,
         })
     }
 

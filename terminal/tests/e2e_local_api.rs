@@ -172,3 +172,103 @@ async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
         "{err}"
     );
 }
+
+/// A POS client's retry after a timeout: the same `Idempotency-Key` with the same sale answers
+/// the original receipt (201, `Idempotent-Replayed: true`) and records nothing, across a daemon
+/// restart too; the key with another sale is 409; a malformed key is 400 and stores nothing;
+/// without a key the same sale twice is two sales; and two simultaneous requests with one key
+/// record one sale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_sale_with_its_idempotency_key_is_recorded_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("till");
+    let (ok, out, err) = terminal_cli(
+        &data,
+        &[
+            "enroll",
+            "--cloud-url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--terminal-id",
+            "0194b7a2-6c1e-7f00-8000-0000000000ab",
+            "--branch",
+            "b1",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let mut daemon = Daemon::start(&data, &[]);
+    let sale = |n: i64| serde_json::json!({"type": "sale", "payload": sale_payload(n)});
+    let recorded = |d: &Daemon| {
+        let url = format!("{}/outbox?limit=1000", d.url);
+        async move {
+            let v: serde_json::Value = reqwest::get(url)
+                .await
+                .expect("GET /outbox")
+                .json()
+                .await
+                .expect("json");
+            v["count"].as_i64().expect("count")
+        }
+    };
+    let key = [("idempotency-key", "0194b7a2-6c1e-7f00-8000-00000000k001")];
+
+    let (status, headers, first) = daemon.post_with("/sales", sale(1), &key).await;
+    assert_eq!(status, 201, "{first}");
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = daemon.post_with("/sales", sale(1), &key).await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(
+        headers.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(again, first, "the original receipt");
+    assert_eq!(recorded(&daemon).await, 1);
+
+    let (status, _, refused) = daemon.post_with("/sales", sale(2), &key).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "POS_LOCAL_IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(refused["error"]["retryable"], false);
+
+    let long = "k".repeat(256);
+    let malformed: [&[(&str, &str)]; 4] = [
+        &[("idempotency-key", "")],
+        &[("idempotency-key", long.as_str())],
+        &[("idempotency-key", "tab\there")],
+        &[("idempotency-key", "a"), ("idempotency-key", "b")],
+    ];
+    for headers in malformed {
+        let (status, _, answer) = daemon.post_with("/sales", sale(3), headers).await;
+        assert_eq!(status, 400, "{headers:?}: {answer}");
+        assert_eq!(answer["error"]["code"], "POS_REQUEST_INVALID", "{answer}");
+    }
+    assert_eq!(recorded(&daemon).await, 1, "nothing stored by refusals");
+
+    // Without the header, today's behaviour: a retry is another sale.
+    assert_eq!(daemon.post("/sales", sale(4)).await.0, 201);
+    assert_eq!(daemon.post("/sales", sale(4)).await.0, 201);
+    assert_eq!(recorded(&daemon).await, 3);
+
+    // Two simultaneous requests with one key: one sale, one receipt for both.
+    let shared = [("idempotency-key", "receipt B1-T1-000005")];
+    let (a, b) = tokio::join!(
+        daemon.post_with("/sales", sale(5), &shared),
+        daemon.post_with("/sales", sale(5), &shared)
+    );
+    assert_eq!((a.0, b.0), (201, 201), "{} {}", a.2, b.2);
+    assert_eq!(a.2, b.2, "the same receipt");
+    let replays = [&a.1, &b.1]
+        .iter()
+        .filter(|h| h.get("idempotent-replayed").is_some())
+        .count();
+    assert_eq!(replays, 1, "one recorded, one replayed");
+    assert_eq!(recorded(&daemon).await, 4);
+
+    // The key is in the database, not in the daemon's memory.
+    daemon.restart();
+    let (status, headers, after) = daemon.post_with("/sales", sale(1), &key).await;
+    assert_eq!(status, 201, "{after}");
+    assert!(headers.get("idempotent-replayed").is_some());
+    assert_eq!(after, first);
+    assert_eq!(recorded(&daemon).await, 4, "{}", daemon.log());
+}

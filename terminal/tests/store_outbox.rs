@@ -513,6 +513,12 @@ fn failure_history_round_trips_and_an_operator_retry_clears_it() {
     assert_eq!(fresh[0].history, FailureHistory::default());
 }
 
+/// What migration 0007 added (idempotency keys), removed again: the step before [`UNDO_0006`].
+const UNDO_0007: &str = "DROP INDEX sales_idempotency_key;
+     ALTER TABLE sales DROP COLUMN request_hash;
+     ALTER TABLE sales DROP COLUMN idempotency_key;
+     DELETE FROM schema_migrations WHERE version = 7;\n";
+
 /// What migration 0006 added, removed again (to make a file an older version left behind).
 const UNDO_0006: &str = "DROP TRIGGER sync_journal_chain_hash_fixed;
      ALTER TABLE sync_journal DROP COLUMN chain_hash;
@@ -593,7 +599,8 @@ fn upgrading_releases_sales_parked_by_an_outage_and_only_those() {
         .expect("park");
     }
     conn.execute_batch(
-        &(UNDO_0006.to_string()
+        &(UNDO_0007.to_string()
+            + UNDO_0006
             + "ALTER TABLE sync_journal DROP COLUMN answered_failures;
          ALTER TABLE sync_journal DROP COLUMN sale_failures;
          ALTER TABLE sync_journal DROP COLUMN last_failed_at;
@@ -643,7 +650,7 @@ fn the_chain_starts_at_the_migration_and_an_edit_after_it_shows() {
     let (_dir, path) = enrolled_journal(2);
     // What version 5 left behind: the same rows, no chain.
     raw(&path)
-        .execute_batch(&(UNDO_0006.to_string() + "PRAGMA user_version = 5;"))
+        .execute_batch(&(UNDO_0007.to_string() + UNDO_0006 + "PRAGMA user_version = 5;"))
         .expect("downgrade");
     let store = open(&path);
     sell(&store, 3..=4);

@@ -109,9 +109,9 @@ impl ResponseError for StatusError {
         match self {
             StatusError::Till(TillError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             StatusError::Till(TillError::NotFound(_)) => StatusCode::NOT_FOUND,
-            StatusError::Till(TillError::NotEnrolled | TillError::Enrollment(_)) => {
-                StatusCode::CONFLICT
-            }
+            StatusError::Till(
+                TillError::NotEnrolled | TillError::Enrollment(_) | TillError::KeyReused(_),
+            ) => StatusCode::CONFLICT,
             StatusError::Till(TillError::Storage(_)) | StatusError::Worker => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -264,33 +264,75 @@ async fn status(state: State) -> Result<HttpResponse, StatusError> {
         .json(report))
 }
 
+/// The response header marking a `POST /sales` answered from an earlier request with the
+/// same `Idempotency-Key` (value `true`; absent on a sale recorded now).
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 /// `POST /sales`. The 201 carries a `Server-Timing` header (`store`: the committed enqueue,
 /// `handler`: from the body read to the answer, both in ms) so a caller can tell the disk's
 /// share of a slow sale from the rest (scripts/bench-terminal reports both).
-async fn post_sale(state: State, body: web::Bytes) -> Result<HttpResponse, StatusError> {
+///
+/// With an `Idempotency-Key` (docs/terminal-operations.md, "Retrying a sale") the key is
+/// looked up in the sale's own transaction: a retry of the same request is answered 201 with
+/// the original receipt and `Idempotent-Replayed: true`, storing nothing; the key with another
+/// request is 409 `POS_LOCAL_IDEMPOTENCY_KEY_REUSED`. A replay is 201 like the original, so
+/// a client that only checks for 201 handles a retry without knowing about replays.
+async fn post_sale(
+    state: State,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, StatusError> {
     let started = std::time::Instant::now();
-    let req = SaleRequest::parse(&body)?;
+    let key_values: Vec<&[u8]> = req
+        .headers()
+        .get_all(requests::IDEMPOTENCY_KEY)
+        .map(|v| v.as_bytes())
+        .collect();
+    let key = requests::idempotency_key(&key_values)?;
+    let sale = SaleRequest::parse(&body)?;
     let till = state.till.clone();
-    let occurred_at = req.occurred_at.unwrap_or_else(Utc::now);
     // The store logs the sale (one line per sale); the 201 goes out once it is committed.
-    let (receipt, stored) = blocking(move || {
+    let (receipt, replayed, stored) = blocking(move || {
         let t = std::time::Instant::now();
-        let receipt = till.enqueue_sale(req.event_type, occurred_at, &req.payload)?;
-        Ok((receipt, t.elapsed()))
+        let (receipt, replayed) = match key {
+            None => {
+                let occurred_at = sale.occurred_at.unwrap_or_else(Utc::now);
+                let receipt = till.enqueue_sale(sale.event_type, occurred_at, &sale.payload)?;
+                (receipt, false)
+            }
+            // `occurred_at` goes down as given: whether the client gave it is part of the
+            // request the key stands for.
+            Some(key) => {
+                let keyed = till.enqueue_sale_keyed(
+                    &key,
+                    sale.event_type,
+                    sale.occurred_at,
+                    &sale.payload,
+                )?;
+                (keyed.receipt, keyed.replayed)
+            }
+        };
+        Ok((receipt, replayed, t.elapsed()))
     })
     .await?;
-    state.sale_nudge.after_sale(state.engine.clone());
+    // A replay stored nothing new: there is nothing to deliver sooner.
+    if !replayed {
+        state.sale_nudge.after_sale(state.engine.clone());
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    Ok(HttpResponse::Created()
-        .insert_header((
-            "server-timing",
-            format!(
-                "store;dur={:.3}, handler;dur={:.3}",
-                ms(stored),
-                ms(started.elapsed())
-            ),
-        ))
-        .json(receipt))
+    let mut res = HttpResponse::Created();
+    res.insert_header((
+        "server-timing",
+        format!(
+            "store;dur={:.3}, handler;dur={:.3}",
+            ms(stored),
+            ms(started.elapsed())
+        ),
+    ));
+    if replayed {
+        res.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    Ok(res.json(receipt))
 }
 
 async fn lookup(state: State, req: HttpRequest) -> Result<HttpResponse, StatusError> {

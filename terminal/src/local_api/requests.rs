@@ -11,7 +11,7 @@ use possync_protocol::{ErrorCode, EventType, SalePayload};
 use serde::Deserialize;
 
 use super::StatusError;
-use crate::operator::{CatalogQuery, JournalStatus, RetryTarget, TillError};
+use crate::operator::{CatalogQuery, IdempotencyKey, JournalStatus, RetryTarget, TillError};
 use possync_actors::ReconcileAction;
 
 /// Most journal rows one `GET /outbox` returns.
@@ -66,6 +66,31 @@ impl SaleRequest {
                 payload,
             })
         }
+    }
+}
+
+/// The request header that makes a `POST /sales` idempotent (docs/terminal-operations.md,
+/// "Retrying a sale").
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// `POST /sales`'s `Idempotency-Key`, given every value the header arrived with: none → no
+/// key (the sale is recorded as without the feature); exactly one valid value → the key.
+/// Anything else — an empty, over-long or non-printable value, or the header twice (which
+/// of two keys would the client retry with?) — is 400 `POS_REQUEST_INVALID`, before anything
+/// is stored.
+pub fn idempotency_key(values: &[&[u8]]) -> Result<Option<IdempotencyKey>, StatusError> {
+    match values {
+        [] => Ok(None),
+        [one] => IdempotencyKey::parse(one)
+            .map(Some)
+            .map_err(|e| bad_request(ErrorCode::PosRequestInvalid, e.to_string())),
+        more => Err(bad_request(
+            ErrorCode::PosRequestInvalid,
+            format!(
+                "Idempotency-Key sent {} times; send it once per request",
+                more.len()
+            ),
+        )),
     }
 }
 
@@ -190,6 +215,7 @@ pub fn reconcile_choice(bytes: &[u8]) -> Result<ReconcileAction, StatusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_web::ResponseError as _;
     use proptest::prelude::*;
 
     fn payload() -> serde_json::Value {
@@ -220,6 +246,28 @@ mod tests {
         assert!(SaleRequest::parse_lenient(b"{not json").is_err());
         assert!(SaleRequest::parse(body.to_string().as_bytes()).is_ok());
         assert!(SaleRequest::parse(payload().to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn an_idempotency_key_is_absent_one_valid_value_or_a_coded_400() {
+        assert_eq!(idempotency_key(&[]).expect("absent"), None);
+        assert_eq!(
+            idempotency_key(&[b"R-000042"])
+                .expect("one")
+                .map(|k| k.as_str().to_string()),
+            Some("R-000042".to_string())
+        );
+        let long = [b'k'; 256];
+        for bad in [
+            vec![&b""[..]],
+            vec![&long[..]],
+            vec![&b"caf\xc3\xa9"[..]],
+            vec![&b"a"[..], &b"a"[..]],
+        ] {
+            let e = idempotency_key(&bad).expect_err("refused");
+            assert_eq!(e.status_code(), actix_web::http::StatusCode::BAD_REQUEST);
+            assert_eq!(code(e), ErrorCode::PosRequestInvalid, "{bad:?}");
+        }
     }
 
     #[test]

@@ -53,6 +53,20 @@ pub enum TerminalStoreError {
     /// The operation needs an enrolled terminal.
     #[error("terminal is not enrolled")]
     NotEnrolled,
+    /// `POST /sales`: the idempotency key already recorded a different sale request; nothing
+    /// was stored. Mapped to `POS_LOCAL_IDEMPOTENCY_KEY_REUSED`.
+    #[error(
+        "Idempotency-Key {key:?} already recorded another sale request \
+         (local_event_id {local_event_id} of pos_id {pos_id}); send a new key for a new sale"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// The `pos_id` of the sale it recorded.
+        pos_id: uuid::Uuid,
+        /// That sale's `local_event_id`.
+        local_event_id: i64,
+    },
     /// `migrate_legacy` was pointed at a file that is not a database, or a missing one.
     #[error("{0}")]
     NotADatabase(String),
@@ -66,6 +80,9 @@ impl TerminalStoreError {
             // Whatever layer reports it, a till without a usable identity is "unauthorized".
             TerminalStoreError::InvalidEnrollment(_) | TerminalStoreError::NotEnrolled => {
                 ErrorCode::PosSyncUnauthorized
+            }
+            TerminalStoreError::IdempotencyKeyReused { .. } => {
+                ErrorCode::PosLocalIdempotencyKeyReused
             }
             _ => ErrorCode::PosSyncStorageFailed,
         }
@@ -105,6 +122,12 @@ mod tests {
             TerminalStoreError::NotEnrolled.code(),
             ErrorCode::PosSyncUnauthorized
         );
+        let reused = TerminalStoreError::IdempotencyKeyReused {
+            key: "k".into(),
+            pos_id: uuid::Uuid::nil(),
+            local_event_id: 1,
+        };
+        assert_eq!(reused.code(), ErrorCode::PosLocalIdempotencyKeyReused);
         assert!(matches!(
             StoreError::from(TerminalStoreError::Corrupt("bad".into())),
             StoreError::Corrupt(m) if m == "bad"

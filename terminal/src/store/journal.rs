@@ -15,6 +15,7 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 use super::error::TerminalStoreError;
+use super::idempotency::{self, IdempotencyKey};
 use super::{parse_time, read_enrollment, time_text, Enrollment, Kv};
 
 /// A journal row's delivery state (the `status` column).
@@ -84,6 +85,29 @@ pub struct EnqueuedSale {
     pub local_event_id: i64,
     /// The outbox row, for `terminal outbox retry`.
     pub journal_id: i64,
+}
+
+/// What a keyed sale request did (see [`super::idempotency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum KeyedSale {
+    /// The key was new: the sale and the key were stored and committed together.
+    Recorded(EnqueuedSale),
+    /// The key had recorded this same request before: nothing was stored, and this is the
+    /// original sale's receipt.
+    Replayed {
+        /// The `pos_id` the sale was recorded under (a later carry-over re-keys its journal
+        /// row, never the receipt the client was given).
+        pos_id: Uuid,
+        /// The sale's `local_event_id` in that `pos_id`.
+        local_event_id: i64,
+    },
+}
+
+/// The key of a keyed sale request and the hash of the request it stands for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestKey<'a> {
+    pub key: &'a IdempotencyKey,
+    pub request_hash: &'a str,
 }
 
 /// One `sync_journal` row as the operator sees it (`terminal outbox list`, `GET /outbox`).
@@ -202,6 +226,8 @@ pub(crate) struct QueuedSale<'a> {
     /// The terminal's enrollment, read once by the caller (`None` before enrollment: the
     /// event is stamped later by [`stamp_identity`]).
     pub enrollment: Option<&'a Enrollment>,
+    /// The client's idempotency key, stored in the receipt's row (`POST /sales` only).
+    pub key: Option<RequestKey<'a>>,
 }
 
 /// Inserts a receipt and its journal row in the caller's transaction.
@@ -227,6 +253,7 @@ pub(crate) fn insert_queued_sale(
         s.occurred_at,
         s.payload,
         s.legacy_sale_id,
+        s.key,
         &now,
     )?;
     let (status, code, message) = match &s.needs_attention {
@@ -276,12 +303,14 @@ pub(crate) fn insert_sale_record(
     occurred_at: DateTime<Utc>,
     payload: &SalePayload,
     legacy_sale_id: Option<i64>,
+    key: Option<RequestKey<'_>>,
     now: &str,
 ) -> Result<(), TerminalStoreError> {
     tx.prepare_cached(
         "INSERT INTO sales (pos_id, local_event_id, event_type, receipt_no, currency, total_minor,
-                            payload, occurred_at, created_at, source, legacy_sale_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                            payload, occurred_at, created_at, source, legacy_sale_id,
+                            idempotency_key, request_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         pos_id.to_string(),
@@ -299,6 +328,8 @@ pub(crate) fn insert_sale_record(
             "pos"
         },
         legacy_sale_id,
+        key.map(|k| k.key.as_str()),
+        key.map(|k| k.request_hash),
     ])?;
     Ok(())
 }
@@ -310,12 +341,97 @@ pub fn enqueue(
     occurred_at: DateTime<Utc>,
     payload: &SalePayload,
 ) -> Result<EnqueuedSale, TerminalStoreError> {
+    match record(conn, event_type, occurred_at, payload, None)? {
+        KeyedSale::Recorded(done) => Ok(done),
+        // Only a keyed request can be a replay.
+        KeyedSale::Replayed { .. } => Err(TerminalStoreError::Corrupt(
+            "a sale without a key was answered as a replay".into(),
+        )),
+    }
+}
+
+/// [`enqueue`] under the client's idempotency key, in the same one transaction: a key not
+/// seen before is stored with the sale (same commit, same fsync); a key that recorded the
+/// same request (`request_hash`) answers that sale's receipt and writes nothing; a key that
+/// recorded another request is [`TerminalStoreError::IdempotencyKeyReused`]. The payload was
+/// validated by the caller.
+pub fn enqueue_keyed(
+    conn: &mut Connection,
+    key: &IdempotencyKey,
+    request_hash: &str,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &SalePayload,
+) -> Result<KeyedSale, TerminalStoreError> {
+    record(
+        conn,
+        event_type,
+        occurred_at,
+        payload,
+        Some(RequestKey { key, request_hash }),
+    )
+}
+
+fn record(
+    conn: &mut Connection,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    payload: &SalePayload,
+    key: Option<RequestKey<'_>>,
+) -> Result<KeyedSale, TerminalStoreError> {
     // A sale is a fact: its commit waits for the fsync whatever a `redoable_write` before it
     // did to the connection (setting the flag costs no I/O; the statement is prepared once).
     conn.prepare_cached("PRAGMA synchronous = FULL")?
         .execute([])?;
+    // IMMEDIATE (the connection's default): the write lock is held from here, so two
+    // requests with one key — two handlers, or another process on the same file — run one
+    // after the other, and the second finds the first's key below. The unique index would
+    // refuse a second row anyway.
     let tx = conn.transaction()?;
     let enrollment = read_enrollment(&tx)?;
+    let terminal_id = enrollment
+        .as_ref()
+        .map(|e| e.terminal_id.to_string())
+        .unwrap_or_default();
+    let branch_id = enrollment
+        .as_ref()
+        .map(|e| e.branch_id.clone())
+        .unwrap_or_default();
+    if let Some(k) = key {
+        if let Some(found) = idempotency::lookup(&tx, k.key)? {
+            // Nothing was written: dropping `tx` rolls back without touching the disk.
+            drop(tx);
+            if found.request_hash != k.request_hash {
+                tracing::warn!(
+                    terminalId = %terminal_id,
+                    branchId = %branch_id,
+                    eventId = found.local_event_id,
+                    syncAttempt = 0,
+                    errorCode = %possync_protocol::ErrorCode::PosLocalIdempotencyKeyReused,
+                    idempotency_key = %k.key,
+                    "idempotency key reused for another sale request; nothing stored"
+                );
+                return Err(TerminalStoreError::IdempotencyKeyReused {
+                    key: k.key.as_str().to_string(),
+                    pos_id: found.pos_id,
+                    local_event_id: found.local_event_id,
+                });
+            }
+            tracing::info!(
+                terminalId = %terminal_id,
+                branchId = %branch_id,
+                eventId = found.local_event_id,
+                syncAttempt = 0,
+                errorCode = "",
+                idempotency_key = %k.key,
+                "sale retried under its idempotency key; original receipt answered"
+            );
+            return Ok(KeyedSale::Replayed {
+                pos_id: found.pos_id,
+                local_event_id: found.local_event_id,
+            });
+        }
+    }
     // Read in the transaction: a fork (perhaps by another process) may have changed it.
     let pos_id = super::identity::pos_id(&tx)?;
     let done = insert_queued_sale(
@@ -328,19 +444,21 @@ pub fn enqueue(
             needs_attention: None,
             legacy_sale_id: None,
             enrollment: enrollment.as_ref(),
+            key,
         },
     )?;
     tx.commit()?;
     tracing::info!(
-        terminalId = %enrollment.as_ref().map(|e| e.terminal_id.to_string()).unwrap_or_default(),
-        branchId = %enrollment.as_ref().map(|e| e.branch_id.as_str()).unwrap_or_default(),
+        terminalId = %terminal_id,
+        branchId = %branch_id,
         eventId = done.local_event_id,
         syncAttempt = 0,
         errorCode = "",
         journal_id = done.journal_id,
+        keyed = key.is_some(),
         "sale enqueued"
     );
-    Ok(done)
+    Ok(KeyedSale::Recorded(done))
 }
 
 /// Fills `terminal_id` / `branch_id` into undelivered events queued before enrollment.

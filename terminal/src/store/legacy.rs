@@ -396,6 +396,7 @@ pub fn convert_if_pending(
                 c.occurred_at,
                 &c.payload,
                 Some(id),
+                None,
                 &now_text,
             )?;
             report.sales_history_only += 1;
@@ -421,6 +422,7 @@ pub fn convert_if_pending(
                 needs_attention,
                 legacy_sale_id: Some(id),
                 enrollment: enrollment.as_ref(),
+                key: None,
             },
         )?;
     }

@@ -12,6 +12,7 @@
 
 mod catalog;
 mod error;
+pub mod idempotency;
 pub mod identity;
 mod inventory;
 mod journal;
@@ -20,11 +21,12 @@ pub mod schema;
 
 pub use catalog::{CatalogQuery, CatalogStats, LOOKUP_LIMIT};
 pub use error::TerminalStoreError;
+pub use idempotency::{IdempotencyKey, KeyInvalid};
 pub use identity::{
     CarryCandidate, CarryDecision, CarryOverCounts, CarryScope, ChangeReason, IdentityChange,
     Inherited, KeySpace,
 };
-pub use journal::{EnqueuedSale, JournalRow, JournalStatus, RetryTarget};
+pub use journal::{EnqueuedSale, JournalRow, JournalStatus, KeyedSale, RetryTarget};
 pub use legacy::{migrate_legacy, LegacyOutcome, LegacyReport};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -482,6 +484,32 @@ impl SqliteStore {
         possync_protocol::validate_payload(event_type, payload)?;
         let mut conn = self.conn();
         journal::enqueue(&mut conn, event_type, occurred_at, payload)
+    }
+
+    /// [`Self::enqueue_sale`] under the client's `Idempotency-Key` (see [`idempotency`]): a
+    /// new key records the sale with the key in the same transaction; a key that recorded this
+    /// same request (type, payload, and `occurred_at` if given) answers the original sale's
+    /// receipt and stores nothing; a key that recorded another request is
+    /// [`TerminalStoreError::IdempotencyKeyReused`]. `occurred_at` `None` means now (for a
+    /// new sale; a replay keeps the original time).
+    pub fn enqueue_sale_keyed(
+        &self,
+        key: &IdempotencyKey,
+        event_type: EventType,
+        occurred_at: Option<DateTime<Utc>>,
+        payload: &SalePayload,
+    ) -> Result<KeyedSale, TerminalStoreError> {
+        possync_protocol::validate_payload(event_type, payload)?;
+        let request_hash = idempotency::request_hash(event_type, occurred_at, payload)?;
+        let mut conn = self.conn();
+        journal::enqueue_keyed(
+            &mut conn,
+            key,
+            &request_hash,
+            event_type,
+            occurred_at.unwrap_or_else(Utc::now),
+            payload,
+        )
     }
 
     /// Offline catalog lookup over product entities (at most [`LOOKUP_LIMIT`] results).

@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_journal_chain",
         sql: include_str!("../../../migrations/terminal/0006_journal_chain.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_sale_idempotency_keys",
+        sql: include_str!("../../../migrations/terminal/0007_sale_idempotency_keys.sql"),
+    },
 ];
 
 /// The schema version a fully migrated database has.

@@ -319,15 +319,28 @@ impl Daemon {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
+        let (status, _, body) = self.post_with(path, body, &[]).await;
+        (status, body)
+    }
+
+    /// [`Daemon::post`] with extra request headers; also returns the response's headers.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = reqwest::Client::new()
             .post(format!("{}{path}", self.url))
             .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
+            .json(&body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let r = req.send().await.expect("POST");
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap_or(Value::Null))
     }
 
     /// Records sale `n` (see [`sale_payload`]) through `POST /sales`; panics unless it is 201.

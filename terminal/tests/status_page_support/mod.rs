@@ -13,10 +13,12 @@ use possync_actors::{
 use possync_protocol::{Entity, ErrorCode, EventType, SalePayload};
 use possync_terminal::local_api::{LocalApiConfig, StatusServer};
 use possync_terminal::operator::{
-    ActorView, CatalogQuery, CatalogSummary, EngineView, EnqueueReceipt, Identity, JournalRow,
-    JournalStatus, RetryTarget, SyncControl, SyncControlError, Till, TillError,
+    ActorView, CatalogQuery, CatalogSummary, EngineView, EnqueueReceipt, IdempotencyKey, Identity,
+    JournalRow, JournalStatus, KeyedReceipt, RetryTarget, SyncControl, SyncControlError, Till,
+    TillError,
 };
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
@@ -31,6 +33,8 @@ pub struct FakeTill {
     pub rows: Mutex<Vec<JournalRow>>,
     pub entities: Vec<Entity>,
     pub snapshot_in_progress: bool,
+    /// Idempotency key → (request hash, receipt) of the keyed sales recorded.
+    pub keys: Mutex<HashMap<String, (String, EnqueueReceipt)>>,
 }
 
 fn product(id: &str, sku: &str, barcode: &str, name: &str) -> Entity {
@@ -79,6 +83,7 @@ impl FakeTill {
                 product("p2", "SKU-2", "4006381333948", "Oat milk"),
             ],
             snapshot_in_progress: false,
+            keys: Mutex::default(),
         }
     }
 
@@ -127,6 +132,36 @@ impl Till for FakeTill {
             pos_id: Uuid::parse_str(POS_ID).expect("uuid"),
             local_event_id: id,
         })
+    }
+
+    /// The store's rule with the store's request hash, over a map instead of a table.
+    fn enqueue_sale_keyed(
+        &self,
+        key: &IdempotencyKey,
+        event_type: EventType,
+        occurred_at: Option<DateTime<Utc>>,
+        payload: &SalePayload,
+    ) -> Result<KeyedReceipt, TillError> {
+        let hash =
+            possync_terminal::store::idempotency::request_hash(event_type, occurred_at, payload)
+                .map_err(|e| TillError::Storage(e.to_string()))?;
+        let mut keys = self.keys.lock().expect("keys");
+        match keys.get(key.as_str()) {
+            Some((seen, receipt)) if *seen == hash => Ok(KeyedReceipt {
+                receipt: receipt.clone(),
+                replayed: true,
+            }),
+            Some(_) => Err(TillError::KeyReused(format!("key {key} reused"))),
+            None => {
+                let receipt =
+                    self.enqueue_sale(event_type, occurred_at.unwrap_or_else(Utc::now), payload)?;
+                keys.insert(key.as_str().to_string(), (hash, receipt.clone()));
+                Ok(KeyedReceipt {
+                    receipt,
+                    replayed: false,
+                })
+            }
+        }
     }
 
     fn lookup(&self, query: &CatalogQuery) -> Result<Vec<Entity>, TillError> {

@@ -27,7 +27,7 @@ pub fn product_line(i: usize) -> String {
         "price_minor": 199 + (i % 5000) as i64,
         "currency": "EUR",
         "category_id": format!("cat-{:03}", i % 200),
-        "tax_rate_id": if i % 3 == 0 { "vat-reduced" } else { "vat-standard" },
+        "tax_rate_id": if i.is_multiple_of(3) { "vat-reduced" } else { "vat-standard" },
         "unit": "piece",
         "active": true,
     });

@@ -6,7 +6,7 @@ mod fixtures;
 
 use chrono::Utc;
 use fixtures::*;
-use possync_actors::{DeliveryOutcome, LocalStore};
+use possync_actors::{DeliveryOutcome, LocalStore, TerminalCode, TransientFailure};
 use possync_protocol::{ErrorCode, EventType, HeldKey, SaleEvent};
 use possync_terminal::carry_over::decide;
 use possync_terminal::store::{CarryDecision, CarryScope, ChangeReason, Enrollment, SqliteStore};
@@ -485,6 +485,58 @@ fn a_copy_marks_synced_the_inherited_sales_the_original_delivered_and_keeps_the_
             .collect::<Vec<_>>(),
         vec![3]
     );
+}
+
+#[test]
+fn a_row_whose_last_delivery_went_unanswered_waits_before_it_is_re_keyed() {
+    // Three sales went out under A's key and failed: one without an answer (its request may
+    // still be committing in the cloud), one with a proxy's 504 (the upstream may still be at
+    // work), one with the cloud's own 503 (answered: nothing of it is in progress). Right
+    // after a re-enrollment as another terminal only the answered one may be carried over;
+    // once the quiet time has passed since the unanswered attempts, all may.
+    let (_dir, path) = temp_db();
+    let store = open(&path);
+    store.save_enrollment(&enrollment()).expect("enroll A");
+    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    store.claim_batch(100, Utc::now()).expect("claim");
+    let now = Utc::now();
+    let retry = |journal_id: i64, code: TerminalCode| DeliveryOutcome::RetryLater {
+        journal_id,
+        failure: TransientFailure::NoAnswer,
+        failed_at: now,
+        not_before: now,
+        code,
+        message: "m".into(),
+    };
+    store
+        .record_outcomes(&[
+            retry(ids[0], TerminalCode::Network),
+            retry(ids[1], TerminalCode::Http(504)),
+            retry(ids[2], ErrorCode::PosSyncStorageFailed.into()),
+        ])
+        .expect("record");
+    store.save_enrollment(&other_terminal()).expect("enroll B");
+
+    let candidates = |store: &SqliteStore| -> Vec<i64> {
+        store
+            .carry_candidates(CarryScope::Everything)
+            .expect("candidates")
+            .iter()
+            .map(|c| c.journal_id)
+            .collect()
+    };
+    assert_eq!(candidates(&store), vec![ids[2]]);
+
+    let long_ago = (Utc::now()
+        - chrono::TimeDelta::seconds(possync_terminal::store::identity::UNANSWERED_QUIET_SECS + 1))
+    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    raw(&path)
+        .execute(
+            "UPDATE sync_journal SET updated_at = ?1 WHERE journal_id IN (?2, ?3)",
+            rusqlite::params![long_ago, ids[0], ids[1]],
+        )
+        .expect("age the rows");
+    assert_eq!(candidates(&store), ids);
 }
 
 #[test]

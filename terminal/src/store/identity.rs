@@ -391,9 +391,15 @@ pub fn carry_candidates(
            AND NOT EXISTS (SELECT 1 FROM json_each(?4) i
                            WHERE json_extract(i.value, '$.pos_id') = sync_journal.pos_id
                              AND sync_journal.local_event_id < json_extract(i.value, '$.below'))
+           AND NOT (updated_at > ?6
+                    AND (coalesce(last_error_code, '') IN ('NETWORK', 'BAD_RESPONSE')
+                         OR coalesce(last_error_code, '') LIKE 'HTTP!_%' ESCAPE '!'))
          ORDER BY journal_id",
     )?;
     let inherited = serde_json::to_string(&inherited(conn)?)?;
+    let quiet_since = Utc::now()
+        .checked_sub_signed(chrono::TimeDelta::seconds(UNANSWERED_QUIET_SECS))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     candidates_of(
         &mut stmt,
         params![
@@ -401,10 +407,23 @@ pub fn carry_candidates(
             ks.terminal_id.to_string(),
             ks.branch_id,
             inherited,
-            scope == CarryScope::Everything
+            scope == CarryScope::Everything,
+            time_text(quiet_since)
         ],
     )
 }
+
+/// How long a row whose last delivery went unanswered (`NETWORK`, `BAD_RESPONSE`,
+/// `HTTP_<status>` from a proxy) is left out of the carry-over. Its request may still be
+/// committing in the cloud: the till gave up after its 60 s request timeout, a proxy answered
+/// 504 for an upstream still at work, or the connection broke after the body was sent. `held`
+/// read before that commit would not list the key, the row would be re-keyed, and the sale
+/// stored under two keys. The cloud bounds its own work per request (a 30 s statement timeout
+/// on PostgreSQL, 5 s busy wait on SQLite, per group commit), so three minutes after the last
+/// unanswered attempt the old request has committed or never will, and `held` tells which.
+/// Rows the cloud answered (refused, a credential refusal, its own 5xx) or never sent are
+/// carried at once.
+pub const UNANSWERED_QUIET_SECS: i64 = 180;
 
 /// Inherited rows this till will never deliver: stamped with another terminal or branch than
 /// the one it is enrolled as (a copy enrolled as another terminal; see [`Inherited`]). They

@@ -594,10 +594,7 @@ fn json_line<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
 /// (`user:pass@`) and any `password=` query parameter (libpq accepts both). Only the query is
 /// searched for the parameter, so a path or host that happens to contain the word is kept.
 fn redact(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
+    let (base, query) = crate::db::split_query(url);
     let base = match (base.find("://"), base.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &base[s + 3..at];
@@ -840,6 +837,8 @@ mod tests {
         for url in [
             "postgres://u@h/db?password=hunter2",
             "postgres://u:hunter2@h/db?password=hunter2",
+            "postgres://u:hun?ter2@h/db",
+            "postgres://u:hun?ter2@h/db?sslmode=require",
         ] {
             assert!(!redact(url).contains("hunter2"), "{url}");
         }

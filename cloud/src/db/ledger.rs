@@ -825,8 +825,10 @@ pub fn sync_status(
         let mut out = Vec::new();
         for (pos, count, max) in m::pos_summary(c, &terminal, branch_id)? {
             // Ids are unique and >= 1, so count == max means 1..=max are all present. Else
-            // the first gap and the ids above it come from the database, bounded: a till
-            // with millions of sales and one hole costs two index walks, not a full load.
+            // the first gap and the ids above it come from the database, bounded: the first
+            // gap is found by one primary-key probe per stored id below it (LIMITed at the
+            // first miss) and at most 1000 ids above it are read — never the till's whole
+            // history into memory.
             if max == Some(count) {
                 out.push((pos, count, count, Vec::new()));
                 continue;

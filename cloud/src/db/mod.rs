@@ -112,9 +112,14 @@ pub const TRANSIENT_MESSAGES: &[&str] = &[
     "unable to open database file",
     "locking protocol",
     "interrupted",
+    // SQLITE_CORRUPT / SQLITE_NOTADB: the file, not the row — an operator's matter, and no
+    // reason to park a till's sale.
+    "database disk image is malformed",
+    "file is not a database",
     // PostgreSQL: 40P01, 40001, 57014 (statement/lock timeout, cancel), 55P03, 53xxx
     // (resources), 57P01-57P03 (shutdown, crash recovery), 58030 (I/O), 25006 (hot standby).
     "deadlock detected",
+    "out of shared memory",
     "could not serialize access",
     "canceling statement due to",
     "could not obtain lock",
@@ -219,7 +224,7 @@ impl ConnectOptions {
 /// `url` with [`PG_KEEPALIVE_PARAMS`] appended, unless it already sets any `keepalives*`
 /// parameter (the operator's choice is kept whole) or is not a URL libpq reads parameters from.
 pub fn with_tcp_keepalives(url: &str) -> String {
-    let query = url.split_once('?').map(|(_, q)| q);
+    let query = split_query(url).1;
     let has_own = query.is_some_and(|q| {
         q.split('&').any(|p| {
             p.split('=')
@@ -234,6 +239,28 @@ pub fn with_tcp_keepalives(url: &str) -> String {
         None => format!("{url}?{PG_KEEPALIVE_PARAMS}"),
         Some("") => format!("{url}{PG_KEEPALIVE_PARAMS}"),
         Some(_) => format!("{url}&{PG_KEEPALIVE_PARAMS}"),
+    }
+}
+
+/// Splits a connection URL into what precedes its query and the query (without the `?`).
+/// The query starts at the first `?` after the authority's user info: libpq reads a raw `?` in
+/// a password (`postgres://u:pa?ss@h/db`) as part of it, since the credentials end at the `@`
+/// before the host. The user info is what precedes the last `@` before the path's `/` (or,
+/// without a path, the last `@` of the URL).
+pub fn split_query(url: &str) -> (&str, Option<&str>) {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let user_info_end = match rest.find('/') {
+        Some(path) => rest[..path].rfind('@'),
+        None => rest.rfind('@'),
+    }
+    .map_or(0, |at| at + 1);
+    match rest[user_info_end..].find('?') {
+        Some(q) => {
+            let at = scheme_end + user_info_end + q;
+            (&url[..at], Some(&url[at + 1..]))
+        }
+        None => (url, None),
     }
 }
 
@@ -256,6 +283,13 @@ impl DbConnManager {
                 // statistics. Planning with the actual values costs well under a millisecond.
                 c.batch_execute("SET plan_cache_mode = force_custom_plan")
                     .map_err(diesel::r2d2::Error::QueryError)?;
+                // The transient conditions are told by their English messages
+                // (`TRANSIENT_MESSAGES`): ask for untranslated ones. Only a superuser (or a
+                // role granted SET on it) may; otherwise the server's `lc_messages` must be
+                // English (docs/cloud-storage.md), and a refusal here changes nothing else.
+                if let Err(e) = c.batch_execute("SET lc_messages = 'C'") {
+                    tracing::debug!(error = %e, "lc_messages left as the server has it");
+                }
                 if let Some(t) = self.options.pg_statement_timeout {
                     c.batch_execute(&format!("SET statement_timeout = {}", t.as_millis()))
                         .map_err(diesel::r2d2::Error::QueryError)?;
@@ -630,6 +664,8 @@ mod tests {
             "out of memory",
             "attempt to write a readonly database",
             "deadlock detected",
+            "out of shared memory",
+            "database disk image is malformed",
             "could not serialize access due to concurrent update",
             "canceling statement due to statement timeout",
             "canceling statement due to lock timeout",
@@ -719,6 +755,24 @@ mod tests {
         assert_eq!(
             with_tcp_keepalives("postgres://u@h/db?sslmode=require"),
             format!("postgres://u@h/db?sslmode=require&{k}")
+        );
+        // A raw '?' in the password is part of it (libpq ends the credentials at the '@').
+        assert_eq!(
+            with_tcp_keepalives("postgres://u:pa?ss@h/db"),
+            format!("postgres://u:pa?ss@h/db?{k}")
+        );
+        assert_eq!(
+            with_tcp_keepalives("postgres://u:pa?ss@h/db?sslmode=require"),
+            format!("postgres://u:pa?ss@h/db?sslmode=require&{k}")
+        );
+        assert_eq!(
+            split_query("postgres://u:a?b@h?sslmode=require"),
+            ("postgres://u:a?b@h", Some("sslmode=require")),
+            "no path: the query still starts after the user info"
+        );
+        assert_eq!(
+            split_query("postgres://h/db?user=a@b"),
+            ("postgres://h/db", Some("user=a@b"))
         );
         for own in [
             "postgres://h/db?keepalives_idle=5",

@@ -24,8 +24,11 @@
 //!   answer from the cloud (a probe, or another actor's call) lifts the hold. So the queue
 //!   starts draining at most one backoff cap (or a longer `Retry-After`) after the cloud
 //!   returns, however long it was away.
-//! - **Whole-request refusals** that retrying cannot fix (400, 401, 403, 413) put every sale of
-//!   the batch into `needs_attention` with the cloud's code. An answer with the wrong number of
+//! - **Whole-request refusals** that retrying cannot fix (400, 403, 413 … *with the cloud's
+//!   error envelope*) put every sale of the batch into `needs_attention` with the cloud's code.
+//!   The same statuses without the envelope are a proxy's page (a WAF, a CDN, nginx mid-deploy):
+//!   no answer, held and retried, never parked. A 401 is a credentials refusal: the sales wait,
+//!   unparked, for new credentials. An answer with the wrong number of
 //!   results (or results for other events) is not trusted and counts as a transient failure
 //!   (`BAD_RESPONSE`): resending is safe because the cloud's ledger is idempotent.
 //! - **Request size.** A claimed batch is split so that each request stays under the cloud's

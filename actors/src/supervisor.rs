@@ -212,12 +212,14 @@ impl SyncSupervisor {
             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
             restarts = n, "restarting actor"
         );
+        // The attempt is the start of a run whether or not it succeeds: a start that fails at
+        // once is a run of zero length, so `count_failure` keeps counting instead of finding
+        // the last *successful* start an hour ago and starting the count (and delay) over.
+        if let Some(h) = state.restarts.get_mut(&kind) {
+            h.started_at = Instant::now();
+        }
         match Self::start_child(myself, state, kind).await {
-            Ok(()) => {
-                if let Some(h) = state.restarts.get_mut(&kind) {
-                    h.started_at = Instant::now();
-                }
-            }
+            Ok(()) => {}
             Err(e) => {
                 state
                     .ctx
@@ -384,6 +386,36 @@ mod tests {
             assert!(d >= last && d <= cap, "{n}: {d:?}");
             last = d;
         }
+    }
+
+    #[test]
+    fn a_restart_that_fails_at_once_keeps_counting_after_a_long_healthy_run() {
+        // Ran an hour, failed (1: restarted at once); each restart attempt is the start of a
+        // run (`restart` stamps it before `start_child`), so a start that fails at once is
+        // failure 2, 3 … with a growing delay — not failure 1 again, as it was while only a
+        // successful start moved `started_at`.
+        let t0 = Instant::now();
+        let w = Duration::from_secs(60);
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(30));
+        let mut h = RestartHistory {
+            failures: 0,
+            started_at: t0,
+        };
+        let hour = t0 + Duration::from_secs(3600);
+        assert_eq!(count_failure(&mut h, hour, w), 1);
+        let mut delays = Vec::new();
+        let mut at = hour;
+        for _ in 0..4 {
+            h.started_at = at; // the attempt
+            let n = count_failure(&mut h, at, w); // fails at once
+            let d = restart_delay(n, base, cap);
+            delays.push(d);
+            at += d;
+        }
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800].map(Duration::from_millis).to_vec()
+        );
     }
 
     #[test]

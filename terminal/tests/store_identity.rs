@@ -34,8 +34,24 @@ fn park(store: &SqliteStore, journal_ids: &[i64], code: ErrorCode) {
         })
         .collect();
     store.record_outcomes(&outcomes).expect("record");
-    // whatever was claimed but not parked goes back
+    // Whatever was claimed but not parked goes back, its outcome unknown (`NETWORK`): a
+    // carry-over leaves it alone for the quiet time, which has passed by the time these tests
+    // re-enroll.
     store.release_in_flight().expect("release");
+    age_unanswered(store);
+}
+
+/// Moves the rows whose last delivery went unanswered past the carry-over's quiet time.
+fn age_unanswered(store: &SqliteStore) {
+    let long_ago = (Utc::now()
+        - chrono::TimeDelta::seconds(possync_terminal::store::identity::UNANSWERED_QUIET_SECS + 1))
+    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    raw(store.path())
+        .execute(
+            "UPDATE sync_journal SET updated_at = ?1 WHERE last_error_code = 'NETWORK'",
+            [long_ago],
+        )
+        .expect("age the rows");
 }
 
 fn other_terminal() -> Enrollment {
@@ -489,15 +505,16 @@ fn a_copy_marks_synced_the_inherited_sales_the_original_delivered_and_keeps_the_
 
 #[test]
 fn a_row_whose_last_delivery_went_unanswered_waits_before_it_is_re_keyed() {
-    // Three sales went out under A's key and failed: one without an answer (its request may
+    // Four sales went out under A's key: one failed without an answer (its request may
     // still be committing in the cloud), one with a proxy's 504 (the upstream may still be at
-    // work), one with the cloud's own 503 (answered: nothing of it is in progress). Right
+    // work), one with the cloud's own 503 (answered: nothing of it is in progress), and one
+    // was in flight when the daemon stopped (released by the restart). Right
     // after a re-enrollment as another terminal only the answered one may be carried over;
     // once the quiet time has passed since the unanswered attempts, all may.
     let (_dir, path) = temp_db();
     let store = open(&path);
     store.save_enrollment(&enrollment()).expect("enroll A");
-    let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
+    let ids: Vec<i64> = (1..=4).map(|n| sell(&store, n)).collect();
     store.claim_batch(100, Utc::now()).expect("claim");
     let now = Utc::now();
     let retry = |journal_id: i64, code: TerminalCode| DeliveryOutcome::RetryLater {
@@ -515,6 +532,8 @@ fn a_row_whose_last_delivery_went_unanswered_waits_before_it_is_re_keyed() {
             retry(ids[2], ErrorCode::PosSyncStorageFailed.into()),
         ])
         .expect("record");
+    // The fourth was in flight when the daemon stopped: as unanswered as a timeout.
+    assert_eq!(store.release_in_flight().expect("restart"), 1);
     store.save_enrollment(&other_terminal()).expect("enroll B");
 
     let candidates = |store: &SqliteStore| -> Vec<i64> {
@@ -532,8 +551,8 @@ fn a_row_whose_last_delivery_went_unanswered_waits_before_it_is_re_keyed() {
     .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     raw(&path)
         .execute(
-            "UPDATE sync_journal SET updated_at = ?1 WHERE journal_id IN (?2, ?3)",
-            rusqlite::params![long_ago, ids[0], ids[1]],
+            "UPDATE sync_journal SET updated_at = ?1 WHERE journal_id IN (?2, ?3, ?4)",
+            rusqlite::params![long_ago, ids[0], ids[1], ids[3]],
         )
         .expect("age the rows");
     assert_eq!(candidates(&store), ids);

@@ -5,7 +5,9 @@
 //! `pending → in_flight → synced | failed | needs_attention`. A trigger makes `synced` final.
 
 use chrono::{DateTime, Utc};
-use possync_actors::{DeliveryOutcome, FailureHistory, OutboxCounts, OutboxItem, TransientFailure};
+use possync_actors::{
+    DeliveryOutcome, FailureHistory, OutboxCounts, OutboxItem, TerminalCode, TransientFailure,
+};
 use possync_protocol::journal_chain::{canonical_event_bytes, chain_hash, prev_of};
 use possync_protocol::{validate_event, ErrorCode, EventType, SaleEvent, SalePayload};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -503,9 +505,16 @@ pub fn stamp_identity(tx: &Transaction<'_>, e: &Enrollment) -> Result<usize, Ter
 
 /// Moves every `in_flight` row back to `pending`.
 pub fn release_in_flight(conn: &Connection) -> Result<usize, TerminalStoreError> {
+    // A claimed row may have been sent, and its request may still be committing in the cloud:
+    // its outcome is unknown, exactly as after a timeout. It says so (`NETWORK`), which is what
+    // keeps a carry-over from re-keying it before that request has had time to commit
+    // (`identity::UNANSWERED_QUIET_SECS`). Delivery itself ignores the code.
     Ok(conn.execute(
-        "UPDATE sync_journal SET status = 'pending', updated_at = ?1 WHERE status = 'in_flight'",
-        [time_text(Utc::now())],
+        "UPDATE sync_journal SET status = 'pending', updated_at = ?1,
+             last_error_code = ?2,
+             last_error_message = 'delivery interrupted before its answer was read (restart)'
+         WHERE status = 'in_flight'",
+        params![time_text(Utc::now()), TerminalCode::Network.as_str()],
     )?)
 }
 

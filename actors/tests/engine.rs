@@ -53,6 +53,44 @@ async fn start(
         .expect("engine starts")
 }
 
+/// A cloud that is down, an engine on a manual clock with backoff `base`/`cap` seconds, and one
+/// sale of `(t, p)` whose first attempt has failed.
+struct Down {
+    store: Arc<MemoryStore>,
+    cloud: Arc<FakeCloud>,
+    clock: Arc<ManualClock>,
+    engine: Engine,
+    t: Uuid,
+    p: Uuid,
+}
+
+async fn down_with_one_failed_sale(base: u64, cap: u64) -> Down {
+    let (store, cloud, _) = world();
+    let clock = Arc::new(ManualClock::default());
+    cloud.set_offline(true);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    store.enqueue(sale_event(t, p, 1));
+    let mut cfg = config();
+    cfg.backoff = BackoffPolicy {
+        base: Duration::from_secs(base),
+        cap: Duration::from_secs(cap),
+        max_attempts: 12,
+    };
+    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
+    eventually("first attempt failed", || {
+        store.journal_in("failed").len() == 1
+    })
+    .await;
+    Down {
+        store,
+        cloud,
+        clock,
+        engine,
+        t,
+        p,
+    }
+}
+
 fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
     for family in registry.gather() {
         if family.name() != name {
@@ -360,22 +398,14 @@ async fn retry_after_is_honoured_before_the_next_attempt() {
 
 #[tokio::test]
 async fn while_the_cloud_is_down_new_sales_wait_for_the_backoff_instead_of_each_failing() {
-    let (store, cloud, _) = world();
-    let clock = Arc::new(ManualClock::default());
-    cloud.set_offline(true);
-    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
-    store.enqueue(sale_event(t, p, 1));
-    let mut cfg = config();
-    cfg.backoff = BackoffPolicy {
-        base: Duration::from_secs(10),
-        cap: Duration::from_secs(60),
-        max_attempts: 12,
-    };
-    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
-    eventually("first attempt failed", || {
-        store.journal_in("failed").len() == 1
-    })
-    .await;
+    let Down {
+        store,
+        cloud,
+        clock,
+        engine,
+        t,
+        p,
+    } = down_with_one_failed_sale(10, 60).await;
     let calls_while_down = cloud.calls(Endpoint::PostEvents);
     for i in 2..=21 {
         store.enqueue(sale_event(t, p, i));
@@ -459,22 +489,13 @@ async fn a_wall_clock_stepped_back_by_hours_does_not_stall_delivery() {
     // The till booted with a wrong RTC; the cloud was away; then NTP steps the clock back 3 h.
     // The outbox's hold must keep probing at its pace (monotonic time), and the stored retry
     // time, now 3 h ahead of the wall clock, must not keep the sale waiting 3 h.
-    let (store, cloud, _) = world();
-    let clock = Arc::new(ManualClock::default());
-    cloud.set_offline(true);
-    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
-    store.enqueue(sale_event(t, p, 1));
-    let mut cfg = config();
-    cfg.backoff = BackoffPolicy {
-        base: Duration::from_secs(10),
-        cap: Duration::from_secs(60),
-        max_attempts: 12,
-    };
-    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
-    eventually("first attempt failed", || {
-        store.journal_in("failed").len() == 1
-    })
-    .await;
+    let Down {
+        store,
+        cloud,
+        clock,
+        engine,
+        ..
+    } = down_with_one_failed_sale(10, 60).await;
     eventually("outbox holds", || {
         matches!(
             engine.status().actors[&ActorKind::SalesOutbox].state,
@@ -503,23 +524,15 @@ async fn a_wall_clock_stepped_back_by_hours_does_not_stall_delivery() {
 
 #[tokio::test]
 async fn an_answer_from_the_cloud_lifts_the_outbox_hold_early() {
-    let (store, cloud, _) = world();
+    let Down {
+        store,
+        cloud,
+        clock,
+        engine,
+        t,
+        p,
+    } = down_with_one_failed_sale(3600, 3600).await;
     cloud.seed_products(2);
-    let clock = Arc::new(ManualClock::default());
-    cloud.set_offline(true);
-    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
-    store.enqueue(sale_event(t, p, 1));
-    let mut cfg = config();
-    cfg.backoff = BackoffPolicy {
-        base: Duration::from_secs(3600),
-        cap: Duration::from_secs(3600),
-        max_attempts: 12,
-    };
-    let engine = start(cfg, &store, &cloud, clock.clone(), &Registry::new()).await;
-    eventually("first attempt failed", || {
-        store.journal_in("failed").len() == 1
-    })
-    .await;
     for i in 2..=4 {
         store.enqueue(sale_event(t, p, i));
     }

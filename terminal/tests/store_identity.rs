@@ -41,6 +41,18 @@ fn park(store: &SqliteStore, journal_ids: &[i64], code: ErrorCode) {
     age_unanswered(store);
 }
 
+/// Every journal row's event, in journal order.
+fn stored_events(path: &std::path::Path) -> Vec<SaleEvent> {
+    let c = raw(path);
+    let mut stmt = c
+        .prepare("SELECT event FROM sync_journal ORDER BY journal_id")
+        .expect("prepare");
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .expect("query")
+        .map(|t| serde_json::from_str(&t.expect("row")).expect("event"))
+        .collect()
+}
+
 /// Moves the rows whose last delivery went unanswered past the carry-over's quiet time.
 fn age_unanswered(store: &SqliteStore) {
     let long_ago = (Utc::now()
@@ -111,16 +123,7 @@ fn reenrolling_as_another_terminal_forks_and_carries_unsent_sales_over_exactly_o
         }])
         .expect("synced");
     park(&store, &ids[1..2], ErrorCode::PosSyncUnauthorized);
-    let old_events: Vec<SaleEvent> = {
-        let c = raw(&path);
-        let mut stmt = c
-            .prepare("SELECT event FROM sync_journal ORDER BY journal_id")
-            .expect("prepare");
-        stmt.query_map([], |r| r.get::<_, String>(0))
-            .expect("query")
-            .map(|t| serde_json::from_str(&t.expect("row")).expect("event"))
-            .collect()
-    };
+    let old_events = stored_events(&path);
 
     let saved = store.save_enrollment(&other_terminal()).expect("re-enroll");
     let new_pos = saved.forked_to.expect("another terminal: new pos_id");
@@ -423,16 +426,7 @@ fn a_copy_marks_synced_the_inherited_sales_the_original_delivered_and_keeps_the_
     let pos_a = store.pos_id();
     let ids: Vec<i64> = (1..=3).map(|n| sell(&store, n)).collect();
     park(&store, &ids[1..2], ErrorCode::PosSyncUnauthorized);
-    let events: Vec<SaleEvent> = {
-        let c = raw(&path);
-        let mut stmt = c
-            .prepare("SELECT event FROM sync_journal ORDER BY journal_id")
-            .expect("prepare");
-        stmt.query_map([], |r| r.get::<_, String>(0))
-            .expect("query")
-            .map(|t| serde_json::from_str(&t.expect("row")).expect("event"))
-            .collect()
-    };
+    let events = stored_events(&path);
     drop(store);
 
     let copy_path = dir.path().join("copy.db");

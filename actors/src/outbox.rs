@@ -228,6 +228,28 @@ pub fn split_requests(items: Vec<OutboxItem>, max_body: usize) -> Vec<Vec<Outbox
     out
 }
 
+/// The smallest request body the outbox shrinks to after a proxy's 413 (see
+/// [`request_bytes_after`]).
+pub const MIN_REQUEST_BYTES: usize = 16 * 1024;
+
+/// How large the next requests may be after `err`, if it calls for smaller ones: a 413
+/// *without* the cloud's error envelope is a proxy in front of the cloud whose body limit is
+/// below the cloud's (nginx's `client_max_body_size`, a WAF's). Resending the same batch would
+/// meet the same page for ever, so each such answer halves the request size, down to
+/// [`MIN_REQUEST_BYTES`]; log2 steps find the proxy's limit. It lasts for the outbox's run (a
+/// restart starts at the cloud's limit again). The cloud's own 413 (with its envelope) is a
+/// sale too large for the cloud itself, handled by the refusal path, never by this.
+pub fn request_bytes_after(err: &CloudError, current: usize) -> Option<usize> {
+    match err {
+        CloudError::Rejected {
+            status: 413,
+            code: None,
+            ..
+        } if current > MIN_REQUEST_BYTES => Some((current / 2).max(MIN_REQUEST_BYTES)),
+        _ => None,
+    }
+}
+
 /// Messages of the [`SalesOutbox`].
 #[derive(Debug)]
 pub enum OutboxMsg {
@@ -260,6 +282,9 @@ pub struct OutboxState {
     /// While the cloud is away, no sale is sent: sales recorded meanwhile wait as `pending`
     /// instead of each paying a doomed request and a failure write.
     hold: Option<Hold>,
+    /// The largest request body to build ([`request_bytes_after`]): the cloud's limit until a
+    /// proxy answers 413.
+    request_bytes: usize,
     /// When the cloud last stored a sale of ours: the evidence [`blame_sale`] needs before it
     /// pins a failure on one sale. Memory only: after a restart nothing is blamed until the
     /// cloud has stored something again, which errs on the side of never parking a sale.
@@ -353,8 +378,9 @@ impl SalesOutbox {
             state.in_flight += 1;
             let cloud = ctx.cloud.clone();
             let me = myself.clone();
+            let request_bytes = state.request_bytes;
             state.tasks.spawn(async move {
-                let requests = split_requests(items, MAX_BODY_BYTES);
+                let requests = split_requests(items, request_bytes);
                 let n = requests.len();
                 for (i, items) in requests.into_iter().enumerate() {
                     let events: Vec<SaleEvent> = items.iter().map(|i| i.event.clone()).collect();
@@ -429,6 +455,15 @@ impl SalesOutbox {
             .report_contact(result.as_ref().err().is_none_or(CloudError::cloud_answered));
         if let Err(e) = &result {
             ctx.board.set_error(ActorKind::SalesOutbox, e.to_string());
+            if let Some(smaller) = request_bytes_after(e, state.request_bytes) {
+                tracing::warn!(
+                    terminalId = %cfg.terminal_id, branchId = %cfg.branch_id,
+                    errorCode = %e.code(), requestBytes = smaller,
+                    "a proxy refused the request's size (413 without the cloud's envelope); \
+                     sending smaller requests"
+                );
+                state.request_bytes = smaller;
+            }
         }
         // Ask Backoff once per distinct (failures, budget); the pure mapping then uses the
         // answers.
@@ -657,6 +692,7 @@ impl Actor for SalesOutbox {
             tasks: JoinSet::new(),
             generation: 0,
             hold: None,
+            request_bytes: MAX_BODY_BYTES,
             cloud_stored_at: None,
         })
     }
@@ -1035,6 +1071,36 @@ mod tests {
             rejected(413, Some(ErrorCode::PosRequestInvalid)).class(),
             Refused
         );
+    }
+
+    #[test]
+    fn only_a_proxy_s_413_shrinks_the_requests_by_halves_down_to_the_floor() {
+        let page = |status: u16, code: Option<ErrorCode>| CloudError::Rejected {
+            status,
+            code,
+            message: "<html>413</html>".into(),
+            retry_after: None,
+            reason: None,
+        };
+        let proxy = page(413, None);
+        let mut size = MAX_BODY_BYTES;
+        let mut steps = 0;
+        while let Some(next) = request_bytes_after(&proxy, size) {
+            assert!(next < size && next >= MIN_REQUEST_BYTES);
+            size = next;
+            steps += 1;
+        }
+        assert_eq!(size, MIN_REQUEST_BYTES);
+        assert_eq!(steps, 6, "1 MiB to 16 KiB in halves");
+        // The cloud's own 413 (a sale too large for it) and other statuses change nothing.
+        assert_eq!(
+            request_bytes_after(
+                &page(413, Some(ErrorCode::PosRequestInvalid)),
+                MAX_BODY_BYTES
+            ),
+            None
+        );
+        assert_eq!(request_bytes_after(&page(403, None), MAX_BODY_BYTES), None);
     }
 
     #[test]

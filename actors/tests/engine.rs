@@ -485,6 +485,46 @@ async fn a_proxy_error_page_holds_the_queue_and_parks_nothing() {
 }
 
 #[tokio::test]
+async fn a_proxy_body_limit_below_the_batch_is_found_by_halving_and_every_sale_goes_through() {
+    // nginx in front of the cloud with a body limit of 24 KiB, and a queue whose claimed batch
+    // is three times that: the first requests meet the proxy's 413 page; the outbox halves its
+    // requests until they pass, and parks nothing.
+    let (store, cloud, _) = world();
+    let limit = 24 * 1024;
+    cloud.set_proxy_body_limit(limit);
+    let (t, p) = (Uuid::now_v7(), Uuid::now_v7());
+    let one = serde_json::to_vec(&sale_event(t, p, 1))
+        .expect("json")
+        .len()
+        + 1;
+    let n = (3 * limit).div_ceil(one);
+    for i in 1..=n {
+        store.enqueue(sale_event(t, p, i64::try_from(i).expect("small")));
+    }
+    let mut cfg = config();
+    cfg.outbox_batch = n;
+    cfg.outbox_concurrency = 1;
+    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    eventually("every sale through the proxy", || {
+        store.journal_in("synced").len() == n
+    })
+    .await;
+    assert!(store.journal_in("needs_attention").is_empty());
+    assert_eq!(cloud.stored_events(), n);
+    let sizes = cloud.post_batch_sizes();
+    assert_eq!(
+        sizes.first(),
+        Some(&n),
+        "the first request carried the whole batch"
+    );
+    assert!(
+        sizes.iter().any(|s| s * one <= limit),
+        "later requests fit the proxy: {sizes:?}"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_wall_clock_stepped_back_by_hours_does_not_stall_delivery() {
     // The till booted with a wrong RTC; the cloud was away; then NTP steps the clock back 3 h.
     // The outbox's hold must keep probing at its pace (monotonic time), and the stored retry

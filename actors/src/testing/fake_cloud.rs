@@ -47,6 +47,9 @@ struct CloudInner {
     poisoned: BTreeSet<i64>,
     /// Reconcile-family requests and JSON body sizes.
     traffic: Traffic,
+    /// A proxy in front of the cloud whose body limit is this many bytes: a larger
+    /// `post_events` body is answered 413 with the proxy's page (no envelope), nothing stored.
+    proxy_body_limit: Option<usize>,
 }
 
 /// An in-memory cloud: catalog with versions and tombstones, snapshot/delta paging, reconcile,
@@ -188,6 +191,12 @@ impl FakeCloud {
     /// Undoes [`FakeCloud::poison`].
     pub fn cure(&self, local_event_id: i64) {
         lock(&self.inner).poisoned.remove(&local_event_id);
+    }
+
+    /// Puts a proxy with a body limit of `bytes` in front of `post_events` (see
+    /// `CloudInner::proxy_body_limit`).
+    pub fn set_proxy_body_limit(&self, bytes: usize) {
+        lock(&self.inner).proxy_body_limit = Some(bytes);
     }
 
     /// Every call fails as unreachable while set.
@@ -495,6 +504,20 @@ impl CloudApi for FakeCloud {
         }
         let fault = self.begin(Endpoint::PostEvents)?;
         let mut g = lock(&self.inner);
+        if let Some(limit) = g.proxy_body_limit {
+            let body = serde_json::to_vec(&serde_json::json!({ "events": events }))
+                .map_or(usize::MAX, |b| b.len());
+            if body > limit {
+                return Err(CloudError::Rejected {
+                    status: 413,
+                    code: None,
+                    message: "<html><center><h1>413 Request Entity Too Large</h1></center></html>"
+                        .into(),
+                    retry_after: None,
+                    reason: None,
+                });
+            }
+        }
         if events
             .iter()
             .any(|e| g.poisoned.contains(&e.local_event_id))

@@ -358,39 +358,15 @@ for_each_backend! {
             .load(c)
     }
 
-    /// The last id of each run of consecutive stored ids of one `(terminal, branch, pos_id)`
-    /// (its successor is not stored), ascending, at most `limit`. Each probe for the successor
-    /// is one primary-key lookup; `local_event_id + 1` cannot overflow, since validation caps
-    /// ids at `MAX_LOCAL_EVENT_ID`.
-    pub(super) fn run_ends(
+    /// Run edges of one `(terminal, branch, pos_id)`: its stored ids above `after` whose
+    /// neighbour `id + step` is not stored, ascending, at most `limit`. `step = 1` gives the
+    /// last id of each run of consecutive ids, `step = -1` the first. Each probe for the
+    /// neighbour is one primary-key lookup; `local_event_id ± 1` cannot overflow, since
+    /// validation caps ids at `MAX_LOCAL_EVENT_ID` and they are ≥ 1.
+    pub(super) fn run_edges(
         c: &mut Conn,
         key: (&str, &str, &str),
-        limit: i64,
-    ) -> QueryResult<Vec<i64>> {
-        use idempotency_ledger::dsl as l;
-        let (terminal, branch, pos) = key;
-        l::idempotency_ledger
-            .filter(l::terminal_id.eq(terminal))
-            .filter(l::branch_id.eq(branch))
-            .filter(l::pos_id.eq(pos))
-            .filter(diesel::dsl::not(diesel::dsl::exists(
-                NEIGHBOUR_KEYS
-                    .filter(NEIGHBOUR_KEYS.field(l::terminal_id).eq(l::terminal_id))
-                    .filter(NEIGHBOUR_KEYS.field(l::pos_id).eq(l::pos_id))
-                    .filter(NEIGHBOUR_KEYS.field(l::branch_id).eq(l::branch_id))
-                    .filter(NEIGHBOUR_KEYS.field(l::local_event_id).eq(l::local_event_id + 1)),
-            )))
-            .order(l::local_event_id.asc())
-            .select(l::local_event_id)
-            .limit(limit)
-            .load(c)
-    }
-
-    /// The first id of each run of consecutive stored ids (its predecessor is not stored)
-    /// above `after`, ascending, at most `limit`.
-    pub(super) fn run_starts(
-        c: &mut Conn,
-        key: (&str, &str, &str),
+        step: i64,
         after: i64,
         limit: i64,
     ) -> QueryResult<Vec<i64>> {
@@ -406,7 +382,7 @@ for_each_backend! {
                     .filter(NEIGHBOUR_KEYS.field(l::terminal_id).eq(l::terminal_id))
                     .filter(NEIGHBOUR_KEYS.field(l::pos_id).eq(l::pos_id))
                     .filter(NEIGHBOUR_KEYS.field(l::branch_id).eq(l::branch_id))
-                    .filter(NEIGHBOUR_KEYS.field(l::local_event_id).eq(l::local_event_id - 1)),
+                    .filter(NEIGHBOUR_KEYS.field(l::local_event_id).eq(l::local_event_id + step)),
             )))
             .order(l::local_event_id.asc())
             .select(l::local_event_id)
@@ -418,8 +394,8 @@ for_each_backend! {
     /// inclusive ranges, lowest first, at most `limit`: without loading every stored id.
     ///
     /// Stored ids form runs r1 < r2 < … < rm. The gaps are: before r1 when it does not start at
-    /// 1, then between the end of r(k) and the start of r(k+1). `run_ends` lists the ends of
-    /// r1, r2, … and `run_starts` above the lowest id the starts of r2, r3, …, both in order,
+    /// 1, then between the end of r(k) and the start of r(k+1). `run_edges(+1)` lists the ends
+    /// of r1, r2, … and `run_edges(-1)` above the lowest id the starts of r2, r3, …, in order,
     /// so the k-th of each bound the k-th inner gap.
     pub(super) fn gaps(
         c: &mut Conn,
@@ -430,8 +406,8 @@ for_each_backend! {
             return Ok(Vec::new());
         };
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
-        let ends = run_ends(c, key, fetch)?;
-        let starts = run_starts(c, key, lowest, fetch)?;
+        let ends = run_edges(c, key, 1, 0, fetch)?;
+        let starts = run_edges(c, key, -1, lowest, fetch)?;
         let leading = (lowest > 1).then(|| (1, lowest - 1));
         Ok(leading
             .into_iter()

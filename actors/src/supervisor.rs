@@ -74,8 +74,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 struct RestartHistory {
     /// Failures since the child last ran for a whole `restart_window`.
     failures: u32,
-    /// When the child was last (re)started.
+    /// When the child was last (re)started, or a restart of it last attempted.
     started_at: Instant,
+}
+
+impl RestartHistory {
+    /// A restart attempt begins a run whether or not the start succeeds: a start that fails at
+    /// once is a run of zero length, so [`count_failure`] keeps counting instead of finding
+    /// the last *successful* start an hour ago and starting the count (and delay) over.
+    fn attempt(&mut self, now: Instant) {
+        self.started_at = now;
+    }
 }
 
 /// Supervisor state: the children, and each child's run of failures.
@@ -212,11 +221,8 @@ impl SyncSupervisor {
             terminalId = %cfg.terminal_id, branchId = %cfg.branch_id, actor = kind.as_str(),
             restarts = n, "restarting actor"
         );
-        // The attempt is the start of a run whether or not it succeeds: a start that fails at
-        // once is a run of zero length, so `count_failure` keeps counting instead of finding
-        // the last *successful* start an hour ago and starting the count (and delay) over.
         if let Some(h) = state.restarts.get_mut(&kind) {
-            h.started_at = Instant::now();
+            h.attempt(Instant::now());
         }
         match Self::start_child(myself, state, kind).await {
             Ok(()) => {}
@@ -391,8 +397,8 @@ mod tests {
     #[test]
     fn a_restart_that_fails_at_once_keeps_counting_after_a_long_healthy_run() {
         // Ran an hour, failed (1: restarted at once); each restart attempt is the start of a
-        // run (`restart` stamps it before `start_child`), so a start that fails at once is
-        // failure 2, 3 … with a growing delay — not failure 1 again, as it was while only a
+        // run (`restart` calls `attempt` before `start_child`), so a start that fails at once
+        // is failure 2, 3 … with a growing delay — not failure 1 again, as it was while only a
         // successful start moved `started_at`.
         let t0 = Instant::now();
         let w = Duration::from_secs(60);
@@ -406,7 +412,7 @@ mod tests {
         let mut delays = Vec::new();
         let mut at = hour;
         for _ in 0..4 {
-            h.started_at = at; // the attempt
+            h.attempt(at);
             let n = count_failure(&mut h, at, w); // fails at once
             let d = restart_delay(n, base, cap);
             delays.push(d);

@@ -91,6 +91,12 @@ async fn down_with_one_failed_sale(base: u64, cap: u64) -> Down {
     }
 }
 
+/// [`start`] on the system clock with a registry of its own: for tests that neither step
+/// time nor read metrics.
+async fn start_live(cfg: EngineConfig, store: &Arc<MemoryStore>, cloud: &Arc<FakeCloud>) -> Engine {
+    start(cfg, store, cloud, Arc::new(SystemClock), &Registry::new()).await
+}
+
 fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
     for family in registry.gather() {
         if family.name() != name {
@@ -215,14 +221,7 @@ async fn a_restart_mid_snapshot_resumes_from_the_stored_cursor() {
 async fn gone_history_410_takes_a_fresh_snapshot() {
     let (store, cloud, _) = world();
     cloud.seed_products(5);
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("first snapshot", || version(&store) == Some(5)).await;
     let snapshots_before = cloud
         .snapshot_cursors()
@@ -455,14 +454,7 @@ async fn a_proxy_error_page_holds_the_queue_and_parks_nothing() {
     for i in 1..=4 {
         store.enqueue(sale_event(t, p, i));
     }
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("all synced once the proxy lets them through", || {
         store.journal_in("synced").len() == 4
     })
@@ -504,7 +496,7 @@ async fn a_proxy_body_limit_below_the_batch_is_found_by_halving_and_every_sale_g
     let mut cfg = config();
     cfg.outbox_batch = n;
     cfg.outbox_concurrency = 1;
-    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    let engine = start_live(cfg, &store, &cloud).await;
     eventually("every sale through the proxy", || {
         store.journal_in("synced").len() == n
     })
@@ -597,7 +589,7 @@ async fn an_outage_longer_than_the_attempt_budget_never_needs_an_operator() {
     store.enqueue(sale_event(t, p, 1));
     let mut cfg = config();
     cfg.backoff.max_attempts = 3;
-    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    let engine = start_live(cfg, &store, &cloud).await;
     // Many times the budget of 3 attempts: the outbox probes, sends no sale, parks nothing.
     eventually("probed well past the budget", || {
         cloud.calls(Endpoint::Probe) >= 12
@@ -642,7 +634,7 @@ async fn a_sale_the_cloud_keeps_failing_while_storing_others_needs_attention_alo
     let mut cfg = config();
     cfg.backoff.max_attempts = 3;
     cfg.outbox_concurrency = 1;
-    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    let engine = start_live(cfg, &store, &cloud).await;
     // Other sales keep coming and are stored: the evidence that the failure is sale 1's own.
     let mut next = 2;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -697,7 +689,7 @@ async fn outbox_concurrency_never_exceeds_the_limit() {
         cfg.outbox_concurrency = limit;
         // Hold the cloud's answers: the outbox fills every slot and no more.
         cloud.close_gate();
-        let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+        let engine = start_live(cfg, &store, &cloud).await;
         eventually("every slot in use", || cloud.concurrent_posts() == limit).await;
         engine.flush_outbox_now().await.expect("nudge");
         // a nudge while full claims nothing more
@@ -800,14 +792,7 @@ async fn an_actor_that_keeps_failing_is_restarted_ever_more_slowly_and_comes_bac
 async fn synced_catalog(n: usize) -> (Arc<MemoryStore>, Arc<FakeCloud>, Engine) {
     let (store, cloud, _) = world();
     cloud.seed_products(n);
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("snapshot complete", || version(&store) == Some(n as i64)).await;
     (store, cloud, engine)
 }
@@ -879,7 +864,7 @@ async fn manifest_too_large_shrinks_the_range() {
     cloud.seed_products(10);
     let mut cfg = config();
     cfg.reconcile_range_entries = 8;
-    let engine = start(cfg, &store, &cloud, Arc::new(SystemClock), &Registry::new()).await;
+    let engine = start_live(cfg, &store, &cloud).await;
     eventually("snapshot complete", || version(&store) == Some(10)).await;
     store.tamper_remove("product/p00007");
     let report = engine
@@ -961,14 +946,7 @@ async fn outbox_failing_after_the_cloud_stored_resends_and_the_ledger_keeps_one_
     // The cloud commits the first batch, then recording its outcomes fails: the outbox dies
     // with rows still in flight, and its restart must release and resend them.
     store.fail_call(StoreOp::RecordOutcomes, 1, StoreFault::Error);
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("all synced", || store.journal_in("synced").len() == 7).await;
     assert_eq!(cloud.stored_events(), 7, "each sale stored once");
     assert_eq!(engine.status().actors[&ActorKind::SalesOutbox].restarts, 1);
@@ -991,14 +969,7 @@ async fn an_unreachable_cloud_shows_offline_and_the_catalog_catches_up_when_it_r
     let (store, cloud, _) = world();
     cloud.seed_products(4);
     cloud.set_offline(true);
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("offline shown", || {
         let s = engine.status();
         !s.online
@@ -1028,14 +999,7 @@ async fn shutdown_mid_flush_leaves_rows_in_flight_and_the_next_start_delivers_th
         store.enqueue(sale_event(t, p, i));
     }
     cloud.close_gate();
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("a post is open", || cloud.concurrent_posts() == 1).await;
     engine.shutdown().await;
     // the held call was abandoned with the actor: no task keeps the cloud or store alive
@@ -1044,14 +1008,7 @@ async fn shutdown_mid_flush_leaves_rows_in_flight_and_the_next_start_delivers_th
     assert_eq!(store.journal_in("in_flight").len(), 3);
 
     cloud.open_gate();
-    let engine = start(
-        config(),
-        &store,
-        &cloud,
-        Arc::new(SystemClock),
-        &Registry::new(),
-    )
-    .await;
+    let engine = start_live(config(), &store, &cloud).await;
     eventually("delivered after restart", || {
         store.journal_in("synced").len() == 3
     })

@@ -177,3 +177,25 @@ fn commands_work_offline_and_fail_with_one_coded_line() {
     let report: Value = serde_json::from_str(&out).expect("migrate json");
     assert_eq!(report["applied"], serde_json::json!([]), "{out}");
 }
+
+/// One sync engine per data dir, whatever the daemon's probe says: with the engine lock held
+/// (here by this test, as a daemon too busy to answer its status URL would hold it),
+/// `terminal run` stops with `DAEMON_ALREADY_RUNNING` and starts nothing; once the holder is
+/// gone, the same data dir gets past the lock (to the next check: it is not enrolled).
+#[test]
+fn a_second_engine_on_one_data_dir_is_refused_by_the_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("till");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let held = possync_terminal::data_dir::EngineLock::acquire(&data).expect("lock");
+    let (ok, _, err) = terminal_cli(&data, &["run", "--status-bind", "127.0.0.1:0"]);
+    assert!(!ok);
+    one_error_line(&err, "DAEMON_ALREADY_RUNNING");
+    drop(held);
+    let (ok, _, err) = terminal_cli(&data, &["run", "--status-bind", "127.0.0.1:0"]);
+    assert!(!ok);
+    assert!(
+        !err.contains("DAEMON_ALREADY_RUNNING"),
+        "the lock went with its holder: {err}"
+    );
+}

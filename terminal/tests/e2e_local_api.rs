@@ -39,13 +39,10 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("till");
-    // Offline enrollment: nothing listens on port 9.
+/// Enrolls `data` as `terminal_id` of branch `b1` without a cloud (nothing listens on port 9).
+fn enroll_offline(data: &std::path::Path, terminal_id: &str) {
     let (ok, out, err) = terminal_cli(
-        &data,
+        data,
         &[
             "enroll",
             "--cloud-url",
@@ -53,12 +50,19 @@ async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
             "--token",
             "t",
             "--terminal-id",
-            "0194b7a2-6c1e-7f00-8000-0000000000aa",
+            terminal_id,
             "--branch",
             "b1",
         ],
     );
     assert!(ok, "{out} {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("till");
+    enroll_offline(&data, "0194b7a2-6c1e-7f00-8000-0000000000aa");
     // As an older version would have left it.
     std::fs::set_permissions(
         data.join("terminal.db"),
@@ -182,21 +186,7 @@ async fn curl_needs_the_local_token_and_the_till_s_files_are_owner_only() {
 async fn a_retried_sale_with_its_idempotency_key_is_recorded_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("till");
-    let (ok, out, err) = terminal_cli(
-        &data,
-        &[
-            "enroll",
-            "--cloud-url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t",
-            "--terminal-id",
-            "0194b7a2-6c1e-7f00-8000-0000000000ab",
-            "--branch",
-            "b1",
-        ],
-    );
-    assert!(ok, "{out} {err}");
+    enroll_offline(&data, "0194b7a2-6c1e-7f00-8000-0000000000ab");
     let mut daemon = Daemon::start(&data, &[]);
     let sale = |n: i64| serde_json::json!({"type": "sale", "payload": sale_payload(n)});
     let recorded = |d: &Daemon| {
